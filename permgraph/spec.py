@@ -1,0 +1,354 @@
+"""PermSpec: the permutation groups of a model, their members, and fixed axes.
+
+Built from an inference result (``permgraph.infer``); serializable to JSON, so
+solvers and the command line work from a spec without tracing again.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from permgraph.permutation import AxisTree, Permutation, tree_groups, tree_size
+
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Group:
+    """One permutation variable.
+
+    ``ctx``: outer groups this group is indexed by; one permutation of ``size``
+    per combination of their indices (a within-head group has the head group as
+    context, so every head gets its own within-head permutation).
+    """
+
+    name: str
+    size: int
+    ctx: tuple[str, ...] = ()
+    role: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "blocked" if self.ctx else "flat"
+
+
+@dataclass(frozen=True)
+class Member:
+    param: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class FixedAxis:
+    """A parameter axis (or part of one) that no permutation may move, and why."""
+
+    param: str
+    axis: int
+    size: int
+    reasons: tuple[str, ...]
+
+
+@dataclass
+class PermSpec:
+    groups: dict[str, Group]
+    axes: dict[str, list[AxisTree]]
+    shapes: dict[str, tuple[int, ...]]
+    fixed: list[FixedAxis] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)  # tied name -> canonical name
+    unknown_ops: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # -- lookups -----------------------------------------------------------------
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {g.name: g.size for g in self.groups.values()}
+
+    @property
+    def ctx(self) -> dict[str, tuple[str, ...]]:
+        return {g.name: g.ctx for g in self.groups.values()}
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    def axes_of(self, name: str) -> list[AxisTree] | None:
+        return self.axes.get(self.canonical(name))
+
+    def perm_shape(self, group: str) -> tuple[int, ...]:
+        g = self.groups[group]
+        return tuple(self.groups[c].size for c in g.ctx) + (g.size,)
+
+    def members(self, group: str) -> list[Member]:
+        return [Member(p, d) for p, trees in self.axes.items() for d, t in enumerate(trees)
+                if group in tree_groups(t)]
+
+    def member_map(self) -> dict[str, list[Member]]:
+        out: dict[str, list[Member]] = {g: [] for g in self.groups}
+        for p, trees in self.axes.items():
+            for d, t in enumerate(trees):
+                for g in dict.fromkeys(tree_groups(t)):
+                    out[g].append(Member(p, d))
+        return out
+
+    def covered_fraction(self) -> float:
+        """Fraction of parameter entries that some group moves."""
+        total = moved = 0
+        for p, shape in self.shapes.items():
+            n = math.prod(shape)
+            total += n
+            if any(tree_groups(t) for t in self.axes.get(p, [])):
+                moved += n
+        return moved / total if total else 0.0
+
+    # -- permutations ------------------------------------------------------------
+    def identity(self) -> Permutation:
+        return Permutation({g: torch.arange(self.groups[g].size).expand(self.perm_shape(g)).clone()
+                            for g in self.groups})
+
+    def random_permutation(self, seed: int = 0) -> Permutation:
+        gen = torch.Generator().manual_seed(int(seed))
+        return Permutation({g: torch.rand(self.perm_shape(g), generator=gen).argsort(dim=-1)
+                            for g in self.groups})
+
+    # -- serialization -------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({
+            "version": SPEC_VERSION,
+            "groups": [{"name": g.name, "size": g.size, "ctx": list(g.ctx), "role": g.role}
+                       for g in self.groups.values()],
+            "axes": self.axes,
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "fixed": [{"param": f.param, "axis": f.axis, "size": f.size, "reasons": list(f.reasons)}
+                      for f in self.fixed],
+            "aliases": self.aliases,
+            "unknown_ops": self.unknown_ops,
+            "info": self.info,
+        }, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PermSpec":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a permgraph spec (invalid JSON: {e})") from None
+        if not isinstance(d, dict) or d.get("version") != SPEC_VERSION:
+            raise ValueError(f"not a permgraph spec of version {SPEC_VERSION}")
+        groups = {g["name"]: Group(g["name"], g["size"], tuple(g["ctx"]), g.get("role", ""))
+                  for g in d["groups"]}
+        return cls(groups=groups, axes=d["axes"], shapes={k: tuple(v) for k, v in d["shapes"].items()},
+                   fixed=[FixedAxis(f["param"], f["axis"], f["size"], tuple(f["reasons"])) for f in d["fixed"]],
+                   aliases=d.get("aliases", {}), unknown_ops=d.get("unknown_ops", {}), info=d.get("info", {}))
+
+    def to_networkx(self):
+        """Groups and parameter axes as a bipartite graph (nodes 'group:NAME', 'axis:PARAM:DIM')."""
+        import networkx as nx
+
+        graph = nx.Graph()
+        for g in self.groups.values():
+            graph.add_node(f"group:{g.name}", kind="group", size=g.size, role=g.role, ctx=g.ctx)
+            for c in g.ctx:
+                graph.add_edge(f"group:{g.name}", f"group:{c}", kind="context")
+        for p, trees in self.axes.items():
+            for d, t in enumerate(trees):
+                node = f"axis:{p}:{d}"
+                graph.add_node(node, kind="axis", param=p, axis=d, size=self.shapes[p][d])
+                for g in dict.fromkeys(tree_groups(t)):
+                    graph.add_edge(node, f"group:{g}", kind="member")
+        return graph
+
+    def explain(self) -> str:
+        from permgraph.explain import explain_spec
+
+        return explain_spec(self)
+
+    def __repr__(self) -> str:
+        return (f"PermSpec({len(self.groups)} groups, {len(self.axes)} parameters, "
+                f"{self.covered_fraction():.1%} of entries permuted)")
+
+
+# -- building a spec from an inference result ----------------------------------------
+
+def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Mapping[str, str],
+               info: Mapping[str, Any]) -> PermSpec:
+    """Turn atoms into groups: every free leaf that moves a parameter is a group."""
+    store = result.store
+    _propagate_fixed(store, result)
+
+    def is_free(leaf: int) -> bool:
+        return not store.reasons(leaf) and store.size(leaf) > 1
+
+    def tree(atom: int) -> AxisTree:
+        r = store.find(atom)
+        k = store.kind(r)
+        if k is None:
+            return ["g", r] if is_free(r) else ["id", store.size(r)]
+        subs = [tree(c) for c in store.flat(r, k)]
+        if all(s[0] == "id" for s in subs):
+            return ["id", store.size(r)]
+        return [k, subs]
+
+    raw_axes = {p: [tree(a) for a in ty] for p, ty in result.param_axes.items()}
+    leaves = list(dict.fromkeys(g for trees in raw_axes.values() for t in trees for g in tree_groups(t)))
+    ctx = _contexts(store, raw_axes, result.tensor_types, set(leaves))
+    names = _name_groups(store, leaves, raw_axes, ctx)
+    order = _outer_first(leaves, ctx)
+    groups = {names[x]: Group(names[x], store.size(x), tuple(names[c] for c in ctx[x]), _role(store, x, ctx))
+              for x in order}
+    axes = {p: [_rename(t, names) for t in trees] for p, trees in raw_axes.items()}
+    fixed = []
+    for p, ty in result.param_axes.items():
+        for d, a in enumerate(ty):
+            fl = [x for x in store.leaves(a) if not is_free(x) and store.size(x) > 1]
+            if fl:
+                reasons = tuple(dict.fromkeys(str(r) for x in fl for r in store.reasons(x)))
+                fixed.append(FixedAxis(p, d, math.prod(store.size(x) for x in fl), reasons))
+    unknown = {k: len(v) for k, v in result.unknown_ops.items()}
+    return PermSpec(groups, axes, dict(param_shapes), fixed, dict(aliases), unknown, dict(info))
+
+
+def _propagate_fixed(store, result) -> None:
+    """A fixed axis fixes every part of it."""
+    seen: set[int] = set()
+    roots = {store.find(a) for ty in list(result.param_axes.values()) + result.tensor_types for a in ty}
+    stack = list(roots)
+    while stack:
+        r = store.find(stack.pop())
+        if r in seen:
+            continue
+        seen.add(r)
+        kids = store.children(r) if store.kind(r) else []
+        if store.reasons(r):
+            for c in kids:
+                if not store.reasons(c):
+                    for why in store.reasons(r):
+                        store.fix(c, why)
+        stack.extend(kids)
+    # a fixed parent discovered after its children were visited: repeat until stable
+    changed = True
+    while changed:
+        changed = False
+        for r in seen:
+            if store.reasons(r) and store.kind(r):
+                for c in store.children(r):
+                    if not store.reasons(c):
+                        for why in store.reasons(r):
+                            store.fix(c, why)
+                        changed = True
+
+
+def _contexts(store, raw_axes, tensor_types, groups: set[int]) -> dict[int, list[int]]:
+    """Context of each group: outer factors it may be indexed by.
+
+    A candidate must precede the group in the product structure of *every*
+    parameter axis containing it (so the index map is per-axis), and co-occur
+    with it in *every* tensor of the graph (so every op treats the group's axis
+    batch-wise along the candidate's axis). Otherwise the group is shared.
+    """
+    cand: dict[int, list[int]] = {}
+
+    def walk(t: AxisTree, pre: list[int]) -> None:
+        if t[0] == "g":
+            x = t[1]
+            cand[x] = [c for c in cand[x] if c in pre] if x in cand else list(pre)
+        elif t[0] == "cat":
+            for s in t[1]:
+                walk(s, pre)
+        elif t[0] == "prod":
+            acc = list(pre)
+            for s in t[1]:
+                walk(s, acc)
+                if s[0] == "g":
+                    acc = acc + [s[1]]
+
+    for trees in raw_axes.values():
+        for t in trees:
+            walk(t, [])
+    cooc: dict[int, set[int]] = {}
+    for ty in tensor_types + list(_param_types(raw_axes)):
+        present = {x for a in ty for x in (store.leaves(a) if isinstance(a, int) else [a])} & groups
+        for x in present:
+            cooc[x] = cooc[x] & present if x in cooc else set(present)
+    return {x: [c for c in cand.get(x, []) if c in cooc.get(x, set()) and c != x] for x in groups}
+
+
+def _param_types(raw_axes):
+    for trees in raw_axes.values():
+        yield [g for t in trees for g in tree_groups(t)]
+
+
+def _outer_first(leaves: list[int], ctx: dict[int, list[int]]) -> list[int]:
+    out: list[int] = []
+    done: set[int] = set()
+
+    def visit(x: int) -> None:
+        if x in done:
+            return
+        done.add(x)
+        for c in ctx[x]:
+            visit(c)
+        out.append(x)
+
+    for x in leaves:
+        visit(x)
+    return out
+
+
+def _role(store, x: int, ctx: dict[int, list[int]]) -> str:
+    roles = store.roles(x)
+    if roles:
+        return roles[0]
+    if any(x in cs for cs in ctx.values()):
+        return "heads"
+    return "within" if ctx[x] else ""
+
+
+_LAYER = re.compile(r"\.\d+(?=\.|$)")
+
+
+def _name_groups(store, leaves: list[int], raw_axes, ctx) -> dict[int, str]:
+    """Names from module paths: the members' common module prefix plus a role."""
+    members: dict[int, list[str]] = {x: [] for x in leaves}
+    for p, trees in raw_axes.items():
+        for t in trees:
+            for g in dict.fromkeys(tree_groups(t)):
+                members[g].append(p)
+    names: dict[int, str] = {}
+    used: Counter = Counter()
+    for x in leaves:
+        mods = [m.rsplit(".", 1)[0] if "." in m else "" for m in members[x]]
+        prefix = _common_prefix(mods)
+        role = _role(store, x, ctx)
+        if not prefix:
+            layered = {_LAYER.sub(".*", m) != m and m for m in mods} - {False}
+            tops = Counter(m.split(".")[0] for m in members[x])
+            if layered:
+                prefix = "residual" + (f"[{tops.most_common(1)[0][0]}]" if len(tops) > 2 else "")
+            else:
+                prefix = "+".join(sorted(tops)) or "root"
+        base = f"{prefix}.{role}" if role else prefix
+        used[base] += 1
+        names[x] = base if used[base] == 1 else f"{base}#{used[base]}"
+    return names
+
+
+def _common_prefix(mods: list[str]) -> str:
+    parts = [m.split(".") if m else [] for m in mods]
+    out = []
+    for segs in zip(*parts):
+        if len(set(segs)) != 1:
+            break
+        out.append(segs[0])
+    return ".".join(out)
+
+
+def _rename(t: AxisTree, names: Mapping[int, str]) -> AxisTree:
+    if t[0] == "g":
+        return ["g", names[t[1]]]
+    if t[0] == "id":
+        return t
+    return [t[0], [_rename(s, names) for s in t[1]]]

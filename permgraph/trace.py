@@ -1,0 +1,151 @@
+"""Tracing a model into an exported graph, with example inputs derived when possible."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from permgraph.infer.engine import GraphInput
+
+ExampleInputs = tuple | dict | torch.Tensor | None
+
+
+class TraceError(RuntimeError):
+    """The model could not be traced; the message says what failed and what to try."""
+
+
+@dataclass
+class Traced:
+    graph: Any  # torch.fx.Graph
+    inputs: dict[str, GraphInput]
+    param_shapes: dict[str, tuple[int, ...]]
+    aliases: dict[str, str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is optional
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
+    """Inputs derived from a transformers model's config (no tokenizer or hub needed)."""
+    if not is_transformers_model(model):
+        raise TraceError(
+            f"{type(model).__name__} is not a transformers model, so permgraph cannot guess its inputs. "
+            "Pass example_inputs: a tuple of positional arguments or a dict of keyword arguments, "
+            "e.g. pg.compile(model, (torch.randn(2, 16, 64),)) or, on the command line, a factory "
+            "'module:function' that returns (model, example_inputs).")
+    cfg = model.config
+    dev = model_device(model)
+    gen = torch.Generator().manual_seed(0)
+    params = inspect.signature(model.forward).parameters
+    out: dict[str, torch.Tensor] = {}
+
+    def sub(name: str):
+        return getattr(cfg, name, None) or cfg
+
+    if "input_ids" in params and model.main_input_name != "pixel_values":
+        tcfg = sub("text_config")
+        vocab = getattr(tcfg, "vocab_size", None) or getattr(cfg, "vocab_size", 100)
+        out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
+    if "pixel_values" in params:
+        vcfg = sub("vision_config")
+        size = getattr(vcfg, "image_size", 32)
+        size = size if isinstance(size, int) else size[0]
+        ch = getattr(vcfg, "num_channels", 3)
+        out["pixel_values"] = torch.randn(batch, ch, size, size, generator=gen).to(dev)
+    if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        out["decoder_input_ids"] = torch.randint(0, cfg.vocab_size, (batch, seq // 2), generator=gen).to(dev)
+    if "use_cache" in params:
+        out["use_cache"] = False
+    if not out:
+        raise TraceError(f"cannot derive example inputs for {type(model).__name__}: pass example_inputs")
+    return out
+
+
+def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TraceError(f"example_inputs must be a tuple of positional arguments or a dict of keyword "
+                     f"arguments, not {type(example_inputs).__name__}")
+
+
+def resolve_inputs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        return split_inputs(default_example_inputs(model))
+    args, kwargs = split_inputs(example_inputs)
+    if is_transformers_model(model) and "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs.setdefault("use_cache", False)
+    return args, kwargs
+
+
+def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
+    """Export ``model`` (eval, no grad; non-strict first, strict as fallback)."""
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = resolve_inputs(model, example_inputs)
+    was_training = model.training
+    model.eval()
+    errors = []
+    try:
+        for strict in (False, True):
+            try:
+                with torch.no_grad():
+                    ep = torch.export.export(model, args, kwargs, strict=strict)
+                break
+            except Exception as e:  # noqa: BLE001 - any tracing failure is reported below
+                errors.append((strict, e))
+        else:
+            strict, e = errors[0]
+            msg = str(e).strip().splitlines()
+            head = "\n    ".join(msg[:8])
+            raise TraceError(
+                f"torch.export could not trace {type(model).__name__} (non-strict and strict both failed).\n"
+                f"  first failure ({type(e).__name__}):\n    {head}\n"
+                "  what to try: check that example_inputs match forward()'s signature; remove "
+                "data-dependent Python control flow or make it static; for transformers models try "
+                "attn_implementation='sdpa' or 'eager'.") from e
+    finally:
+        model.train(was_training)
+    return _collect(model, ep, strict)
+
+
+def _collect(model: nn.Module, ep, strict: bool) -> Traced:
+    from torch.export.graph_signature import InputKind
+
+    kinds = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer",
+             InputKind.CONSTANT_TENSOR: "constant"}
+    inputs: dict[str, GraphInput] = {}
+    for spec in ep.graph_signature.input_specs:
+        name = getattr(spec.arg, "name", None)
+        if name is None:
+            continue
+        kind = kinds.get(spec.kind, "input")
+        inputs[name] = GraphInput(kind, spec.target if spec.target is not None else name)
+    by_id: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+    aliases = {n: names[0] for names in by_id.values() for n in names[1:]}
+    for key, inp in inputs.items():  # tied parameters may be lifted once per name
+        if inp.kind == "parameter" and inp.name in aliases:
+            inputs[key] = GraphInput("parameter", aliases[inp.name])
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    info = {"model": type(model).__name__, "torch": torch.__version__, "strict": strict}
+    return Traced(ep.graph, inputs, shapes, aliases, info)
