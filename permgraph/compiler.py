@@ -1,6 +1,8 @@
 """``compile``: model + example inputs -> PermSpec."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch.nn as nn
 
 from permgraph.axes import Reason
@@ -9,16 +11,28 @@ from permgraph.spec import PermSpec, build_spec
 from permgraph.trace import ExampleInputs, trace
 
 
-def compile(model: nn.Module, example_inputs: ExampleInputs = None, *, free_outputs: bool = False) -> PermSpec:
+def compile(model: nn.Module, example_inputs: ExampleInputs = None, *,
+            outputs: Sequence[str] | None = None) -> PermSpec:
     """Trace ``model`` and infer its permutation spec.
 
     ``example_inputs``: a tuple of positional arguments or a dict of keyword
     arguments; derived from the config for transformers models when omitted.
-    ``free_outputs``: let the permutation reach the outputs (for models whose
-    outputs are hidden states that a later consumer will be permuted with).
+    ``outputs``: names of the outputs that must stay unchanged (default: all).
+    Others may come out permuted, e.g. ``outputs=["logits"]`` lets a
+    seq2seq model's ``encoder_last_hidden_state`` move with the residual
+    stream; ``outputs=[]`` frees every output. Names are pytree paths such as
+    ``logits`` or ``[0]``; ``spec.info["outputs"]`` lists them.
     """
     traced = trace(model, example_inputs)
-    result = infer(traced.graph, traced.inputs, free_outputs=free_outputs)
+    fixed = None
+    if outputs is not None:
+        unknown = [o for o in outputs if o not in traced.output_names]
+        if unknown:
+            raise ValueError(f"unknown outputs {unknown}; this model's outputs are {traced.output_names}")
+        fixed = {i for i, n in enumerate(traced.output_names) if n in outputs}
+    result = infer(traced.graph, traced.inputs, fixed_outputs=fixed)
+    traced.info["outputs"] = traced.output_names
+    traced.info["fixed_outputs"] = list(outputs) if outputs is not None else traced.output_names
     unused_params = set(traced.param_shapes) - set(result.param_axes)
     if unused_params:  # not lifted into the graph: nothing is known about them
         for name in unused_params:

@@ -318,6 +318,7 @@ def _name_groups(store, leaves: list[int], raw_axes, ctx) -> dict[int, str]:
             for g in dict.fromkeys(tree_groups(t)):
                 members[g].append(p)
     names: dict[int, str] = {}
+    bases: dict[int, tuple[str, str]] = {}
     used: Counter = Counter()
     for x in leaves:
         mods = [m.rsplit(".", 1)[0] if "." in m else "" for m in members[x]]
@@ -327,10 +328,16 @@ def _name_groups(store, leaves: list[int], raw_axes, ctx) -> dict[int, str]:
             layered = {_LAYER.sub(".*", m) != m and m for m in mods} - {False}
             tops = Counter(m.split(".")[0] for m in members[x])
             if layered:
-                prefix = "residual" + (f"[{tops.most_common(1)[0][0]}]" if len(tops) > 2 else "")
+                prefix = "residual"
             else:
                 prefix = "+".join(sorted(tops)) or "root"
         base = f"{prefix}.{role}" if role else prefix
+        bases[x] = (base, Counter(m.split(".")[0] for m in members[x]).most_common(1)[0][0])
+    counts = Counter(b for b, _ in bases.values())
+    for x in leaves:
+        base, top = bases[x]
+        if counts[base] > 1 and base == "residual":
+            base = f"residual[{top}]"
         used[base] += 1
         names[x] = base if used[base] == 1 else f"{base}#{used[base]}"
     return names

@@ -23,6 +23,7 @@ class Traced:
     inputs: dict[str, GraphInput]
     param_shapes: dict[str, tuple[int, ...]]
     aliases: dict[str, str]
+    output_names: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -148,4 +149,33 @@ def _collect(model: nn.Module, ep, strict: bool) -> Traced:
             inputs[key] = GraphInput("parameter", aliases[inp.name])
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     info = {"model": type(model).__name__, "torch": torch.__version__, "strict": strict}
-    return Traced(ep.graph, inputs, shapes, aliases, info)
+    return Traced(ep.graph, inputs, shapes, aliases, _output_names(ep), info)
+
+
+def _path_name(path) -> str:
+    parts = []
+    for k in path:
+        attr = next((a for a in ("key", "idx", "name") if hasattr(k, a)), None)
+        parts.append(str(getattr(k, attr)) if attr else str(k))
+    return ".".join(parts) or "output"
+
+
+def named_outputs(out: Any) -> list[tuple[str, Any]]:
+    """A model's outputs flattened, with the names ``compile(outputs=...)`` uses."""
+    from torch.utils._pytree import tree_flatten_with_path
+
+    return [(_path_name(p), x) for p, x in tree_flatten_with_path(out)[0]]
+
+
+def _output_names(ep) -> list[str]:
+    """Names of the flattened outputs: 'logits', '[0]', 'encoder_last_hidden_state', ..."""
+    from torch.utils._pytree import tree_unflatten
+
+    spec = ep.call_spec.out_spec
+    if spec is None:
+        return []
+    tree = tree_unflatten(list(range(spec.num_leaves)), spec)
+    names = [""] * spec.num_leaves
+    for name, leaf in named_outputs(tree):
+        names[leaf] = name
+    return names

@@ -7,8 +7,8 @@ from permgraph.infer.engine import GraphInput, InferenceResult, run_inference
 from permgraph.infer.rules import RULES
 
 
-def infer(graph: Any, inputs: dict[str, GraphInput], free_outputs: bool = False) -> InferenceResult:
-    return run_inference(graph, inputs, RULES, free_outputs=free_outputs)
+def infer(graph: Any, inputs: dict[str, GraphInput], fixed_outputs: set[int] | None = None) -> InferenceResult:
+    return run_inference(graph, inputs, RULES, fixed_outputs=fixed_outputs)
 
 
 __all__ = ["infer", "GraphInput", "InferenceResult", "RULES"]

@@ -136,9 +136,13 @@ def run_inference(
     graph: fx.Graph,
     inputs: dict[str, GraphInput],
     rules: dict[str, Callable[[RuleContext, fx.Node, dict[str, Any]], Any]],
-    free_outputs: bool = False,
+    fixed_outputs: set[int] | None = None,
 ) -> InferenceResult:
-    """Type every tensor in ``graph``; ``inputs`` maps placeholder names to what they are."""
+    """Type every tensor in ``graph``; ``inputs`` maps placeholder names to what they are.
+
+    ``fixed_outputs``: positions (in the flattened outputs) whose axes are fixed;
+    None fixes them all.
+    """
     store = AxisStore()
     types: dict[fx.Node, Any] = {}
     cx = RuleContext(store, types)
@@ -156,15 +160,16 @@ def run_inference(
             else:
                 types[node] = rule(cx, node, bind_args(node) if key != "getitem" else {})
         elif node.op == "output":
-            if not free_outputs:
-                cx.fix_all([cx.types.get(a) for a in _flat_nodes(node.args)], "model output")
+            for i, out in enumerate(_flat_nodes(node.args)):
+                if fixed_outputs is None or i in fixed_outputs:
+                    cx.fix_all(cx.types.get(out), "model output")
         else:
             types[node] = _unknown_op(cx, node, unknown)
-    used = {n.name for n in graph.nodes if n.op == "placeholder" and n.users}
-    for node in graph.nodes:
-        info = inputs.get(node.name)
-        if node.op == "placeholder" and info and info.kind == "parameter" and node.name not in used:
-            cx.fix_all(types[node], "unused in the traced forward")
+    used = {inputs[n.name].name for n in graph.nodes
+            if n.op == "placeholder" and n.users and n.name in inputs}
+    for name, ty in param_axes.items():
+        if name not in used:
+            cx.fix_all(ty, "unused in the traced forward")
     tensor_types = [t for ty in types.values() for t in _tensor_types(ty)]
     return InferenceResult(store, param_axes, tensor_types, {n.name: t for n, t in types.items()}, unknown)
 

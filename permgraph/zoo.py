@@ -1,11 +1,12 @@
 """Small models of every architecture the compiler must handle, with their inputs.
 
-Each factory returns ``(model, example_inputs, tolerance)``: the relative error
-allowed in float64 (looser where transformers computes a norm in float32).
+Each factory returns ``(model, example_inputs, tolerance[, outputs])``: the
+relative error allowed in float64 (looser where transformers computes a norm in
+float32), and the outputs that must stay unchanged when not all of them.
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -152,14 +153,14 @@ def clip() -> tuple:
         vision_config=dict(image_size=16, patch_size=4, hidden_size=24, intermediate_size=40,
                            num_hidden_layers=2, num_attention_heads=4),
         projection_dim=20)
-    return CLIPModel(cfg), None, EXACT
+    return CLIPModel(cfg), None, EXACT, ["logits_per_image", "logits_per_text", "text_embeds", "image_embeds"]
 
 
 def t5() -> tuple:
     from transformers import T5Config, T5ForConditionalGeneration
     cfg = T5Config(vocab_size=60, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
                    num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0)
-    return T5ForConditionalGeneration(cfg), None, FP32_NORM
+    return T5ForConditionalGeneration(cfg), None, FP32_NORM, ["logits"]
 
 
 def gpt_neox() -> tuple:
@@ -187,7 +188,17 @@ ZOO: dict[str, Callable[[], tuple]] = {
 }
 
 
-def build(name: str, seed: int = 0) -> tuple:
+@dataclass
+class ZooModel:
+    name: str
+    model: nn.Module
+    inputs: object
+    tolerance: float
+    outputs: list[str] | None = None
+
+
+def build(name: str, seed: int = 0) -> ZooModel:
+    """A zoo model with weights drawn from ``seed``."""
     torch.manual_seed(seed)
-    model, inputs, tol = ZOO[name]()
-    return model.eval(), inputs, tol
+    model, inputs, tol, *outs = ZOO[name]()
+    return ZooModel(name, model.eval(), inputs, tol, outs[0] if outs else None)

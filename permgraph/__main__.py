@@ -1,0 +1,3 @@
+from permgraph.cli import main
+
+raise SystemExit(main())
