@@ -81,13 +81,13 @@ def explain_spec(spec: PermSpec, max_rows: int = 40) -> str:
         for f in spec.fixed:
             pat, _ = _pattern(f.param)
             why = "; ".join(_pattern(r)[0] for r in f.reasons[:2])
-            fixed_rows[(f"{pat}[{f.axis}] ({f.size} of {spec.shapes[f.param][f.axis]})", why)].append(f.param)
+            fixed_rows[(f"{pat}[{f.axis}] of {spec.shapes[f.param][f.axis]}: {f.part}", why)].append(f.param)
         for i, ((what, why), params) in enumerate(fixed_rows.items()):
             if i >= max_rows:
                 lines.append(f"  ... {len(fixed_rows) - max_rows} more")
                 break
             times = f" x{len(params)}" if len(params) > 1 else ""
-            lines.append(f"  {what}{times}: {why}")
+            lines.append(f"  {what}{times} -- {why}")
     else:
         lines.append("fixed parameter axes: none")
     if spec.aliases:

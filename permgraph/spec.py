@@ -50,7 +50,7 @@ class FixedAxis:
 
     param: str
     axis: int
-    size: int
+    part: str  # "whole axis", or the fixed segments / factors of a structured axis
     reasons: tuple[str, ...]
 
 
@@ -123,7 +123,7 @@ class PermSpec:
                        for g in self.groups.values()],
             "axes": self.axes,
             "shapes": {k: list(v) for k, v in self.shapes.items()},
-            "fixed": [{"param": f.param, "axis": f.axis, "size": f.size, "reasons": list(f.reasons)}
+            "fixed": [{"param": f.param, "axis": f.axis, "part": f.part, "reasons": list(f.reasons)}
                       for f in self.fixed],
             "aliases": self.aliases,
             "unknown_ops": self.unknown_ops,
@@ -141,7 +141,7 @@ class PermSpec:
         groups = {g["name"]: Group(g["name"], g["size"], tuple(g["ctx"]), g.get("role", ""))
                   for g in d["groups"]}
         return cls(groups=groups, axes=d["axes"], shapes={k: tuple(v) for k, v in d["shapes"].items()},
-                   fixed=[FixedAxis(f["param"], f["axis"], f["size"], tuple(f["reasons"])) for f in d["fixed"]],
+                   fixed=[FixedAxis(f["param"], f["axis"], f["part"], tuple(f["reasons"])) for f in d["fixed"]],
                    aliases=d.get("aliases", {}), unknown_ops=d.get("unknown_ops", {}), info=d.get("info", {}))
 
     def to_networkx(self):
@@ -203,12 +203,24 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
     fixed = []
     for p, ty in result.param_axes.items():
         for d, a in enumerate(ty):
-            fl = [x for x in store.leaves(a) if not is_free(x) and store.size(x) > 1]
-            if fl:
+            parts = _fixed_parts(axes[p][d])
+            if parts:
+                fl = [x for x in store.leaves(a) if not is_free(x) and store.size(x) > 1]
                 reasons = tuple(dict.fromkeys(str(r) for x in fl for r in store.reasons(x)))
-                fixed.append(FixedAxis(p, d, math.prod(store.size(x) for x in fl), reasons))
+                fixed.append(FixedAxis(p, d, parts, reasons))
     unknown = {k: len(v) for k, v in result.unknown_ops.items()}
     return PermSpec(groups, axes, dict(param_shapes), fixed, dict(aliases), unknown, dict(info))
+
+
+def _fixed_parts(t: AxisTree, where: str = "whole axis") -> str:
+    """Which parts of an axis are fixed: 'whole axis', 'segment of 16', 'factor of 3', ..."""
+    if t[0] == "id":
+        return where if t[1] > 1 else ""
+    if t[0] == "g":
+        return ""
+    label = "segment" if t[0] == "cat" else "factor"
+    parts = [_fixed_parts(s, f"{label} of {s[1] if s[0] == 'id' else '?'}") for s in t[1]]
+    return ", ".join(dict.fromkeys(p for p in parts if p))
 
 
 def _propagate_fixed(store, result) -> None:
@@ -300,6 +312,8 @@ def _outer_first(leaves: list[int], ctx: dict[int, list[int]]) -> list[int]:
 
 def _role(store, x: int, ctx: dict[int, list[int]]) -> str:
     roles = store.roles(x)
+    if "qk" in roles and "vo" in roles:
+        return "qkvo"
     if roles:
         return roles[0]
     if any(x in cs for cs in ctx.values()):

@@ -74,6 +74,111 @@ class EncoderClassifier(nn.Module):
         return self.head(self.encoder(self.inp(x)).mean(dim=1))
 
 
+class TinyBlock(nn.Module):
+    def __init__(self, d: int, heads: int, kv_heads: int, mlp: int, norm: str, prenorm: bool, bias: bool,
+                 fused_qkv: bool, rope: bool, gated: bool) -> None:
+        super().__init__()
+        self.h, self.kv, self.dh = heads, kv_heads, d // heads
+        self.prenorm, self.rope, self.fused, self.gated = prenorm, rope, fused_qkv, gated
+        make_norm = (lambda: nn.LayerNorm(d, bias=bias)) if norm == "layer" else (lambda: nn.RMSNorm(d))
+        self.norm1, self.norm2 = make_norm(), make_norm()
+        kv_dim = kv_heads * self.dh
+        if fused_qkv:
+            self.qkv = nn.Linear(d, d + 2 * kv_dim, bias=bias)
+        else:
+            self.q = nn.Linear(d, d, bias=bias)
+            self.k = nn.Linear(d, kv_dim, bias=bias)
+            self.v = nn.Linear(d, kv_dim, bias=bias)
+        self.o = nn.Linear(d, d, bias=bias)
+        self.up = nn.Linear(d, (2 if gated else 1) * mlp, bias=bias)
+        self.down = nn.Linear(mlp, d, bias=bias)
+
+    def _rope(self, x: torch.Tensor) -> torch.Tensor:
+        t, dh = x.shape[-2], x.shape[-1]
+        inv = 1.0 / (10000 ** (torch.arange(0, dh, 2, dtype=x.dtype) / dh))
+        freqs = torch.outer(torch.arange(t, dtype=x.dtype), inv)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+        return x * emb.cos() + torch.cat([-x2, x1], dim=-1) * emb.sin()
+
+    def attn(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        if self.fused:
+            q, k, v = self.qkv(x).split([d, self.kv * self.dh, self.kv * self.dh], dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(b, t, self.h, self.dh).transpose(1, 2)
+        k = k.view(b, t, self.kv, self.dh).transpose(1, 2)
+        v = v.view(b, t, self.kv, self.dh).transpose(1, 2)
+        if self.rope:
+            q, k = self._rope(q), self._rope(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv != self.h)
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            g, u = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(g) * u)
+        return self.down(F.gelu(self.up(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prenorm:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
+
+
+class TinyTransformer(nn.Module):
+    """A configurable decoder: the property-based tests draw its settings at random."""
+
+    def __init__(self, vocab: int = 40, d: int = 16, heads: int = 4, kv_heads: int = 4, layers: int = 2,
+                 mlp: int = 24, norm: str = "layer", prenorm: bool = True, bias: bool = True,
+                 tied: bool = False, fused_qkv: bool = False, rope: bool = False, gated: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(TinyBlock(d, heads, kv_heads, mlp, norm, prenorm, bias, fused_qkv, rope, gated)
+                                    for _ in range(layers))
+        self.norm = nn.LayerNorm(d) if norm == "layer" else nn.RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.emb(idx)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x))
+
+
+class FusedQKVViT(nn.Module):
+    """timm-style attention: qkv reshaped to (B, N, 3, H, d), permuted and unbound."""
+
+    def __init__(self, d: int = 24, heads: int = 4, layers: int = 2, patch: int = 4, classes: int = 5) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, patch, patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 17, d))
+        self.heads = heads
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            n1=nn.LayerNorm(d), qkv=nn.Linear(d, 3 * d), proj=nn.Linear(d, d),
+            n2=nn.LayerNorm(d), fc1=nn.Linear(d, 2 * d), fc2=nn.Linear(2 * d, d))) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for blk in self.blocks:
+            b, n, d = x.shape
+            qkv = blk["qkv"](blk["n1"](x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            y = F.scaled_dot_product_attention(q, k, v)
+            x = x + blk["proj"](y.transpose(1, 2).reshape(b, n, d))
+            x = x + blk["fc2"](F.gelu(blk["fc1"](blk["n2"](x))))
+        return self.head(self.norm(x)[:, 0])
+
+
 def _ids(vocab: int, b: int = 2, t: int = 8) -> torch.Tensor:
     return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(1))
 
@@ -170,7 +275,18 @@ def gpt_neox() -> tuple:
     return GPTNeoXForCausalLM(cfg), None, EXACT
 
 
+def tiny_gqa_rope() -> tuple:
+    m = TinyTransformer(d=32, heads=4, kv_heads=2, norm="rms", rope=True, fused_qkv=True, gated=True, tied=True)
+    return m, (_ids(40),), EXACT
+
+
+def fused_qkv_vit() -> tuple:
+    return FusedQKVViT(), (torch.randn(2, 3, 16, 16),), EXACT
+
+
 ZOO: dict[str, Callable[[], tuple]] = {
+    "tiny_gqa_rope": tiny_gqa_rope,
+    "fused_qkv_vit": fused_qkv_vit,
     "torch_encoder_post": torch_encoder_post,
     "torch_encoder_pre": torch_encoder_pre,
     "nanogpt": nanogpt,

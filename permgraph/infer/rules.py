@@ -420,6 +420,11 @@ def matmul(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
     return _matmul(cx, cx.t(node.args[0]), cx.t(node.args[1]))
 
 
+@rule("outer", "ger")
+def outer(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
+    return [cx.t(node.args[0])[0], cx.t(node.args[1])[0]]
+
+
 @rule("baddbmm")
 def baddbmm(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
     out = _matmul(cx, cx.t(a["batch1"]), cx.t(a["batch2"]))

@@ -1,0 +1,91 @@
+"""Every axis that is not a data axis is permuted, unless the architecture forbids it."""
+import pytest
+
+import permgraph as pg
+from permgraph.zoo import ZOO, build
+
+# reasons an axis may legitimately stay fixed: data axes and true symmetry breakers
+ALLOWED = ("embedding lookup", "model input", "model output", "convolution kernel", "spatial positions",
+           "constant buffer 'gpt_neox.rotary_emb.inv_freq'", "constant buffer 'model.rotary_emb.inv_freq'",
+           "values vary along the axis", "indexes fused segments", "indexed by unbind", "indexed by select")
+
+
+@pytest.fixture(scope="module", params=sorted(ZOO))
+def compiled(request):
+    zm = build(request.param)
+    return zm, pg.compile(zm.model, zm.inputs, outputs=zm.outputs)
+
+
+def test_only_data_axes_and_symmetry_breakers_are_fixed(compiled):
+    zm, spec = compiled
+    assert not spec.unknown_ops, spec.unknown_ops
+    for f in spec.fixed:
+        assert all(any(r.startswith(a) for a in ALLOWED) for r in f.reasons), (zm.name, f)
+
+
+def test_every_weight_matrix_moves(compiled):
+    zm, spec = compiled
+    for p, shape in spec.shapes.items():
+        if len(shape) == 2 and min(shape) > 1:
+            assert any(t[0] != "id" for t in spec.axes[p]), (zm.name, p)
+
+
+def groups_by_role(spec):
+    out = {}
+    for g in spec.groups.values():
+        out.setdefault(g.role, []).append(g)
+    return out
+
+
+def test_llama_gqa_rope_structure():
+    zm = build("llama")
+    spec = pg.compile(zm.model)
+    roles = groups_by_role(spec)
+    assert len(roles["heads"]) == 2 and all(g.size == 2 for g in roles["heads"])  # kv heads
+    assert len(roles["q_per_kv"]) == 2 and all(g.ctx and g.size == 2 for g in roles["q_per_kv"])
+    assert all(g.ctx == (h.name,) for g, h in zip(roles["vo"], roles["heads"]))
+    assert "qk" not in roles  # RoPE fixes the q/k within-head order
+    fixed = {(f.param, f.axis): f for f in spec.fixed}
+    q = fixed[("model.layers.0.self_attn.q_proj.weight", 0)]
+    assert "rotary_emb.inv_freq" in " ".join(q.reasons) and q.part.startswith("factor")
+    assert len([g for g in spec.groups.values() if g.role == ""]) == 3  # residual + 2 MLPs
+
+
+def test_gpt2_fused_qkv_has_separate_qk_and_vo():
+    spec = pg.compile(build("gpt2").model)
+    roles = groups_by_role(spec)
+    assert len(roles["qk"]) == 2 and len(roles["vo"]) == 2 and len(roles["heads"]) == 2
+    tree = spec.axes["transformer.h.0.attn.c_attn.weight"][1]
+    assert tree[0] == "cat" and len(tree[1]) == 3  # q | k | v segments
+
+
+def test_gpt_neox_partial_rotary_keeps_pass_dims_free():
+    spec = pg.compile(build("gpt_neox").model)
+    within = [g for g in spec.groups.values() if g.ctx and g.role not in ("vo", "q_per_kv")]
+    assert within and all(g.size == 4 for g in within)  # 8 head dims, 4 rotary (fixed), 4 pass
+
+
+def test_t5_shared_position_bias_ties_heads_across_layers():
+    zm = build("t5")
+    spec = pg.compile(zm.model, outputs=zm.outputs)
+    enc_heads = [g for g in spec.groups.values() if g.role == "heads" and g.name.startswith("encoder")]
+    assert len(enc_heads) == 1
+    members = {m.param for m in spec.members(enc_heads[0].name)}
+    assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in members
+    assert "encoder.block.1.layer.0.SelfAttention.q.weight" in members
+
+
+def test_torch_mha_fused_in_proj_shares_within_head():
+    zm = build("torch_encoder_post")
+    spec = pg.compile(zm.model, zm.inputs)
+    roles = groups_by_role(spec)
+    assert len(roles["heads"]) == 2 and len(roles["qkvo"]) == 2
+
+
+def test_clip_projection_outputs_fixed_residuals_free():
+    zm = build("clip")
+    spec = pg.compile(zm.model, outputs=zm.outputs)
+    names = set(spec.groups)
+    assert "residual[text_model]" in names and "residual[vision_model]" in names
+    unmoved = {p for p, trees in spec.axes.items() if all(t[0] == "id" for t in trees)}
+    assert unmoved == {"logit_scale"}
