@@ -115,17 +115,28 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
                 errors.append((strict, e))
         else:
             strict, e = errors[0]
-            msg = str(e).strip().splitlines()
-            head = "\n    ".join(msg[:8])
             raise TraceError(
                 f"torch.export could not trace {type(model).__name__} (non-strict and strict both failed).\n"
-                f"  first failure ({type(e).__name__}):\n    {head}\n"
+                f"  {_failure_summary(e)}\n"
                 "  what to try: check that example_inputs match forward()'s signature; remove "
                 "data-dependent Python control flow or make it static; for transformers models try "
                 "attn_implementation='sdpa' or 'eager'.") from e
     finally:
         model.train(was_training)
     return _collect(model, ep, strict)
+
+
+def _failure_summary(e: Exception) -> str:
+    """The error's first line and the user's call that raised it, when torch names it."""
+    lines = [ln for ln in str(e).splitlines()]
+    first = next((ln.strip() for ln in lines if ln.strip()), "")
+    out = f"{type(e).__name__}: {first[:300]}"
+    for i, ln in enumerate(lines):
+        if "The following call raised this error" in ln:
+            call = " | ".join(x.strip() for x in lines[i + 1:i + 3] if x.strip())
+            out += f"\n  failing call: {call}"
+            break
+    return out
 
 
 def _collect(model: nn.Module, ep, strict: bool) -> Traced:

@@ -535,8 +535,7 @@ def sdpa(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
     if nq == nk:
         cx.unify(hq, hk)
     else:
-        cx.store.split(hq, "prod", [nk, nq // nk], cx.where)
-        kv, per = cx.store.children(hq)[0], cx.store.children(hq)[1]
+        kv, per = cx.store.split(hq, "prod", [nk, nq // nk], cx.where)
         cx.unify(kv, hk)
         cx.store.add_role(per, "q_per_kv")
     cx.store.add_role(hk, "heads")
