@@ -56,7 +56,7 @@ def explain_spec(spec: PermSpec, max_rows: int = 40) -> str:
     for g in spec.groups.values():
         pat, _ = _pattern(g.name)
         mem = members[g.name]
-        mem_pat = sorted({_pattern(m.param)[0].rsplit(".", 1)[0] + f"[{m.axis}]" for m in mem})
+        mem_pat = sorted({_pattern(m.param)[0] + f"[{m.axis}]" for m in mem})
         rows[pat].append((g, mem, mem_pat))
     header = f"  {'group':<46} {'kind':<22} {'size':>6} {'count':>5}  members"
     lines.append(header)

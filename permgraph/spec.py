@@ -338,13 +338,11 @@ def _name_groups(store, leaves: list[int], raw_axes, ctx) -> dict[int, str]:
         mods = [m.rsplit(".", 1)[0] if "." in m else "" for m in members[x]]
         prefix = _common_prefix(mods)
         role = _role(store, x, ctx)
-        if not prefix:
-            layered = {_LAYER.sub(".*", m) != m and m for m in mods} - {False}
-            tops = Counter(m.split(".")[0] for m in members[x])
-            if layered:
-                prefix = "residual"
-            else:
-                prefix = "+".join(sorted(tops)) or "root"
+        layers = {tuple(_LAYER.findall(m)) for m in members[x]}
+        if not role and len(layers) > 1 and not ctx[x]:
+            prefix = "residual"  # a flat group spanning several layers: the residual stream
+        elif not prefix:
+            prefix = "+".join(sorted({m.split(".")[0] for m in members[x]})) or "root"
         base = f"{prefix}.{role}" if role else prefix
         bases[x] = (base, Counter(m.split(".")[0] for m in members[x]).most_common(1)[0][0])
     counts = Counter(b for b, _ in bases.values())
