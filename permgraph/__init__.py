@@ -1,14 +1,17 @@
 """permgraph: compile a PyTorch model into its permutation spec and re-base models with it."""
 from __future__ import annotations
 
+from permgraph.align import align
 from permgraph.compiler import compile
 from permgraph.explain import explain
 from permgraph.permutation import Permutation, apply_permutation
+from permgraph.solvers import Alignment, available_solvers, register_solver
 from permgraph.spec import FixedAxis, Group, Member, PermSpec
 from permgraph.trace import TraceError
 from permgraph.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "explain", "verify", "apply_permutation", "PermSpec", "Permutation",
+__all__ = ["compile", "explain", "verify", "apply_permutation", "align", "Alignment", "available_solvers",
+           "register_solver", "PermSpec", "Permutation",
            "Group", "Member", "FixedAxis", "VerifyReport", "TraceError", "__version__"]

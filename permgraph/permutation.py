@@ -137,3 +137,48 @@ def apply_permutation(spec: "PermSpec", perm: Permutation, state_dict: Mapping[s
             x = x.index_select(dim, cache[key].to(x.device))
         out[name] = x
     return out
+
+
+def digit_map(tree: AxisTree, sizes: Mapping[str, int]) -> tuple[int, dict[str, torch.Tensor]]:
+    """For every position of an axis, the digit of each group there (-1 where absent)."""
+    kind = tree[0]
+    if kind == "id":
+        return tree[1], {}
+    if kind == "g":
+        n = sizes[tree[1]]
+        return n, {tree[1]: torch.arange(n)}
+    subs = [digit_map(t, sizes) for t in tree[1]]
+    names = list(dict.fromkeys(g for _, d in subs for g in d))
+    if kind == "cat":
+        total = sum(n for n, _ in subs)
+        out = {g: torch.cat([d.get(g, torch.full((n,), -1, dtype=torch.long)) for n, d in subs]) for g in names}
+        return total, out
+    total = math.prod(n for n, _ in subs)
+    pos = torch.arange(total)
+    out: dict[str, torch.Tensor] = {}
+    stride = total
+    for n, d in subs:
+        stride //= n
+        child = (pos // stride) % n
+        for g, v in d.items():
+            out[g] = v[child]
+    return total, out
+
+
+def permute_tensor(spec: "PermSpec", perm: Permutation, name: str, tensor: torch.Tensor,
+                   skip: tuple[int, str] | None = None) -> torch.Tensor:
+    """One parameter permuted on every axis; ``skip=(axis, group)`` leaves that group alone on that axis."""
+    trees = spec.axes_of(name)
+    if trees is None:
+        return tensor
+    x = tensor
+    for dim, tree in enumerate(trees):
+        groups = tree_groups(tree)
+        if not groups:
+            continue
+        p = perm
+        if skip is not None and skip[0] == dim and skip[1] in groups:
+            ident = torch.arange(spec.groups[skip[1]].size).expand(spec.perm_shape(skip[1]))
+            p = Permutation({**perm.perms, skip[1]: ident})
+        x = x.index_select(dim, axis_index(tree, p, spec.ctx, spec.sizes).to(x.device))
+    return x

@@ -161,6 +161,53 @@ class PermSpec:
                     graph.add_edge(node, f"group:{g}", kind="member")
         return graph
 
+    # -- derived specs ---------------------------------------------------------------
+    def with_trees(self, axes: dict[str, list[AxisTree]], groups: dict[str, Group], **info: Any) -> "PermSpec":
+        return PermSpec(groups, axes, dict(self.shapes), list(self.fixed), dict(self.aliases),
+                        dict(self.unknown_ops), {**self.info, **info})
+
+    def merged(self, names: list[str], new_name: str) -> "PermSpec":
+        """The spec with groups ``names`` forced to share one permutation (sound: a subgroup)."""
+        first = self.groups[names[0]]
+        if any((self.groups[n].size, self.groups[n].ctx) != (first.size, first.ctx) for n in names):
+            raise ValueError(f"cannot merge groups of different sizes or contexts: {names}")
+        ren = {n: new_name for n in names}
+        groups = {}
+        for g in self.groups.values():
+            name = ren.get(g.name, g.name)
+            if name not in groups:
+                groups[name] = Group(name, g.size, tuple(ren.get(c, c) for c in g.ctx),
+                                     "+".join(dict.fromkeys(self.groups[n].role for n in names)) if name == new_name else g.role)
+        axes = {p: [_rename(t, ren) for t in trees] for p, trees in self.axes.items()}
+        return self.with_trees(axes, groups)
+
+    def flattened_heads(self) -> "PermSpec":
+        """Heads and their within-head groups merged into flat groups (the head-contaminating baseline).
+
+        Every product of groups on an axis becomes one flat group over the whole
+        product. The result is NOT function-preserving: for ablations only.
+        """
+        groups: dict[str, Group] = {}
+
+        def flat(t: AxisTree) -> AxisTree:
+            if t[0] in ("g", "id"):
+                return t
+            subs = [flat(s) for s in t[1]]
+            if t[0] == "prod" and any(s[0] == "g" for s in subs):
+                names = [s[1] if s[0] == "g" else f"fixed{s[1]}" for s in subs]
+                name = "*".join(names)
+                size = math.prod(self.groups[s[1]].size if s[0] == "g" else s[1] for s in subs)
+                groups.setdefault(name, Group(name, size, (), "flat-heads"))
+                return ["g", name]
+            return [t[0], subs]
+
+        axes = {p: [flat(t) for t in trees] for p, trees in self.axes.items()}
+        used = {g for trees in axes.values() for t in trees for g in tree_groups(t)}
+        for g in self.groups.values():
+            if g.name in used and not g.ctx:
+                groups.setdefault(g.name, g)
+        return self.with_trees(axes, {k: v for k, v in groups.items() if k in used}, function_preserving=False)
+
     def explain(self) -> str:
         from permgraph.explain import explain_spec
 
@@ -367,7 +414,7 @@ def _common_prefix(mods: list[str]) -> str:
 
 def _rename(t: AxisTree, names: Mapping[int, str]) -> AxisTree:
     if t[0] == "g":
-        return ["g", names[t[1]]]
+        return ["g", names.get(t[1], t[1])]
     if t[0] == "id":
         return t
     return [t[0], [_rename(s, names) for s in t[1]]]

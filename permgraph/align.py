@@ -1,0 +1,72 @@
+"""``align``: find the permutation of model A that best matches model B."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from permgraph.solvers import Alignment, get_solver
+from permgraph.spec import PermSpec
+from permgraph.trace import ExampleInputs
+
+ModelLike = nn.Module | Mapping[str, torch.Tensor]
+
+
+def state_of(model: ModelLike) -> dict[str, torch.Tensor]:
+    """Parameters (and buffers) of a module, or a state dict as given."""
+    if isinstance(model, nn.Module):
+        return dict(model.state_dict())
+    if isinstance(model, Mapping):
+        return dict(model)
+    raise TypeError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
+
+
+def check_compatible(spec: PermSpec, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Every model has every spec parameter with the spec's shape, and finite values."""
+    problems = []
+    for label, sd in states.items():
+        for name, shape in spec.shapes.items():
+            names = [name] + [a for a, c in spec.aliases.items() if c == name]
+            hit = next((n for n in names if n in sd), None)
+            if hit is None:
+                problems.append(f"{label}: missing '{name}'")
+            elif tuple(sd[hit].shape) != shape:
+                problems.append(f"{label}: '{name}' has shape {tuple(sd[hit].shape)}, expected {shape}")
+            elif sd[hit].is_floating_point() and not sd[hit].is_meta and not bool(torch.isfinite(sd[hit]).all()):
+                problems.append(f"{label}: '{name}' contains NaN or inf")
+        if len(problems) >= 10:
+            break
+    if problems:
+        raise ValueError("models do not match the spec (same architecture and shapes needed):\n  "
+                         + "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else ""))
+
+
+def canonical_params(spec: PermSpec, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in spec.shapes:
+        names = [name] + [a for a, c in spec.aliases.items() if c == name]
+        out[name] = next(sd[n] for n in names if n in sd)
+    return out
+
+
+def align(model_a: ModelLike, model_b: ModelLike, spec: PermSpec | None = None, *, solver: str = "transfusion",
+          backend: str = "auto", seed: int = 0, max_iter: int = 100, progress: bool = False,
+          example_inputs: ExampleInputs = None, **options: Any) -> Alignment:
+    """The permutation ``pi`` with ``pi(A)`` closest to B; ``apply_permutation(al.spec, al.permutation, A)``.
+
+    Models are modules or state dicts; with state dicts pass ``spec``. The spec is
+    compiled from ``model_a`` when not given.
+    """
+    if spec is None:
+        if not isinstance(model_a, nn.Module):
+            raise ValueError("align got state dicts without a spec: pass spec=pg.compile(model) "
+                             "or PermSpec.from_json(...)")
+        from permgraph.compiler import compile as compile_spec
+
+        spec = compile_spec(model_a, example_inputs)
+    sa, sb = state_of(model_a), state_of(model_b)
+    check_compatible(spec, {"model A": sa, "model B": sb})
+    fn = get_solver(solver)
+    return fn(spec, canonical_params(spec, sa), canonical_params(spec, sb), backend=backend, seed=seed,
+              max_iter=max_iter, progress=progress, **options)

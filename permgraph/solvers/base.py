@@ -1,0 +1,81 @@
+"""Solver interface, result type and registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+
+from permgraph.permutation import Permutation
+from permgraph.spec import PermSpec
+
+
+@dataclass
+class Alignment:
+    """The permutation mapping A onto B, and how it was found.
+
+    ``spec`` is the spec the permutation belongs to (the ``flat`` heads ablation
+    uses a modified spec); ``function_preserving`` is False for such ablations.
+    ``history``: objective ``sum_p <B_p, pi(A)_p>`` before solving and after each sweep.
+    """
+
+    permutation: Permutation
+    spec: PermSpec
+    history: list[float] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    function_preserving: bool = True
+
+    @property
+    def sweeps(self) -> int:
+        return max(len(self.history) - 1, 0)
+
+    def summary(self) -> str:
+        obj = f"objective {self.history[0]:.4g} -> {self.history[-1]:.4g}" if self.history else ""
+        warn = "" if self.function_preserving else "  [NOT function-preserving: ablation]"
+        t = sum(v for k, v in self.timings.items() if k == "total")
+        return (f"{self.settings.get('solver', '?')}: {len(self.spec.groups)} groups, {self.sweeps} sweeps, "
+                f"{obj}, {t:.2f} s{warn}")
+
+
+class Solver(Protocol):
+    def __call__(self, spec: PermSpec, params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
+                 **options: Any) -> Alignment: ...
+
+
+_REGISTRY: dict[str, Callable[..., Alignment]] = {}
+
+
+def register_solver(name: str, fn: Callable[..., Alignment] | None = None):
+    """Register ``fn`` under ``name`` (usable as a decorator)."""
+    def deco(f: Callable[..., Alignment]) -> Callable[..., Alignment]:
+        _REGISTRY[name] = f
+        return f
+    return deco(fn) if fn is not None else deco
+
+
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="permgraph.solvers"):
+        if ep.name not in _REGISTRY:
+            _REGISTRY[ep.name] = ep.load()
+
+
+def available_solvers() -> list[str]:
+    _builtin()
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_solver(name: str) -> Callable[..., Alignment]:
+    _builtin()
+    if name not in _REGISTRY:
+        _load_entry_points()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown solver '{name}'; available: {available_solvers()}")
+    return _REGISTRY[name]
+
+
+def _builtin() -> None:
+    import permgraph.solvers.weight_matching  # noqa: F401 - registers weight_matching, transfusion
