@@ -1,7 +1,7 @@
 """permgraph: compile a PyTorch model into its permutation spec and re-base models with it."""
 from __future__ import annotations
 
-from permgraph.align import align
+from permgraph.align import align, apply_alignment
 from permgraph.compiler import compile
 from permgraph.explain import explain
 from permgraph.permutation import Permutation, apply_permutation
@@ -12,6 +12,6 @@ from permgraph.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "explain", "verify", "apply_permutation", "align", "Alignment", "available_solvers",
+__all__ = ["compile", "explain", "verify", "apply_permutation", "align", "apply_alignment", "Alignment", "available_solvers",
            "register_solver", "PermSpec", "Permutation",
            "Group", "Member", "FixedAxis", "VerifyReport", "TraceError", "__version__"]

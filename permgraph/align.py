@@ -70,3 +70,26 @@ def align(model_a: ModelLike, model_b: ModelLike, spec: PermSpec | None = None, 
     fn = get_solver(solver)
     return fn(spec, canonical_params(spec, sa), canonical_params(spec, sb), backend=backend, seed=seed,
               max_iter=max_iter, progress=progress, **options)
+
+
+def apply_alignment(alignment: Alignment, state: ModelLike) -> dict[str, torch.Tensor]:
+    """A's parameters moved into B's frame: the permutation, then any soft transport matrices."""
+    from permgraph.permutation import Permutation, apply_permutation
+
+    sd = state_of(state)
+    spec = alignment.spec
+    if not alignment.soft:
+        return apply_permutation(spec, alignment.permutation, sd)
+    ident = spec.identity()
+    hard = Permutation({**alignment.permutation.perms, **{g: ident[g] for g in alignment.soft}})
+    out = apply_permutation(spec, hard, sd)
+    for name, x in out.items():
+        trees = spec.axes_of(name)
+        if trees is None:
+            continue
+        for dim, tree in enumerate(trees):
+            if tree[0] == "g" and tree[1] in alignment.soft:
+                t = alignment.soft[tree[1]].to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+                x = torch.tensordot(t, x.movedim(dim, 0), dims=1).movedim(0, dim)
+        out[name] = x
+    return out

@@ -71,6 +71,12 @@ def _torch() -> LapBackend:
     return TorchAuctionBackend()
 
 
+def _pot() -> LapBackend:
+    from permgraph.backends.pot_backend import PotEmdBackend
+    return PotEmdBackend()
+
+
 register_backend("scipy", _scipy)
+register_backend("pot", _pot)
 register_backend("lap", _lap)
 register_backend("torch", _torch)

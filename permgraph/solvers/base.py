@@ -17,6 +17,8 @@ class Alignment:
     ``spec`` is the spec the permutation belongs to (the ``flat`` heads ablation
     uses a modified spec); ``function_preserving`` is False for such ablations.
     ``history``: objective ``sum_p <B_p, pi(A)_p>`` before solving and after each sweep.
+    ``soft``: transport matrices that replace the permutation of some groups (soft
+    OT plans): row i of B's frame is ``sum_j T[i, j]`` times A's unit j.
     """
 
     permutation: Permutation
@@ -25,6 +27,7 @@ class Alignment:
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     function_preserving: bool = True
+    soft: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (n, n) transport matrix
 
     @property
     def sweeps(self) -> int:
@@ -32,8 +35,12 @@ class Alignment:
 
     def summary(self) -> str:
         obj = f"objective {self.history[0]:.4g} -> {self.history[-1]:.4g}" if self.history else ""
-        warn = "" if self.function_preserving else "  [NOT function-preserving: ablation]"
+        warn = "" if self.function_preserving else (
+            "  [NOT function-preserving: soft transport plans]" if self.soft else "  [NOT function-preserving: ablation]")
         t = sum(v for k, v in self.timings.items() if k == "total")
+        if self.history and self.history[-1] < self.history[0]:
+            warn += ("  [objective decreased: the head matching disagrees with weight matching; "
+                     "compare heads='lap' or 'brute']")
         return (f"{self.settings.get('solver', '?')}: {len(self.spec.groups)} groups, {self.sweeps} sweeps, "
                 f"{obj}, {t:.2f} s{warn}")
 
@@ -78,4 +85,5 @@ def get_solver(name: str) -> Callable[..., Alignment]:
 
 
 def _builtin() -> None:
+    import permgraph.solvers.ot  # noqa: F401 - registers ot
     import permgraph.solvers.weight_matching  # noqa: F401 - registers weight_matching, transfusion

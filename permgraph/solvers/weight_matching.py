@@ -236,12 +236,14 @@ def weight_matching(spec: PermSpec, params_a: Mapping[str, torch.Tensor], params
         if heads == "brute":
             brute.add(h)
     gen = torch.Generator().manual_seed(int(seed))
-    names = [g for g in work_spec.groups if g not in frozen]
+    names = [g for g in work_spec.groups if g not in frozen and g not in brute]
     bar = _progress(progress, max_iter)
     for _ in range(max_iter):
         improved = False
         for i in torch.randperm(len(names), generator=gen).tolist():
-            improved |= wm.brute_step(names[i]) if names[i] in brute else wm.step(names[i])
+            improved |= wm.step(names[i])
+        for h in sorted(brute):  # head pairs are scored given the sweep's other groups
+            improved |= wm.brute_step(h)
         history.append(wm.objective())
         if bar is not None:
             bar.update(1)
