@@ -1,6 +1,7 @@
 """``align``: find the permutation of model A that best matches model B."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 import torch
@@ -68,6 +69,8 @@ def align(model_a: ModelLike, model_b: ModelLike, spec: PermSpec | None = None, 
     sa, sb = state_of(model_a), state_of(model_b)
     check_compatible(spec, {"model A": sa, "model B": sb})
     fn = get_solver(solver)
+    if "module" in inspect.signature(fn).parameters and isinstance(model_a, nn.Module):
+        options.setdefault("module", model_a)  # data-based solvers run the model
     return fn(spec, canonical_params(spec, sa), canonical_params(spec, sb), backend=backend, seed=seed,
               max_iter=max_iter, progress=progress, **options)
 

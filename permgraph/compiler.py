@@ -1,7 +1,8 @@
 """``compile``: model + example inputs -> PermSpec."""
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch.nn as nn
 
@@ -23,6 +24,27 @@ def compile(model: nn.Module, example_inputs: ExampleInputs = None, *,
     stream; ``outputs=[]`` frees every output. Names are pytree paths such as
     ``logits`` or ``[0]``; ``spec.info["outputs"]`` lists them.
     """
+    return _compile(model, example_inputs, outputs)[0]
+
+
+@dataclass
+class CompiledGraph:
+    """A spec together with the exported program and the axis trees of its graph nodes."""
+
+    spec: PermSpec
+    exported: Any  # torch.export.ExportedProgram
+    node_trees: dict[str, list]
+
+
+def compile_graph(model: nn.Module, example_inputs: ExampleInputs = None, *,
+                  outputs: Sequence[str] | None = None) -> CompiledGraph:
+    """Like ``compile``, keeping the traced program and where each group lives in it."""
+    spec, traced, node_trees = _compile(model, example_inputs, outputs, with_nodes=True)
+    return CompiledGraph(spec, traced.exported, node_trees)
+
+
+def _compile(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequence[str] | None,
+             with_nodes: bool = False):
     traced = trace(model, example_inputs)
     fixed = None
     if outputs is not None:
@@ -39,4 +61,5 @@ def compile(model: nn.Module, example_inputs: ExampleInputs = None, *,
             result.param_axes[name] = [result.store.new(s) for s in traced.param_shapes[name]]
             for a in result.param_axes[name]:
                 result.store.fix(a, Reason("not in the traced graph"))
-    return build_spec(result, traced.param_shapes, traced.aliases, traced.info)
+    built = build_spec(result, traced.param_shapes, traced.aliases, traced.info, with_nodes=with_nodes)
+    return (built[0], traced, built[1]) if with_nodes else (built, traced, None)

@@ -221,8 +221,12 @@ class PermSpec:
 # -- building a spec from an inference result ----------------------------------------
 
 def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Mapping[str, str],
-               info: Mapping[str, Any]) -> PermSpec:
-    """Turn atoms into groups: every free leaf that moves a parameter is a group."""
+               info: Mapping[str, Any], with_nodes: bool = False):
+    """Turn atoms into groups: every free leaf that moves a parameter is a group.
+
+    With ``with_nodes``, also return the axis trees of every single-tensor graph
+    node (``node name -> one tree per dim``), for data-based solvers.
+    """
     store = result.store
     _propagate_fixed(store, result)
 
@@ -256,7 +260,22 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
                 reasons = tuple(dict.fromkeys(str(r) for x in fl for r in store.reasons(x)))
                 fixed.append(FixedAxis(p, d, parts, reasons))
     unknown = {k: len(v) for k, v in result.unknown_ops.items()}
-    return PermSpec(groups, axes, dict(param_shapes), fixed, dict(aliases), unknown, dict(info))
+    spec = PermSpec(groups, axes, dict(param_shapes), fixed, dict(aliases), unknown, dict(info))
+    if not with_nodes:
+        return spec
+
+    def named(t: AxisTree) -> AxisTree:
+        if t[0] == "g":
+            return ["g", names[t[1]]] if t[1] in names else ["id", store.size(t[1])]
+        if t[0] == "id":
+            return t
+        subs = [named(x) for x in t[1]]
+        return ["id", math.prod(x[1] for x in subs) if t[0] == "prod" else sum(x[1] for x in subs)] \
+            if all(x[0] == "id" for x in subs) else [t[0], subs]
+
+    node_trees = {n: [named(tree(a)) for a in ty] for n, ty in result.node_types.items()
+                  if isinstance(ty, list) and all(isinstance(a, int) for a in ty)}
+    return spec, node_trees
 
 
 def _fixed_parts(t: AxisTree, where: str = "whole axis") -> str:

@@ -25,6 +25,7 @@ class Traced:
     aliases: dict[str, str]
     output_names: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    exported: Any = None  # torch.export.ExportedProgram
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -41,7 +42,7 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
+def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     """Inputs derived from a transformers model's config (no tokenizer or hub needed)."""
     if not is_transformers_model(model):
         raise TraceError(
@@ -51,7 +52,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> di
             "'module:function' that returns (model, example_inputs).")
     cfg = model.config
     dev = model_device(model)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     params = inspect.signature(model.forward).parameters
     out: dict[str, torch.Tensor] = {}
 
@@ -160,7 +161,7 @@ def _collect(model: nn.Module, ep, strict: bool) -> Traced:
             inputs[key] = GraphInput("parameter", aliases[inp.name])
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     info = {"model": type(model).__name__, "torch": torch.__version__, "strict": strict}
-    return Traced(ep.graph, inputs, shapes, aliases, _output_names(ep), info)
+    return Traced(ep.graph, inputs, shapes, aliases, _output_names(ep), info, ep)
 
 
 def _path_name(path) -> str:

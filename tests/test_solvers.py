@@ -127,3 +127,42 @@ def test_unknown_solver_and_registry():
     al = pg.align(zm.model, zm.model, solver="identity_for_test", seed=3)
     assert al.permutation.is_identity() and calls[0]["seed"] == 3
     assert "identity_for_test" in pg.available_solvers()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "vit", "clip"])
+@pytest.mark.parametrize("heads", ["spectral", "brute"])
+def test_activation_matching_recovers_planted_permutation(name, heads):
+    from permgraph.trace import default_example_inputs
+
+    zm = build(name)
+    spec = pg.compile(zm.model, zm.inputs, outputs=zm.outputs)
+    planted = pg.apply_permutation(spec, spec.random_permutation(4), zm.model.state_dict())
+    model_b = build(name).model
+    model_b.load_state_dict(planted)
+    data = [default_example_inputs(zm.model, batch=4, seq=8, seed=s) for s in range(2)]
+    al = pg.align(zm.model, model_b, spec, solver="activation_matching", data=data, heads=heads)
+    out = pg.apply_alignment(al, zm.model.state_dict())
+    assert all(torch.equal(out[k], planted[k]) for k in planted), name
+
+
+def test_activation_matching_needs_data():
+    zm = build("gpt2")
+    with pytest.raises(ValueError, match="needs data"):
+        pg.align(zm.model, zm.model, solver="activation_matching")
+
+
+def test_ot_hard_recovers_and_soft_is_marked():
+    zm = build("vit")
+    spec = pg.compile(zm.model)
+    sa = zm.model.state_dict()
+    sb = pg.apply_permutation(spec, spec.random_permutation(3), sa)
+    hard = pg.align(sa, sb, spec, solver="ot")
+    assert hard.function_preserving and not hard.soft and hard.settings["backend"] == "pot"
+    assert _exact(hard, sa, sb)
+    soft = pg.align(sa, sb, spec, solver="ot", reg=0.05)
+    assert not soft.function_preserving and soft.soft and "soft transport" in soft.summary()
+    for t in soft.soft.values():  # rows of n * (doubly stochastic plan) sum to 1
+        assert torch.allclose(t.sum(1), torch.ones(t.shape[0], dtype=t.dtype), atol=1e-3)
+    out = pg.apply_alignment(soft, sa)
+    rel = sum(float((out[k] - sb[k]).norm()) for k in spec.shapes) / sum(float(sb[k].norm()) for k in spec.shapes)
+    assert rel < 0.05  # a sharp plan on a planted problem stays close to the permutation

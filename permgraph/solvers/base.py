@@ -85,5 +85,6 @@ def get_solver(name: str) -> Callable[..., Alignment]:
 
 
 def _builtin() -> None:
+    import permgraph.solvers.activation_matching  # noqa: F401 - registers activation_matching
     import permgraph.solvers.ot  # noqa: F401 - registers ot
     import permgraph.solvers.weight_matching  # noqa: F401 - registers weight_matching, transfusion

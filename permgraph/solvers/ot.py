@@ -25,6 +25,8 @@ from permgraph.permutation import tree_groups
 def ot_solver(spec, params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor], *,
               reg: float = 0.0, heads: str = "spectral", backend: str = "pot", **options) -> Alignment:
     """OT alignment; ``reg`` > 0 adds Sinkhorn soft plans for flat groups (see module docstring)."""
+    if backend == "auto":
+        backend = "pot"
     hard = weight_matching(spec, params_a, params_b, heads=heads, backend=backend, solver_name="ot", **options)
     hard.settings["reg"] = reg
     if reg <= 0:

@@ -43,24 +43,28 @@ class _Site:
     ctx_digits: dict[str, torch.Tensor]  # digits of each context group at every position
 
 
-def _sites(spec: PermSpec, g: str) -> list[_Site]:
+def unit_index(spec: PermSpec, g: str, tree) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Positions of group g's units along an axis with this tree: (n_ctx, n_g, m), and the digit map."""
     group = spec.groups[g]
     sizes = spec.sizes
+    n, digits = digit_map(tree, sizes)
+    gd = digits[g]
+    pos = (gd >= 0).nonzero().flatten()
+    cflat = torch.zeros(len(pos), dtype=torch.long)
+    for c in group.ctx:
+        cflat = cflat * sizes[c] + digits[c][pos]
+    key = (cflat * group.size + gd[pos]) * n + pos
+    order = pos[key.argsort()]
+    return order.reshape(math.prod(spec.perm_shape(g)[:-1]), group.size, -1), digits
+
+
+def _sites(spec: PermSpec, g: str) -> list[_Site]:
     out = []
     for p, trees in spec.axes.items():
         for axis, tree in enumerate(trees):
-            if g not in tree_groups(tree):
-                continue
-            n, digits = digit_map(tree, sizes)
-            gd = digits[g]
-            pos = (gd >= 0).nonzero().flatten()
-            cflat = torch.zeros(len(pos), dtype=torch.long)
-            for c in group.ctx:
-                cflat = cflat * sizes[c] + digits[c][pos]
-            key = (cflat * group.size + gd[pos]) * n + pos
-            order = pos[key.argsort()]
-            n_ctx = math.prod(spec.perm_shape(g)[:-1])
-            out.append(_Site(p, axis, order.reshape(n_ctx, group.size, -1), digits))
+            if g in tree_groups(tree):
+                units, digits = unit_index(spec, g, tree)
+                out.append(_Site(p, axis, units, digits))
     return out
 
 
