@@ -11,6 +11,7 @@ random weights. Usage: python benchmarks/recovery_noise.py [--seeds 3]
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 
@@ -19,6 +20,7 @@ from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausa
 
 import permgraph as pg
 from permgraph.solvers.weight_matching import shared_within_head
+from permgraph.trace import default_example_inputs
 
 SOLVERS = [("transfusion", "transfusion", {}),
            ("wm spectral", "weight_matching", {"heads": "spectral"}),
@@ -27,6 +29,7 @@ SOLVERS = [("transfusion", "transfusion", {}),
            ("wm natural", "weight_matching", {"heads": "natural"}),
            ("wm flat (ablation)", "weight_matching", {"heads": "flat"}),
            ("ot hard", "ot", {}),
+           ("activation matching", "activation_matching", {}),
            ("ot sinkhorn 0.05", "ot", {"reg": 0.05})]
 
 
@@ -80,7 +83,13 @@ def main() -> None:
                     sb = {k: v + sigma * v.std() * torch.randn(v.shape, generator=gen) if v.is_floating_point()
                           and v.numel() > 1 else v for k, v in planted.items()}
                     t0 = time.perf_counter()
-                    al = pg.align(sa, sb, spec, solver=solver, seed=seed, **opts)
+                    if solver == "activation_matching":
+                        model_b = copy.deepcopy(model)
+                        model_b.load_state_dict(sb)
+                        data = [default_example_inputs(model, batch=8, seq=16, seed=s) for s in range(4)]
+                        al = pg.align(model, model_b, spec, solver=solver, seed=seed, data=data, **opts)
+                    else:
+                        al = pg.align(sa, sb, spec, solver=solver, seed=seed, **opts)
                     times.append(time.perf_counter() - t0)
                     out = pg.apply_alignment(al, sa)
                     keys = [k for k in spec.shapes]

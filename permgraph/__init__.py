@@ -8,10 +8,11 @@ from permgraph.permutation import Permutation, apply_permutation
 from permgraph.solvers import Alignment, available_solvers, register_solver
 from permgraph.spec import FixedAxis, Group, Member, PermSpec
 from permgraph.trace import TraceError
+from permgraph.transport import transport
 from permgraph.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "explain", "verify", "apply_permutation", "align", "apply_alignment", "Alignment", "available_solvers",
+__all__ = ["compile", "explain", "verify", "apply_permutation", "align", "apply_alignment", "transport", "Alignment", "available_solvers",
            "register_solver", "PermSpec", "Permutation",
            "Group", "Member", "FixedAxis", "VerifyReport", "TraceError", "__version__"]

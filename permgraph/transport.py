@@ -1,0 +1,159 @@
+"""Task-vector transport: ``B_ft = B + alpha * pi(A_ft - A)``.
+
+A fine-tune of release A moves onto release B through the alignment of A to B.
+Inputs are never modified; the output keeps B's dtypes. Parameters that exist
+only in the fine-tune (a new classification head) are carried over, permuted on
+their permutable axes (found by compiling the fine-tuned model); the output then
+uses the fine-tuned model's parameter names, so it loads into that class.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from permgraph.align import ModelLike, apply_alignment, check_compatible, state_of
+from permgraph.permutation import Permutation, apply_permutation
+from permgraph.solvers.base import Alignment
+from permgraph.spec import PermSpec
+
+Alpha = float | Mapping[str, float]
+
+
+def alpha_for(alpha: Alpha, name: str) -> float:
+    """``alpha`` for one parameter: a float, or the first glob pattern that matches (``*`` as default)."""
+    if isinstance(alpha, (int, float)):
+        return float(alpha)
+    for pattern, value in alpha.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return float(value)
+    return 1.0
+
+
+def match_names(base: Sequence[str], finetuned: Sequence[str]) -> dict[str, str]:
+    """Fine-tuned name -> base name: equal names, or equal up to one module prefix
+    (``bert.encoder...`` vs ``encoder...`` when a task head class wraps the base model)."""
+    fset, bset = set(finetuned), set(base)
+    if bset <= fset:
+        return {n: n for n in base}
+    first = next(iter(base))
+    for f in finetuned:
+        if f.endswith("." + first):
+            pre = f[: -len(first)]
+            if all(pre + n in fset for n in base):
+                return {pre + n: n for n in base}
+        if first.endswith("." + f):
+            pre = first[: -len(f)]
+            if all(n.startswith(pre) and n[len(pre):] in fset for n in base):
+                return {n[len(pre):]: n for n in base}
+    missing = sorted(bset - fset)[:5]
+    raise ValueError(f"the fine-tuned model lacks base parameters {missing}: is it a fine-tune of this "
+                     "architecture? (names must match, up to one module prefix)")
+
+
+def transport(base_a: ModelLike, finetuned_a: ModelLike | Sequence[ModelLike], base_b: ModelLike,
+              alignment: Alignment | Permutation, *, alpha: Alpha = 1.0, spec: PermSpec | None = None,
+              combine: str = "sum", finetuned_spec: PermSpec | None = None,
+              finetuned_inputs=None) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+    """``B + alpha * pi(A_ft - A)`` as a new state dict.
+
+    ``alignment``: an ``Alignment`` from ``pg.align`` (its spec is used) or a
+    ``Permutation`` together with ``spec``. Several fine-tunes: ``combine="sum"``
+    adds their task vectors into one output, ``"each"`` returns one output per
+    fine-tune. ``alpha``: a float, or glob patterns to floats (first match wins,
+    unmatched parameters use 1.0), e.g. ``{"*.layers.0.*": 0.5, "*": 1.0}``.
+    """
+    if isinstance(alignment, Alignment):
+        spec = alignment.spec
+        move = lambda sd: apply_alignment(alignment, sd)  # noqa: E731
+    elif isinstance(alignment, Permutation):
+        if spec is None:
+            raise ValueError("transport with a Permutation needs spec=...")
+        move = lambda sd: apply_permutation(spec, alignment, sd)  # noqa: E731
+    else:
+        raise TypeError("alignment must be a pg.Alignment or a pg.Permutation (with spec=)")
+    if combine not in ("sum", "each"):
+        raise ValueError("combine must be 'sum' or 'each'")
+    many = isinstance(finetuned_a, (list, tuple))
+    fts = list(finetuned_a) if many else [finetuned_a]
+    sa, sb = state_of(base_a), state_of(base_b)
+    check_compatible(spec, {"base A": sa, "base B": sb})
+    if set(sa) != set(sb):
+        diff = sorted(set(sa) ^ set(sb))[:5]
+        raise ValueError(f"base A and base B have different entries {diff}: different architectures")
+    outs = []
+    for i, ft in enumerate(fts):
+        sft = state_of(ft)
+        names = match_names(list(sa), list(sft))
+        _check_same_shapes(sa, sft, names, f"fine-tune {i}" if many else "fine-tune")
+        tau = {base: _wide(sft[f]) - _wide(sa[base]) for f, base in names.items() if sa[base].is_floating_point()}
+        moved = move(tau)
+        extras = {f: v for f, v in sft.items() if f not in names}
+        if extras:
+            extras = _move_extras(ft, sft, extras, names, spec, alignment, finetuned_spec, finetuned_inputs)
+        outs.append((names, moved, extras))
+    results = []
+    for names, moved, extras in outs if combine == "each" else [_summed(outs)]:
+        out: dict[str, torch.Tensor] = {}
+        for f, base in names.items():
+            b = sb[base]
+            if base in moved and b.is_floating_point():
+                out[f] = (_wide(b) + alpha_for(alpha, base) * moved[base].to(b.device)).to(b.dtype)
+            else:
+                out[f] = b
+        out.update(extras)
+        results.append(out)
+    return results if combine == "each" and many else results[0]
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Arithmetic in at least float32 (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _summed(outs):
+    names, moved, extras = outs[0]
+    total = {k: v.clone() for k, v in moved.items()}
+    for other_names, other, other_extras in outs[1:]:
+        if other_names != names:
+            raise ValueError("fine-tunes to sum must share parameter names")
+        for k, v in other.items():
+            total[k] = total[k] + v
+        extras = {**other_extras, **extras}
+    return names, total, extras
+
+
+def _check_same_shapes(sa, sft, names, label) -> None:
+    bad = [f"'{f}' {tuple(sft[f].shape)} vs base {tuple(sa[b].shape)}" for f, b in names.items()
+           if tuple(sft[f].shape) != tuple(sa[b].shape)]
+    if bad:
+        raise ValueError(f"{label} does not match base A's shapes: " + "; ".join(bad[:5]))
+    nonfinite = [f for f, b in names.items() if sft[f].is_floating_point() and not bool(torch.isfinite(sft[f]).all())]
+    if nonfinite:
+        raise ValueError(f"{label}: '{nonfinite[0]}' contains NaN or inf")
+
+
+def _move_extras(ft, sft, extras, names, spec, alignment, finetuned_spec, finetuned_inputs):
+    """Permute parameters that only the fine-tune has, with groups matched through shared members."""
+    if isinstance(alignment, Alignment) and alignment.soft:
+        raise ValueError("soft transport plans cannot carry fine-tune-only parameters; use a hard solver")
+    if finetuned_spec is None:
+        if not isinstance(ft, nn.Module):
+            raise ValueError(f"the fine-tune has parameters the base lacks ({sorted(extras)[:3]}); pass the "
+                             "fine-tuned model as a module, or finetuned_spec=pg.compile(finetuned_model)")
+        from permgraph.compiler import compile as compile_spec
+
+        finetuned_spec = compile_spec(ft, finetuned_inputs)
+    perm = alignment.permutation if isinstance(alignment, Alignment) else alignment
+    base_members = {(names.get(m.param, m.param), m.axis): g for g in spec.groups for m in spec.members(g)}
+    ft_perm = {}
+    for g in finetuned_spec.groups:
+        match = next((base_members[(names[m.param], m.axis)] for m in finetuned_spec.members(g)
+                      if m.param in names and (names[m.param], m.axis) in base_members), None)
+        if match is not None and spec.perm_shape(match) == finetuned_spec.perm_shape(g):
+            ft_perm[g] = perm[match]
+        else:  # a group only the fine-tune has: any permutation is valid; keep its order
+            ft_perm[g] = finetuned_spec.identity()[g]
+    return apply_permutation(finetuned_spec, Permutation(ft_perm), extras)
