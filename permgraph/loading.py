@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,101 @@ def load_spec_file(path: str):
     if not p.is_file():
         raise ModelLoadError(f"spec file {path} does not exist")
     return PermSpec.from_json(p.read_text())
+
+
+@dataclass
+class Source:
+    """A model reference resolved: a module when one can be built, always a state dict."""
+
+    ref: str
+    state: dict
+    module: nn.Module | None = None
+    inputs: Any = None
+    folder: Path | None = None
+
+
+def load_source(ref: str) -> Source:
+    """A transformers folder, a factory, or a weights file (.safetensors, .bin, .pt)."""
+    path = Path(ref)
+    if path.is_file():
+        return Source(ref, load_weights_file(path))
+    module, inputs = load_model(ref)
+    return Source(ref, dict(module.state_dict()), module, inputs, path if path.is_dir() else None)
+
+
+def load_weights_file(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        if path.suffix in (".bin", ".pt", ".pth"):
+            import torch
+
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+                obj = obj["state_dict"]
+            if not isinstance(obj, dict):
+                raise ModelLoadError(f"{path} does not hold a state dict")
+            return obj
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - corrupt or unreadable file
+        raise ModelLoadError(f"cannot read weights from {path} ({type(e).__name__}: {e}); is the file complete?") from None
+    raise ModelLoadError(f"{path}: unknown weights format (expected .safetensors, .bin, .pt)")
+
+
+def save_output(state: dict, out: Path, base_new: Source, finetuned: Source, force: bool) -> None:
+    """Write a transformers folder (config/tokenizer from B's folder) or a .safetensors file,
+    through a temporary path moved into place at the end."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        fd, tmp = tempfile.mkstemp(dir=parent, suffix=".tmp")
+        import os
+        os.close(fd)
+        save_file(_untie(tensors), tmp)
+        if out.exists() and force:
+            out.unlink()
+        Path(tmp).replace(out)
+        return
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp"))
+    try:
+        if base_new.folder is not None:
+            for f in base_new.folder.iterdir():
+                if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and not f.name.endswith(".index.json"):
+                    shutil.copy2(f, tmp / f.name)
+            cfg_path = tmp / "config.json"
+            if cfg_path.exists() and finetuned.folder is not None and (finetuned.folder / "config.json").exists():
+                cfg = json.loads(cfg_path.read_text())
+                ft_cfg = json.loads((finetuned.folder / "config.json").read_text())
+                for key in ("architectures", "num_labels", "id2label", "label2id", "problem_type"):
+                    if key in ft_cfg:
+                        cfg[key] = ft_cfg[key]
+                cfg_path.write_text(json.dumps(cfg, indent=2))
+        save_file(_untie(tensors), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if out.exists():
+            if not force:
+                raise FileExistsError(f"{out} exists; pass --force to overwrite")
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.replace(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _untie(tensors: dict) -> dict:
+    """safetensors refuses shared storage: give every name its own tensor."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        key = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if key in seen else v
+        seen.add(key)
+    return out

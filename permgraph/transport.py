@@ -79,15 +79,10 @@ def transport(base_a: ModelLike, finetuned_a: ModelLike | Sequence[ModelLike], b
     many = isinstance(finetuned_a, (list, tuple))
     fts = list(finetuned_a) if many else [finetuned_a]
     sa, sb = state_of(base_a), state_of(base_b)
-    check_compatible(spec, {"base A": sa, "base B": sb})
-    if set(sa) != set(sb):
-        diff = sorted(set(sa) ^ set(sb))[:5]
-        raise ValueError(f"base A and base B have different entries {diff}: different architectures")
+    all_names = check_transport_inputs(spec, sa, [state_of(ft) for ft in fts], sb)
     outs = []
-    for i, ft in enumerate(fts):
+    for ft, names in zip(fts, all_names):
         sft = state_of(ft)
-        names = match_names(list(sa), list(sft))
-        _check_same_shapes(sa, sft, names, f"fine-tune {i}" if many else "fine-tune")
         tau = {base: _wide(sft[f]) - _wide(sa[base]) for f, base in names.items() if sa[base].is_floating_point()}
         moved = move(tau)
         extras = {f: v for f, v in sft.items() if f not in names}
@@ -111,6 +106,24 @@ def transport(base_a: ModelLike, finetuned_a: ModelLike | Sequence[ModelLike], b
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """Arithmetic in at least float32 (float64 stays float64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def check_transport_inputs(spec: PermSpec, sa: Mapping[str, torch.Tensor], fts: Sequence[Mapping[str, torch.Tensor]],
+                           sb: Mapping[str, torch.Tensor]) -> list[dict[str, str]]:
+    """Every check before any work: shapes against the spec, finite values, matching fine-tunes.
+
+    Returns each fine-tune's name map (fine-tuned name -> base name).
+    """
+    check_compatible(spec, {"base A": sa, "base B": sb})
+    if set(sa) != set(sb):
+        diff = sorted(set(sa) ^ set(sb))[:5]
+        raise ValueError(f"base A and base B have different entries {diff}: different architectures")
+    out = []
+    for i, sft in enumerate(fts):
+        names = match_names(list(sa), list(sft))
+        _check_same_shapes(sa, sft, names, f"fine-tune {i}" if len(fts) > 1 else "fine-tune")
+        out.append(names)
+    return out
 
 
 def _summed(outs):

@@ -33,6 +33,33 @@ class Alignment:
     def sweeps(self) -> int:
         return max(len(self.history) - 1, 0)
 
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps({
+            "format": "permgraph-alignment", "version": 1,
+            "spec": json.loads(self.spec.to_json()),
+            "permutation": self.permutation.to_json(),
+            "soft": {g: t.tolist() for g, t in self.soft.items()},
+            "history": self.history, "timings": self.timings, "settings": self.settings,
+            "function_preserving": self.function_preserving,
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> "Alignment":
+        import json
+
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a permgraph alignment (invalid JSON: {e})") from None
+        if not isinstance(d, dict) or d.get("format") != "permgraph-alignment":
+            raise ValueError("not a permgraph alignment file (write one with 'permgraph align --out')")
+        spec = PermSpec.from_json(json.dumps(d["spec"]))
+        return cls(Permutation.from_json(d["permutation"]), spec, d.get("history", []), d.get("timings", {}),
+                   d.get("settings", {}), d.get("function_preserving", True),
+                   {g: torch.tensor(v, dtype=torch.float64) for g, v in d.get("soft", {}).items()})
+
     def summary(self) -> str:
         obj = f"objective {self.history[0]:.4g} -> {self.history[-1]:.4g}" if self.history else ""
         warn = "" if self.function_preserving else (
