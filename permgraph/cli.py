@@ -157,7 +157,7 @@ def _report(args: argparse.Namespace, al, extra: dict) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from permgraph.demo import run_demo
 
-    return run_demo(quick=args.quick)
+    return run_demo(quick=args.quick, task=args.task, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     solver_opts(s)
     s.set_defaults(fn=cmd_transport)
 
-    s = sub.add_parser("demo", help="run the demo: compile, explain and verify a zoo of architectures")
-    s.add_argument("--quick", action="store_true", help="fewer architectures")
+    s = sub.add_parser("demo", help="re-base a fine-tune onto a new release on real data (sklearn digits)")
+    s.add_argument("--quick", action="store_true", help="train less (seconds instead of minutes)")
+    s.add_argument("--task", default="rotate90", choices=["rotate90", "invert", "flip", "relabel"])
+    s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_demo)
     return p
 

@@ -80,6 +80,7 @@ class TinyBlock(nn.Module):
         super().__init__()
         self.h, self.kv, self.dh = heads, kv_heads, d // heads
         self.prenorm, self.rope, self.fused, self.gated = prenorm, rope, fused_qkv, gated
+        self.causal = True
         make_norm = (lambda: nn.LayerNorm(d, bias=bias)) if norm == "layer" else (lambda: nn.RMSNorm(d))
         self.norm1, self.norm2 = make_norm(), make_norm()
         kv_dim = kv_heads * self.dh
@@ -112,7 +113,7 @@ class TinyBlock(nn.Module):
         v = v.view(b, t, self.kv, self.dh).transpose(1, 2)
         if self.rope:
             q, k = self._rope(q), self._rope(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv != self.h)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.kv != self.h)
         return self.o(y.transpose(1, 2).reshape(b, t, d))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,6 +177,35 @@ class FusedQKVViT(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v)
             x = x + blk["proj"](y.transpose(1, 2).reshape(b, n, d))
             x = x + blk["fc2"](F.gelu(blk["fc1"](blk["n2"](x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+class PatchViT(nn.Module):
+    """A small ViT for small grayscale images (sklearn digits 8x8, Fashion-MNIST 28x28):
+    patch embedding, class token, learned positions, pre-LN blocks with separate q/k/v."""
+
+    def __init__(self, image: int = 8, patch: int = 2, d: int = 32, heads: int = 4, layers: int = 2,
+                 mlp: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = patch
+        n = (image // patch) ** 2
+        self.embed = nn.Linear(patch * patch, d)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, d) * 0.02)
+        self.blocks = nn.ModuleList(TinyBlock(d, heads, heads, mlp, "layer", True, True, False, False, False)
+                                    for _ in range(layers))
+        for blk in self.blocks:  # bidirectional attention for images
+            blk.causal = False
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w = x.shape
+        p = self.patch
+        x = x.reshape(b, h // p, p, w // p, p).permute(0, 1, 3, 2, 4).reshape(b, -1, p * p)
+        x = torch.cat([self.cls.expand(b, -1, -1), self.embed(x)], dim=1) + self.pos
+        for blk in self.blocks:
+            x = blk(x)
         return self.head(self.norm(x)[:, 0])
 
 
@@ -284,7 +314,12 @@ def fused_qkv_vit() -> tuple:
     return FusedQKVViT(), (torch.randn(2, 3, 16, 16),), EXACT
 
 
+def patch_vit() -> tuple:
+    return PatchViT(), (torch.rand(2, 8, 8),), EXACT
+
+
 ZOO: dict[str, Callable[[], tuple]] = {
+    "patch_vit": patch_vit,
     "tiny_gqa_rope": tiny_gqa_rope,
     "fused_qkv_vit": fused_qkv_vit,
     "torch_encoder_post": torch_encoder_post,
