@@ -39,6 +39,31 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[Split, Split]:
     return Split(x[idx[n_test:]], y[idx[n_test:]]), Split(x[idx[:n_test]], y[idx[:n_test]])
 
 
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def fashion_mnist(root: str = FASHION_DIR) -> tuple[Split, Split]:
+    """Fashion-MNIST (60k train / 10k test, 28x28) from Debian's dataset-fashion-mnist package."""
+    import gzip
+    from pathlib import Path
+
+    import numpy as np
+
+    def read(name: str, offset: int) -> np.ndarray:
+        path = Path(root) / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: apt-get install dataset-fashion-mnist")
+        with gzip.open(path, "rb") as f:
+            return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+    def split(kind: str) -> Split:
+        x = torch.tensor(read(f"{kind}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28).copy(), dtype=torch.float32)
+        y = torch.tensor(read(f"{kind}-labels-idx1-ubyte.gz", 8).copy(), dtype=torch.long)
+        return Split(x / 255.0, y)
+
+    return split("train"), split("t10k")
+
+
 TASKS: dict[str, Callable[[Split], Split]] = {
     "rotate90": lambda s: Split(torch.rot90(s.x, 1, (1, 2)).contiguous(), s.y),
     "invert": lambda s: Split(1.0 - s.x, s.y),

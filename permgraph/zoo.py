@@ -318,6 +318,18 @@ def patch_vit() -> tuple:
     return PatchViT(), (torch.rand(2, 8, 8),), EXACT
 
 
+def eager(factory: Callable[[], tuple]) -> Callable[[], tuple]:
+    """The same transformers model with eager attention (matmul, softmax, mask add)."""
+    def build_eager() -> tuple:
+        model, *rest = factory()
+        model.config._attn_implementation = "eager"
+        for m in model.modules():
+            if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+                m.config._attn_implementation = "eager"
+        return (model, *rest)
+    return build_eager
+
+
 ZOO: dict[str, Callable[[], tuple]] = {
     "patch_vit": patch_vit,
     "tiny_gqa_rope": tiny_gqa_rope,
@@ -336,6 +348,9 @@ ZOO: dict[str, Callable[[], tuple]] = {
     "clip": clip,
     "t5": t5,
     "gpt_neox": gpt_neox,
+    "bert_eager": eager(bert),
+    "gpt2_eager": eager(gpt2),
+    "llama_eager": eager(llama),
 }
 
 

@@ -155,7 +155,9 @@ def run_inference(
         elif node.op == "call_function":
             key = op_key(node.target)
             rule = rules.get(key) if key else None
-            if rule is None:
+            if rule is None and not _touches_tensors(cx, node):
+                types[node] = None  # arithmetic on sizes (SymInt) and other non-tensor calls
+            elif rule is None:
                 types[node] = _unknown_op(cx, node, unknown)
             else:
                 types[node] = rule(cx, node, bind_args(node) if key != "getitem" else {})
@@ -198,6 +200,14 @@ def _placeholder_type(cx: RuleContext, node: fx.Node, info: GraphInput | None, p
     what = {"buffer": "constant buffer", "constant": "constant tensor"}.get(info.kind if info else "", "model input")
     name = info.name if info else node.name
     return cx.fresh(shape, f"{what} '{name}'")
+
+
+def _touches_tensors(cx: RuleContext, node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    outs = val if isinstance(val, (list, tuple)) else [val]
+    if any(isinstance(v, torch.Tensor) for v in outs):
+        return True
+    return any(list(_atoms_in(cx.types.get(arg))) for arg in _flat_nodes((node.args, node.kwargs)))
 
 
 def _unknown_op(cx: RuleContext, node: fx.Node, unknown: dict[str, list[str]]) -> Any:

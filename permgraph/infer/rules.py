@@ -417,7 +417,24 @@ def addmm(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
 
 @rule("mm", "bmm", "matmul")
 def matmul(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
-    return _matmul(cx, cx.t(node.args[0]), cx.t(node.args[1]))
+    x, y = cx.t(node.args[0]), cx.t(node.args[1])
+    out = _matmul(cx, x, y)
+    if len(x) >= 3 and len(y) >= 3:  # batched product of activations: eager attention
+        cx.store.add_role(x[-1], "qk")  # q @ k^T contracts the q/k within-head axis
+        cx.store.add_role(out[-1], "vo")  # attn @ v carries v's within-head axis out
+        if len(x) >= 4:
+            _tag_heads(cx, x[-3])
+    return out
+
+
+def _tag_heads(cx: RuleContext, heads: int) -> None:
+    """Name the head axis; query heads nested in kv heads (GQA) get their own role."""
+    nested = cx.store.flat(heads, "prod")
+    if len(nested) == 2:
+        cx.store.add_role(nested[0], "heads")
+        cx.store.add_role(nested[1], "q_per_kv")
+    else:
+        cx.store.add_role(heads, "heads")
 
 
 @rule("outer", "ger")
@@ -539,10 +556,7 @@ def sdpa(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
         cx.unify(kv, hk)
         cx.store.add_role(per, "q_per_kv")
     cx.store.add_role(hk, "heads")
-    nested = cx.store.flat(hq, "prod")
-    if len(nested) == 2:  # query heads nested in kv heads (repeat_kv or enable_gqa)
-        cx.store.add_role(nested[0], "heads")
-        cx.store.add_role(nested[1], "q_per_kv")
+    _tag_heads(cx, hq)
     cx.store.add_role(q[-1], "qk")
     cx.store.add_role(v[-1], "vo")
     out = list(q[:-1]) + [v[-1]]
