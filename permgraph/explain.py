@@ -8,6 +8,7 @@ from typing import Iterable
 from permgraph.spec import PermSpec
 
 _NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|(?<=#)\d+$")
+_NODE_NUM = re.compile(r"(?<=\(at )(\w+?)(?:_\d+)?\)")  # node names without their counter
 
 
 def _pattern(name: str) -> tuple[str, tuple[int, ...]]:
@@ -80,7 +81,7 @@ def explain_spec(spec: PermSpec, max_rows: int = 40) -> str:
         fixed_rows: dict[tuple[str, str], list[str]] = defaultdict(list)
         for f in spec.fixed:
             pat, _ = _pattern(f.param)
-            why = "; ".join(_pattern(r)[0] for r in f.reasons[:2])
+            why = "; ".join(dict.fromkeys(_NODE_NUM.sub(r"\1)", _pattern(r)[0]) for r in f.reasons[:3]))
             fixed_rows[(f"{pat}[{f.axis}] of {spec.shapes[f.param][f.axis]}: {f.part}", why)].append(f.param)
         for i, ((what, why), params) in enumerate(fixed_rows.items()):
             if i >= max_rows:

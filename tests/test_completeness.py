@@ -73,6 +73,9 @@ def test_t5_shared_position_bias_ties_heads_across_layers():
     members = {m.param for m in spec.members(enc_heads[0].name)}
     assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in members
     assert "encoder.block.1.layer.0.SelfAttention.q.weight" in members
+    # the cross-attention bias is a constant (zeros) reused by every layer: it ties nothing
+    cross = [g for g in spec.groups.values() if g.role == "heads" and "EncDecAttention" in g.name]
+    assert len(cross) == 2
 
 
 def test_torch_mha_fused_in_proj_shares_within_head():

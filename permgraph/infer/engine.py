@@ -44,6 +44,16 @@ class RuleContext:
         self.store = store
         self.types = types
         self.node: fx.Node | None = None
+        # dims along which a node's value is constant (zeros, ones, broadcasts): such an
+        # operand constrains nothing along them, like a size-1 broadcast
+        self.uniform: dict[fx.Node, frozenset[int]] = {}
+
+    def uniform_dims(self, x: Any) -> frozenset[int]:
+        return self.uniform.get(x, frozenset()) if isinstance(x, fx.Node) else frozenset()
+
+    def set_uniform(self, dims) -> None:
+        if dims:
+            self.uniform[self.node] = frozenset(dims)
 
     @property
     def where(self) -> str:

@@ -51,6 +51,7 @@ def elementwise(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
     """Broadcast operands: axes aligned with a full-size output axis are unified."""
     out = cx.out_shape()
     ty: list[int | None] = [None] * len(out)
+    varying: set[int] = set()
     for x in a.values():
         xs = x if isinstance(x, (list, tuple)) else [x]
         for y in xs:
@@ -58,14 +59,17 @@ def elementwise(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
             if tx is None:
                 continue
             off = len(out) - len(tx)
+            uni = cx.uniform_dims(y)
             for j, atom in enumerate(tx):
                 i = j + off
-                if i < 0 or cx.store.size(atom) != out[i] or out[i] == 1:
+                if i < 0 or cx.store.size(atom) != out[i] or out[i] == 1 or j in uni:
                     continue
+                varying.add(i)
                 if ty[i] is None:
                     ty[i] = atom
                 else:
                     cx.unify(ty[i], atom)
+    cx.set_uniform(set(range(len(out))) - varying)
     return [t if t is not None else cx.store.new(s) for t, s in zip(ty, out)]
 
 
@@ -105,7 +109,9 @@ def softmax(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
       "zeros_like", "ones_like", "full_like", "empty_like", "scalar_tensor", "empty_strided")
 def constant_factory(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
     """A constant tensor is invariant under every permutation: fresh, free axes."""
-    return cx.fresh(cx.out_shape())
+    out = cx.out_shape()
+    cx.set_uniform(range(len(out)))
+    return cx.fresh(out)
 
 
 @rule("arange", "rand", "randn", "randint", "rand_like", "randn_like", "linspace", "tril_indices", "triu_indices")
@@ -161,6 +167,8 @@ def transpose(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
     t = list(cx.t(node.args[0]))
     d0, d1 = _dim(node.args[1], len(t)), _dim(node.args[2], len(t))
     t[d0], t[d1] = t[d1], t[d0]
+    swap = {d0: d1, d1: d0}
+    cx.set_uniform({swap.get(d, d) for d in cx.uniform_dims(node.args[0])})
     return t
 
 
@@ -172,13 +180,18 @@ def t_(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
 @rule("permute")
 def permute(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
     t = cx.t(a["self"])
-    return [t[_dim(d, len(t))] for d in a["dims"]]
+    dims = [_dim(d, len(t)) for d in a["dims"]]
+    uni = cx.uniform_dims(a["self"])
+    cx.set_uniform({i for i, d in enumerate(dims) if d in uni})
+    return [t[d] for d in dims]
 
 
 @rule("unsqueeze")
 def unsqueeze(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
     t = list(cx.t(a["self"]))
-    t.insert(_dim(a["dim"], len(t) + 1), cx.store.new(1))
+    d = _dim(a["dim"], len(t) + 1)
+    t.insert(d, cx.store.new(1))
+    cx.set_uniform({u + (u >= d) for u in cx.uniform_dims(a["self"])})
     return t
 
 
@@ -193,13 +206,18 @@ def expand(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
     t = cx.t(node.args[0])
     out = cx.out_shape()
     off = len(out) - len(t)
-    res = []
+    uni = cx.uniform_dims(node.args[0])
+    res, uniform = [], set()
     for i, s in enumerate(out):
         j = i - off
         if j >= 0 and cx.store.size(t[j]) == s:
             res.append(t[j])
+            if j in uni:
+                uniform.add(i)
         else:
             res.append(cx.store.new(s))
+            uniform.add(i)
+    cx.set_uniform(uniform)
     return res
 
 
@@ -478,12 +496,12 @@ def _matmul(cx: RuleContext, x: TType, y: TType) -> TType:
     return out
 
 
-def _broadcast_into(cx: RuleContext, src: TType | None, dst: TType) -> None:
+def _broadcast_into(cx: RuleContext, src: TType | None, dst: TType, uniform: frozenset[int] = frozenset()) -> None:
     if src is None:
         return
     off = len(dst) - len(src)
     for j, atom in enumerate(src):
-        if cx.store.size(atom) == cx.store.size(dst[j + off]) and cx.store.size(atom) != 1:
+        if j not in uniform and cx.store.size(atom) == cx.store.size(dst[j + off]) and cx.store.size(atom) != 1:
             cx.unify(atom, dst[j + off])
 
 
@@ -563,7 +581,7 @@ def sdpa(cx: RuleContext, node: fx.Node, a: dict[str, Any]) -> TType:
     mask = cx.t(a.get("attn_mask"))
     if mask is not None:
         scores = list(q[:-1]) + [k[-2]]
-        _broadcast_into(cx, mask, scores)
+        _broadcast_into(cx, mask, scores, cx.uniform_dims(a.get("attn_mask")))
     return out
 
 
