@@ -28,8 +28,7 @@ def check_compatible(spec: PermSpec, states: Mapping[str, Mapping[str, torch.Ten
     problems = []
     for label, sd in states.items():
         for name, shape in spec.shapes.items():
-            names = [name] + [a for a, c in spec.aliases.items() if c == name]
-            hit = next((n for n in names if n in sd), None)
+            hit = next((n for n in spec.names_of(name) if n in sd), None)
             if hit is None:
                 problems.append(f"{label}: missing '{name}'")
             elif tuple(sd[hit].shape) != shape:
@@ -46,8 +45,7 @@ def check_compatible(spec: PermSpec, states: Mapping[str, Mapping[str, torch.Ten
 def canonical_params(spec: PermSpec, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name in spec.shapes:
-        names = [name] + [a for a, c in spec.aliases.items() if c == name]
-        out[name] = next(sd[n] for n in names if n in sd)
+        out[name] = next(sd[n] for n in spec.names_of(name) if n in sd)
     return out
 
 

@@ -76,6 +76,10 @@ class PermSpec:
     def canonical(self, name: str) -> str:
         return self.aliases.get(name, name)
 
+    def names_of(self, name: str) -> list[str]:
+        """A parameter's canonical name followed by the names tied to it."""
+        return [name] + [a for a, c in self.aliases.items() if c == name]
+
     def axes_of(self, name: str) -> list[AxisTree] | None:
         return self.axes.get(self.canonical(name))
 
