@@ -1,0 +1,138 @@
+"""Paper benchmark 3 on text: LLaMA-style character models (RoPE, GQA, built with transformers
+from a config). Releases A (seed 0, half the corpus) and B (seed 1, all of it) are trained on
+Python standard-library source; A is fine-tuned on English documentation (Debian
+python3.11-doc reST sources). Reports task loss (documentation) and support loss (source) for
+B, B + tau and B + pi(tau) per solver, with alpha chosen on a validation split, plus the loss
+barrier between pi(A) and B. Appends to docs/results.md.
+Usage: apt-get install python3.11-doc && python benchmarks/text_rebasin.py [--steps 600]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import permgraph as pg
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+SEQ = 128
+
+
+def corpus(files: list[Path], limit: int) -> str:
+    out, n = [], 0
+    for f in files:
+        try:
+            t = f.read_text(encoding="utf-8", errors="ignore")
+        except OSError:
+            continue
+        out.append(t)
+        n += len(t)
+        if n >= limit:
+            break
+    return "".join(out)[:limit]
+
+
+def encode(text: str) -> torch.Tensor:
+    return torch.tensor([min(ord(c), 127) for c in text], dtype=torch.long)
+
+
+def batches(data: torch.Tensor, n: int, batch: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        idx = torch.randint(0, len(data) - SEQ - 1, (batch,), generator=gen)
+        yield torch.stack([data[i:i + SEQ] for i in idx])
+
+
+def new_model(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=SEQ,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def train(model, data, steps: int, lr: float, seed: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model.train()
+    for x in batches(data, steps, 32, seed):
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def loss_of(template, state, data, n=16) -> float:
+    m = copy.deepcopy(template)
+    m.load_state_dict(state)
+    m.eval()
+    return sum(float(m(input_ids=x, labels=x).loss) for x in batches(data, n, 32, 999)) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--ft-steps", type=int, default=150)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    src_files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    src = encode(corpus(src_files, 3_000_000))
+    doc = encode(corpus(sorted(DOCS.rglob("*.txt")), 1_500_000))
+    split = int(0.9 * len(src))
+    src_train, src_test = src[:split], src[split:]
+    doc_train, doc_val, doc_test = doc[:int(0.8 * len(doc))], doc[int(0.8 * len(doc)):int(0.9 * len(doc))], doc[int(0.9 * len(doc)):]
+    a_model = train(new_model(0), src_train[: len(src_train) // 2], args.steps, 3e-3, 0)
+    b_model = train(new_model(1), src_train, args.steps, 3e-3, 1)
+    a = {k: v.clone() for k, v in a_model.state_dict().items()}
+    b = {k: v.clone() for k, v in b_model.state_dict().items()}
+    ft = train(copy.deepcopy(a_model), doc_train, args.ft_steps, 1e-3, 2)
+    a_ft = {k: v.clone() for k, v in ft.state_dict().items()}
+    t_train = time.perf_counter() - t0
+    spec = pg.compile(a_model)
+    template = new_model(0)
+    rows = []
+    base_task, base_sup = loss_of(template, b, doc_test), loss_of(template, b, src_test)
+    methods = [("no alignment", None, {}), ("transfusion", "transfusion", {}),
+               ("weight matching (spectral)", "weight_matching", {"heads": "spectral"}),
+               ("weight matching (natural heads)", "weight_matching", {"heads": "natural"}),
+               ("optimal transport (exact)", "ot", {})]
+    for label, solver, opts in methods:
+        al = spec.identity() if solver is None else pg.align(a, b, spec, solver=solver, **opts)
+        kw = {"spec": spec} if solver is None else {}
+        moved_a = a if solver is None else pg.apply_alignment(al, a)
+        mid = {k: 0.5 * moved_a[k] + 0.5 * b[k] if b[k].is_floating_point() else b[k] for k in b}
+        bar = loss_of(template, mid, src_test) - 0.5 * (loss_of(template, moved_a, src_test) + base_sup)
+        best = min(((loss_of(template, pg.transport(a, a_ft, b, al, alpha=al_, **kw), doc_val), al_)
+                    for al_ in (0.25, 0.5, 1.0, 1.5)), key=lambda r: r[0])
+        out = pg.transport(a, a_ft, b, al, alpha=best[1], **kw)
+        rows.append(f"| {label} | {best[1]} | {loss_of(template, out, doc_test) - base_task:+.3f} | "
+                    f"{loss_of(template, out, src_test) - base_sup:+.3f} | {bar:.3f} |")
+    lines = ["", "## 3. Text: LLaMA-style character models (RoPE, GQA)", "",
+             f"Generated by `python benchmarks/text_rebasin.py --steps {args.steps} --ft-steps {args.ft_steps}` "
+             f"on CPU ({os.cpu_count()} cores). Model: LlamaForCausalLM, 3 layers, width 128, 8 heads, 4 kv heads, "
+             f"vocabulary 128 (ASCII), sequences of {SEQ}. A: seed 0, half of 2.7M characters of stdlib "
+             f"source; B: seed 1, all of it; {args.steps} steps of 32 sequences. A_ft: {args.ft_steps} steps on "
+             "python3.11-doc reST. Losses in nats per character; changes relative to B "
+             f"(B: task {base_task:.3f}, support {base_sup:.3f}; A_ft on its own: task "
+             f"{loss_of(template, a_ft, doc_test):.3f}). Lower is better.", "",
+             "| method | alpha | task loss change | support loss change | midpoint barrier |",
+             "|---|---|---|---|---|", *rows, "",
+             f"Time {time.perf_counter() - t0:.0f} s ({t_train:.0f} s training).", ""]
+    print("\n".join(lines))
+    with open(ROOT / "docs" / "results.md", "a") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
