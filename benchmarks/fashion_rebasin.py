@@ -104,6 +104,7 @@ def main() -> None:
              f"Model: PatchViT (28x28, patch 4, width 64, 4 heads, 4 layers, MLP 128; "
              f"{sum(v.numel() for v in a.values()) / 1e3:.0f} k parameters). Release A: seed 0, "
              f"30k training images; release B: seed 1, all 60k; {args.epochs} epochs each. "
+             f"Fine-tunes: seed 2, AdamW lr 5e-4, {args.ft_epochs} epochs on 20k task images. "
              f"Evaluation on {args.eval_size} test images (fixed subset).", ""]
     lines += lmc_section(template, a, b, alignments, test)
     lines += transfer_section(template, a, b, alignments, spec, train_set, test, args)
