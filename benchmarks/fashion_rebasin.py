@@ -174,7 +174,7 @@ def transfer_section(template, a, b, alignments, spec, train_set, test, args) ->
                  "| method | alpha | task gain | support gain |", "|---|---|---|---|"]
         for label, _, _ in METHODS:
             al = spec.identity() if label == "no alignment" else alignments[label][0]
-            kw = {"spec": spec} if label == "no alignment" else {}
+            kw = {"spec": spec} if label == "no alignment" else {"allow_non_preserving": True}  # ablations too
             sweep = []
             for alpha in alphas:
                 moved = pg.transport(a, a_ft, b, al, alpha=alpha, **kw)

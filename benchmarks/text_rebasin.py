@@ -109,7 +109,7 @@ def main() -> None:
                ("optimal transport (exact)", "ot", {})]
     for label, solver, opts in methods:
         al = spec.identity() if solver is None else pg.align(a, b, spec, solver=solver, **opts)
-        kw = {"spec": spec} if solver is None else {}
+        kw = {"spec": spec} if solver is None else {"allow_non_preserving": True}
         moved_a = a if solver is None else pg.apply_alignment(al, a)
         mid = {k: 0.5 * moved_a[k] + 0.5 * b[k] if b[k].is_floating_point() else b[k] for k in b}
         bar = loss_of(template, mid, src_test) - 0.5 * (loss_of(template, moved_a, src_test) + base_sup)

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from permgraph.errors import InputError
 from permgraph.solvers import Alignment, get_solver
 from permgraph.spec import PermSpec
 from permgraph.trace import ExampleInputs
@@ -20,7 +21,7 @@ def state_of(model: ModelLike) -> dict[str, torch.Tensor]:
         return dict(model.state_dict())
     if isinstance(model, Mapping):
         return dict(model)
-    raise TypeError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
+    raise InputError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
 
 
 def check_compatible(spec: PermSpec, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
@@ -38,7 +39,7 @@ def check_compatible(spec: PermSpec, states: Mapping[str, Mapping[str, torch.Ten
         if len(problems) >= 10:
             break
     if problems:
-        raise ValueError("models do not match the spec (same architecture and shapes needed):\n  "
+        raise InputError("models do not match the spec (same architecture and shapes needed):\n  "
                          + "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else ""))
 
 
@@ -59,7 +60,7 @@ def align(model_a: ModelLike, model_b: ModelLike, spec: PermSpec | None = None, 
     """
     if spec is None:
         if not isinstance(model_a, nn.Module):
-            raise ValueError("align got state dicts without a spec: pass spec=pg.compile(model) "
+            raise InputError("align got state dicts without a spec: pass spec=pg.compile(model) "
                              "or PermSpec.from_json(...)")
         from permgraph.compiler import compile as compile_spec
 

@@ -1,43 +1,44 @@
-"""The ``permgraph`` command line."""
+"""The ``permgraph`` command line.
+
+Exit codes: 0 ok, 1 verification failed, 2 bad input (nothing written), 3 internal
+error (a bug: please report it), 130/143 interrupted by SIGINT/SIGTERM (nothing written).
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
+import traceback
+import warnings
 from pathlib import Path
+from typing import Iterator
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from permgraph.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_VERIFY_FAILED, InputError, PermgraphError
+from permgraph.outputs import OutputTarget
+
+JSON_OUT = {".json": "file"}
+MODEL_OUT = {".safetensors": "file", "": "folder"}
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
-def _spec_for(ref: str, outputs: list[str] | None):
-    import permgraph as pg
-    from permgraph.loading import load_model, load_spec_file
-
-    if ref.endswith(".json") and Path(ref).is_file():
-        return None, None, load_spec_file(ref)
-    model, inputs = load_model(ref)
-    return model, inputs, pg.compile(model, inputs, outputs=outputs)
-
+# -- commands -----------------------------------------------------------------------
 
 def cmd_explain(args: argparse.Namespace) -> int:
     _, _, spec = _spec_for(args.model, args.outputs)
-    if args.json:
-        print(spec.to_json())
-    else:
-        print(spec.explain())
+    print(spec.to_json() if args.json else spec.explain())
     return EXIT_OK
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    _, _, spec = _spec_for(args.model, args.outputs)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(spec.to_json())
-    tmp.replace(out)
+    with _target(args, args.out, JSON_OUT, [args.model]) as target:
+        _, _, spec = _spec_for(args.model, args.outputs)
+        target.tmp.write_text(spec.to_json())
+        out = target.commit()
     if not args.quiet:
         print(f"wrote {out}: {len(spec.groups)} groups, {spec.covered_fraction():.1%} of parameter entries "
               f"permuted ({time.perf_counter() - t0:.1f} s)")
@@ -49,14 +50,85 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     model, inputs, spec = _spec_for(args.model, args.outputs)
     if model is None:
-        raise ValueError("verify needs a model (folder or factory), not a spec file")
+        raise InputError("verify needs a model (folder or factory), not a spec file")
     rep = pg.verify(model, spec, inputs, seed=args.seed, tolerance=args.tolerance)
     if args.json:
         print(json.dumps({"ok": rep.ok, "max_rel_error": rep.max_rel_error, "max_abs_error": rep.max_abs_error,
                           "tolerance": rep.tolerance, "dtype": rep.dtype, "seed": rep.seed, "groups": rep.groups}))
     else:
         print(rep)
-    return EXIT_OK if rep.ok else EXIT_FAILED
+    return EXIT_OK if rep.ok else EXIT_VERIFY_FAILED
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from permgraph.loading import load_source
+
+    _check_solver_args(args)
+    with _target(args, args.out, JSON_OUT, [args.model_a, args.model_b, args.spec]) as target:
+        a, b = load_source(args.model_a), load_source(args.model_b)
+        spec = _spec_from(args, a if a.module is not None else b)
+        al = _align(args, a, b, spec)
+        target.tmp.write_text(al.to_json())
+        out = target.commit()
+    _report(args, al, {"out": str(out)})
+    return EXIT_OK
+
+
+def cmd_transport(args: argparse.Namespace) -> int:
+    import permgraph as pg
+    from permgraph.loading import load_source, read_text, write_state
+    from permgraph.solvers import Alignment
+    from permgraph.transport import check_alpha, check_transport_inputs, parse_alpha
+
+    t0 = time.perf_counter()
+    _check_solver_args(args)
+    alpha = parse_alpha(args.alpha)
+    if not isinstance(alpha, dict):
+        alpha = check_alpha(alpha, [])
+    if args.heads == "flat" and not args.allow_non_preserving and not args.permutation:
+        raise InputError("--heads flat is not function-preserving (an ablation): pass --allow-non-preserving "
+                         "to transport with it anyway")
+    inputs = [args.base_old, *args.finetuned, args.base_new, args.spec, args.permutation]
+    with _target(args, args.out, MODEL_OUT, inputs) as target:
+        al = None
+        if args.permutation:
+            al = Alignment.from_json(read_text(args.permutation, "alignment file"))
+            if not al.function_preserving and not args.allow_non_preserving:
+                raise InputError(f"the alignment {args.permutation} is not function-preserving: pass "
+                                 "--allow-non-preserving to transport with it anyway")
+        a, b = load_source(args.base_old), load_source(args.base_new)
+        fts = [load_source(f) for f in args.finetuned]
+        alpha = check_alpha(alpha, list(a.state))
+        if al is None:
+            spec = _spec_from(args, a if a.module is not None else b)
+            check_transport_inputs(spec, a.state, [f.state for f in fts], b.state)  # fail before solving
+            al = _align(args, a, b, spec)
+        ft_inputs = [f.module if f.module is not None else f.state for f in fts]
+        result = pg.transport(a.state, ft_inputs if len(fts) > 1 else ft_inputs[0], b.state, al, alpha=alpha,
+                              allow_non_preserving=args.allow_non_preserving)
+        write_state(result, target.tmp, target.kind, b, fts[0])
+        out = target.commit()
+    _report(args, al, {"out": str(out), "tensors": len(result), "alpha": args.alpha,
+                       "seconds": round(time.perf_counter() - t0, 2)})
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from permgraph.demo import run_demo
+
+    return run_demo(quick=args.quick, task=args.task, seed=args.seed)
+
+
+# -- shared steps ---------------------------------------------------------------------
+
+def _spec_for(ref: str, outputs: list[str] | None):
+    import permgraph as pg
+    from permgraph.loading import load_model, load_spec_file
+
+    if ref.endswith(".json") and Path(ref).is_file():
+        return None, None, load_spec_file(ref)
+    model, inputs = load_model(ref)
+    return model, inputs, pg.compile(model, inputs, outputs=outputs)
 
 
 def _spec_from(args: argparse.Namespace, src):
@@ -67,7 +139,7 @@ def _spec_from(args: argparse.Namespace, src):
     if getattr(args, "spec", None):
         return load_spec_file(args.spec)
     if src.module is None:
-        raise ValueError(f"{src.ref} is a weights file: pass --spec SPEC.json (from 'permgraph compile')")
+        raise InputError(f"{src.ref} is a weights file: pass --spec SPEC.json (from 'permgraph compile')")
     return pg.compile(src.module, src.inputs, outputs=getattr(args, "outputs", None))
 
 
@@ -79,67 +151,16 @@ def _align(args: argparse.Namespace, a, b, spec):
                     max_iter=args.max_iter, progress=not args.quiet and not args.json, **opts)
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite")
+def _check_solver_args(args: argparse.Namespace) -> None:
+    if args.max_iter < 1:
+        raise InputError(f"--max-iter must be at least 1, got {args.max_iter}")
 
 
-def cmd_align(args: argparse.Namespace) -> int:
-    from permgraph.loading import load_source
-
-    out = Path(args.out)
-    _check_out(out, args.force)
-    a, b = load_source(args.model_a), load_source(args.model_b)
-    spec = _spec_from(args, a if a.module is not None else b)
-    al = _align(args, a, b, spec)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(al.to_json())
-    tmp.replace(out)
-    _report(args, al, {"out": str(out)})
-    return EXIT_OK
-
-
-def _parse_alpha(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    out = {}
-    for part in text.split(","):
-        pattern, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"--alpha must be a number or 'pattern=value,...', got '{text}'")
-        out[pattern.strip()] = float(value)
-    return out
-
-
-def cmd_transport(args: argparse.Namespace) -> int:
-    import permgraph as pg
-    from permgraph.loading import load_source, save_output
-    from permgraph.solvers import Alignment
-    from permgraph.transport import check_transport_inputs
-
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    _check_out(out, args.force)
-    alpha = _parse_alpha(args.alpha)
-    a, b = load_source(args.base_old), load_source(args.base_new)
-    fts = [load_source(f) for f in args.finetuned]
-    if not args.permutation:
-        spec = _spec_from(args, a if a.module is not None else b)
-        check_transport_inputs(spec, a.state, [f.state for f in fts], b.state)  # fail before solving
-    if args.permutation:
-        al = Alignment.from_json(Path(args.permutation).read_text()) if Path(args.permutation).is_file() else None
-        if al is None:
-            raise FileNotFoundError(f"alignment file {args.permutation} does not exist")
-    else:
-        al = _align(args, a, b, spec)
-    ft_inputs = [f.module if f.module is not None else f.state for f in fts]
-    result = pg.transport(a.state, ft_inputs if len(fts) > 1 else ft_inputs[0], b.state, al, alpha=alpha)
-    save_output(result, out, b, fts[0], args.force)
-    _report(args, al, {"out": str(out), "tensors": len(result), "alpha": args.alpha,
-                       "seconds": round(time.perf_counter() - t0, 2)})
-    return EXIT_OK
+def _target(args: argparse.Namespace, out: str, kinds, inputs) -> OutputTarget:
+    """The checked output, reserved before any work (see ``permgraph.outputs``)."""
+    refs = [r for r in inputs if r and not (":" in r and not Path(r).exists())]  # factories are no paths
+    return OutputTarget(out, kinds=kinds, inputs=refs, force=args.force,
+                        replace_foreign=getattr(args, "replace_foreign", False), command=args.command)
 
 
 def _report(args: argparse.Namespace, al, extra: dict) -> None:
@@ -154,79 +175,102 @@ def _report(args: argparse.Namespace, al, extra: dict) -> None:
         print("wrote " + extra["out"])
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from permgraph.demo import run_demo
+# -- the parser -----------------------------------------------------------------------
 
-    return run_demo(quick=args.quick, task=args.task, seed=args.seed)
+EPILOG = """\
+MODEL is a transformers model folder (config.json + weights), a factory
+'package.module:function' returning a model or (model, example_inputs), or (for
+explain) a spec .json written by 'permgraph compile'. A factory RUNS that Python
+code: permgraph imports the module (looked up in the current directory, then on
+PYTHONPATH and in installed packages) and calls the function. A and B may also be
+weights files (.safetensors, .bin) with --spec.
+
+Outputs are written to a temporary path next to the output (.NAME.permgraph-tmp-PID)
+and moved into place at the end; an interrupted run leaves nothing. permgraph refuses
+an output that equals, contains or lies inside an input. --force replaces only an
+earlier permgraph output (a folder with permgraph_output.json and nothing else, or a
+file permgraph wrote); --replace-foreign replaces anything else.
+
+Exit codes: 0 ok, 1 verification failed, 2 bad input (nothing written),
+3 internal error (a bug in permgraph: please report it), 130/143 interrupted."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="permgraph",
-        description="Compile a PyTorch model into its permutation spec; explain, verify, align, transport.",
-        epilog="MODEL is a transformers model folder (config.json + weights), a factory "
-               "'package.module:function' returning a model or (model, example_inputs), "
-               "or (for explain) a spec .json written by 'permgraph compile'. "
-               "A and B may also be weights files (.safetensors, .bin) with --spec. "
-               "Exit codes: 0 ok, 1 verification failed, 2 bad input.")
+        prog="permgraph", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile a PyTorch model into its permutation spec; explain, verify, align, transport.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def command(name: str, help_: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=description or help_, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
     def model_cmd(name: str, help_: str) -> argparse.ArgumentParser:
-        s = sub.add_parser(name, help=help_, description=help_)
+        s = command(name, help_)
         s.add_argument("model", metavar="MODEL")
         s.add_argument("--outputs", nargs="*", default=None, metavar="NAME",
                        help="outputs that must stay unchanged (default: all); others may come out permuted")
         s.add_argument("--json", action="store_true", help="machine-readable output")
-        s.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+        s.add_argument("-q", "--quiet", action="store_true", help="print only errors and warnings")
         return s
 
-    s = model_cmd("explain", "show the permutation groups, their members, and what is fixed and why")
-    s.set_defaults(fn=cmd_explain)
+    def output_opts(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--force", action="store_true", help="replace an earlier permgraph output at --out")
+        s.add_argument("--replace-foreign", action="store_true",
+                       help="with --force, also replace a file or folder that permgraph did not write")
+
+    model_cmd("explain", "show the permutation groups, their members, and what is fixed and why"
+              ).set_defaults(fn=cmd_explain)
     s = model_cmd("compile", "write the permutation spec as JSON")
-    s.add_argument("--out", required=True, help="spec file to write")
-    s.add_argument("--force", action="store_true", help="overwrite an existing file")
+    s.add_argument("--out", required=True, help="spec file to write (.json)")
+    output_opts(s)
     s.set_defaults(fn=cmd_compile)
     s = model_cmd("verify", "check that a random permutation from the spec leaves the outputs unchanged")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tolerance", type=float, default=None, help="relative error allowed (default 1e-6 in float64)")
     s.set_defaults(fn=cmd_verify)
+
     def solver_opts(s: argparse.ArgumentParser) -> None:
         s.add_argument("--solver", default="transfusion",
                        help="transfusion (default), weight_matching, ot, or a registered solver")
         s.add_argument("--heads", default=None, choices=["spectral", "brute", "natural", "lap", "flat"],
-                       help="head matching strategy (weight_matching, ot)")
+                       help="head matching strategy (weight_matching, ot); 'flat' is not function-preserving")
         s.add_argument("--backend", default="auto", help="LAP backend: auto, scipy, lap, torch, pot")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--max-iter", type=int, default=100, help="maximum coordinate-descent sweeps")
         s.add_argument("--spec", default=None, help="spec JSON, needed when models are weights files")
         s.add_argument("--outputs", nargs="*", default=None, metavar="NAME",
                        help="outputs that must stay unchanged (default: all)")
-        s.add_argument("--force", action="store_true", help="overwrite an existing output")
+        output_opts(s)
         s.add_argument("--json", action="store_true", help="print a JSON summary")
-        s.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress or summary; errors and warnings only")
 
-    s = sub.add_parser("align", help="find the permutation of A that matches B; write it as JSON",
-                       description="Align model A to model B (same architecture) and write the alignment.")
+    s = command("align", "find the permutation of A that matches B; write it as JSON",
+                "Align model A to model B (same architecture) and write the alignment.")
     s.add_argument("model_a", metavar="A")
     s.add_argument("model_b", metavar="B")
-    s.add_argument("--out", required=True, help="alignment JSON to write")
+    s.add_argument("--out", required=True, help="alignment JSON to write (.json)")
     solver_opts(s)
     s.set_defaults(fn=cmd_align)
 
-    s = sub.add_parser("transport", help="move a fine-tune of release A onto release B: B + alpha*pi(A_ft - A)",
-                       description="Carry a fine-tuning (task vector) from an old base release onto a new "
-                                   "one, with no data and no training.")
+    s = command("transport", "move a fine-tune of release A onto release B: B + alpha*pi(A_ft - A)",
+                "Carry a fine-tuning (task vector) from an old base release onto a new one, with no data "
+                "and no training.")
     s.add_argument("--base-old", required=True, metavar="A", help="the release the fine-tune was made from")
     s.add_argument("--finetuned", required=True, nargs="+", metavar="A_FT",
                    help="the fine-tuned model(s); several are summed")
     s.add_argument("--base-new", required=True, metavar="B", help="the new release")
-    s.add_argument("--out", required=True, help="output folder (transformers) or .safetensors file")
-    s.add_argument("--alpha", default="1.0", help="scale: a number, or 'glob=value,...' per parameter")
+    s.add_argument("--out", required=True,
+                   help="output: a folder (transformers; no suffix, or end it with '/') or a .safetensors file")
+    s.add_argument("--alpha", default="1.0",
+                   help="scale: a finite number, or 'glob=value,...' per parameter (each glob must match)")
     s.add_argument("--permutation", default=None, help="alignment JSON from 'permgraph align' (skip solving)")
+    s.add_argument("--allow-non-preserving", action="store_true",
+                   help="accept an alignment that is not function-preserving (flat heads, soft OT plans)")
     solver_opts(s)
     s.set_defaults(fn=cmd_transport)
 
-    s = sub.add_parser("demo", help="re-base a fine-tune onto a new release on real data (sklearn digits)")
+    s = command("demo", "re-base a fine-tune onto a new release on real data (sklearn digits)")
     s.add_argument("--quick", action="store_true", help="train less (seconds instead of minutes)")
     s.add_argument("--task", default="rotate90", choices=["rotate90", "invert", "flip", "relabel"])
     s.add_argument("--seed", type=int, default=0)
@@ -234,16 +278,119 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# -- running a command: errors, signals, quiet libraries ---------------------------------
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup code runs."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from permgraph.loading import ModelLoadError
-    from permgraph.trace import TraceError
+    with _terminate_raises(), _quiet_libraries(getattr(args, "quiet", False)), _warnings_to_stderr():
+        try:
+            return args.fn(args)
+        except PermgraphError as e:
+            return _fail(f"error: {e}", e.exit_code)
+        except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            return _fail(f"error: {e.strerror or e}: {e.filename or ''}", EXIT_BAD_INPUT)
+        except OSError as e:  # disk full, I/O error: the output was not written
+            return _fail(f"error: {e}; nothing was written", EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            return _fail("interrupted; nothing was written", EXIT_SIGINT)
+        except _Terminated:
+            return _fail("terminated; nothing was written", EXIT_SIGTERM)
+        except Exception as e:  # noqa: BLE001 - a bug: say so, with the traceback for the report
+            _close_bars()
+            traceback.print_exc()
+            return _fail(f"internal error: {type(e).__name__}: {e}\nThis is a bug in permgraph; please report it "
+                         "with the command and the traceback above.", EXIT_INTERNAL)
 
+
+def _fail(message: str, code: int) -> int:
+    _close_bars()
+    print(f"permgraph: {message}", file=sys.stderr)
+    return code
+
+
+def _close_bars() -> None:
+    """Close open progress bars so that a message never shares a line with one."""
     try:
-        return args.fn(args)
-    except (ModelLoadError, TraceError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"permgraph: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool) -> Iterator[None]:
+    """With -q, no progress bars or info logs from transformers and huggingface_hub either."""
+    if not quiet:
+        yield
+        return
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    os.environ.update(TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    loaded = [m for m in ("transformers", "huggingface_hub") if m in sys.modules]  # else the env vars do it
+    _hf_progress(loaded, enable=False)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _hf_progress(loaded, enable=True)
+
+
+def _hf_progress(loaded: list[str], enable: bool) -> None:
+    if "huggingface_hub" in loaded:
+        from huggingface_hub import utils as hub_utils
+
+        (hub_utils.enable_progress_bars if enable else hub_utils.disable_progress_bars)()
+    if "transformers" in loaded:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.enable_progress_bar if enable else hf_logging.disable_progress_bar)()
+        if not enable:
+            hf_logging.set_verbosity_error()
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr() -> Iterator[None]:
+    """permgraph's warnings as one 'permgraph: warning: ...' line each."""
+    from permgraph.errors import PermgraphWarning
+
+    with warnings.catch_warnings():
+        old = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, PermgraphWarning):
+                return old(message, category, filename, lineno, file, line)
+            _close_bars()
+            print(f"permgraph: warning: {message}", file=sys.stderr)
+
+        warnings.simplefilter("always", PermgraphWarning)
+        warnings.showwarning = show
+        yield
 
 
 if __name__ == "__main__":

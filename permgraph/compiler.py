@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch.nn as nn
 
 from permgraph.axes import Reason
+from permgraph.errors import InputError, InternalError, PermgraphError
 from permgraph.infer import infer
 from permgraph.spec import PermSpec, build_spec
 from permgraph.trace import ExampleInputs, trace
@@ -50,9 +51,15 @@ def _compile(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequence[
     if outputs is not None:
         unknown = [o for o in outputs if o not in traced.output_names]
         if unknown:
-            raise ValueError(f"unknown outputs {unknown}; this model's outputs are {traced.output_names}")
+            raise InputError(f"unknown outputs {unknown}; this model's outputs are {traced.output_names}")
         fixed = {i for i, n in enumerate(traced.output_names) if n in outputs}
-    result = infer(traced.graph, traced.inputs, fixed_outputs=fixed)
+    try:
+        result = infer(traced.graph, traced.inputs, fixed_outputs=fixed)
+    except PermgraphError:
+        raise
+    except Exception as e:  # a rule crashed: permgraph's bug, not the user's
+        raise InternalError(f"inference failed on {type(model).__name__}: {type(e).__name__}: {e}",
+                            getattr(e, "node", None)) from e
     traced.info["outputs"] = traced.output_names
     traced.info["fixed_outputs"] = list(outputs) if outputs is not None else traced.output_names
     unused_params = set(traced.param_shapes) - set(result.param_axes)

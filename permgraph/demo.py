@@ -69,7 +69,7 @@ def run_demo(quick: bool = False, task: str = "rotate90", seed: int = 0) -> int:
         extra = {"data": data} if solver == "activation_matching" else {}
         al = pg.align(model_a, model_b, spec, solver=solver, seed=seed, **opts, **extra)
         dt = time.perf_counter() - t0
-        moved = pg.transport(a, a_ft, b, al)
+        moved = pg.transport(a, a_ft, b, al, allow_non_preserving=True)  # the flat ablation is compared too
         bar, _, _ = barrier(model_a, pg.apply_alignment(al, a), b, test_set)
         rows.append((f"B + pi(tau): {label}", *scores(moved), bar, dt))
     b_task, b_support = rows[2][1], rows[2][2]

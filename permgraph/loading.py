@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
+from permgraph.errors import ModelLoadError
+from permgraph.outputs import MANIFEST, package_version
 
-class ModelLoadError(ValueError):
-    """A model reference could not be resolved; the message says why and what to pass."""
-
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 def load_model(ref: str) -> tuple[nn.Module, Any]:
     """``(model, example_inputs)`` from a transformers folder or a ``module:function`` factory.
@@ -24,21 +25,40 @@ def load_model(ref: str) -> tuple[nn.Module, Any]:
     if path.is_dir():
         return load_transformers_folder(path), None
     if ":" in ref and not path.exists():
-        mod_name, _, fn_name = ref.partition(":")
-        try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise ModelLoadError(f"cannot import factory '{ref}': {e}. Expected 'package.module:function' "
-                                 "importable from the current directory or PYTHONPATH.") from None
-        out = fn()
-        if isinstance(out, tuple):
-            return out[0], (out[1] if len(out) > 1 else None)
-        return out, None
+        return run_factory(ref)
     if path.exists():
         raise ModelLoadError(f"'{ref}' is a file; pass a transformers model folder (with config.json) "
                              "or a factory 'module:function'")
     raise ModelLoadError(f"'{ref}' does not exist; pass a transformers model folder (with config.json) "
                          "or a factory 'module:function'")
+
+
+def run_factory(ref: str) -> tuple[nn.Module, Any]:
+    """Import ``package.module`` and call ``function()``: this runs the user's code.
+
+    The module is looked up in the current directory first, then on ``PYTHONPATH``
+    and in installed packages (as ``python -m`` does).
+    """
+    import sys
+
+    mod_name, _, fn_name = ref.partition(":")
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(f"cannot import factory '{ref}': {e}. Expected 'package.module:function' "
+                             "importable from the current directory, PYTHONPATH or an installed package.") from None
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - the user's code failed
+        raise ModelLoadError(f"the factory '{ref}' raised {type(e).__name__}: {e}") from None
+    model, inputs = (out[0], out[1] if len(out) > 1 else None) if isinstance(out, tuple) else (out, None)
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"the factory '{ref}' returned {type(model).__name__}; expected an nn.Module "
+                             "or (module, example_inputs)")
+    return model, inputs
 
 
 def load_transformers_folder(path: Path) -> nn.Module:
@@ -54,27 +74,48 @@ def load_transformers_folder(path: Path) -> nn.Module:
         cfg_dict = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(cfg_dict, dict):
+        raise ModelLoadError(f"{cfg_file} does not hold a JSON object")
     arch = (cfg_dict.get("architectures") or [None])[0]
-    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - unknown model_type, bad fields
+        raise ModelLoadError(f"{cfg_file} is not a usable transformers config: {type(e).__name__}: {e}") from None
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         cls = transformers.AutoModel
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    if not has_weights:
-        return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelLoadError(f"{path} has config.json but no weights (model.safetensors, pytorch_model.bin or "
+                             "a sharded index): permgraph never uses randomly initialised weights")
     try:
-        return cls.from_pretrained(str(path), local_files_only=True)
+        model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - corrupt or mismatched weights
         raise ModelLoadError(f"cannot load weights from {path}: {type(e).__name__}: {e}") from None
+    problems = [f"{what} {sorted(map(str, info.get(key) or ()))[:5]}"
+                for key, what in (("missing_keys", "missing tensors"), ("unexpected_keys", "unexpected tensors"),
+                                  ("mismatched_keys", "tensors of the wrong shape"))
+                if info.get(key)]
+    if problems:
+        raise ModelLoadError(f"{path} does not match its config.json ({cls.__name__}): " + "; ".join(problems)
+                             + ". Is the checkpoint complete and of this architecture?")
+    return model
 
 
 def load_spec_file(path: str):
     from permgraph.spec import PermSpec
 
+    return PermSpec.from_json(read_text(path, "spec file"))
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A text file's contents, or an input error naming it."""
     p = Path(path)
     if not p.is_file():
-        raise ModelLoadError(f"spec file {path} does not exist")
-    return PermSpec.from_json(p.read_text())
+        raise ModelLoadError(f"{what} {path} does not exist")
+    try:
+        return p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"cannot read {what} {path}: {e}") from None
 
 
 @dataclass
@@ -109,8 +150,8 @@ def load_weights_file(path: Path) -> dict:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
             if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
                 obj = obj["state_dict"]
-            if not isinstance(obj, dict):
-                raise ModelLoadError(f"{path} does not hold a state dict")
+            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+                raise ModelLoadError(f"{path} does not hold a state dict (names to tensors)")
             return obj
     except ModelLoadError:
         raise
@@ -119,49 +160,29 @@ def load_weights_file(path: Path) -> dict:
     raise ModelLoadError(f"{path}: unknown weights format (expected .safetensors, .bin, .pt)")
 
 
-def save_output(state: dict, out: Path, base_new: Source, finetuned: Source, force: bool) -> None:
-    """Write a transformers folder (config/tokenizer from B's folder) or a .safetensors file,
-    through a temporary path moved into place at the end."""
-    import shutil
-    import tempfile
-
+def write_state(state: dict, tmp: Path, kind: str, base_new: Source, finetuned: Source) -> None:
+    """Write a transported state into ``tmp``: a transformers folder (config and tokenizer files
+    from B's folder, the task head's config keys from the fine-tune's) or one .safetensors file."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        fd, tmp = tempfile.mkstemp(dir=parent, suffix=".tmp")
-        import os
-        os.close(fd)
-        save_file(_untie(tensors), tmp)
-        if out.exists() and force:
-            out.unlink()
-        Path(tmp).replace(out)
+    tensors = _untie({k: v.detach().contiguous().cpu() for k, v in state.items()})
+    meta = {"format": "pt", "permgraph": package_version()}
+    if kind == "file":
+        save_file(tensors, str(tmp), metadata=meta)
         return
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp"))
-    try:
-        if base_new.folder is not None:
-            for f in base_new.folder.iterdir():
-                if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and not f.name.endswith(".index.json"):
-                    shutil.copy2(f, tmp / f.name)
-            cfg_path = tmp / "config.json"
-            if cfg_path.exists() and finetuned.folder is not None and (finetuned.folder / "config.json").exists():
-                cfg = json.loads(cfg_path.read_text())
-                ft_cfg = json.loads((finetuned.folder / "config.json").read_text())
-                for key in ("architectures", "num_labels", "id2label", "label2id", "problem_type"):
-                    if key in ft_cfg:
-                        cfg[key] = ft_cfg[key]
-                cfg_path.write_text(json.dumps(cfg, indent=2))
-        save_file(_untie(tensors), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if out.exists():
-            if not force:
-                raise FileExistsError(f"{out} exists; pass --force to overwrite")
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.replace(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    if base_new.folder is not None:
+        for f in base_new.folder.iterdir():
+            if f.is_file() and f.name != MANIFEST and not f.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
+                shutil.copyfile(f, tmp / f.name)
+        cfg_path = tmp / "config.json"
+        if cfg_path.exists() and finetuned.folder is not None and (finetuned.folder / "config.json").exists():
+            cfg = json.loads(cfg_path.read_text())
+            ft_cfg = json.loads((finetuned.folder / "config.json").read_text())
+            for key in ("architectures", "num_labels", "id2label", "label2id", "problem_type"):
+                if key in ft_cfg:
+                    cfg[key] = ft_cfg[key]
+            cfg_path.write_text(json.dumps(cfg, indent=2))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
 
 
 def _untie(tensors: dict) -> dict:

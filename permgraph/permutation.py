@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
+from permgraph.errors import FormatError, InputError
+
 if TYPE_CHECKING:
     from permgraph.spec import PermSpec
 
@@ -37,11 +39,49 @@ class Permutation:
 
     @classmethod
     def from_json(cls, data: Mapping[str, list]) -> "Permutation":
-        return cls({k: torch.tensor(v, dtype=torch.long) for k, v in data.items()})
+        """Nested lists of integers per group; ``FormatError`` for anything else (floats, bools, ragged)."""
+        if not isinstance(data, Mapping):
+            raise FormatError("a permutation must map group names to lists of indices")
+        out = {}
+        for k, v in data.items():
+            if not _all_ints(v):
+                raise FormatError(f"permutation of group '{k}' holds a value that is not an integer index")
+            try:
+                out[k] = torch.tensor(v, dtype=torch.long)
+            except (ValueError, TypeError, RuntimeError):
+                raise FormatError(f"permutation of group '{k}' is not a rectangular array of indices") from None
+        return cls(out)
 
     def equal(self, other: "Permutation") -> bool:
         return self.perms.keys() == other.perms.keys() and all(
             torch.equal(v, other.perms[k]) for k, v in self.perms.items())
+
+
+def _all_ints(v: object) -> bool:
+    if isinstance(v, list):
+        return all(_all_ints(x) for x in v)
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_permutation(spec: "PermSpec", perm: Permutation) -> None:
+    """Every group of ``spec`` has integer index tensors of its shape, each row a bijection;
+    ``FormatError`` naming the group otherwise."""
+    missing = [g for g in spec.groups if g not in perm.perms]
+    if missing:
+        raise FormatError(f"the permutation lacks groups {missing[:5]}: was it made for another spec?")
+    extra = [g for g in perm.perms if g not in spec.groups]
+    if extra:
+        raise FormatError(f"the permutation has groups the spec lacks {extra[:5]}: was it made for another spec?")
+    for g, p in perm.perms.items():
+        if not isinstance(p, torch.Tensor) or p.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise FormatError(f"permutation of group '{g}' is not an integer tensor")
+        if tuple(p.shape) != spec.perm_shape(g):
+            raise FormatError(f"permutation of group '{g}' has shape {tuple(p.shape)}, "
+                              f"the spec expects {spec.perm_shape(g)}")
+        n = p.shape[-1]
+        if not torch.equal(p.cpu().long().sort(dim=-1).values, torch.arange(n).expand(p.shape)):
+            raise FormatError(f"permutation of group '{g}' is not a bijection of 0..{n - 1} "
+                              "(a duplicate or out-of-range index): the file is corrupt")
 
 
 def tree_size(tree: AxisTree, sizes: Mapping[str, int]) -> int:
@@ -110,13 +150,7 @@ def apply_permutation(spec: "PermSpec", perm: Permutation, state_dict: Mapping[s
     Entries the spec does not know (buffers, extra heads) are passed through as they are.
     Works for any dtype and device.
     """
-    missing = set(spec.groups) - set(perm.perms)
-    if missing:
-        raise ValueError(f"permutation lacks groups {sorted(missing)[:5]}: was it made for another spec?")
-    for g, p in perm.perms.items():
-        if g in spec.groups and tuple(p.shape) != spec.perm_shape(g):
-            raise ValueError(f"permutation for group '{g}' has shape {tuple(p.shape)}, "
-                             f"the spec expects {spec.perm_shape(g)}")
+    check_permutation(spec, perm)
     cache: dict[str, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
@@ -125,7 +159,7 @@ def apply_permutation(spec: "PermSpec", perm: Permutation, state_dict: Mapping[s
             out[name] = tensor
             continue
         if tuple(tensor.shape) != spec.shapes[spec.canonical(name)]:
-            raise ValueError(f"'{name}' has shape {tuple(tensor.shape)} but the spec expects "
+            raise InputError(f"'{name}' has shape {tuple(tensor.shape)} but the spec expects "
                              f"{spec.shapes[spec.canonical(name)]}: is this the same architecture?")
         x = tensor
         for dim, tree in enumerate(trees):

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
+from permgraph.errors import FormatError, InputError
 from permgraph.permutation import AxisTree, Permutation, tree_groups, tree_size
 
 SPEC_VERSION = 1
@@ -136,17 +137,39 @@ class PermSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "PermSpec":
+        """Parse and validate a spec written by ``to_json``; ``FormatError`` names what is wrong."""
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"not a permgraph spec (invalid JSON: {e})") from None
-        if not isinstance(d, dict) or d.get("version") != SPEC_VERSION:
-            raise ValueError(f"not a permgraph spec of version {SPEC_VERSION}")
-        groups = {g["name"]: Group(g["name"], g["size"], tuple(g["ctx"]), g.get("role", ""))
-                  for g in d["groups"]}
-        return cls(groups=groups, axes=d["axes"], shapes={k: tuple(v) for k, v in d["shapes"].items()},
-                   fixed=[FixedAxis(f["param"], f["axis"], f["part"], tuple(f["reasons"])) for f in d["fixed"]],
-                   aliases=d.get("aliases", {}), unknown_ops=d.get("unknown_ops", {}), info=d.get("info", {}))
+            raise FormatError(f"not a permgraph spec (invalid JSON: {e})") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "PermSpec":
+        if not isinstance(d, dict) or "groups" not in d or "axes" not in d:
+            raise FormatError("not a permgraph spec (write one with 'permgraph compile --out')")
+        if d.get("version") != SPEC_VERSION:
+            raise FormatError(f"permgraph spec of version {d.get('version')!r}; this permgraph reads version "
+                              f"{SPEC_VERSION}: compile the spec again")
+        try:
+            groups = {}
+            for g in d["groups"]:
+                grp = Group(_str(g["name"]), _int(g["size"]), tuple(_str(c) for c in g["ctx"]), _str(g.get("role", "")))
+                if grp.name in groups:
+                    raise FormatError(f"group '{grp.name}' appears twice")
+                groups[grp.name] = grp
+            spec = cls(groups=groups, axes={_str(k): list(v) for k, v in d["axes"].items()},
+                       shapes={_str(k): tuple(_int(n, 0) for n in v) for k, v in d["shapes"].items()},
+                       fixed=[FixedAxis(_str(f["param"]), _int(f["axis"], 0), _str(f["part"]),
+                                        tuple(_str(r) for r in f["reasons"])) for f in d.get("fixed", [])],
+                       aliases={_str(k): _str(v) for k, v in d.get("aliases", {}).items()},
+                       unknown_ops=dict(d.get("unknown_ops", {})), info=dict(d.get("info", {})))
+        except FormatError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise FormatError(f"malformed permgraph spec: {type(e).__name__} {e}") from None
+        check_spec(spec)
+        return spec
 
     def to_networkx(self):
         """Groups and parameter axes as a bipartite graph (nodes 'group:NAME', 'axis:PARAM:DIM')."""
@@ -174,7 +197,7 @@ class PermSpec:
         """The spec with groups ``names`` forced to share one permutation (sound: a subgroup)."""
         first = self.groups[names[0]]
         if any((self.groups[n].size, self.groups[n].ctx) != (first.size, first.ctx) for n in names):
-            raise ValueError(f"cannot merge groups of different sizes or contexts: {names}")
+            raise InputError(f"cannot merge groups of different sizes or contexts: {names}")
         ren = {n: new_name for n in names}
         groups = {}
         for g in self.groups.values():
@@ -220,6 +243,66 @@ class PermSpec:
     def __repr__(self) -> str:
         return (f"PermSpec({len(self.groups)} groups, {len(self.axes)} parameters, "
                 f"{self.covered_fraction():.1%} of entries permuted)")
+
+
+# -- validation ---------------------------------------------------------------------
+
+def _str(x: Any) -> str:
+    if not isinstance(x, str):
+        raise FormatError(f"expected a string, got {x!r}")
+    return x
+
+
+def _int(x: Any, least: int = 1) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < least:
+        raise FormatError(f"expected an integer >= {least}, got {x!r}")
+    return x
+
+
+def check_spec(spec: PermSpec) -> None:
+    """Every group, context, axis tree, shape and alias is consistent; ``FormatError`` otherwise."""
+    for g in spec.groups.values():
+        bad = [c for c in g.ctx if c not in spec.groups or c == g.name]
+        if bad:
+            raise FormatError(f"group '{g.name}' has unknown context groups {bad}")
+    for p, trees in spec.axes.items():
+        if p not in spec.shapes:
+            raise FormatError(f"axes given for '{p}', which has no shape")
+        if len(trees) != len(spec.shapes[p]):
+            raise FormatError(f"'{p}' has {len(spec.shapes[p])} dims but {len(trees)} axis trees")
+        for d, t in enumerate(trees):
+            where = f"'{p}' axis {d}"
+            size = _check_tree(t, spec, where, set())
+            if size != spec.shapes[p][d]:
+                raise FormatError(f"{where}: the axis tree covers {size} entries, the shape says {spec.shapes[p][d]}")
+    for alias, target in spec.aliases.items():
+        if target not in spec.shapes:
+            raise FormatError(f"alias '{alias}' points to unknown parameter '{target}'")
+
+
+def _check_tree(t: Any, spec: PermSpec, where: str, outer: set[str]) -> int:
+    """The size of a well-formed tree; a group's contexts must be outer factors of a product."""
+    if not (isinstance(t, list) and len(t) == 2 and t[0] in ("g", "id", "prod", "cat")):
+        raise FormatError(f"{where}: malformed axis tree {str(t)[:80]}")
+    kind, arg = t
+    if kind == "id":
+        return _int(arg)
+    if kind == "g":
+        if arg not in spec.groups:
+            raise FormatError(f"{where}: unknown group {arg!r}")
+        missing = [c for c in spec.groups[arg].ctx if c not in outer]
+        if missing:
+            raise FormatError(f"{where}: group '{arg}' is used without its context groups {missing} outside it")
+        return spec.groups[arg].size
+    if not isinstance(arg, list) or not arg:
+        raise FormatError(f"{where}: malformed axis tree {str(t)[:80]}")
+    if kind == "cat":
+        return sum(_check_tree(s, spec, where, outer) for s in arg)
+    size, seen = 1, set(outer)
+    for s in arg:
+        size *= _check_tree(s, spec, where, seen)
+        seen |= set(tree_groups(s))
+    return size
 
 
 # -- building a spec from an inference result ----------------------------------------

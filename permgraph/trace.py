@@ -8,13 +8,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from permgraph.errors import TraceError
 from permgraph.infer.engine import GraphInput
 
 ExampleInputs = tuple | dict | torch.Tensor | None
-
-
-class TraceError(RuntimeError):
-    """The model could not be traced; the message says what failed and what to try."""
 
 
 @dataclass

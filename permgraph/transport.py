@@ -9,11 +9,15 @@ uses the fine-tuned model's parameter names, so it loads into that class.
 from __future__ import annotations
 
 import fnmatch
+import math
+import re
+import warnings
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from permgraph.errors import InputError, PermgraphWarning
 from permgraph.align import ModelLike, apply_alignment, check_compatible, state_of
 from permgraph.permutation import Permutation, apply_permutation
 from permgraph.solvers.base import Alignment
@@ -23,13 +27,60 @@ Alpha = float | Mapping[str, float]
 
 
 def alpha_for(alpha: Alpha, name: str) -> float:
-    """``alpha`` for one parameter: a float, or the first glob pattern that matches (``*`` as default)."""
+    """``alpha`` for one parameter: a float, or the first glob pattern that matches (1.0 if none)."""
     if isinstance(alpha, (int, float)):
         return float(alpha)
     for pattern, value in alpha.items():
         if fnmatch.fnmatchcase(name, pattern):
             return float(value)
     return 1.0
+
+
+def check_alpha(alpha: object, names: Sequence[str]) -> Alpha:
+    """``alpha`` validated: a finite number, or glob patterns to finite numbers where every
+    pattern matches at least one of ``names``; ``InputError`` otherwise."""
+    def number(v: object, where: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise InputError(f"alpha{where} must be a finite number, got {v!r}")
+        return float(v)
+
+    if not isinstance(alpha, Mapping):
+        return number(alpha, "")
+    out = {}
+    for pattern, value in alpha.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise InputError(f"alpha patterns must be non-empty strings, got {pattern!r}")
+        out[pattern] = number(value, f" for '{pattern}'")
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise InputError(f"alpha pattern '{pattern}' matches no parameter (names look like '{names[0]}')")
+    return out
+
+
+def parse_alpha(text: str) -> Alpha:
+    """``"0.5"`` or ``"glob=value,glob=value"`` (commas inside ``[...]`` belong to the glob)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]" and depth > 0)
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    out = {}
+    for part in parts:
+        pattern, sep, value = part.rpartition("=")
+        try:
+            out[pattern.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not pattern.strip():
+            raise InputError(f"alpha must be a number or 'pattern=value,...', got '{text}' (bad part '{part}')")
+    return out
 
 
 def match_names(base: Sequence[str], finetuned: Sequence[str]) -> dict[str, str]:
@@ -49,36 +100,45 @@ def match_names(base: Sequence[str], finetuned: Sequence[str]) -> dict[str, str]
             if all(n.startswith(pre) and n[len(pre):] in fset for n in base):
                 return {n[len(pre):]: n for n in base}
     missing = sorted(bset - fset)[:5]
-    raise ValueError(f"the fine-tuned model lacks base parameters {missing}: is it a fine-tune of this "
+    raise InputError(f"the fine-tuned model lacks base parameters {missing}: is it a fine-tune of this "
                      "architecture? (names must match, up to one module prefix)")
 
 
 def transport(base_a: ModelLike, finetuned_a: ModelLike | Sequence[ModelLike], base_b: ModelLike,
               alignment: Alignment | Permutation, *, alpha: Alpha = 1.0, spec: PermSpec | None = None,
-              combine: str = "sum", finetuned_spec: PermSpec | None = None,
-              finetuned_inputs=None) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+              combine: str = "sum", finetuned_spec: PermSpec | None = None, finetuned_inputs=None,
+              allow_non_preserving: bool = False) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
     """``B + alpha * pi(A_ft - A)`` as a new state dict.
 
     ``alignment``: an ``Alignment`` from ``pg.align`` (its spec is used) or a
     ``Permutation`` together with ``spec``. Several fine-tunes: ``combine="sum"``
     adds their task vectors into one output, ``"each"`` returns one output per
     fine-tune. ``alpha``: a float, or glob patterns to floats (first match wins,
-    unmatched parameters use 1.0), e.g. ``{"*.layers.0.*": 0.5, "*": 1.0}``.
+    unmatched parameters use 1.0), e.g. ``{"*.layers.0.*": 0.5, "*": 1.0}``; every
+    pattern must match a parameter. An alignment that is not function-preserving
+    (flat heads, soft plans) is refused unless ``allow_non_preserving=True``.
+    Parameters only the fine-tune has (a new task head) are carried over, permuted;
+    extra *layers* are refused. Warns (``PermgraphWarning``) when the fine-tune is
+    closer to B than to A: then it is probably a fine-tune of B.
     """
     if isinstance(alignment, Alignment):
         spec = alignment.spec
         move = lambda sd: apply_alignment(alignment, sd)  # noqa: E731
     elif isinstance(alignment, Permutation):
         if spec is None:
-            raise ValueError("transport with a Permutation needs spec=...")
+            raise InputError("transport with a Permutation needs spec=...")
         move = lambda sd: apply_permutation(spec, alignment, sd)  # noqa: E731
     else:
-        raise TypeError("alignment must be a pg.Alignment or a pg.Permutation (with spec=)")
+        raise InputError("alignment must be a pg.Alignment or a pg.Permutation (with spec=)")
+    if isinstance(alignment, Alignment) and not alignment.function_preserving and not allow_non_preserving:
+        raise InputError("this alignment is not function-preserving (flat heads or soft plans): pi(A) is not "
+                         "equivalent to A. Pass allow_non_preserving=True (--allow-non-preserving) to use it anyway")
     if combine not in ("sum", "each"):
-        raise ValueError("combine must be 'sum' or 'each'")
+        raise InputError("combine must be 'sum' or 'each'")
     many = isinstance(finetuned_a, (list, tuple))
     fts = list(finetuned_a) if many else [finetuned_a]
     sa, sb = state_of(base_a), state_of(base_b)
+    alpha = check_alpha(alpha, list(sa))
     all_names = check_transport_inputs(spec, sa, [state_of(ft) for ft in fts], sb)
     outs = []
     for ft, names in zip(fts, all_names):
@@ -117,13 +177,47 @@ def check_transport_inputs(spec: PermSpec, sa: Mapping[str, torch.Tensor], fts: 
     check_compatible(spec, {"base A": sa, "base B": sb})
     if set(sa) != set(sb):
         diff = sorted(set(sa) ^ set(sb))[:5]
-        raise ValueError(f"base A and base B have different entries {diff}: different architectures")
+        raise InputError(f"base A and base B have different entries {diff}: different architectures")
     out = []
     for i, sft in enumerate(fts):
+        label = f"fine-tune {i}" if len(fts) > 1 else "fine-tune"
         names = match_names(list(sa), list(sft))
-        _check_same_shapes(sa, sft, names, f"fine-tune {i}" if len(fts) > 1 else "fine-tune")
+        _check_same_shapes(sa, sft, names, label)
+        _check_no_extra_layers(sa, sft, names, label)
+        _warn_if_closer_to_b(sa, sft, sb, names, label)
         out.append(names)
     return out
+
+
+def _layer_pattern(name: str) -> str:
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
+def _check_no_extra_layers(sa, sft, names, label) -> None:
+    """Fine-tune-only parameters may form a new head, not more copies of the base's layers."""
+    base = {_layer_pattern(b) for b in sa}
+    extra = [f for f in sft if f not in names]
+    layered = [f for f in extra if any(_layer_pattern(f) == p or _layer_pattern(f).endswith("." + p)
+                                       or p.endswith("." + _layer_pattern(f)) for p in base)]
+    if layered:
+        raise InputError(f"{label} has parameters of layers that base A lacks ({sorted(layered)[:3]}): "
+                         "a different number of layers? The fine-tune must be of A's architecture")
+
+
+def _warn_if_closer_to_b(sa, sft, sb, names, label) -> None:
+    """``|A_ft - B| < |A_ft - A|``: the task vector would mostly be B - A."""
+    to_a = to_b = 0.0
+    for f, b in names.items():
+        x = sft[f]
+        if not x.is_floating_point() or x.is_meta or x.shape != sb[b].shape:
+            continue
+        x = _wide(x)
+        to_a += float((x - _wide(sa[b].to(x.device))).pow(2).sum())
+        to_b += float((x - _wide(sb[b].to(x.device))).pow(2).sum())
+    if to_b < to_a:
+        warnings.warn(f"{label} is closer to base B (distance {to_b ** 0.5:.4g}) than to base A "
+                      f"({to_a ** 0.5:.4g}): is it a fine-tune of B rather than of A? Its task vector "
+                      "A_ft - A would then be mostly B - A", PermgraphWarning, stacklevel=3)
 
 
 def _summed(outs):
@@ -131,7 +225,7 @@ def _summed(outs):
     total = {k: v.clone() for k, v in moved.items()}
     for other_names, other, other_extras in outs[1:]:
         if other_names != names:
-            raise ValueError("fine-tunes to sum must share parameter names")
+            raise InputError("fine-tunes to sum must share parameter names")
         for k, v in other.items():
             total[k] = total[k] + v
         extras = {**other_extras, **extras}
@@ -142,19 +236,19 @@ def _check_same_shapes(sa, sft, names, label) -> None:
     bad = [f"'{f}' {tuple(sft[f].shape)} vs base {tuple(sa[b].shape)}" for f, b in names.items()
            if tuple(sft[f].shape) != tuple(sa[b].shape)]
     if bad:
-        raise ValueError(f"{label} does not match base A's shapes: " + "; ".join(bad[:5]))
+        raise InputError(f"{label} does not match base A's shapes: " + "; ".join(bad[:5]))
     nonfinite = [f for f, b in names.items() if sft[f].is_floating_point() and not bool(torch.isfinite(sft[f]).all())]
     if nonfinite:
-        raise ValueError(f"{label}: '{nonfinite[0]}' contains NaN or inf")
+        raise InputError(f"{label}: '{nonfinite[0]}' contains NaN or inf")
 
 
 def _move_extras(ft, sft, extras, names, spec, alignment, finetuned_spec, finetuned_inputs):
     """Permute parameters that only the fine-tune has, with groups matched through shared members."""
     if isinstance(alignment, Alignment) and alignment.soft:
-        raise ValueError("soft transport plans cannot carry fine-tune-only parameters; use a hard solver")
+        raise InputError("soft transport plans cannot carry fine-tune-only parameters; use a hard solver")
     if finetuned_spec is None:
         if not isinstance(ft, nn.Module):
-            raise ValueError(f"the fine-tune has parameters the base lacks ({sorted(extras)[:3]}); pass the "
+            raise InputError(f"the fine-tune has parameters the base lacks ({sorted(extras)[:3]}); pass the "
                              "fine-tuned model as a module, or finetuned_spec=pg.compile(finetuned_model)")
         from permgraph.compiler import compile as compile_spec
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from permgraph.errors import InputError
 from permgraph.permutation import Permutation, apply_permutation
 from permgraph.spec import PermSpec
 from permgraph.trace import ExampleInputs, named_outputs, resolve_inputs
@@ -66,7 +67,7 @@ def verify(model: nn.Module, spec: PermSpec | None = None, example_inputs: Examp
 
         spec = compile_spec(model, example_inputs)
     if any(p.is_meta for p in model.parameters()):
-        raise ValueError("verify needs real weights; this model is on the meta device")
+        raise InputError("verify needs real weights; this model is on the meta device")
     args, kwargs = resolve_inputs(model, example_inputs)
     ref_model = copy.deepcopy(model).eval().to(dtype)
     args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)

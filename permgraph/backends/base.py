@@ -5,6 +5,8 @@ from typing import Callable
 
 import torch
 
+from permgraph.errors import InputError
+
 
 class LapBackend:
     """Solve ``max_p sum_i S[i, p[i]]`` for square ``S``; subclasses implement ``solve``."""
@@ -49,11 +51,11 @@ def get_backend(name: str | LapBackend = "auto", device: torch.device | None = N
         else:
             name = "lap" if "lap" in available_backends() else "scipy"
     if name not in _REGISTRY:
-        raise ValueError(f"unknown LAP backend '{name}'; available: {available_backends()}")
+        raise InputError(f"unknown LAP backend '{name}'; available: {available_backends()}")
     try:
         return _REGISTRY[name]()
     except ImportError as e:
-        raise ValueError(f"backend '{name}' is not installed ({e}); pip install 'permgraph[{name}]'") from None
+        raise InputError(f"backend '{name}' is not installed ({e}); pip install 'permgraph[{name}]'") from None
 
 
 def _scipy() -> LapBackend:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from permgraph.backends.base import LapBackend
+from permgraph.errors import InternalError
 
 
 class TorchAuctionBackend(LapBackend):
@@ -76,4 +77,4 @@ class TorchAuctionBackend(LapBackend):
             owner[wb, wc] = wr
             assign[wb, wr] = wc
             prices[wb, wc] = wbid
-        raise RuntimeError("auction did not converge")
+        raise InternalError("the auction LAP solver did not converge")

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from permgraph.errors import InputError
 from permgraph.backends import get_backend
 from permgraph.permutation import tree_groups
 from permgraph.solvers.base import Alignment, register_solver
@@ -91,23 +92,23 @@ def activation_matching(spec: PermSpec, params_a: Mapping[str, torch.Tensor], pa
     from permgraph.compiler import compile_graph
 
     if module is None or data is None:
-        raise ValueError("activation_matching needs data=[batch, ...] (model inputs) and the model: "
+        raise InputError("activation_matching needs data=[batch, ...] (model inputs) and the model: "
                          "call pg.align(model_a, model_b, solver='activation_matching', data=batches)")
     if heads not in ("spectral", "natural", "brute"):
-        raise ValueError(f"activation_matching heads must be spectral, natural or brute, not '{heads}'")
+        raise InputError(f"activation_matching heads must be spectral, natural or brute, not '{heads}'")
     t0 = time.perf_counter()
     batches = list(data)
     if not batches:
-        raise ValueError("activation_matching got no data batches")
+        raise InputError("activation_matching got no data batches")
     cg = compile_graph(module, batches[0], outputs=spec.info.get("fixed_outputs"))
     if list(cg.spec.groups) != list(spec.groups):
-        raise ValueError("the spec passed to align does not match the model's compiled spec")
+        raise InputError("the spec passed to align does not match the model's compiled spec")
     gm = cg.exported.module()
     runnable = {n.name for n in gm.graph.nodes if n.op == "call_function"}
     plan = {g: _sites(cg, g, max_sites, runnable) for g in spec.groups}
     missing = [g for g, sites in plan.items() if not sites]
     if missing:
-        raise ValueError(f"no activations found for groups {missing[:3]}: use a weight-based solver")
+        raise InputError(f"no activations found for groups {missing[:3]}: use a weight-based solver")
     wanted = {node for sites in plan.values() for node, _, _ in sites}
     runs = {}
     for label, params in (("a", params_a), ("b", params_b)):

@@ -6,7 +6,8 @@ from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
-from permgraph.permutation import Permutation
+from permgraph.errors import FormatError, InputError
+from permgraph.permutation import Permutation, check_permutation
 from permgraph.spec import PermSpec
 
 
@@ -47,18 +48,36 @@ class Alignment:
 
     @classmethod
     def from_json(cls, text: str) -> "Alignment":
+        """Parse and validate an alignment file: its spec, a bijection per group, soft plans."""
         import json
 
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"not a permgraph alignment (invalid JSON: {e})") from None
+            raise FormatError(f"not a permgraph alignment (invalid JSON: {e})") from None
         if not isinstance(d, dict) or d.get("format") != "permgraph-alignment":
-            raise ValueError("not a permgraph alignment file (write one with 'permgraph align --out')")
-        spec = PermSpec.from_json(json.dumps(d["spec"]))
-        return cls(Permutation.from_json(d["permutation"]), spec, d.get("history", []), d.get("timings", {}),
-                   d.get("settings", {}), d.get("function_preserving", True),
-                   {g: torch.tensor(v, dtype=torch.float64) for g, v in d.get("soft", {}).items()})
+            raise FormatError("not a permgraph alignment file (write one with 'permgraph align --out')")
+        if d.get("version") != 1:
+            raise FormatError(f"permgraph alignment of version {d.get('version')!r}; this permgraph reads version 1")
+        spec = PermSpec.from_dict(d.get("spec"))
+        perm = Permutation.from_json(d.get("permutation"))
+        check_permutation(spec, perm)
+        soft = {}
+        for g, v in (d.get("soft") or {}).items():
+            n = spec.groups[g].size if g in spec.groups else None
+            try:
+                t = torch.tensor(v, dtype=torch.float64)
+            except (ValueError, TypeError, RuntimeError):
+                t = None
+            if n is None or t is None or tuple(t.shape) != (n, n) or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise FormatError(f"soft transport plan of group '{g}' is not a finite, non-negative "
+                                  f"{n} x {n} matrix of a group of the spec")
+            soft[g] = t
+        preserving = d.get("function_preserving", True)
+        history = d.get("history", [])
+        if not isinstance(preserving, bool) or not isinstance(history, list):
+            raise FormatError("malformed alignment: 'function_preserving' must be true/false and 'history' a list")
+        return cls(perm, spec, history, dict(d.get("timings", {})), dict(d.get("settings", {})), preserving, soft)
 
     def summary(self) -> str:
         obj = f"objective {self.history[0]:.4g} -> {self.history[-1]:.4g}" if self.history else ""
@@ -107,7 +126,7 @@ def get_solver(name: str) -> Callable[..., Alignment]:
     if name not in _REGISTRY:
         _load_entry_points()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown solver '{name}'; available: {available_solvers()}")
+        raise InputError(f"unknown solver '{name}'; available: {available_solvers()}")
     return _REGISTRY[name]
 
 

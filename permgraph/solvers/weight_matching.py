@@ -25,6 +25,7 @@ from typing import Mapping
 
 import torch
 
+from permgraph.errors import InputError
 from permgraph.backends import LapBackend, get_backend
 from permgraph.permutation import Permutation, axis_index, digit_map, permute_tensor, tree_groups
 from permgraph.solvers.base import Alignment, register_solver
@@ -224,7 +225,7 @@ def weight_matching(spec: PermSpec, params_a: Mapping[str, torch.Tensor], params
                     ) -> Alignment:
     """Align A to B by coordinate descent over the spec's groups (see module docstring)."""
     if heads not in HEAD_STRATEGIES:
-        raise ValueError(f"heads must be one of {HEAD_STRATEGIES}, not '{heads}'")
+        raise InputError(f"heads must be one of {HEAD_STRATEGIES}, not '{heads}'")
     t_start = time.perf_counter()
     work_spec = spec.flattened_heads() if heads == "flat" else spec
     device = next(iter(params_a.values())).device if params_a else None
