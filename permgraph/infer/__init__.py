@@ -1,14 +1,18 @@
-"""Axis inference over an exported graph: the engine plus the op rules."""
+"""Axis inference over an exported graph: the engine, the op-rule registry, then attention roles."""
 from __future__ import annotations
 
 from typing import Any
 
 from permgraph.infer.engine import GraphInput, InferenceResult, run_inference
+from permgraph.infer.roles import assign_roles
 from permgraph.infer.rules import RULES
 
 
 def infer(graph: Any, inputs: dict[str, GraphInput], fixed_outputs: set[int] | None = None) -> InferenceResult:
-    return run_inference(graph, inputs, RULES, fixed_outputs=fixed_outputs)
+    """Type every tensor axis of ``graph`` with the registered rules, then name attention roles."""
+    result = run_inference(graph, inputs, RULES, fixed_outputs=fixed_outputs)
+    assign_roles(graph, result.store, result.node_types)
+    return result
 
 
 __all__ = ["infer", "GraphInput", "InferenceResult", "RULES"]

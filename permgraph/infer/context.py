@@ -1,0 +1,138 @@
+"""What an op rule sees: the axis store, the types of graph values, and the call's arguments.
+
+A *type* (``TType``) is one atom per tensor dimension; ops with several results
+have a list of those. ``Args`` is the one way rules read arguments: bound by
+schema name with defaults filled in (positionally as ``arg0, arg1, ...`` for
+calls without a schema, such as ``operator.getitem``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch.fx as fx
+
+from permgraph.axes import AxisStore, Reason
+
+TType = list[int]  # one atom per tensor dimension
+
+
+def is_ttype(x: Any) -> bool:
+    """Whether ``x`` is the type of one tensor (a flat list of atoms)."""
+    return isinstance(x, list) and all(isinstance(i, int) for i in x)
+
+
+def atoms_in(x: Any) -> Iterator[int]:
+    """Every atom in a (possibly nested) type."""
+    if is_ttype(x):
+        yield from x
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            yield from atoms_in(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from atoms_in(y)
+
+
+def bind_args(node: fx.Node) -> dict[str, Any]:
+    """Arguments of a call by schema name, defaults filled in (``argN`` without a schema)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return {f"arg{i}": a for i, a in enumerate(node.args)} | dict(node.kwargs)
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value if arg.has_default_value() else None
+    return out
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    """A dim argument as a non-negative index."""
+    return d + ndim if d < 0 else d
+
+
+def type_of(types: Mapping[fx.Node, Any], x: Any) -> TType | None:
+    """The type of a tensor-valued argument (None for non-tensors)."""
+    if isinstance(x, fx.Node):
+        ty = types.get(x)
+        return ty if is_ttype(ty) else None
+    return None
+
+
+class Args(Mapping[str, Any]):
+    """A call's bound arguments, with typed reads of tensor arguments and dims."""
+
+    def __init__(self, node: fx.Node, types: Mapping[fx.Node, Any]) -> None:
+        self._values = bind_args(node)
+        self._types = types
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def t(self, name: str) -> TType | None:
+        """The type of tensor argument ``name`` (None when absent or not a tensor)."""
+        return type_of(self._types, self._values.get(name))
+
+    def first(self, *names: str) -> Any:
+        """The value of the first of ``names`` the schema has (ops of one family name them differently)."""
+        return next((self._values[n] for n in names if n in self._values), None)
+
+
+class RuleContext:
+    """The axis store, the types so far, and the node being typed."""
+
+    def __init__(self, store: AxisStore, types: dict[fx.Node, Any]) -> None:
+        self.store = store
+        self.types = types
+        self.node: fx.Node | None = None
+        # dims along which a node's value is constant (zeros, ones, broadcasts): such an
+        # operand constrains nothing along them, like a size-1 broadcast
+        self.uniform: dict[fx.Node, frozenset[int]] = {}
+
+    def args(self, node: fx.Node) -> Args:
+        return Args(node, self.types)
+
+    def uniform_dims(self, x: Any) -> frozenset[int]:
+        return self.uniform.get(x, frozenset()) if isinstance(x, fx.Node) else frozenset()
+
+    def set_uniform(self, dims: Iterable[int]) -> None:
+        if dims:
+            self.uniform[self.node] = frozenset(dims)
+
+    @property
+    def where(self) -> str:
+        return self.node.name if self.node is not None else ""
+
+    def t(self, x: Any) -> TType | None:
+        """The type of a tensor argument (None for non-tensors)."""
+        return type_of(self.types, x)
+
+    def out_shape(self, i: int | None = None) -> tuple[int, ...]:
+        val = self.node.meta["val"]
+        if i is not None:
+            val = val[i]
+        return tuple(int(s) for s in val.shape)
+
+    def fresh(self, shape: tuple[int, ...], reason: str | None = None) -> TType:
+        r = Reason(reason, self.where) if reason else None
+        return [self.store.new(s, r) for s in shape]
+
+    def unify(self, a: int, b: int) -> None:
+        self.store.unify(a, b, self.where)
+
+    def fix(self, a: int, reason: str) -> None:
+        self.store.fix(a, Reason(reason, self.where))
+
+    def fix_all(self, ty: Any, reason: str) -> None:
+        for a in atoms_in(ty):
+            self.fix(a, reason)

@@ -1,0 +1,96 @@
+"""Attention roles, named after unification: heads, q/k and v/o within-head axes.
+
+Shape rules only unify and refine axes. This pass runs once inference is done,
+reads the final axis structure at every attention op (SDPA and its backend
+variants, and the batched products of eager attention), and tags atoms with
+roles through ``AxisStore.add_role``; ``permgraph.spec`` names groups by them:
+
+- ``heads``: the head axis (the kv-head axis under GQA);
+- ``q_per_kv``: query heads nested inside a kv head (GQA);
+- ``qk``: the within-head axis contracted by ``q @ k^T``;
+- ``vo``: v's within-head axis, carried out of the attention.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from permgraph.axes import AxisStore
+from permgraph.infer.context import Args
+from permgraph.infer.registry import rule_key
+
+aten = torch.ops.aten
+
+RoleRule = Callable[[AxisStore, Args, Any], None]
+
+
+def assign_roles(graph: fx.Graph, store: AxisStore, node_types: Mapping[str, Any]) -> None:
+    """Tag the atoms of every attention op in ``graph`` with their roles, in graph order."""
+    types = {n: node_types.get(n.name) for n in graph.nodes}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        fn = _ROLE_RULES.get(rule_key(node.target))
+        if fn is not None:
+            fn(store, Args(node, types), types.get(node))
+
+
+def _sdpa_roles(store: AxisStore, a: Args, out: Any) -> None:
+    """q/k share ``qk``; v carries ``vo``; the head axes are ``heads`` (and ``q_per_kv``)."""
+    q, k, v = a.t("query"), a.t("key"), a.t("value")
+    per = _query_per_kv(store, q[-3], k[-3])
+    if per is not None:
+        store.add_role(per, "q_per_kv")
+    store.add_role(k[-3], "heads")
+    _tag_heads(store, q[-3])
+    store.add_role(q[-1], "qk")
+    store.add_role(v[-1], "vo")
+
+
+def _matmul_roles(store: AxisStore, a: Args, out: Any) -> None:
+    """A batched product of activations is eager attention: ``q @ k^T`` or ``attn @ v``."""
+    x, y = a.t("self"), a.t("mat2" if "mat2" in a else "other")
+    if len(x) < 3 or len(y) < 3:
+        return
+    store.add_role(x[-1], "qk")  # q @ k^T contracts the q/k within-head axis
+    store.add_role(out[-1], "vo")  # attn @ v carries v's within-head axis out
+    if len(x) >= 4:
+        _tag_heads(store, x[-3])
+
+
+def _query_per_kv(store: AxisStore, hq: int, hk: int) -> int | None:
+    """Under GQA, the factor of the query-head axis that counts queries per kv head."""
+    nq, nk = store.size(hq), store.size(hk)
+    if nq == nk:
+        return None
+    factors = store.flat(hq, "prod")
+    for i in range(len(factors)):
+        if math.prod(store.size(f) for f in factors[i:]) == nq // nk:
+            return factors[i] if i == len(factors) - 1 else None
+    return None
+
+
+def _tag_heads(store: AxisStore, heads: int) -> None:
+    """Name the head axis; query heads nested in kv heads (GQA) get their own role."""
+    nested = store.flat(heads, "prod")
+    if len(nested) == 2:
+        store.add_role(nested[0], "heads")
+        store.add_role(nested[1], "q_per_kv")
+    else:
+        store.add_role(heads, "heads")
+
+
+_ROLE_RULES: dict[Any, RoleRule] = {
+    aten.scaled_dot_product_attention: _sdpa_roles,
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_roles,
+    aten._scaled_dot_product_efficient_attention: _sdpa_roles,
+    aten._scaled_dot_product_flash_attention: _sdpa_roles,
+    aten._scaled_dot_product_cudnn_attention: _sdpa_roles,
+    aten.mm: _matmul_roles,
+    aten.bmm: _matmul_roles,
+    aten.matmul: _matmul_roles,
+}

@@ -1,0 +1,27 @@
+"""Calls without tensor math: tuple indexing, runtime checks, symbolic sizes."""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from permgraph.infer.context import Args, RuleContext, is_ttype
+from permgraph.infer.registry import register
+
+aten = torch.ops.aten
+
+
+@register(aten._assert_tensor_metadata, aten._assert_scalar, aten._assert_async, aten.sym_size, aten.sym_numel,
+          aten.sym_stride, aten.sym_constrain_range, aten.sym_constrain_range_for_size)
+def no_op(cx: RuleContext, node: fx.Node, a: Args) -> None:
+    """Checks and symbolic sizes: no tensor result, no constraint."""
+    return None
+
+
+@register(operator.getitem)
+def getitem(cx: RuleContext, node: fx.Node, a: Args) -> Any:
+    """One result of a multi-output op (no schema: arguments are ``arg0, arg1``)."""
+    ty = cx.types.get(a["arg0"])
+    return ty[a["arg1"]] if isinstance(ty, (list, tuple)) and not is_ttype(ty) else None

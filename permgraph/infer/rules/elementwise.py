@@ -1,0 +1,73 @@
+"""Elementwise ops (broadcasting), softmax-like normalizations and dropout."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from permgraph.infer.context import Args, RuleContext, TType
+from permgraph.infer.registry import family, register
+
+aten = torch.ops.aten
+
+
+def elementwise(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Broadcast operands: axes aligned with a full-size output axis are unified."""
+    out = cx.out_shape()
+    ty: list[int | None] = [None] * len(out)
+    varying: set[int] = set()
+    for x in a.values():
+        for y in x if isinstance(x, (list, tuple)) else [x]:
+            tx = cx.t(y)
+            if tx is None:
+                continue
+            off = len(out) - len(tx)
+            uni = cx.uniform_dims(y)
+            for j, atom in enumerate(tx):
+                i = j + off
+                if i < 0 or cx.store.size(atom) != out[i] or out[i] == 1 or j in uni:
+                    continue
+                varying.add(i)
+                if ty[i] is None:
+                    ty[i] = atom
+                else:
+                    cx.unify(ty[i], atom)
+    cx.set_uniform(set(range(len(out))) - varying)
+    return [t if t is not None else cx.store.new(s) for t, s in zip(ty, out)]
+
+
+def_elementwise = family(elementwise)
+
+def_elementwise(  # arithmetic and comparisons
+    aten.add, aten.sub, aten.rsub, aten.mul, aten.div, aten.true_divide, aten.floor_divide, aten.remainder,
+    aten.fmod, aten.pow, aten.maximum, aten.minimum, aten.where, aten.masked_fill,
+    aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge,
+    aten.logical_and, aten.logical_or, aten.logical_not, aten.logical_xor,
+    aten.bitwise_and, aten.bitwise_or, aten.bitwise_not, aten.bitwise_xor, aten.__and__, aten.__or__, aten.__xor__,
+    aten.clamp, aten.clamp_min, aten.clamp_max, aten.clip, aten.lerp, aten.addcmul, aten.addcdiv,
+    aten.copysign, aten.atan2, aten.hypot,
+)
+def_elementwise(  # unary math and activations
+    aten.neg, aten.abs, aten.sign, aten.exp, aten.exp2, aten.expm1, aten.log, aten.log1p, aten.log2,
+    aten.sqrt, aten.rsqrt, aten.reciprocal, aten.square, aten.sin, aten.cos, aten.tan, aten.tanh, aten.sigmoid,
+    aten.relu, aten.relu6, aten.gelu, aten.silu, aten.mish, aten.elu, aten.selu, aten.celu, aten.leaky_relu,
+    aten.hardtanh, aten.hardsigmoid, aten.hardswish, aten.softplus, aten.erf, aten.erfc, aten.erfinv,
+    aten.logit, aten.isnan, aten.isinf, aten.isfinite, aten.nan_to_num,
+    aten.floor, aten.ceil, aten.round, aten.trunc, aten.frac, aten.threshold, aten.log_sigmoid,
+)
+def_elementwise(  # copies, casts, identities and fills
+    aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.detach,
+    aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.lift_fresh_copy, aten.fill, aten.zero,
+)
+
+
+@register(aten.native_dropout)
+def native_dropout(cx: RuleContext, node: fx.Node, a: Args) -> list[TType]:
+    """Output and mask both have the input's type."""
+    t = a.t("input")
+    return [list(t), list(t)]
+
+
+@register(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)
+def softmax(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Equivariant under any permutation of the normalized axis."""
+    return list(a.t("self"))

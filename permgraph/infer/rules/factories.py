@@ -1,0 +1,35 @@
+"""Tensor factories: constants are free, position-dependent values are fixed."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from permgraph.infer.context import Args, RuleContext, TType
+from permgraph.infer.registry import family
+
+aten = torch.ops.aten
+
+
+def constant_factory(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """A constant tensor is invariant under every permutation: fresh, free axes."""
+    out = cx.out_shape()
+    cx.set_uniform(range(len(out)))
+    return cx.fresh(out)
+
+
+def varying_factory(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Values that vary along every axis (ranges, random draws): fixed."""
+    return cx.fresh(cx.out_shape(), f"values vary along the axis ({node.target})")
+
+
+def_constant_factory = family(constant_factory)
+def_varying_factory = family(varying_factory)
+
+def_constant_factory(
+    aten.full, aten.zeros, aten.ones, aten.empty, aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty,
+    aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.scalar_tensor, aten.empty_strided,
+)
+def_varying_factory(
+    aten.arange, aten.rand, aten.randn, aten.randint, aten.rand_like, aten.randn_like, aten.linspace,
+    aten.tril_indices, aten.triu_indices,
+)

@@ -1,0 +1,111 @@
+"""Linear algebra: linear layers, matrix products and convolutions."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from permgraph.infer.context import Args, RuleContext, TType
+from permgraph.infer.registry import register
+
+aten = torch.ops.aten
+
+
+@register(aten.linear)
+def linear(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """W's in axis is x's last axis; W's out axis (and the bias) is the output's."""
+    x, w, b = a.t("input"), a.t("weight"), a.t("bias")
+    cx.unify(x[-1], w[1])
+    if b is not None:
+        cx.unify(b[0], w[0])
+    return list(x[:-1]) + [w[0]]
+
+
+@register(aten.addmm)
+def addmm(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``self + mat1 @ mat2`` (GPT-2's Conv1D): a product plus a broadcast bias."""
+    out = matmul_type(cx, a.t("mat1"), a.t("mat2"))
+    broadcast_into(cx, a.t("self"), out)
+    return out
+
+
+@register(aten.mm, aten.bmm, aten.matmul)
+def matmul(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Matrix product (eager attention's ``q @ k^T`` and ``attn @ v`` too)."""
+    return matmul_type(cx, a.t("self"), a.t("mat2" if "mat2" in a else "other"))
+
+
+@register(aten.outer, aten.ger)
+def outer(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Outer product: the two vectors' axes side by side."""
+    return [a.t("self")[0], a.t("vec2")[0]]
+
+
+@register(aten.baddbmm)
+def baddbmm(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``self + batch1 @ batch2``."""
+    out = matmul_type(cx, a.t("batch1"), a.t("batch2"))
+    broadcast_into(cx, a.t("self"), out)
+    return out
+
+
+def matmul_type(cx: RuleContext, x: TType, y: TType) -> TType:
+    """Batched matrix product: batch axes broadcast, the contracted axes unify."""
+    xv, yv = len(x) == 1, len(y) == 1
+    x2 = [cx.store.new(1)] + list(x) if xv else list(x)
+    y2 = list(y) + [cx.store.new(1)] if yv else list(y)
+    cx.unify(x2[-1], y2[-2])
+    out = _batch_axes(cx, x2[:-2], y2[:-2]) + [x2[-2], y2[-1]]
+    if xv:
+        out.pop(-2)
+    if yv:
+        out.pop(-1)
+    return out
+
+
+def _batch_axes(cx: RuleContext, bx: list[int], by: list[int]) -> list[int]:
+    """Broadcast two lists of batch axes: equal non-unit sizes unify."""
+    n = max(len(bx), len(by))
+    px: list[int | None] = [None] * (n - len(bx)) + bx
+    py: list[int | None] = [None] * (n - len(by)) + by
+    batch = []
+    for p, q in zip(px, py):
+        sp = cx.store.size(p) if p is not None else 1
+        sq = cx.store.size(q) if q is not None else 1
+        if sp == sq and sp != 1:
+            cx.unify(p, q)
+            batch.append(p)
+        elif sp >= sq:
+            batch.append(p if p is not None else cx.store.new(1))
+        else:
+            batch.append(q)
+    return batch
+
+
+def broadcast_into(cx: RuleContext, src: TType | None, dst: TType, uniform: frozenset[int] = frozenset()) -> None:
+    """Unify ``src``'s axes with the full-size axes of ``dst`` they broadcast to."""
+    if src is None:
+        return
+    off = len(dst) - len(src)
+    for j, atom in enumerate(src):
+        if j not in uniform and cx.store.size(atom) == cx.store.size(dst[j + off]) and cx.store.size(atom) != 1:
+            cx.unify(atom, dst[j + off])
+
+
+@register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten._convolution)
+def conv(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Channels behave like a linear layer's features; kernel and spatial axes are fixed."""
+    x, w, b = a.t("input"), a.t("weight"), a.t("bias")
+    groups = a.get("groups") or 1
+    if a.get("transposed"):
+        groups = -1
+    if groups == 1:
+        cx.unify(x[1], w[1])
+    else:
+        cx.fix(x[1], "grouped or transposed convolution")
+        cx.fix(w[0], "grouped or transposed convolution")
+    for k in w[2:]:
+        cx.fix(k, "convolution kernel")
+    if b is not None:
+        cx.unify(b[0], w[0])
+    out = cx.out_shape()
+    return [x[0], w[0]] + cx.fresh(out[2:], "spatial positions")

@@ -1,0 +1,227 @@
+"""Shape ops: reshape, transpose, broadcast, split and concatenate move axis types around."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from permgraph.infer.context import Args, RuleContext, TType, norm_dim
+from permgraph.infer.registry import register
+
+aten = torch.ops.aten
+
+
+@register(aten.view, aten.reshape, aten._unsafe_view, aten.unflatten, aten.flatten, aten.view_as, aten.reshape_as)
+def reshape(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Merged and split axes become products of their parts."""
+    return reshape_type(cx, a.t("self"), cx.out_shape())
+
+
+def reshape_type(cx: RuleContext, src: TType, out: tuple[int, ...]) -> TType:
+    """Match runs of input dims to runs of output dims with equal products."""
+    sizes = [cx.store.size(x) for x in src]
+    res: list[int | None] = [None] * len(out)
+    i = j = 0
+    while i < len(sizes) or j < len(out):
+        if i < len(sizes) and sizes[i] == 1:
+            i += 1
+            continue
+        if j < len(out) and out[j] == 1:
+            res[j] = cx.store.new(1)
+            j += 1
+            continue
+        if i >= len(sizes) or j >= len(out):
+            raise ValueError(f"internal: reshape mismatch at {cx.where}")
+        i0, j0, pa, pb = i, j, sizes[i], out[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                pa *= sizes[i]
+                i += 1
+            else:
+                pb *= out[j]
+                j += 1
+        _reshape_run(cx, [src[k] for k in range(i0, i) if sizes[k] != 1], out, j0, j, res)
+    return [r if r is not None else cx.store.new(1) for r in res]
+
+
+def _reshape_run(cx: RuleContext, ins: list[int], out: tuple[int, ...], j0: int, j: int,
+                 res: list[int | None]) -> None:
+    """Input atoms ``ins`` (one run) become output dims ``j0:j`` of ``res``."""
+    merged = cx.store.make("prod", ins)
+    outs = [k for k in range(j0, j) if out[k] != 1]
+    parts = cx.store.split(merged, "prod", [out[k] for k in outs], cx.where)
+    for k, p in zip(outs, parts):
+        res[k] = p
+    for k in range(j0, j):
+        if res[k] is None:
+            res[k] = cx.store.new(1)
+
+
+@register(aten.transpose, aten.swapaxes, aten.swapdims)
+def transpose(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Two axes swap places."""
+    t = list(a.t("self"))
+    d0, d1 = norm_dim(a.first("dim0", "axis0"), len(t)), norm_dim(a.first("dim1", "axis1"), len(t))
+    t[d0], t[d1] = t[d1], t[d0]
+    swap = {d0: d1, d1: d0}
+    cx.set_uniform({swap.get(d, d) for d in cx.uniform_dims(a["self"])})
+    return t
+
+
+@register(aten.t, aten.numpy_T)
+def t_(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Axes in reverse order."""
+    return list(reversed(a.t("self")))
+
+
+@register(aten.permute)
+def permute(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Axes reordered."""
+    t = a.t("self")
+    dims = [norm_dim(d, len(t)) for d in a["dims"]]
+    uni = cx.uniform_dims(a["self"])
+    cx.set_uniform({i for i, d in enumerate(dims) if d in uni})
+    return [t[d] for d in dims]
+
+
+@register(aten.unsqueeze)
+def unsqueeze(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """A new unit axis."""
+    t = list(a.t("self"))
+    d = norm_dim(a["dim"], len(t) + 1)
+    t.insert(d, cx.store.new(1))
+    cx.set_uniform({u + (u >= d) for u in cx.uniform_dims(a["self"])})
+    return t
+
+
+@register(aten.squeeze)
+def squeeze(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Unit axes dropped (a reshape)."""
+    return reshape_type(cx, a.t("self"), cx.out_shape())
+
+
+@register(aten.expand, aten.expand_as, aten.broadcast_to)
+def expand(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Broadcast axes (size 1 -> n) are constant along n: fresh, free atoms."""
+    t = a.t("self")
+    out = cx.out_shape()
+    off = len(out) - len(t)
+    uni = cx.uniform_dims(a["self"])
+    res, uniform = [], set()
+    for i, s in enumerate(out):
+        j = i - off
+        if j >= 0 and cx.store.size(t[j]) == s:
+            res.append(t[j])
+            if j in uni:
+                uniform.add(i)
+        else:
+            res.append(cx.store.new(s))
+            uniform.add(i)
+    cx.set_uniform(uniform)
+    return res
+
+
+@register(aten.repeat)
+def repeat(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Tiling makes an axis of identical segments."""
+    t = a.t("self")
+    reps = list(a["repeats"])
+    off = len(reps) - len(t)
+    res = []
+    for i, r in enumerate(reps):
+        j = i - off
+        if j < 0:
+            res.append(cx.store.new(r))
+        elif r == 1:
+            res.append(t[j])
+        elif cx.store.size(t[j]) == 1:
+            res.append(cx.store.new(r))
+        else:
+            res.append(cx.store.make("cat", [t[j]] * r))
+    return res
+
+
+def _segments(cx: RuleContext, atom: int, sizes: list[int]) -> list[int]:
+    return cx.store.split(atom, "cat", sizes, cx.where)
+
+
+@register(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, aten.unsafe_split)
+def split(cx: RuleContext, node: fx.Node, a: Args) -> list[TType]:
+    """The split axis becomes a concatenation of the pieces' axes."""
+    t = a.t("self")
+    dim = norm_dim(a.get("dim", 0) or 0, len(t))
+    sizes = [int(o.shape[dim]) for o in node.meta["val"]]
+    parts = _segments(cx, t[dim], sizes)
+    return [t[:dim] + [p] + t[dim + 1:] for p in parts]
+
+
+@register(aten.unbind)
+def unbind(cx: RuleContext, node: fx.Node, a: Args) -> list[TType]:
+    """The unbound axis is indexed: fixed."""
+    t = a.t("self")
+    dim = norm_dim(a["dim"], len(t))
+    cx.fix(t[dim], "indexed by unbind")
+    return [t[:dim] + t[dim + 1:] for _ in range(cx.store.size(t[dim]))]
+
+
+@register(aten.select)
+def select(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """The selected axis is indexed: fixed."""
+    t = a.t("self")
+    dim = norm_dim(a["dim"], len(t))
+    if cx.store.size(t[dim]) > 1:
+        cx.fix(t[dim], "indexed by select")
+    return t[:dim] + t[dim + 1:]
+
+
+@register(aten.slice, aten.narrow)
+def slice_(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """A contiguous slice is a segment of the axis; a strided one fixes it."""
+    t = a.t("self")
+    dim = norm_dim(a.get("dim", 0) or 0, len(t))
+    n = cx.store.size(t[dim])
+    if "length" in a:  # narrow
+        start, step = a["start"], 1
+        end = start + a["length"]
+    else:
+        start, end, step = a.get("start"), a.get("end"), a.get("step") or 1
+    start, end, _ = slice(start, end, step).indices(n)
+    if start == 0 and end >= n and step == 1:
+        return list(t)
+    out = list(t)
+    if step != 1:
+        cx.fix(t[dim], f"strided slice (step {step})")
+        out[dim] = cx.store.new(cx.out_shape()[dim], None)
+        return out
+    parts = _segments(cx, t[dim], [start, max(end - start, 0), n - max(end, start)])
+    out[dim] = parts[1]
+    return out
+
+
+@register(aten.cat, aten.concat, aten.concatenate)
+def cat(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Other axes unify; the joined axis is a concatenation of segments."""
+    ts = [cx.t(x) for x in a["tensors"]]
+    ts = [t for t in ts if t is not None and not (len(t) == 1 and cx.store.size(t[0]) == 0)]
+    dim = norm_dim(a.get("dim", 0) or 0, len(ts[0]))
+    for t in ts[1:]:
+        for i in range(len(t)):
+            if i != dim:
+                cx.unify(ts[0][i], t[i])
+    out = list(ts[0])
+    out[dim] = cx.store.make("cat", [t[dim] for t in ts])
+    return out
+
+
+@register(aten.stack)
+def stack(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Stacked tensors unify; the new axis indexes them: fixed."""
+    ts = [cx.t(x) for x in a["tensors"]]
+    for t in ts[1:]:
+        for x, y in zip(ts[0], t):
+            cx.unify(x, y)
+    dim = norm_dim(a.get("dim", 0) or 0, len(ts[0]) + 1)
+    out = list(ts[0])
+    out.insert(dim, cx.store.new(len(ts), None))
+    cx.fix(out[dim], "stacked tensors")
+    return out
