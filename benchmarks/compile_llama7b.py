@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import permgraph as pg
 from permgraph.infer import infer
-from permgraph.spec import build_spec
+from permgraph.build import build_spec
 from permgraph.trace import trace
 
 

@@ -19,7 +19,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
 import permgraph as pg
-from permgraph.solvers.weight_matching import shared_within_head
+from permgraph.rewrites import shared_within_head
 from permgraph.trace import default_example_inputs
 
 SOLVERS = [("transfusion", "transfusion", {}),
@@ -49,7 +49,7 @@ def unit_recovery(al, shared, perm, spec) -> float:
     for k, sh in spec.shapes.items():
         stride = 1
         for d in reversed(range(len(sh))):
-            if any(t[0] != "id" for t in [spec.axes[k][d]]):
+            if spec.axes[k][d].groups():
                 a = (out[k].long() // stride) % sh[d]
                 b = (ref[k].long() // stride) % sh[d]
                 hit += int((a == b).sum())

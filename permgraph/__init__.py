@@ -4,8 +4,10 @@ from __future__ import annotations
 from permgraph.align import align, apply_alignment
 from permgraph.compiler import compile
 from permgraph.explain import explain
-from permgraph.permutation import Permutation, apply_permutation
-from permgraph.solvers import Alignment, available_solvers, register_solver
+from permgraph.alignment import Alignment
+from permgraph.ir import Permutation
+from permgraph.permutation import apply_permutation
+from permgraph.solvers import available_solvers, register_solver
 from permgraph.spec import FixedAxis, Group, Member, PermSpec
 from permgraph.trace import TraceError
 from permgraph.transport import transport
@@ -13,6 +15,6 @@ from permgraph.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "explain", "verify", "apply_permutation", "align", "apply_alignment", "transport", "Alignment", "available_solvers",
-           "register_solver", "PermSpec", "Permutation",
+__all__ = ["compile", "explain", "verify", "apply_permutation", "align", "apply_alignment", "transport",
+           "Alignment", "available_solvers", "register_solver", "PermSpec", "Permutation",
            "Group", "Member", "FixedAxis", "VerifyReport", "TraceError", "__version__"]

@@ -1,14 +1,17 @@
 """``align``: find the permutation of model A that best matches model B."""
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
+from permgraph.alignment import Alignment
+from permgraph.compiler import compile as compile_spec
 from permgraph.errors import InputError
-from permgraph.solvers import Alignment, get_solver
+from permgraph.ir import G, Permutation
+from permgraph.permutation import apply_permutation
+from permgraph.solvers import get_solver
 from permgraph.spec import PermSpec
 from permgraph.trace import ExampleInputs
 
@@ -58,26 +61,22 @@ def align(model_a: ModelLike, model_b: ModelLike, spec: PermSpec | None = None, 
     Models are modules or state dicts; with state dicts pass ``spec``. The spec is
     compiled from ``model_a`` when not given.
     """
+    entry = get_solver(solver)
     if spec is None:
         if not isinstance(model_a, nn.Module):
             raise InputError("align got state dicts without a spec: pass spec=pg.compile(model) "
                              "or PermSpec.from_json(...)")
-        from permgraph.compiler import compile as compile_spec
-
         spec = compile_spec(model_a, example_inputs)
     sa, sb = state_of(model_a), state_of(model_b)
     check_compatible(spec, {"model A": sa, "model B": sb})
-    fn = get_solver(solver)
-    if "module" in inspect.signature(fn).parameters and isinstance(model_a, nn.Module):
+    if entry.needs_data and isinstance(model_a, nn.Module):
         options.setdefault("module", model_a)  # data-based solvers run the model
-    return fn(spec, canonical_params(spec, sa), canonical_params(spec, sb), backend=backend, seed=seed,
-              max_iter=max_iter, progress=progress, **options)
+    return entry(spec, canonical_params(spec, sa), canonical_params(spec, sb), backend=backend, seed=seed,
+                 max_iter=max_iter, progress=progress, **options)
 
 
 def apply_alignment(alignment: Alignment, state: ModelLike) -> dict[str, torch.Tensor]:
     """A's parameters moved into B's frame: the permutation, then any soft transport matrices."""
-    from permgraph.permutation import Permutation, apply_permutation
-
     sd = state_of(state)
     spec = alignment.spec
     if not alignment.soft:
@@ -90,8 +89,8 @@ def apply_alignment(alignment: Alignment, state: ModelLike) -> dict[str, torch.T
         if trees is None:
             continue
         for dim, tree in enumerate(trees):
-            if tree[0] == "g" and tree[1] in alignment.soft:
-                t = alignment.soft[tree[1]].to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+            if isinstance(tree, G) and tree.name in alignment.soft:
+                t = alignment.soft[tree.name].to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
                 x = torch.tensordot(t, x.movedim(dim, 0), dims=1).movedim(0, dim)
         out[name] = x
     return out

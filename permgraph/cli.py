@@ -19,6 +19,7 @@ from typing import Iterator
 
 from permgraph.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_VERIFY_FAILED, InputError, PermgraphError
 from permgraph.outputs import OutputTarget
+from permgraph.solvers import HEAD_STRATEGIES
 
 JSON_OUT = {".json": "file"}
 MODEL_OUT = {".safetensors": "file", "": "folder"}
@@ -77,7 +78,7 @@ def cmd_align(args: argparse.Namespace) -> int:
 def cmd_transport(args: argparse.Namespace) -> int:
     import permgraph as pg
     from permgraph.loading import load_source, read_text, write_state
-    from permgraph.solvers import Alignment
+    from permgraph.alignment import Alignment
     from permgraph.transport import check_alpha, check_transport_inputs, parse_alpha
 
     t0 = time.perf_counter()
@@ -233,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     def solver_opts(s: argparse.ArgumentParser) -> None:
         s.add_argument("--solver", default="transfusion",
                        help="transfusion (default), weight_matching, ot, or a registered solver")
-        s.add_argument("--heads", default=None, choices=["spectral", "brute", "natural", "lap", "flat"],
+        s.add_argument("--heads", default=None, choices=list(HEAD_STRATEGIES),
                        help="head matching strategy (weight_matching, ot); 'flat' is not function-preserving")
         s.add_argument("--backend", default="auto", help="LAP backend: auto, scipy, lap, torch, pot")
         s.add_argument("--seed", type=int, default=0)

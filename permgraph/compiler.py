@@ -9,7 +9,8 @@ import torch.nn as nn
 from permgraph.axes import Reason
 from permgraph.errors import InputError, InternalError, PermgraphError
 from permgraph.infer import infer
-from permgraph.spec import PermSpec, build_spec
+from permgraph.build import build_spec
+from permgraph.spec import PermSpec
 from permgraph.trace import ExampleInputs, trace
 
 

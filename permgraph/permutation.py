@@ -1,69 +1,23 @@
-"""Permutations over a spec's groups, and applying them to parameter tensors.
+"""Applying permutations (``permgraph.ir.Permutation``) to parameter tensors.
 
 Convention (gather): a group's permutation ``p`` moves old index ``p[i]`` to new
-index ``i``, so ``x_new = x.index_select(axis, p)``. A group with context
-groups ``(c1, c2, ...)`` (e.g. a within-head group whose context is the head
-group) holds one permutation per context value: a tensor of shape
-``(size(c1), size(c2), ..., size)``, indexed by the *old* context indices.
+index ``i``, so ``x_new = x.index_select(axis, idx)`` with ``idx`` the axis's gather
+index. A group with context groups ``(c1, c2, ...)`` holds one permutation per context
+value, selected by the *old* context indices: on an axis ``Prod((G(h), G(w)))`` the new
+position ``(i, j)`` holds old ``(ph[i], pw[ph[i], j])``.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import torch
 
 from permgraph.errors import FormatError, InputError
-
-if TYPE_CHECKING:
-    from permgraph.spec import PermSpec
-
-AxisTree = list  # ["g", name] | ["id", size] | ["prod", [trees]] | ["cat", [trees]]
+from permgraph.ir import AxisTree, Cat, Fixed, G, Permutation, Prod
+from permgraph.spec import PermSpec
 
 
-@dataclass
-class Permutation:
-    """A permutation tensor for every group of a spec (see module docstring)."""
-
-    perms: dict[str, torch.Tensor]
-
-    def __getitem__(self, group: str) -> torch.Tensor:
-        return self.perms[group]
-
-    def is_identity(self) -> bool:
-        return all(bool((p == torch.arange(p.shape[-1])).all()) for p in self.perms.values())
-
-    def to_json(self) -> dict[str, list]:
-        return {k: v.tolist() for k, v in self.perms.items()}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, list]) -> "Permutation":
-        """Nested lists of integers per group; ``FormatError`` for anything else (floats, bools, ragged)."""
-        if not isinstance(data, Mapping):
-            raise FormatError("a permutation must map group names to lists of indices")
-        out = {}
-        for k, v in data.items():
-            if not _all_ints(v):
-                raise FormatError(f"permutation of group '{k}' holds a value that is not an integer index")
-            try:
-                out[k] = torch.tensor(v, dtype=torch.long)
-            except (ValueError, TypeError, RuntimeError):
-                raise FormatError(f"permutation of group '{k}' is not a rectangular array of indices") from None
-        return cls(out)
-
-    def equal(self, other: "Permutation") -> bool:
-        return self.perms.keys() == other.perms.keys() and all(
-            torch.equal(v, other.perms[k]) for k, v in self.perms.items())
-
-
-def _all_ints(v: object) -> bool:
-    if isinstance(v, list):
-        return all(_all_ints(x) for x in v)
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def check_permutation(spec: "PermSpec", perm: Permutation) -> None:
+def check_permutation(spec: PermSpec, perm: Permutation) -> None:
     """Every group of ``spec`` has integer index tensors of its shape, each row a bijection;
     ``FormatError`` naming the group otherwise."""
     missing = [g for g in spec.groups if g not in perm.perms]
@@ -84,25 +38,6 @@ def check_permutation(spec: "PermSpec", perm: Permutation) -> None:
                               "(a duplicate or out-of-range index): the file is corrupt")
 
 
-def tree_size(tree: AxisTree, sizes: Mapping[str, int]) -> int:
-    kind = tree[0]
-    if kind == "id":
-        return tree[1]
-    if kind == "g":
-        return sizes[tree[1]]
-    subs = [tree_size(t, sizes) for t in tree[1]]
-    return math.prod(subs) if kind == "prod" else sum(subs)
-
-
-def tree_groups(tree: AxisTree) -> list[str]:
-    """Group names in an axis tree, outer to inner."""
-    if tree[0] == "g":
-        return [tree[1]]
-    if tree[0] == "id":
-        return []
-    return [g for t in tree[1] for g in tree_groups(t)]
-
-
 def axis_index(tree: AxisTree, perm: Permutation, ctx: Mapping[str, tuple[str, ...]],
                sizes: Mapping[str, int]) -> torch.Tensor:
     """The gather index (new position -> old position) of one parameter axis."""
@@ -111,39 +46,75 @@ def axis_index(tree: AxisTree, perm: Permutation, ctx: Mapping[str, tuple[str, .
 
 def _gather(tree: AxisTree, perm: Permutation, ctx: Mapping[str, tuple[str, ...]],
             sizes: Mapping[str, int], digits: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
-    """Old index for each new position, for ``rows`` context rows: shape (rows, size)."""
-    kind = tree[0]
-    if kind == "id":
-        return torch.arange(tree[1]).expand(rows, tree[1])
-    if kind == "g":
-        p = perm[tree[1]].cpu()
-        cs = ctx.get(tree[1], ())
-        if cs:
-            return p[tuple(digits[c] for c in cs)]
-        return p.expand(rows, p.shape[-1])
-    if kind == "cat":
-        out, off = [], 0
-        for sub in tree[1]:
-            out.append(_gather(sub, perm, ctx, sizes, digits, rows) + off)
-            off += tree_size(sub, sizes)
-        return torch.cat(out, dim=1)
+    """Old index for each new position, for ``rows`` context rows: shape (rows, size).
+
+    ``digits[c]``: the old index of context group ``c`` in each row.
+    """
+    match tree:
+        case Fixed(n):
+            return torch.arange(n).expand(rows, n)
+        case G(name):
+            p = perm[name].cpu()
+            cs = ctx.get(name, ())
+            return p[tuple(digits[c] for c in cs)] if cs else p.expand(rows, p.shape[-1])
+        case Cat(parts):
+            out, off = [], 0
+            for sub in parts:
+                out.append(_gather(sub, perm, ctx, sizes, digits, rows) + off)
+                off += sub.size(sizes)
+            return torch.cat(out, dim=1)
+        case Prod(parts):
+            return _gather_prod(parts, perm, ctx, sizes, digits, rows)
+    raise TypeError(f"not an axis tree: {tree!r}")
+
+
+def _gather_prod(parts, perm, ctx, sizes, digits, rows) -> torch.Tensor:
+    """Mixed radix: each factor is gathered per combination of the (old) outer digits."""
     idx = torch.zeros(rows, 1, dtype=torch.long)
     local: dict[str, torch.Tensor] = {}
     k = 1
-    for sub in tree[1]:
-        n = tree_size(sub, sizes)
+    for sub in parts:
+        n = sub.size(sizes)
         d2 = {name: v.repeat_interleave(k) for name, v in digits.items()}
         d2.update({name: v.reshape(rows * k) for name, v in local.items()})
         old = _gather(sub, perm, ctx, sizes, d2, rows * k).reshape(rows, k, n)
         idx = (idx[:, :, None] * n + old).reshape(rows, k * n)
         local = {name: v.repeat_interleave(n, dim=1) for name, v in local.items()}
-        if sub[0] == "g":
-            local[sub[1]] = old.reshape(rows, k * n)
+        if isinstance(sub, G):
+            local[sub.name] = old.reshape(rows, k * n)
         k *= n
     return idx
 
 
-def apply_permutation(spec: "PermSpec", perm: Permutation, state_dict: Mapping[str, torch.Tensor]
+def digit_map(tree: AxisTree, sizes: Mapping[str, int]) -> tuple[int, dict[str, torch.Tensor]]:
+    """The axis size and, for every position, the digit of each group there (-1 where absent)."""
+    match tree:
+        case Fixed(n):
+            return n, {}
+        case G(name):
+            return sizes[name], {name: torch.arange(sizes[name])}
+        case Cat(parts):
+            subs = [digit_map(t, sizes) for t in parts]
+            names = list(dict.fromkeys(g for _, d in subs for g in d))
+            total = sum(n for n, _ in subs)
+            return total, {g: torch.cat([d.get(g, torch.full((n,), -1, dtype=torch.long)) for n, d in subs])
+                           for g in names}
+        case Prod(parts):
+            subs = [digit_map(t, sizes) for t in parts]
+            total = tree.size(sizes)
+            pos = torch.arange(total)
+            out: dict[str, torch.Tensor] = {}
+            stride = total
+            for n, d in subs:
+                stride //= n
+                child = (pos // stride) % n
+                for g, v in d.items():
+                    out[g] = v[child]
+            return total, out
+    raise TypeError(f"not an axis tree: {tree!r}")
+
+
+def apply_permutation(spec: PermSpec, perm: Permutation, state_dict: Mapping[str, torch.Tensor]
                       ) -> dict[str, torch.Tensor]:
     """A new state dict with every parameter axis permuted; the input is not touched.
 
@@ -151,7 +122,7 @@ def apply_permutation(spec: "PermSpec", perm: Permutation, state_dict: Mapping[s
     Works for any dtype and device.
     """
     check_permutation(spec, perm)
-    cache: dict[str, torch.Tensor] = {}
+    cache: dict[AxisTree, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
         trees = spec.axes_of(name)
@@ -163,43 +134,16 @@ def apply_permutation(spec: "PermSpec", perm: Permutation, state_dict: Mapping[s
                              f"{spec.shapes[spec.canonical(name)]}: is this the same architecture?")
         x = tensor
         for dim, tree in enumerate(trees):
-            if not tree_groups(tree):
+            if not tree.groups():
                 continue
-            key = repr(tree)
-            if key not in cache:
-                cache[key] = axis_index(tree, perm, spec.ctx, spec.sizes)
-            x = x.index_select(dim, cache[key].to(x.device))
+            if tree not in cache:
+                cache[tree] = axis_index(tree, perm, spec.ctx, spec.sizes)
+            x = x.index_select(dim, cache[tree].to(x.device))
         out[name] = x
     return out
 
 
-def digit_map(tree: AxisTree, sizes: Mapping[str, int]) -> tuple[int, dict[str, torch.Tensor]]:
-    """For every position of an axis, the digit of each group there (-1 where absent)."""
-    kind = tree[0]
-    if kind == "id":
-        return tree[1], {}
-    if kind == "g":
-        n = sizes[tree[1]]
-        return n, {tree[1]: torch.arange(n)}
-    subs = [digit_map(t, sizes) for t in tree[1]]
-    names = list(dict.fromkeys(g for _, d in subs for g in d))
-    if kind == "cat":
-        total = sum(n for n, _ in subs)
-        out = {g: torch.cat([d.get(g, torch.full((n,), -1, dtype=torch.long)) for n, d in subs]) for g in names}
-        return total, out
-    total = math.prod(n for n, _ in subs)
-    pos = torch.arange(total)
-    out: dict[str, torch.Tensor] = {}
-    stride = total
-    for n, d in subs:
-        stride //= n
-        child = (pos // stride) % n
-        for g, v in d.items():
-            out[g] = v[child]
-    return total, out
-
-
-def permute_tensor(spec: "PermSpec", perm: Permutation, name: str, tensor: torch.Tensor,
+def permute_tensor(spec: PermSpec, perm: Permutation, name: str, tensor: torch.Tensor,
                    skip: tuple[int, str] | None = None) -> torch.Tensor:
     """One parameter permuted on every axis; ``skip=(axis, group)`` leaves that group alone on that axis."""
     trees = spec.axes_of(name)
@@ -207,7 +151,7 @@ def permute_tensor(spec: "PermSpec", perm: Permutation, name: str, tensor: torch
         return tensor
     x = tensor
     for dim, tree in enumerate(trees):
-        groups = tree_groups(tree)
+        groups = tree.groups()
         if not groups:
             continue
         p = perm

@@ -19,8 +19,10 @@ import torch.nn as nn
 
 from permgraph.errors import InputError, PermgraphWarning
 from permgraph.align import ModelLike, apply_alignment, check_compatible, state_of
-from permgraph.permutation import Permutation, apply_permutation
-from permgraph.solvers.base import Alignment
+from permgraph.alignment import Alignment
+from permgraph.compiler import compile as compile_spec
+from permgraph.ir import Permutation
+from permgraph.permutation import apply_permutation
 from permgraph.spec import PermSpec
 
 Alpha = float | Mapping[str, float]
@@ -250,8 +252,6 @@ def _move_extras(ft, sft, extras, names, spec, alignment, finetuned_spec, finetu
         if not isinstance(ft, nn.Module):
             raise InputError(f"the fine-tune has parameters the base lacks ({sorted(extras)[:3]}); pass the "
                              "fine-tuned model as a module, or finetuned_spec=pg.compile(finetuned_model)")
-        from permgraph.compiler import compile as compile_spec
-
         finetuned_spec = compile_spec(ft, finetuned_inputs)
     perm = alignment.permutation if isinstance(alignment, Alignment) else alignment
     base_members = {(names.get(m.param, m.param), m.axis): g for g in spec.groups for m in spec.members(g)}

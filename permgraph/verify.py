@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 
 from permgraph.errors import InputError
-from permgraph.permutation import Permutation, apply_permutation
+from permgraph.compiler import compile as compile_spec
+from permgraph.ir import Permutation
+from permgraph.permutation import apply_permutation
 from permgraph.spec import PermSpec
 from permgraph.trace import ExampleInputs, named_outputs, resolve_inputs
 
@@ -63,8 +65,6 @@ def verify(model: nn.Module, spec: PermSpec | None = None, example_inputs: Examp
     otherwise (relative to the largest output magnitude).
     """
     if spec is None:
-        from permgraph.compiler import compile as compile_spec
-
         spec = compile_spec(model, example_inputs)
     if any(p.is_meta for p in model.parameters()):
         raise InputError("verify needs real weights; this model is on the meta device")

@@ -2,6 +2,7 @@
 import pytest
 
 import permgraph as pg
+from permgraph.ir import Cat, Fixed
 from permgraph.zoo import ZOO, build
 
 # reasons an axis may legitimately stay fixed: data axes and true symmetry breakers
@@ -27,7 +28,7 @@ def test_every_weight_matrix_moves(compiled):
     zm, spec = compiled
     for p, shape in spec.shapes.items():
         if len(shape) == 2 and min(shape) > 1:
-            assert any(t[0] != "id" for t in spec.axes[p]), (zm.name, p)
+            assert any(not isinstance(t, Fixed) for t in spec.axes[p]), (zm.name, p)
 
 
 def groups_by_role(spec):
@@ -56,7 +57,7 @@ def test_gpt2_fused_qkv_has_separate_qk_and_vo():
     roles = groups_by_role(spec)
     assert len(roles["qk"]) == 2 and len(roles["vo"]) == 2 and len(roles["heads"]) == 2
     tree = spec.axes["transformer.h.0.attn.c_attn.weight"][1]
-    assert tree[0] == "cat" and len(tree[1]) == 3  # q | k | v segments
+    assert isinstance(tree, Cat) and len(tree.parts) == 3  # q | k | v segments
 
 
 def test_gpt_neox_partial_rotary_keeps_pass_dims_free():
@@ -90,5 +91,5 @@ def test_clip_projection_outputs_fixed_residuals_free():
     spec = pg.compile(zm.model, outputs=zm.outputs)
     names = set(spec.groups)
     assert "residual[text_model]" in names and "residual[vision_model]" in names
-    unmoved = {p for p, trees in spec.axes.items() if all(t[0] == "id" for t in trees)}
+    unmoved = {p for p, trees in spec.axes.items() if all(isinstance(t, Fixed) for t in trees)}
     assert unmoved == {"logit_scale"}

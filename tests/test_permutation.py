@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import permgraph as pg
-from permgraph.permutation import Permutation, axis_index
+from permgraph.ir import Cat, Fixed, G, Permutation, Prod
+from permgraph.permutation import axis_index
 from permgraph.zoo import build
 
 
@@ -19,14 +20,14 @@ def test_blocked_index_matches_explicit_block_permutation():
     ctx = {"h": (), "w": ("h",)}
     ph = torch.tensor([2, 0, 1])
     pw = torch.tensor([[1, 0, 2, 3], [3, 2, 1, 0], [0, 1, 3, 2]])
-    idx = axis_index(["prod", [["g", "h"], ["g", "w"]]], Permutation({"h": ph, "w": pw}), ctx, sizes)
+    idx = axis_index(Prod((G("h"), G("w"))), Permutation({"h": ph, "w": pw}), ctx, sizes)
     expect = torch.cat([ph[i] * 4 + pw[ph[i]] for i in range(3)])  # new head i holds old head ph[i]
     assert torch.equal(idx, expect)
 
 
 def test_segmented_index():
     sizes = {"a": 2, "b": 3}
-    idx = axis_index(["cat", [["g", "a"], ["id", 2], ["g", "b"]]],
+    idx = axis_index(Cat((G("a"), Fixed(2), G("b"))),
                      Permutation({"a": torch.tensor([1, 0]), "b": torch.tensor([2, 0, 1])}), {}, sizes)
     assert idx.tolist() == [1, 0, 2, 3, 6, 4, 5]
 

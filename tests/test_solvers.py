@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import permgraph as pg
-from permgraph.solvers.weight_matching import shared_within_head
+from permgraph.rewrites import shared_within_head
 from permgraph.zoo import ZOO, build
 
 

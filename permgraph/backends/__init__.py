@@ -5,6 +5,7 @@ one square score matrix or a batch of them.
 """
 from __future__ import annotations
 
-from permgraph.backends.base import LapBackend, available_backends, get_backend, register_backend
+from permgraph.backends.base import LapBackend
+from permgraph.backends.registry import available_backends, get_backend, register_backend
 
 __all__ = ["LapBackend", "get_backend", "register_backend", "available_backends"]

@@ -20,13 +20,31 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from permgraph.errors import InputError
+from dataclasses import dataclass
+
+from permgraph.alignment import Alignment
 from permgraph.backends import get_backend
-from permgraph.permutation import tree_groups
-from permgraph.solvers.base import Alignment, register_solver
-from permgraph.solvers.weight_matching import WeightMatcher, _head_groups, unit_index
+from permgraph.compiler import compile_graph
+from permgraph.errors import InputError
+from permgraph.ir import Prod
+from permgraph.solvers.base import SolverOptions
+from permgraph.solvers.common import PermState, brute_heads, check_heads, spectral_heads, unit_index
 from permgraph.spec import PermSpec
 from permgraph.trace import split_inputs
+
+
+@dataclass
+class ActivationMatchingOptions(SolverOptions):
+    """``data``: batches of model inputs; ``module``: model A (``pg.align`` passes it)."""
+
+    data: Iterable[Any] | None = None
+    module: nn.Module | None = None
+    heads: str = "spectral"
+    max_sites: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_heads(self.heads, ("spectral", "natural", "brute"))
 
 
 class _Recorder(fx.Interpreter):
@@ -48,9 +66,9 @@ def _sites(cg, g: str, max_sites: int, runnable: set[str]) -> list[tuple[str, li
     for node, trees in cg.node_trees.items():
         if node not in runnable:
             continue
-        dims = [d for d, t in enumerate(trees) if tree_groups(t)]
-        if any(g in tree_groups(trees[d]) for d in dims):
-            merged = trees[dims[0]] if len(dims) == 1 else ["prod", [trees[d] for d in dims]]
+        dims = [d for d, t in enumerate(trees) if t.groups()]
+        if any(g in trees[d].groups() for d in dims):
+            merged = trees[dims[0]] if len(dims) == 1 else Prod(tuple(trees[d] for d in dims))
             found.append((node, dims, merged))
     if len(found) > max_sites:
         step = len(found) / max_sites
@@ -81,38 +99,71 @@ def _load(gm: fx.GraphModule, spec: PermSpec, params: Mapping[str, torch.Tensor]
     return gm
 
 
-@register_solver("activation_matching")
 def activation_matching(spec: PermSpec, params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
-                        *, data: Iterable[Any] | None = None, module: nn.Module | None = None,
-                        heads: str = "spectral", backend: str = "auto", seed: int = 0, max_sites: int = 8,
-                        max_iter: int | None = None, progress: bool = False) -> Alignment:
-    """Align A to B by activation correlation on ``data`` (batches of model inputs)."""
-    import copy
-
-    from permgraph.compiler import compile_graph
-
-    if module is None or data is None:
+                        opts: ActivationMatchingOptions) -> Alignment:
+    """Align A to B by activation correlation on ``opts.data`` (batches of model inputs)."""
+    if opts.module is None or opts.data is None:
         raise InputError("activation_matching needs data=[batch, ...] (model inputs) and the model: "
                          "call pg.align(model_a, model_b, solver='activation_matching', data=batches)")
-    if heads not in ("spectral", "natural", "brute"):
-        raise InputError(f"activation_matching heads must be spectral, natural or brute, not '{heads}'")
     t0 = time.perf_counter()
-    batches = list(data)
+    batches = list(opts.data)
     if not batches:
         raise InputError("activation_matching got no data batches")
-    cg = compile_graph(module, batches[0], outputs=spec.info.get("fixed_outputs"))
+    cg = compile_graph(opts.module, batches[0], outputs=spec.info.get("fixed_outputs"))
     if list(cg.spec.groups) != list(spec.groups):
         raise InputError("the spec passed to align does not match the model's compiled spec")
     gm = cg.exported.module()
     runnable = {n.name for n in gm.graph.nodes if n.op == "call_function"}
-    plan = {g: _sites(cg, g, max_sites, runnable) for g in spec.groups}
-    missing = [g for g, sites in plan.items() if not sites]
+    plan = {g: _sites(cg, g, opts.max_sites, runnable) for g in spec.groups}
+    missing = [g for g, found in plan.items() if not found]
     if missing:
         raise InputError(f"no activations found for groups {missing[:3]}: use a weight-based solver")
-    wanted = {node for sites in plan.values() for node, _, _ in sites}
+    runs = _record(gm, cg, spec, batches, {node for found in plan.values() for node, _, _ in found},
+                   {"a": params_a, "b": params_b})
+    t_data = time.perf_counter() - t0
+    state = PermState(spec, get_backend(opts.backend))
+
+    def correlation(g: str, old_ctx: torch.Tensor | None = None) -> torch.Tensor:
+        total = None
+        for node, dims, tree in plan[g]:
+            site_units, _ = unit_index(spec, g, tree)
+            fb = torch.cat([_features(x, dims, site_units) for x in runs["b"][node]], dim=-1)
+            fa = torch.cat([_features(x, dims, site_units) for x in runs["a"][node]], dim=-1)
+            fa = fa if old_ctx is None else fa[old_ctx]
+            c = _standardize(fb) @ _standardize(fa).transpose(1, 2)
+            total = c if total is None else total + c
+        return total
+
+    heads = spec.head_groups()
+    if opts.heads == "spectral":
+        names = [p for p in spec.axes if any(t.groups() for t in spec.axes[p])]
+        a32 = {p: params_a[p].detach().float() for p in names}
+        b32 = {p: params_b[p].detach().float() for p in names}
+        for h in heads:
+            spectral_heads(state, h, a32, b32)
+    for g in spec.groups:
+        if g in heads and opts.heads != "brute":
+            continue
+        if g in heads:
+            brute_heads(state, g, _pair_correlation(spec, g, correlation))
+            continue
+        scores = correlation(g, state.old_ctx_index(g) if spec.groups[g].ctx else None)
+        state.set(g, state.solve(scores.float()))
+    settings = {"solver": "activation_matching", "heads": opts.heads, "backend": state.backend.name,
+                "seed": opts.seed, "batches": len(batches), "max_sites": opts.max_sites}
+    timings = {"data": t_data, "cost": state.timings["cost"], "lap": state.timings["lap"],
+               "total": time.perf_counter() - t0}
+    return Alignment(state.perm, spec, [], timings, settings)
+
+
+def _record(gm: fx.GraphModule, cg, spec: PermSpec, batches: list, wanted: set[str],
+            params: dict[str, Mapping[str, torch.Tensor]]) -> dict[str, dict[str, list[torch.Tensor]]]:
+    """Activations at the ``wanted`` nodes, for each model's parameters, over all batches."""
+    import copy
+
     runs = {}
-    for label, params in (("a", params_a), ("b", params_b)):
-        model = _load(copy.deepcopy(gm), spec, params)
+    for label, p in params.items():
+        model = _load(copy.deepcopy(gm), spec, p)
         acts: dict[str, list[torch.Tensor]] = {}
         for batch in batches:
             args, kwargs = split_inputs(batch)
@@ -122,62 +173,17 @@ def activation_matching(spec: PermSpec, params_a: Mapping[str, torch.Tensor], pa
             for k, v in rec.seen.items():
                 acts.setdefault(k, []).append(v)
         runs[label] = acts
-    t_data = time.perf_counter() - t0
-    wm = WeightMatcher(spec, params_a, params_b, get_backend(backend), torch.float32)
-
-    def correlation(g: str, old_ctx: torch.Tensor | None = None) -> torch.Tensor:
-        total = None
-        for node, dims, tree in plan[g]:
-            units, _ = unit_index(spec, g, tree)
-            fb = torch.cat([_features(x, dims, units) for x in runs["b"][node]], dim=-1)
-            fa = torch.cat([_features(x, dims, units) for x in runs["a"][node]], dim=-1)
-            fa = fa if old_ctx is None else fa[old_ctx]
-            c = _standardize(fb) @ _standardize(fa).transpose(1, 2)
-            total = c if total is None else total + c
-        return total
-
-    frozen = set()
-    for h in _head_groups(spec):
-        if heads == "spectral":
-            wm.spectral_heads(h)
-            frozen.add(h)
-        elif heads == "natural":
-            frozen.add(h)
-    for g in spec.groups:
-        if g in frozen:
-            continue
-        grp = spec.groups[g]
-        if heads == "brute" and g in _head_groups(spec):
-            _brute_heads(wm, spec, g, correlation)
-            continue
-        scores = correlation(g, wm.old_ctx_index(g) if grp.ctx else None)
-        wm.set(g, wm.solve(scores.float()))
-    settings = {"solver": "activation_matching", "heads": heads, "backend": wm.backend.name, "seed": seed,
-                "batches": len(batches), "max_sites": max_sites}
-    timings = {"data": t_data, "cost": wm.timings["cost"], "lap": wm.timings["lap"],
-               "total": time.perf_counter() - t0}
-    return Alignment(wm.perm, spec, [], timings, settings)
+    return runs
 
 
-def _brute_heads(wm: WeightMatcher, spec: PermSpec, h: str, correlation) -> None:
-    """Score head pairs by the summed correlation assignments of their within-head groups."""
+def _pair_correlation(spec: PermSpec, h: str, correlation):
+    """Child group g's correlations for every (B head i, A head j) pair: (n, n, n_g, n_g)."""
     n = spec.groups[h].size
-    children = [g for g, grp in spec.groups.items() if grp.ctx == (h,)]
-    score = torch.zeros(n, n, dtype=torch.float64)
-    best = {}
-    for g in children:
-        per_pair = []
-        for j in range(n):  # A's head j against every B head
-            c = correlation(g, torch.full((n,), j, dtype=torch.long))  # (n_b_heads, n_g, n_g)
-            per_pair.append(c)
-        pair = torch.stack(per_pair, dim=1)  # (i, j, u, v)
-        q = wm.solve(pair.reshape(n * n, *pair.shape[2:]).float())
-        score += pair.reshape(n * n, *pair.shape[2:]).gather(2, q[..., None]).sum((1, 2)).reshape(n, n)
-        best[g] = q.reshape(n, n, -1)
-    ph = wm.solve(score[None].float())[0]
-    wm.set(h, ph[None])
-    for g in children:
-        wm.set(g, best[g][torch.arange(n), ph])
+
+    def scores(g: str) -> torch.Tensor:
+        per_a_head = [correlation(g, torch.full((n,), j, dtype=torch.long)) for j in range(n)]
+        return torch.stack(per_a_head, dim=1)
+    return scores
 
 
 def _flat_inputs(ep, args: tuple, kwargs: dict) -> list:

@@ -1,136 +1,75 @@
-"""Solver interface, result type and registry."""
+"""The solver interface: options, and what a registry entry declares. Knows no implementation.
+
+A solver is ``fn(spec, params_a, params_b, options) -> Alignment`` with ``options`` an
+instance of its options dataclass (a subclass of ``SolverOptions``). An entry declares
+the options type, whether the solver needs data (then ``options`` carries ``module`` and
+``data``), and fixed option values for presets (configured instances of a solver).
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping
 
 import torch
 
-from permgraph.errors import FormatError, InputError
-from permgraph.permutation import Permutation, check_permutation
+from permgraph.alignment import Alignment
+from permgraph.backends import LapBackend
+from permgraph.errors import InputError
 from permgraph.spec import PermSpec
 
 
 @dataclass
-class Alignment:
-    """The permutation mapping A onto B, and how it was found.
+class SolverOptions:
+    """Options every solver takes."""
 
-    ``spec`` is the spec the permutation belongs to (the ``flat`` heads ablation
-    uses a modified spec); ``function_preserving`` is False for such ablations.
-    ``history``: objective ``sum_p <B_p, pi(A)_p>`` before solving and after each sweep.
-    ``soft``: transport matrices that replace the permutation of some groups (soft
-    OT plans): row i of B's frame is ``sum_j T[i, j]`` times A's unit j.
+    backend: str | LapBackend = "auto"
+    seed: int = 0
+    max_iter: int = 100
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise InputError(f"max_iter must be a positive integer, got {self.max_iter!r}")
+
+
+Params = Mapping[str, torch.Tensor]
+SolverFn = Callable[[PermSpec, Params, Params, Any], Alignment]
+
+
+@dataclass(frozen=True)
+class SolverEntry:
+    """A registered solver or preset.
+
+    ``options``: the options dataclass; ``None`` for plain functions taking keyword
+    arguments (third-party solvers registered without one). ``fixed``: option values a
+    preset sets. ``label``: a human-readable name for tables.
     """
 
-    permutation: Permutation
-    spec: PermSpec
-    history: list[float] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-    function_preserving: bool = True
-    soft: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (n, n) transport matrix
+    name: str
+    fn: Callable[..., Alignment]
+    options: type[SolverOptions] | None = None
+    needs_data: bool = False
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
 
-    @property
-    def sweeps(self) -> int:
-        return max(len(self.history) - 1, 0)
+    def make_options(self, **given: Any) -> SolverOptions | dict[str, Any]:
+        """The options instance; unknown names and values a preset fixes are input errors."""
+        clash = sorted(k for k in given if k in self.fixed and given[k] != self.fixed[k])
+        if clash:
+            raise InputError(f"solver '{self.name}' fixes {', '.join(f'{k}={self.fixed[k]!r}' for k in clash)}; "
+                             f"use its base solver to choose {clash}")
+        values = {**given, **self.fixed}
+        if self.options is None:
+            return values
+        names = {f.name for f in dataclasses.fields(self.options)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InputError(f"solver '{self.name}' has no option {unknown}; its options: {sorted(names)}")
+        return self.options(**values)
 
-    def to_json(self) -> str:
-        import json
-
-        return json.dumps({
-            "format": "permgraph-alignment", "version": 1,
-            "spec": json.loads(self.spec.to_json()),
-            "permutation": self.permutation.to_json(),
-            "soft": {g: t.tolist() for g, t in self.soft.items()},
-            "history": self.history, "timings": self.timings, "settings": self.settings,
-            "function_preserving": self.function_preserving,
-        })
-
-    @classmethod
-    def from_json(cls, text: str) -> "Alignment":
-        """Parse and validate an alignment file: its spec, a bijection per group, soft plans."""
-        import json
-
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise FormatError(f"not a permgraph alignment (invalid JSON: {e})") from None
-        if not isinstance(d, dict) or d.get("format") != "permgraph-alignment":
-            raise FormatError("not a permgraph alignment file (write one with 'permgraph align --out')")
-        if d.get("version") != 1:
-            raise FormatError(f"permgraph alignment of version {d.get('version')!r}; this permgraph reads version 1")
-        spec = PermSpec.from_dict(d.get("spec"))
-        perm = Permutation.from_json(d.get("permutation"))
-        check_permutation(spec, perm)
-        soft = {}
-        for g, v in (d.get("soft") or {}).items():
-            n = spec.groups[g].size if g in spec.groups else None
-            try:
-                t = torch.tensor(v, dtype=torch.float64)
-            except (ValueError, TypeError, RuntimeError):
-                t = None
-            if n is None or t is None or tuple(t.shape) != (n, n) or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                raise FormatError(f"soft transport plan of group '{g}' is not a finite, non-negative "
-                                  f"{n} x {n} matrix of a group of the spec")
-            soft[g] = t
-        preserving = d.get("function_preserving", True)
-        history = d.get("history", [])
-        if not isinstance(preserving, bool) or not isinstance(history, list):
-            raise FormatError("malformed alignment: 'function_preserving' must be true/false and 'history' a list")
-        return cls(perm, spec, history, dict(d.get("timings", {})), dict(d.get("settings", {})), preserving, soft)
-
-    def summary(self) -> str:
-        obj = f"objective {self.history[0]:.4g} -> {self.history[-1]:.4g}" if self.history else ""
-        warn = "" if self.function_preserving else (
-            "  [NOT function-preserving: soft transport plans]" if self.soft else "  [NOT function-preserving: ablation]")
-        t = sum(v for k, v in self.timings.items() if k == "total")
-        if self.history and self.history[-1] < self.history[0]:
-            warn += ("  [objective decreased: the head matching disagrees with weight matching; "
-                     "compare heads='lap' or 'brute']")
-        return (f"{self.settings.get('solver', '?')}: {len(self.spec.groups)} groups, {self.sweeps} sweeps, "
-                f"{obj}, {t:.2f} s{warn}")
-
-
-class Solver(Protocol):
-    def __call__(self, spec: PermSpec, params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
-                 **options: Any) -> Alignment: ...
-
-
-_REGISTRY: dict[str, Callable[..., Alignment]] = {}
-
-
-def register_solver(name: str, fn: Callable[..., Alignment] | None = None):
-    """Register ``fn`` under ``name`` (usable as a decorator)."""
-    def deco(f: Callable[..., Alignment]) -> Callable[..., Alignment]:
-        _REGISTRY[name] = f
-        return f
-    return deco(fn) if fn is not None else deco
-
-
-def _load_entry_points() -> None:
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group="permgraph.solvers"):
-        if ep.name not in _REGISTRY:
-            _REGISTRY[ep.name] = ep.load()
-
-
-def available_solvers() -> list[str]:
-    _builtin()
-    _load_entry_points()
-    return sorted(_REGISTRY)
-
-
-def get_solver(name: str) -> Callable[..., Alignment]:
-    _builtin()
-    if name not in _REGISTRY:
-        _load_entry_points()
-    if name not in _REGISTRY:
-        raise InputError(f"unknown solver '{name}'; available: {available_solvers()}")
-    return _REGISTRY[name]
-
-
-def _builtin() -> None:
-    import permgraph.solvers.activation_matching  # noqa: F401 - registers activation_matching
-    import permgraph.solvers.ot  # noqa: F401 - registers ot
-    import permgraph.solvers.weight_matching  # noqa: F401 - registers weight_matching, transfusion
+    def __call__(self, spec: PermSpec, params_a: Params, params_b: Params, **given: Any) -> Alignment:
+        opts = self.make_options(**given)
+        if isinstance(opts, dict):
+            return self.fn(spec, params_a, params_b, **opts)
+        return self.fn(spec, params_a, params_b, opts)

@@ -1,0 +1,229 @@
+"""Building a PermSpec from an inference result: atoms become groups with contexts and names.
+
+Every free leaf atom that moves a parameter is a group. A group's context (the outer
+groups it is indexed by) must precede it in the product structure of every parameter
+axis containing it and co-occur with it in every tensor of the graph; otherwise the
+group is shared across the candidate. Names come from module paths plus a role.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Any, Mapping
+
+from permgraph.ir import AxisTree, Cat, Fixed, G, Prod
+from permgraph.spec import FixedAxis, Group, PermSpec
+
+def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Mapping[str, str],
+               info: Mapping[str, Any], with_nodes: bool = False):
+    """Turn atoms into groups: every free leaf that moves a parameter is a group.
+
+    With ``with_nodes``, also return the axis trees of every single-tensor graph
+    node (``node name -> one tree per dim``), for data-based solvers.
+    """
+    store = result.store
+    _propagate_fixed(store, result)
+
+    def is_free(leaf: int) -> bool:
+        return not store.reasons(leaf) and store.size(leaf) > 1
+
+    def tree(atom: int) -> AxisTree:
+        r = store.find(atom)
+        k = store.kind(r)
+        if k is None:
+            return G(r) if is_free(r) else Fixed(store.size(r))
+        subs = tuple(tree(c) for c in store.flat(r, k))
+        if all(isinstance(s, Fixed) for s in subs):
+            return Fixed(store.size(r))
+        return Prod(subs) if k == "prod" else Cat(subs)
+
+    raw_axes = {p: [tree(a) for a in ty] for p, ty in result.param_axes.items()}
+    leaves = list(dict.fromkeys(g for trees in raw_axes.values() for t in trees for g in t.groups()))
+    ctx = _contexts(store, raw_axes, result.tensor_types, set(leaves))
+    names = _name_groups(store, leaves, raw_axes, ctx)
+    order = _outer_first(leaves, ctx)
+    groups = {names[x]: Group(names[x], store.size(x), tuple(names[c] for c in ctx[x]), _role(store, x, ctx))
+              for x in order}
+    axes = {p: [t.rename(lambda x: G(names[x])) for t in trees] for p, trees in raw_axes.items()}
+    fixed = []
+    for p, ty in result.param_axes.items():
+        for d, a in enumerate(ty):
+            parts = _fixed_parts(axes[p][d])
+            if parts:
+                fl = [x for x in store.leaves(a) if not is_free(x) and store.size(x) > 1]
+                reasons = tuple(dict.fromkeys(str(r) for x in fl for r in store.reasons(x)))
+                fixed.append(FixedAxis(p, d, parts, reasons))
+    unknown = {k: len(v) for k, v in result.unknown_ops.items()}
+    spec = PermSpec(groups, axes, dict(param_shapes), fixed, dict(aliases), unknown, dict(info))
+    if not with_nodes:
+        return spec
+
+    def named(t: AxisTree) -> AxisTree:
+        match t:
+            case G(x):
+                return G(names[x]) if x in names else Fixed(store.size(x))
+            case Prod(parts) | Cat(parts):
+                subs = tuple(named(s) for s in parts)
+                if all(isinstance(s, Fixed) for s in subs):
+                    return Fixed(math.prod(s.n for s in subs) if isinstance(t, Prod) else sum(s.n for s in subs))
+                return type(t)(subs)
+        return t
+
+    node_trees = {n: [named(tree(a)) for a in ty] for n, ty in result.node_types.items()
+                  if isinstance(ty, list) and all(isinstance(a, int) for a in ty)}
+    return spec, node_trees
+
+
+def _fixed_parts(t: AxisTree, where: str = "whole axis") -> str:
+    """Which parts of an axis are fixed: 'whole axis', 'segment of 16', 'factor of 3', ..."""
+    match t:
+        case Fixed(n):
+            return where if n > 1 else ""
+        case Prod(parts) | Cat(parts):
+            label = "segment" if isinstance(t, Cat) else "factor"
+            subs = [_fixed_parts(s, f"{label} of {s.n if isinstance(s, Fixed) else '?'}") for s in parts]
+            return ", ".join(dict.fromkeys(p for p in subs if p))
+    return ""
+
+
+def _propagate_fixed(store, result) -> None:
+    """A fixed axis fixes every part of it."""
+    seen: set[int] = set()
+    roots = {store.find(a) for ty in list(result.param_axes.values()) + result.tensor_types for a in ty}
+    stack = list(roots)
+    while stack:
+        r = store.find(stack.pop())
+        if r in seen:
+            continue
+        seen.add(r)
+        kids = store.children(r) if store.kind(r) else []
+        if store.reasons(r):
+            for c in kids:
+                if not store.reasons(c):
+                    for why in store.reasons(r):
+                        store.fix(c, why)
+        stack.extend(kids)
+    # a fixed parent discovered after its children were visited: repeat until stable
+    changed = True
+    while changed:
+        changed = False
+        for r in seen:
+            if store.reasons(r) and store.kind(r):
+                for c in store.children(r):
+                    if not store.reasons(c):
+                        for why in store.reasons(r):
+                            store.fix(c, why)
+                        changed = True
+
+
+def _contexts(store, raw_axes, tensor_types, groups: set[int]) -> dict[int, list[int]]:
+    """Context of each group: outer factors it may be indexed by.
+
+    A candidate must precede the group in the product structure of *every*
+    parameter axis containing it (so the index map is per-axis), and co-occur
+    with it in *every* tensor of the graph (so every op treats the group's axis
+    batch-wise along the candidate's axis). Otherwise the group is shared.
+    """
+    cand: dict[int, list[int]] = {}
+
+    def walk(t: AxisTree, pre: list[int]) -> None:
+        match t:
+            case G(x):
+                cand[x] = [c for c in cand[x] if c in pre] if x in cand else list(pre)
+            case Cat(parts):
+                for s in parts:
+                    walk(s, pre)
+            case Prod(parts):
+                acc = list(pre)
+                for s in parts:
+                    walk(s, acc)
+                    if isinstance(s, G):
+                        acc = acc + [s.name]
+
+    for trees in raw_axes.values():
+        for t in trees:
+            walk(t, [])
+    cooc: dict[int, set[int]] = {}
+    for ty in tensor_types + list(_param_types(raw_axes)):
+        present = {x for a in ty for x in (store.leaves(a) if isinstance(a, int) else [a])} & groups
+        for x in present:
+            cooc[x] = cooc[x] & present if x in cooc else set(present)
+    return {x: [c for c in cand.get(x, []) if c in cooc.get(x, set()) and c != x] for x in groups}
+
+
+def _param_types(raw_axes):
+    for trees in raw_axes.values():
+        yield [g for t in trees for g in t.groups()]
+
+
+def _outer_first(leaves: list[int], ctx: dict[int, list[int]]) -> list[int]:
+    out: list[int] = []
+    done: set[int] = set()
+
+    def visit(x: int) -> None:
+        if x in done:
+            return
+        done.add(x)
+        for c in ctx[x]:
+            visit(c)
+        out.append(x)
+
+    for x in leaves:
+        visit(x)
+    return out
+
+
+def _role(store, x: int, ctx: dict[int, list[int]]) -> str:
+    roles = store.roles(x)
+    if "qk" in roles and "vo" in roles:
+        return "qkvo"
+    if roles:
+        return roles[0]
+    if any(x in cs for cs in ctx.values()):
+        return "heads"
+    return "within" if ctx[x] else ""
+
+
+_LAYER = re.compile(r"\.\d+(?=\.|$)")
+
+
+def _name_groups(store, leaves: list[int], raw_axes, ctx) -> dict[int, str]:
+    """Names from module paths: the members' common module prefix plus a role."""
+    members: dict[int, list[str]] = {x: [] for x in leaves}
+    for p, trees in raw_axes.items():
+        for t in trees:
+            for g in dict.fromkeys(t.groups()):
+                members[g].append(p)
+    names: dict[int, str] = {}
+    bases: dict[int, tuple[str, str]] = {}
+    used: Counter = Counter()
+    for x in leaves:
+        mods = [m.rsplit(".", 1)[0] if "." in m else "" for m in members[x]]
+        prefix = _common_prefix(mods)
+        role = _role(store, x, ctx)
+        layers = {tuple(_LAYER.findall(m)) for m in members[x]}
+        if not role and len(layers) > 1 and not ctx[x]:
+            prefix = "residual"  # a flat group spanning several layers: the residual stream
+        elif not prefix:
+            prefix = "+".join(sorted({m.split(".")[0] for m in members[x]})) or "root"
+        base = f"{prefix}.{role}" if role else prefix
+        bases[x] = (base, Counter(m.split(".")[0] for m in members[x]).most_common(1)[0][0])
+    counts = Counter(b for b, _ in bases.values())
+    for x in leaves:
+        base, top = bases[x]
+        if counts[base] > 1 and base == "residual":
+            base = f"residual[{top}]"
+        used[base] += 1
+        names[x] = base if used[base] == 1 else f"{base}#{used[base]}"
+    return names
+
+
+def _common_prefix(mods: list[str]) -> str:
+    parts = [m.split(".") if m else [] for m in mods]
+    out = []
+    for segs in zip(*parts):
+        if len(set(segs)) != 1:
+            break
+        out.append(segs[0])
+    return ".".join(out)

@@ -1,0 +1,112 @@
+"""Derived specs: rewrites of a spec's groups that solvers use.
+
+- ``merged``: several groups forced to share one permutation. Sound: the permutations
+  of the result are a subgroup of the original's.
+- ``shared_within_head``: each head's Q/K and V/O within-head groups merged (the
+  TransFusion paper's choice).
+- ``flattened_heads``: heads and their within-head groups merged into one flat group
+  per product axis: the head-contaminating baseline, NOT function-preserving.
+
+``expand_permutation`` maps a permutation of a merged spec back onto the original
+spec (a shared permutation is every member's permutation).
+"""
+from __future__ import annotations
+
+import math
+
+from permgraph.errors import InputError
+from permgraph.ir import AxisTree, Cat, Fixed, G, Permutation, Prod
+from permgraph.spec import Group, PermSpec
+
+
+def merged(spec: PermSpec, names: list[str], new_name: str) -> PermSpec:
+    """``spec`` with groups ``names`` sharing one permutation, called ``new_name``."""
+    first = spec.groups[names[0]]
+    if any((spec.groups[n].size, spec.groups[n].ctx) != (first.size, first.ctx) for n in names):
+        raise InputError(f"cannot merge groups of different sizes or contexts: {names}")
+    ren = {n: new_name for n in names}
+    groups: dict[str, Group] = {}
+    for g in spec.groups.values():
+        name = ren.get(g.name, g.name)
+        if name in groups:
+            continue
+        role = "+".join(dict.fromkeys(spec.groups[n].role for n in names)) if name == new_name else g.role
+        groups[name] = Group(name, g.size, tuple(ren.get(c, c) for c in g.ctx), role)
+    axes = {p: [t.rename(lambda n: G(ren.get(n, n))) for t in trees] for p, trees in spec.axes.items()}
+    return spec.with_trees(axes, groups)
+
+
+def shared_within_head(spec: PermSpec) -> PermSpec:
+    """Each head's Q/K and V/O within-head groups merged into one, where both are free
+    and of one size; otherwise unchanged."""
+    out = spec
+    for h in spec.head_groups():
+        kids = [g for g, grp in spec.groups.items() if grp.ctx == (h,) and grp.role in ("qk", "vo")]
+        if len(kids) == 2 and spec.groups[kids[0]].size == spec.groups[kids[1]].size:
+            out = merged(out, kids, kids[0].rsplit(".", 1)[0] + ".qkvo")
+    return out
+
+
+def expand_permutation(derived: PermSpec, perm: Permutation, original: PermSpec) -> Permutation:
+    """A permutation of ``derived`` (``original`` with groups merged) as one of ``original``:
+    each original group takes the permutation of the group it was merged into."""
+    mapping = group_map(original, derived)
+    return Permutation({g: perm[mapping[g]] for g in original.groups})
+
+
+def group_map(original: PermSpec, derived: PermSpec) -> dict[str, str]:
+    """Original group -> derived group, by zipping the axis trees; ``InputError`` when ``derived``
+    is not ``original`` with groups merged (e.g. flattened heads)."""
+    out: dict[str, str] = {}
+
+    def walk(t: AxisTree, u: AxisTree, where: str) -> None:
+        match t, u:
+            case G(a), G(b) if original.groups[a].size == derived.groups[b].size:
+                if out.setdefault(a, b) != b:
+                    raise InputError(f"group '{a}' maps to two groups of the derived spec ({where})")
+            case Fixed(n), Fixed(m) if n == m:
+                pass
+            case (Prod(ps), Prod(qs)) | (Cat(ps), Cat(qs)) if type(t) is type(u) and len(ps) == len(qs):
+                for x, y in zip(ps, qs):
+                    walk(x, y, where)
+            case _:
+                raise InputError(f"the alignment's spec is not the given spec with groups merged (at {where}): "
+                                 "its permutation cannot be expressed on the given spec")
+
+    for p, trees in original.axes.items():
+        if p not in derived.axes or len(derived.axes[p]) != len(trees):
+            raise InputError(f"the specs differ on parameter '{p}'")
+        for d, (t, u) in enumerate(zip(trees, derived.axes[p])):
+            walk(t, u, f"'{p}' axis {d}")
+    missing = [g for g in original.groups if g not in out]
+    if missing:
+        raise InputError(f"groups {missing[:3]} have no counterpart in the derived spec")
+    return out
+
+
+def flattened_heads(spec: PermSpec) -> PermSpec:
+    """Every product of groups on an axis becomes one flat group over the whole product."""
+    groups: dict[str, Group] = {}
+
+    def flat(t: AxisTree) -> AxisTree:
+        match t:
+            case G() | Fixed():
+                return t
+            case Cat(parts):
+                return Cat(tuple(flat(s) for s in parts))
+            case Prod(parts):
+                subs = [flat(s) for s in parts]
+                if not any(isinstance(s, G) for s in subs):
+                    return Prod(tuple(subs))
+                name = "*".join(s.name if isinstance(s, G) else f"fixed{s.size(spec.sizes)}" for s in subs)
+                size = math.prod(s.size(spec.sizes) for s in subs)
+                groups.setdefault(name, Group(name, size, (), "flat-heads"))
+                return G(name)
+        raise TypeError(f"not an axis tree: {t!r}")
+
+    axes = {p: [flat(t) for t in trees] for p, trees in spec.axes.items()}
+    used = {g for trees in axes.values() for t in trees for g in t.groups()}
+    for g in spec.groups.values():
+        if g.name in used and not g.ctx:
+            groups.setdefault(g.name, g)
+    return spec.with_trees(axes, {k: v for k, v in groups.items() if k in used})
