@@ -1,6 +1,7 @@
 """permgraph: compile a PyTorch model into its permutation spec and re-base models with it."""
 from __future__ import annotations
 
+from permgraph.adapters import transport_adapter
 from permgraph.align import align, apply_alignment
 from permgraph.compiler import compile
 from permgraph.explain import explain
@@ -16,5 +17,5 @@ from permgraph.verify import VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = ["compile", "explain", "verify", "apply_permutation", "align", "apply_alignment", "transport",
-           "Alignment", "available_solvers", "register_solver", "PermSpec", "Permutation",
+           "transport_adapter", "Alignment", "available_solvers", "register_solver", "PermSpec", "Permutation",
            "Group", "Member", "FixedAxis", "VerifyReport", "TraceError", "__version__"]
