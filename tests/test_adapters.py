@@ -406,3 +406,17 @@ def test_alpha_limits(tmp_path):
         transport_adapter((spec, perm), biased, alpha=0.5)
     res = transport_adapter((spec, perm), biased, alpha=0.5, base_a=a, base_b=b)
     assert res.state
+
+
+def test_read_write_roundtrip_loads_in_peft(tmp_path):
+    a = base("bert")
+    folder = make_adapter(a, LoraConfig(r=4, target_modules=["query", "value"]), tmp_path / "ad")
+    from permgraph.adapters import write_adapter
+
+    config, state = read_adapter(folder)
+    out = write_adapter(tmp_path / "copy", config, state)
+    assert (out / "adapter_config.json").is_file() and (out / "permgraph_output.json").is_file()
+    assert rel(run(a, out, ids()), run(a, folder, ids())) == 0.0
+    with pytest.raises(InputError, match="exists"):
+        write_adapter(tmp_path / "copy", config, state)
+    write_adapter(tmp_path / "copy", config, state, force=True)  # replaces its own earlier output
