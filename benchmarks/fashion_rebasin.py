@@ -24,7 +24,7 @@ import torch
 
 import permgraph as pg
 from permgraph.experiments import Split, barrier, evaluate, fashion_mnist, train, with_state
-from permgraph.zoo import PatchViT
+from permgraph.testing.zoo import PatchViT
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache"

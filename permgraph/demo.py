@@ -16,7 +16,7 @@ import torch
 
 import permgraph as pg
 from permgraph.experiments import TASKS, barrier, digits, evaluate, train, with_state
-from permgraph.zoo import PatchViT
+from permgraph.testing.zoo import PatchViT
 
 SOLVERS = [("transfusion", "transfusion", {}),
            ("weight matching (spectral heads, Q/K and V/O separate)", "weight_matching", {"heads": "spectral"}),

@@ -6,7 +6,7 @@ import torch
 
 import permgraph as pg
 from permgraph.cli import main
-from permgraph.zoo import build
+from permgraph.testing.zoo import build
 
 
 @pytest.fixture(scope="module")

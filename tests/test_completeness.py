@@ -3,7 +3,7 @@ import pytest
 
 import permgraph as pg
 from permgraph.ir import Cat, Fixed
-from permgraph.zoo import ZOO, build
+from permgraph.testing.zoo import ZOO, build
 
 # reasons an axis may legitimately stay fixed: data axes and true symmetry breakers
 ALLOWED = ("embedding lookup", "model input", "model output", "convolution kernel", "spatial positions",

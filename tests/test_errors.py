@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import permgraph as pg
-from permgraph.zoo import build
+from permgraph.testing.zoo import build
 
 
 class DataDependent(nn.Module):

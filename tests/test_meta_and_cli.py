@@ -7,7 +7,7 @@ import torch
 
 import permgraph as pg
 from permgraph.cli import main
-from permgraph.zoo import build
+from permgraph.testing.zoo import build
 
 
 def test_meta_device_compiles_to_the_same_spec():

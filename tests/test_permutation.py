@@ -5,7 +5,7 @@ import torch
 import permgraph as pg
 from permgraph.ir import Cat, Fixed, G, Permutation, Prod
 from permgraph.permutation import axis_index
-from permgraph.zoo import build
+from permgraph.testing.zoo import build
 
 
 @pytest.fixture(scope="module")

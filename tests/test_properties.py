@@ -4,7 +4,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import permgraph as pg
-from permgraph.zoo import TinyTransformer
+from permgraph.testing.zoo import TinyTransformer
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import permgraph as pg
 from permgraph.cli import main
 from permgraph.errors import FormatError, InputError
-from permgraph.zoo import build
+from permgraph.testing.zoo import build
 
 TMP_GLOB = ".*permgraph-*"
 

@@ -4,7 +4,7 @@ import torch
 
 import permgraph as pg
 from permgraph.rewrites import shared_within_head
-from permgraph.zoo import ZOO, build
+from permgraph.testing.zoo import ZOO, build
 
 
 @pytest.fixture(scope="module", params=sorted(ZOO))

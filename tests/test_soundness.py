@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import permgraph as pg
-from permgraph.zoo import ZOO, build
+from permgraph.testing.zoo import ZOO, build
 
 
 @pytest.fixture(scope="module", params=sorted(ZOO))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import permgraph as pg
-from permgraph.zoo import build
+from permgraph.testing.zoo import build
 
 
 def finetune(sd, scale=0.05, seed=0):
