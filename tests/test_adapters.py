@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model  # noqa: E402
 
 import permgraph as pg  # noqa: E402
-from permgraph import zoo  # noqa: E402
+from permgraph.testing import zoo  # noqa: E402
 from permgraph.adapters import AdapterError, read_adapter, transport_adapter  # noqa: E402
 from permgraph.errors import InputError  # noqa: E402
 from permgraph.alignment import Alignment  # noqa: E402
