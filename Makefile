@@ -4,15 +4,20 @@ PYTHON ?= python3
 # install any torch the package range admits.
 INSTALL = $(PYTHON) -m pip install -q torch==2.13.0 -e ".[dev]"
 
-.PHONY: install demo test bench
+.PHONY: install demo lint test bench
 
 install:
 	$(INSTALL)
 
 demo: install
-	$(PYTHON) -m permgraph demo
+	$(PYTHON) examples/digits_demo.py
 
-test: install
+# layers import only downward (import-linter), ruff's checks, then the test suite
+lint: install
+	lint-imports
+	ruff check permgraph tests benchmarks examples
+
+test: lint
 	$(PYTHON) -m pytest
 
 bench: install

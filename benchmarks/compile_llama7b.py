@@ -13,8 +13,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import permgraph as pg
-from permgraph.infer import infer
 from permgraph.build import build_spec
+from permgraph.infer import infer
 from permgraph.trace import trace
 
 

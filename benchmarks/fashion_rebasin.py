@@ -15,15 +15,17 @@ Usage: apt-get install dataset-fashion-mnist && python benchmarks/fashion_rebasi
 from __future__ import annotations
 
 import argparse
-import copy
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import permgraph as pg
-from permgraph.experiments import Split, barrier, evaluate, fashion_mnist, train, with_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from experiments import Split, barrier, evaluate, fashion_mnist, train, with_state  # noqa: E402
 from permgraph.testing.zoo import PatchViT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,10 +72,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--eval-size", type=int, default=5000)
+    ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist",
+                    help="folder with the Fashion-MNIST idx .gz files (apt-get install dataset-fashion-mnist)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    train_set, test_set = fashion_mnist()
+    train_set, test_set = fashion_mnist(args.data)
     test = test_set.subset(args.eval_size, 0)
     device = f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
     template = model_factory()
@@ -126,7 +130,8 @@ def lmc_section(template, a, b, alignments, test) -> list[str]:
     rows = ["## 1. Linear mode connectivity (paper Fig. 5)", "",
             f"A: test loss {loss_a:.4f}, accuracy {100 * acc_a:.1f}%; B: test loss {loss_b:.4f}, "
             f"accuracy {100 * acc_b:.1f}%.", "",
-            "| method | loss barrier | acc at midpoint | loss at l=0 minus A's loss | function-preserving | align time |",
+            "| method | loss barrier | acc at midpoint | loss at l=0 minus A's loss | function-preserving "
+            "| align time |",
             "|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, _, _ in METHODS:
@@ -161,7 +166,7 @@ def transfer_section(template, a, b, alignments, spec, train_set, test, args) ->
         task_train, task_test = make(train_set), make(test)
         val, fit = task_train.subset(2000, 7), task_train.subset(20000, 8)
 
-        def make_ft():
+        def make_ft(fit=fit):
             return train(with_state(template, a), fit, epochs=args.ft_epochs, lr=5e-4, batch=128, seed=2).state_dict()
 
         a_ft = cached(f"ft_{task}_e{args.epochs}_f{args.ft_epochs}", make_ft)

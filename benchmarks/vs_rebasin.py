@@ -28,7 +28,7 @@ def main() -> None:
     try:
         from rebasin import PermutationCoordinateDescent
     except ImportError:
-        raise SystemExit("pip install rebasin==0.0.47 first")
+        raise SystemExit("pip install rebasin==0.0.47 first") from None
     torch.manual_seed(0)
     x = torch.randn(64, 784)
     a = mlp().eval()

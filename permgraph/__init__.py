@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from permgraph.adapters import transport_adapter
 from permgraph.align import align, apply_alignment
+from permgraph.alignment import Alignment
 from permgraph.compiler import compile
 from permgraph.explain import explain
-from permgraph.alignment import Alignment
 from permgraph.ir import Permutation
 from permgraph.permutation import apply_permutation
 from permgraph.solvers import available_solvers, register_solver

@@ -90,7 +90,8 @@ def apply_alignment(alignment: Alignment, state: ModelLike) -> dict[str, torch.T
             continue
         for dim, tree in enumerate(trees):
             if isinstance(tree, G) and tree.name in alignment.soft:
-                t = alignment.soft[tree.name].to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+                dtype = x.dtype if x.is_floating_point() else torch.float32
+                t = alignment.soft[tree.name].to(device=x.device, dtype=dtype)
                 x = torch.tensordot(t, x.movedim(dim, 0), dims=1).movedim(0, dim)
         out[name] = x
     return out

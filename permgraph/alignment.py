@@ -67,7 +67,8 @@ class Alignment:
                 t = torch.tensor(v, dtype=torch.float64)
             except (ValueError, TypeError, RuntimeError):
                 t = None
-            if n is None or t is None or tuple(t.shape) != (n, n) or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            if n is None or t is None or tuple(t.shape) != (n, n) or not bool(torch.isfinite(t).all()) \
+                    or bool((t < 0).any()):
                 raise FormatError(f"soft transport plan of group '{g}' is not a finite, non-negative "
                                   f"{n} x {n} matrix of a group of the spec")
             soft[g] = t
@@ -80,7 +81,8 @@ class Alignment:
     def summary(self) -> str:
         obj = f"objective {self.history[0]:.4g} -> {self.history[-1]:.4g}" if self.history else ""
         warn = "" if self.function_preserving else (
-            "  [NOT function-preserving: soft transport plans]" if self.soft else "  [NOT function-preserving: ablation]")
+            "  [NOT function-preserving: soft transport plans]" if self.soft
+            else "  [NOT function-preserving: ablation]")
         t = sum(v for k, v in self.timings.items() if k == "total")
         if self.history and self.history[-1] < self.history[0]:
             warn += ("  [objective decreased: the head matching disagrees with weight matching; "

@@ -77,8 +77,8 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 def cmd_transport(args: argparse.Namespace) -> int:
     import permgraph as pg
-    from permgraph.loading import load_source, read_text, write_state
     from permgraph.alignment import Alignment
+    from permgraph.loading import load_source, read_text, write_state
     from permgraph.transport import check_alpha, check_transport_inputs, parse_alpha
 
     t0 = time.perf_counter()
@@ -112,12 +112,6 @@ def cmd_transport(args: argparse.Namespace) -> int:
     _report(args, al, {"out": str(out), "tensors": len(result), "alpha": args.alpha,
                        "seconds": round(time.perf_counter() - t0, 2)})
     return EXIT_OK
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from permgraph.demo import run_demo
-
-    return run_demo(quick=args.quick, task=args.task, seed=args.seed)
 
 
 # -- shared steps ---------------------------------------------------------------------
@@ -270,12 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept an alignment that is not function-preserving (flat heads, soft OT plans)")
     solver_opts(s)
     s.set_defaults(fn=cmd_transport)
-
-    s = command("demo", "re-base a fine-tune onto a new release on real data (sklearn digits)")
-    s.add_argument("--quick", action="store_true", help="train less (seconds instead of minutes)")
-    s.add_argument("--task", default="rotate90", choices=["rotate90", "invert", "flip", "relabel"])
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(fn=cmd_demo)
     return p
 
 

@@ -78,7 +78,7 @@ def load_transformers_folder(path: Path) -> nn.Module:
         raise ModelLoadError(f"{cfg_file} does not hold a JSON object")
     arch = (cfg_dict.get("architectures") or [None])[0]
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)  # a usable config
     except Exception as e:  # noqa: BLE001 - unknown model_type, bad fields
         raise ModelLoadError(f"{cfg_file} is not a usable transformers config: {type(e).__name__}: {e}") from None
     cls = getattr(transformers, arch, None) if arch else None
@@ -156,7 +156,8 @@ def load_weights_file(path: Path) -> dict:
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - corrupt or unreadable file
-        raise ModelLoadError(f"cannot read weights from {path} ({type(e).__name__}: {e}); is the file complete?") from None
+        raise ModelLoadError(f"cannot read weights from {path} ({type(e).__name__}: {e}); "
+                             "is the file complete?") from None
     raise ModelLoadError(f"{path}: unknown weights format (expected .safetensors, .bin, .pt)")
 
 

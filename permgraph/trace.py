@@ -171,14 +171,14 @@ def _path_name(path) -> str:
 
 def named_outputs(out: Any) -> list[tuple[str, Any]]:
     """A model's outputs flattened, with the names ``compile(outputs=...)`` uses."""
-    from torch.utils._pytree import tree_flatten_with_path
+    from torch.utils._pytree import tree_flatten_with_path  # noqa: PLC2701 - torch's pytree API
 
     return [(_path_name(p), x) for p, x in tree_flatten_with_path(out)[0]]
 
 
 def _output_names(ep) -> list[str]:
     """Names of the flattened outputs: 'logits', '[0]', 'encoder_last_hidden_state', ..."""
-    from torch.utils._pytree import tree_unflatten
+    from torch.utils._pytree import tree_unflatten  # noqa: PLC2701 - torch's pytree API
 
     spec = ep.call_spec.out_spec
     if spec is None:

@@ -17,10 +17,10 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from permgraph.errors import InputError, PermgraphWarning
 from permgraph.align import ModelLike, apply_alignment, check_compatible, state_of
 from permgraph.alignment import Alignment
 from permgraph.compiler import compile as compile_spec
+from permgraph.errors import InputError, PermgraphWarning
 from permgraph.ir import Permutation
 from permgraph.permutation import apply_permutation
 from permgraph.spec import PermSpec

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from permgraph.errors import InputError
 from permgraph.compiler import compile as compile_spec
+from permgraph.errors import InputError
 from permgraph.ir import Permutation
 from permgraph.permutation import apply_permutation
 from permgraph.spec import PermSpec

@@ -45,7 +45,6 @@ class TorchAuctionBackend(LapBackend):
         dev = s.device
         assign = torch.full((b, n), -1, dtype=torch.long, device=dev)   # row -> col
         owner = torch.full((b, n), -1, dtype=torch.long, device=dev)    # col -> row
-        batch_idx = torch.arange(b, device=dev)
         for _ in range(self.max_rounds):
             free = assign < 0
             if not bool(free.any()):

@@ -17,7 +17,7 @@ from typing import Any, Union
 
 import torch
 import torch.fx as fx
-from torch._ops import OpOverload, OpOverloadPacket
+from torch._ops import OpOverload, OpOverloadPacket  # noqa: PLC2701 - the types of torch.ops.aten.*
 
 from permgraph.infer.context import Args, RuleContext
 

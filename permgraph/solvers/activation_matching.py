@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-
-from dataclasses import dataclass
 
 from permgraph.alignment import Alignment
 from permgraph.backends import get_backend
@@ -188,6 +187,6 @@ def _pair_correlation(spec: PermSpec, h: str, correlation):
 
 def _flat_inputs(ep, args: tuple, kwargs: dict) -> list:
     """User inputs in the order the unlifted module expects them."""
-    from torch.utils._pytree import tree_flatten
+    from torch.utils._pytree import tree_flatten  # noqa: PLC2701 - torch's pytree API
 
     return tree_flatten((args, kwargs))[0]

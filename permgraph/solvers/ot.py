@@ -36,7 +36,8 @@ def ot_solver(spec: PermSpec, params_a: Mapping[str, torch.Tensor], params_b: Ma
     """OT alignment; ``reg`` > 0 adds Sinkhorn soft plans for flat groups (see module docstring)."""
     import dataclasses
 
-    wm_opts = WeightMatchingOptions(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(WeightMatchingOptions)})
+    shared = {f.name: getattr(opts, f.name) for f in dataclasses.fields(WeightMatchingOptions)}
+    wm_opts = WeightMatchingOptions(**shared)
     if wm_opts.backend == "auto":
         wm_opts.backend = "pot"
     hard = weight_matching(spec, params_a, params_b, wm_opts, solver_name="ot")

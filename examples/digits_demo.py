@@ -1,4 +1,4 @@
-"""``permgraph demo``: re-base a fine-tune onto a new release, on real data, in a few minutes on a CPU.
+"""The demo (``make demo``): re-base a fine-tune onto a new release, on real data, in seconds on a CPU.
 
 1. Two small ViT "releases" are trained on scikit-learn's digits: A (seed 0, 40% of
    the training set) and B (seed 1, all of it, like a newer release).
@@ -7,22 +7,26 @@
 4. tau is transported: B + pi(tau); accuracy on the task and on the original
    digits (support), and the loss barrier between pi(A) and B.
 Every step is seeded. ``--quick`` trains less (for tests).
+
+Usage: python examples/digits_demo.py [--quick] [--task rotate90|invert|flip|relabel] [--seed 0]
 """
 from __future__ import annotations
 
+import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import permgraph as pg
-from permgraph.experiments import TASKS, barrier, digits, evaluate, train, with_state
+from permgraph.solvers import get_solver
 from permgraph.testing.zoo import PatchViT
 
-SOLVERS = [("transfusion", "transfusion", {}),
-           ("weight matching (spectral heads, Q/K and V/O separate)", "weight_matching", {"heads": "spectral"}),
-           ("optimal transport (exact)", "ot", {}),
-           ("activation matching", "activation_matching", {}),
-           ("flat heads (ablation, not function-preserving)", "weight_matching", {"heads": "flat"})]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiments import TASKS, barrier, digits, evaluate, train, with_state  # noqa: E402
+
+SOLVERS = ("transfusion", "weight_matching", "ot", "activation_matching", "wm_flat")  # registry presets
 
 
 def run_demo(quick: bool = False, task: str = "rotate90", seed: int = 0) -> int:
@@ -63,11 +67,13 @@ def run_demo(quick: bool = False, task: str = "rotate90", seed: int = 0) -> int:
     no_align = pg.transport(a, a_ft, b, spec.identity(), spec=spec)
     bar, _, _ = barrier(model_a, a, b, test_set)
     rows.append(("B + tau (no alignment)", *scores(no_align), bar, 0.0))
-    data = [(task_train.x[i:i + 64],) for i in range(0, 256, 64)] + [(train_set.x[i:i + 64],) for i in range(0, 256, 64)]
-    for label, solver, opts in SOLVERS:
+    data = [(s.x[i:i + 64],) for s in (task_train, train_set) for i in range(0, 256, 64)]
+    for name in SOLVERS:
         t0 = time.perf_counter()
-        extra = {"data": data} if solver == "activation_matching" else {}
-        al = pg.align(model_a, model_b, spec, solver=solver, seed=seed, **opts, **extra)
+        entry = get_solver(name)
+        label = entry.label + ("" if entry.fixed.get("heads") != "flat" else ", not function-preserving")
+        extra = {"data": data} if entry.needs_data else {}
+        al = pg.align(model_a, model_b, spec, solver=name, seed=seed, **extra)
         dt = time.perf_counter() - t0
         moved = pg.transport(a, a_ft, b, al, allow_non_preserving=True)  # the flat ablation is compared too
         bar, _, _ = barrier(model_a, pg.apply_alignment(al, a), b, test_set)
@@ -84,3 +90,16 @@ def run_demo(quick: bool = False, task: str = "rotate90", seed: int = 0) -> int:
     print(f"\nseed {seed}, {torch.get_num_threads()} threads, {time.perf_counter() - t_start:.0f} s in all "
           f"({t_train:.0f} s training)")
     return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="train less (seconds instead of minutes)")
+    ap.add_argument("--task", default="rotate90", choices=sorted(TASKS))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    return run_demo(quick=args.quick, task=args.task, seed=args.seed)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

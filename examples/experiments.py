@@ -39,11 +39,9 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[Split, Split]:
     return Split(x[idx[n_test:]], y[idx[n_test:]]), Split(x[idx[:n_test]], y[idx[:n_test]])
 
 
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-def fashion_mnist(root: str = FASHION_DIR) -> tuple[Split, Split]:
-    """Fashion-MNIST (60k train / 10k test, 28x28) from Debian's dataset-fashion-mnist package."""
+def fashion_mnist(root: str) -> tuple[Split, Split]:
+    """Fashion-MNIST (60k train / 10k test, 28x28) from a folder of the idx .gz files
+    (Debian's dataset-fashion-mnist installs them in /usr/share/datasets/fashion-mnist)."""
     import gzip
     from pathlib import Path
 
@@ -120,4 +118,4 @@ def barrier(template: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, 
         losses.append(loss)
         accs.append(acc)
     line = [(1 - t) * losses[0] + t * losses[-1] for t in ts]
-    return max(l - m for l, m in zip(losses, line)), losses, accs
+    return max(loss - mid for loss, mid in zip(losses, line)), losses, accs
