@@ -170,7 +170,7 @@ def _jsonable(x: Any) -> Any:
         return sorted(_jsonable(v) for v in x)
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
-    if hasattr(x, "value") and isinstance(getattr(x, "value"), str):  # enums (PeftType, TaskType)
+    if hasattr(x, "value") and isinstance(x.value, str):  # enums (PeftType, TaskType)
         return x.value
     return x
 
@@ -582,7 +582,7 @@ def transport_adapter(alignment: Alignment | tuple[PermSpec, Permutation], adapt
         results = [_carry(p, mv, alpha, sa, sb, merge, base_new, alignment) for p in plans]
         for res, target in zip(results, targets_out):
             if target is not None:
-                _write(target, res, merge)
+                write_result(res, target.tmp)
                 res.out = target.commit()
     finally:
         for target in targets_out:
@@ -755,12 +755,15 @@ def _merged(p: _Plan, moved: list[_Moved], full, mv: _Mover, alpha: Alpha, sa, s
     return out
 
 
-def _write(target, res: TransportedAdapter, merge: bool) -> None:
+def write_result(res: TransportedAdapter, path: Path) -> None:
+    """Write a carried adapter into ``path`` (an existing, empty folder), or a merged state
+    (``res.merged``) as the ``.safetensors`` file ``path``. Use it with an ``OutputTarget``'s
+    temporary path; ``transport_adapter(out=...)`` does."""
     from safetensors.torch import save_file
 
     from permgraph.outputs import package_version
 
-    if merge:
-        save_file(_untie(res.state), str(target.tmp), metadata={"format": "pt", "permgraph": package_version()})
+    if res.merged:
+        save_file(_untie(res.state), str(path), metadata={"format": "pt", "permgraph": package_version()})
         return
-    _write_folder(target.tmp, res.config, res.state, {"notes": res.notes, "kept": res.kept, "targets": res.targets})
+    _write_folder(path, res.config, res.state, {"notes": res.notes, "kept": res.kept, "targets": res.targets})

@@ -77,8 +77,7 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 def cmd_transport(args: argparse.Namespace) -> int:
     import permgraph as pg
-    from permgraph.alignment import Alignment
-    from permgraph.loading import load_source, read_text, write_state
+    from permgraph.loading import load_source, write_state
     from permgraph.transport import check_alpha, check_transport_inputs, parse_alpha
 
     t0 = time.perf_counter()
@@ -89,14 +88,15 @@ def cmd_transport(args: argparse.Namespace) -> int:
     if args.heads == "flat" and not args.allow_non_preserving and not args.permutation:
         raise InputError("--heads flat is not function-preserving (an ablation): pass --allow-non-preserving "
                          "to transport with it anyway")
+    if bool(args.finetuned) == bool(args.adapter):
+        raise InputError("pass either --finetuned A_FT (full fine-tunes) or --adapter DIR (PEFT LoRA adapters)")
+    if args.adapter:
+        return _transport_adapters(args, alpha, t0)
+    if args.merge or len(args.out) != 1:
+        raise InputError("--merge and several --out paths are for --adapter; --finetuned writes one --out")
     inputs = [args.base_old, *args.finetuned, args.base_new, args.spec, args.permutation]
-    with _target(args, args.out, MODEL_OUT, inputs) as target:
-        al = None
-        if args.permutation:
-            al = Alignment.from_json(read_text(args.permutation, "alignment file"))
-            if not al.function_preserving and not args.allow_non_preserving:
-                raise InputError(f"the alignment {args.permutation} is not function-preserving: pass "
-                                 "--allow-non-preserving to transport with it anyway")
+    with _target(args, args.out[0], MODEL_OUT, inputs) as target:
+        al = _read_alignment(args)
         a, b = load_source(args.base_old), load_source(args.base_new)
         fts = [load_source(f) for f in args.finetuned]
         alpha = check_alpha(alpha, list(a.state))
@@ -112,6 +112,53 @@ def cmd_transport(args: argparse.Namespace) -> int:
     _report(args, al, {"out": str(out), "tensors": len(result), "alpha": args.alpha,
                        "seconds": round(time.perf_counter() - t0, 2)})
     return EXIT_OK
+
+
+def _transport_adapters(args: argparse.Namespace, alpha, t0: float) -> int:
+    """``transport --adapter``: LoRA adapters of A carried to B as adapters (or merged with --merge)."""
+    import permgraph as pg
+    from permgraph.adapters import read_adapter, write_result
+    from permgraph.loading import load_source
+    from permgraph.transport import check_alpha
+
+    if len(args.out) != len(args.adapter):
+        raise InputError(f"{len(args.adapter)} adapters need {len(args.adapter)} --out paths, got {len(args.out)}")
+    kinds = {".safetensors": "file"} if args.merge else {"": "folder"}
+    inputs = [args.base_old, *args.adapter, args.base_new, args.spec, args.permutation]
+    with contextlib.ExitStack() as stack:
+        targets = [stack.enter_context(_target(args, o, kinds, inputs)) for o in args.out]
+        al = _read_alignment(args)
+        adapters = [read_adapter(p) for p in args.adapter]
+        a, b = load_source(args.base_old), load_source(args.base_new)
+        alpha = check_alpha(alpha, list(a.state))
+        if al is None:
+            al = _align(args, a, b, _spec_from(args, a if a.module is not None else b))
+        base_new = str(Path(args.base_new).resolve()) if Path(args.base_new).exists() else args.base_new
+        results = pg.transport_adapter(al, adapters, base_new=base_new, merge=args.merge, alpha=alpha,
+                                       base_a=a.module or a.state, base_b=b.module or b.state,
+                                       allow_non_preserving=args.allow_non_preserving)
+        outs = []
+        for target, res in zip(targets, results):
+            write_result(res, target.tmp)
+            outs.append(str(target.commit()))
+    kept = sum(len(r.kept) for r in results)
+    _report(args, al, {"out": ", ".join(outs), "adapters": len(results), "merged": args.merge,
+                       "kept_unchanged": kept, "seconds": round(time.perf_counter() - t0, 2)})
+    return EXIT_OK
+
+
+def _read_alignment(args: argparse.Namespace):
+    """The alignment of --permutation, validated, or None."""
+    from permgraph.alignment import Alignment
+    from permgraph.loading import read_text
+
+    if not args.permutation:
+        return None
+    al = Alignment.from_json(read_text(args.permutation, "alignment file"))
+    if not al.function_preserving and not args.allow_non_preserving:
+        raise InputError(f"the alignment {args.permutation} is not function-preserving: pass "
+                         "--allow-non-preserving to transport with it anyway")
+    return al
 
 
 # -- shared steps ---------------------------------------------------------------------
@@ -252,11 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
                 "Carry a fine-tuning (task vector) from an old base release onto a new one, with no data "
                 "and no training.")
     s.add_argument("--base-old", required=True, metavar="A", help="the release the fine-tune was made from")
-    s.add_argument("--finetuned", required=True, nargs="+", metavar="A_FT",
+    s.add_argument("--finetuned", nargs="+", metavar="A_FT", default=[],
                    help="the fine-tuned model(s); several are summed")
+    s.add_argument("--adapter", nargs="+", metavar="DIR", default=[],
+                   help="PEFT LoRA adapter folder(s) trained on A, carried to B as adapters (one --out each); "
+                        "instead of --finetuned")
+    s.add_argument("--merge", action="store_true",
+                   help="with --adapter: write B + alpha*pi(dW) as a full .safetensors state instead")
     s.add_argument("--base-new", required=True, metavar="B", help="the new release")
-    s.add_argument("--out", required=True,
-                   help="output: a folder (transformers; no suffix, or end it with '/') or a .safetensors file")
+    s.add_argument("--out", required=True, nargs="+",
+                   help="output: a folder (transformers; no suffix, or end it with '/') or a .safetensors file; "
+                        "with --adapter, one adapter folder (or .safetensors with --merge) per adapter")
     s.add_argument("--alpha", default="1.0",
                    help="scale: a finite number, or 'glob=value,...' per parameter (each glob must match)")
     s.add_argument("--permutation", default=None, help="alignment JSON from 'permgraph align' (skip solving)")
