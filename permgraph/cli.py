@@ -273,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_verify)
 
     def solver_opts(s: argparse.ArgumentParser) -> None:
-        s.add_argument("--solver", default="transfusion",
-                       help="transfusion (default), weight_matching, ot, or a registered solver")
+        s.add_argument("--solver", default="weight_matching",
+                       help="weight_matching (default), transfusion, ot, a preset or a registered solver")
         s.add_argument("--heads", default=None, choices=list(HEAD_STRATEGIES),
                        help="head matching strategy (weight_matching, ot); 'flat' is not function-preserving")
         s.add_argument("--backend", default="auto", help="LAP backend: auto, scipy, lap, torch, pot")

@@ -52,7 +52,7 @@ def test_align_then_transport_with_saved_alignment(folders, tmp_path):
     al_file = tmp_path / "al.json"
     assert main(["align", str(root / "A"), str(root / "B"), "--out", str(al_file), "-q"]) == 0
     al = pg.Alignment.from_json(al_file.read_text())
-    assert al.settings["solver"] == "transfusion"
+    assert al.settings["solver"] == "weight_matching"  # the default
     out = tmp_path / "out.safetensors"
     assert main(["transport", "--base-old", str(root / "A"), "--finetuned", str(root / "A_ft"),
                  "--base-new", str(root / "B"), "--out", str(out), "--permutation", str(al_file), "-q"]) == 0

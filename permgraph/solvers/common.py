@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from permgraph.backends import LapBackend
-from permgraph.ir import AxisTree, Permutation
+from permgraph.ir import AxisTree, Cat, Fixed, Permutation, Prod
 from permgraph.permutation import axis_index, digit_map
 from permgraph.spec import PermSpec
 
@@ -151,16 +152,68 @@ class PermState:
         return q
 
 
-def spectral_heads(state: PermState, h: str, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    """TransFusion: heads matched by ``sum over sites ||S(B_i) - S(A_j)||`` (singular values of blocks)."""
+HEAD_DISTANCES = {
+    "paper": "TransFusion Eq. 7-8: sum over the Q, K and V projections of ||S(W_i) - S(W_j)|| "
+             "(fused projections split into their q/k/v segments, biases out)",
+    "official": "the paper's official code: the Q, K and V terms plus one for the output projection's columns",
+    "sites": "one term per parameter axis the head group lives on (a fused q|k|v block as one; biases in)",
+}
+
+
+def spectral_heads(state: PermState, h: str, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                   distance: str = "paper") -> None:
+    """Heads matched by ``D_ij = sum over blocks ||S(B_i) - S(A_j)||`` with ``S`` the singular values
+    of a head's block; the blocks are chosen by ``distance`` (``HEAD_DISTANCES``)."""
+    blocks = state.sites[h] if distance == "sites" else [
+        s for kind, s in head_blocks(state.spec, h) if kind == "in" or distance == "official"]
     dist = None
-    for site in state.sites[h]:
+    for site in blocks:
         if site.units.shape[0] != 1:
             return
         d = torch.cdist(block_svals(b[site.param], site), block_svals(a[site.param], site))
         dist = d if dist is None else dist + d
     if dist is not None:
         state.set(h, state.solve(-dist[None]))
+
+
+def head_blocks(spec: PermSpec, h: str) -> list[tuple[str, Site]]:
+    """The projection blocks of head group h in weight matrices: ``("in", site)`` for Q, K and V
+    (a fused q|k|v axis gives one block per segment), ``("out", site)`` for the output projection.
+
+    Q, K and V share their orientation (the head axis is their output axis); the output
+    projection reads heads on its other axis, so its blocks are those on the axis index
+    that holds the fewer blocks. Biases (1-D) are left out.
+    """
+    blocks = []
+    for p, trees in spec.axes.items():
+        if len(spec.shapes[p]) < 2:
+            continue
+        for axis, tree in enumerate(trees):
+            for offset, seg in _segments(tree, spec.sizes):
+                if h in seg.groups():
+                    units_, digits = unit_index(spec, h, seg)
+                    blocks.append(Site(p, axis, units_ + offset, digits))
+    counts = Counter(s.axis for s in blocks)
+    if len(counts) < 2:
+        return [("in", s) for s in blocks]
+    major = counts.most_common(1)[0][0]
+    return [("in" if s.axis == major else "out", s) for s in blocks]
+
+
+def _segments(tree: AxisTree, sizes) -> list[tuple[int, AxisTree]]:
+    """Consecutive projections on one axis with their offsets: a ``Cat``'s parts, or the slices of
+    a leading fixed factor (``nn.MultiheadAttention``'s packed ``Prod(Fixed(3), heads, d)``)."""
+    if isinstance(tree, Cat):
+        out, off = [], 0
+        for part in tree.parts:
+            out.append((off, part))
+            off += part.size(sizes)
+        return out
+    if isinstance(tree, Prod) and isinstance(tree.parts[0], Fixed) and len(tree.parts) > 1:
+        rest = Prod(tree.parts[1:]) if len(tree.parts) > 2 else tree.parts[1]
+        n = rest.size(sizes)
+        return [(k * n, rest) for k in range(tree.parts[0].n)]
+    return [(0, tree)]
 
 
 def brute_heads(state: PermState, h: str, pair_scores) -> None:

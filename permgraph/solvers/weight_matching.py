@@ -16,11 +16,20 @@ import torch
 
 from permgraph.alignment import Alignment
 from permgraph.backends import get_backend
+from permgraph.errors import InputError
 from permgraph.ir import Permutation
 from permgraph.permutation import permute_tensor
 from permgraph.rewrites import flattened_heads, shared_within_head
 from permgraph.solvers.base import SolverOptions
-from permgraph.solvers.common import HEAD_STRATEGIES, PermState, brute_heads, check_heads, spectral_heads, units
+from permgraph.solvers.common import (
+    HEAD_DISTANCES,
+    HEAD_STRATEGIES,
+    PermState,
+    brute_heads,
+    check_heads,
+    spectral_heads,
+    units,
+)
 from permgraph.spec import PermSpec
 
 Params = Mapping[str, torch.Tensor]
@@ -28,12 +37,18 @@ Params = Mapping[str, torch.Tensor]
 
 @dataclass
 class WeightMatchingOptions(SolverOptions):
+    """``heads``: a head strategy (``HEAD_STRATEGIES``); ``head_distance``: the blocks spectral
+    head matching compares (``HEAD_DISTANCES``: ``paper``, ``official`` or ``sites``)."""
+
     heads: str = "spectral"
+    head_distance: str = "paper"
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_heads(self.heads)
+        if self.head_distance not in HEAD_DISTANCES:
+            raise InputError(f"head_distance must be one of {list(HEAD_DISTANCES)}, not '{self.head_distance}'")
 
 
 class WeightCosts:
@@ -109,7 +124,7 @@ def weight_matching(spec: PermSpec, params_a: Params, params_b: Params, opts: We
     history = [wm.objective()]
     heads = work.head_groups()
     for h in heads if opts.heads == "spectral" else ():
-        spectral_heads(state, h, wm.a, wm.b)
+        spectral_heads(state, h, wm.a, wm.b, opts.head_distance)
     skip = set(heads) if opts.heads in ("spectral", "natural", "brute") else set()
     names = [g for g in work.groups if g not in skip]
     brute = sorted(heads) if opts.heads == "brute" else []
@@ -131,6 +146,7 @@ def weight_matching(spec: PermSpec, params_a: Params, params_b: Params, opts: We
         bar.close()
     timings = {**state.timings, "total": time.perf_counter() - t_start}
     settings = {"solver": solver_name, "heads": opts.heads, "backend": state.backend.name, "seed": opts.seed,
+                "head_distance": opts.head_distance,
                 "max_iter": opts.max_iter, "dtype": str(opts.dtype).replace("torch.", "")}
     return Alignment(state.perm, work, history, timings, settings,
                      function_preserving=HEAD_STRATEGIES[opts.heads].function_preserving)
