@@ -22,8 +22,11 @@ import permgraph as pg
 from permgraph.rewrites import shared_within_head
 from permgraph.trace import default_example_inputs
 
-SOLVERS = [("transfusion", "transfusion", {}),
-           ("wm spectral", "weight_matching", {"heads": "spectral"}),
+SOLVERS = [("transfusion (paper distance)", "transfusion", {}),
+           ("transfusion (official +O)", "transfusion", {"head_distance": "official"}),
+           ("transfusion (per site)", "transfusion", {"head_distance": "sites"}),
+           ("wm spectral (+guard)", "weight_matching", {"heads": "spectral"}),
+           ("wm spectral (no guard)", "weight_matching", {"heads": "spectral", "head_guard": False}),
            ("wm brute", "weight_matching", {"heads": "brute"}),
            ("wm lap", "weight_matching", {"heads": "lap"}),
            ("wm natural", "weight_matching", {"heads": "natural"}),
@@ -61,6 +64,7 @@ def unit_recovery(al, shared, perm, spec) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--solvers", default=None, help="comma-separated labels to run (default: all)")
     ap.add_argument("--sigmas", type=float, nargs="*", default=[0.0, 0.25, 0.5, 1.0, 2.0])
     args = ap.parse_args()
     print(__doc__.split("\n\n")[1].strip().replace("\n", " "))
@@ -73,7 +77,7 @@ def main() -> None:
               f"{args.seeds} seeds\n")
         print("| solver | " + " | ".join(f"sigma={s}" for s in args.sigmas) + " | time/align |")
         print("|---|" + "---|" * (len(args.sigmas) + 1))
-        for label, solver, opts in SOLVERS:
+        for label, solver, opts in [r for r in SOLVERS if not args.solvers or r[0] in args.solvers.split(",")]:
             cells, times = [], []
             for sigma in args.sigmas:
                 rec, err = [], []

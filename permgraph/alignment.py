@@ -86,6 +86,8 @@ class Alignment:
         t = sum(v for k, v in self.timings.items() if k == "total")
         if self.history and self.history[-1] < self.history[0]:
             warn += ("  [objective decreased: the head matching disagrees with weight matching; "
-                     "compare heads='lap' or 'brute']")
+                     "head_guard=True compares natural heads]")
+        if "head_guard" in self.settings:
+            warn += f"  [{self.settings['head_guard']}]"
         return (f"{self.settings.get('solver', '?')}: {len(self.spec.groups)} groups, {self.sweeps} sweeps, "
                 f"{obj}, {t:.2f} s{warn}")

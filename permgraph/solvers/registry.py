@@ -15,7 +15,7 @@ from permgraph.errors import InputError
 from permgraph.solvers.activation_matching import ActivationMatchingOptions, activation_matching
 from permgraph.solvers.base import SolverEntry, SolverOptions
 from permgraph.solvers.ot import OTOptions, ot_solver
-from permgraph.solvers.weight_matching import WeightMatchingOptions, transfusion, weight_matching
+from permgraph.solvers.weight_matching import TransfusionOptions, WeightMatchingOptions, transfusion, weight_matching
 
 _REGISTRY: dict[str, SolverEntry] = {}
 
@@ -66,7 +66,7 @@ def _load_entry_points() -> None:
 
 register_solver("weight_matching", weight_matching, options=WeightMatchingOptions,
                 label="weight matching (spectral, Q/K and V/O separate)")
-register_solver("transfusion", transfusion, options=WeightMatchingOptions,
+register_solver("transfusion", transfusion, options=TransfusionOptions,
                 label="transfusion (spectral, shared QKVO)")
 register_solver("ot", ot_solver, options=OTOptions, label="optimal transport (exact)")
 register_solver("activation_matching", activation_matching, options=ActivationMatchingOptions, needs_data=True,

@@ -8,6 +8,7 @@ sweep improves nothing. Heads follow ``heads`` (``permgraph.solvers.common.HEAD_
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -38,10 +39,13 @@ Params = Mapping[str, torch.Tensor]
 @dataclass
 class WeightMatchingOptions(SolverOptions):
     """``heads``: a head strategy (``HEAD_STRATEGIES``); ``head_distance``: the blocks spectral
-    head matching compares (``HEAD_DISTANCES``: ``paper``, ``official`` or ``sites``)."""
+    head matching compares (``HEAD_DISTANCES``: ``paper``, ``official`` or ``sites``);
+    ``head_guard``: when spectral head matching ends below the identity's objective, also
+    solve with heads in their natural order and keep the better of the two."""
 
     heads: str = "spectral"
     head_distance: str = "paper"
+    head_guard: bool = True
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
@@ -116,6 +120,21 @@ class WeightCosts:
 def weight_matching(spec: PermSpec, params_a: Params, params_b: Params, opts: WeightMatchingOptions,
                     solver_name: str = "weight_matching") -> Alignment:
     """Align A to B by coordinate descent over the spec's groups (see module docstring)."""
+    al = _descent(spec, params_a, params_b, opts, solver_name)
+    if opts.heads != "spectral" or not opts.head_guard or al.history[-1] >= al.history[0]:
+        return al
+    alt = _descent(spec, params_a, params_b, dataclasses.replace(opts, heads="natural"), solver_name)
+    note = (f"spectral heads ended at {al.history[-1]:.6g}, below the identity's {al.history[0]:.6g}; "
+            f"natural heads reached {alt.history[-1]:.6g}")
+    best = alt if alt.history[-1] > al.history[-1] else al
+    best.settings["head_guard"] = note + ("; kept natural heads" if best is alt else "; kept spectral heads")
+    best.timings["total"] = al.timings["total"] + alt.timings["total"]
+    return best
+
+
+def _descent(spec: PermSpec, params_a: Params, params_b: Params, opts: WeightMatchingOptions,
+             solver_name: str) -> Alignment:
+    """One coordinate descent from the identity, heads handled by ``opts.heads``."""
     t_start = time.perf_counter()
     work = flattened_heads(spec) if opts.heads == "flat" else spec
     device = next(iter(params_a.values())).device if params_a else None
@@ -152,9 +171,17 @@ def weight_matching(spec: PermSpec, params_a: Params, params_b: Params, opts: We
                      function_preserving=HEAD_STRATEGIES[opts.heads].function_preserving)
 
 
+@dataclass
+class TransfusionOptions(WeightMatchingOptions):
+    """As ``WeightMatchingOptions``; the guard is off: the paper's method as published."""
+
+    head_guard: bool = False
+
+
 def transfusion(spec: PermSpec, params_a: Params, params_b: Params, opts: WeightMatchingOptions) -> Alignment:
-    """The paper's method: spectral head matching, then one within-head permutation per head
-    pair shared by Q, K, V and O (``permgraph.rewrites.shared_within_head``)."""
+    """The paper's method: spectral head matching (Eq. 7-8 with ``head_distance="paper"``), then
+    one within-head permutation per head pair shared by Q, K, V and O
+    (``permgraph.rewrites.shared_within_head``), in Git Re-Basin's descent over the spec."""
     return weight_matching(shared_within_head(spec), params_a, params_b, opts, solver_name="transfusion")
 
 
