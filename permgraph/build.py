@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from permgraph.ir import AxisTree, Cat, Fixed, G, Prod
 from permgraph.spec import FixedAxis, Group, PermSpec
 
+
 def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Mapping[str, str],
                info: Mapping[str, Any], with_nodes: bool = False):
     """Turn atoms into groups: every free leaf that moves a parameter is a group.

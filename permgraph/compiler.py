@@ -7,9 +7,9 @@ from typing import Any, Sequence
 import torch.nn as nn
 
 from permgraph.axes import Reason
+from permgraph.build import build_spec
 from permgraph.errors import InputError, InternalError, PermgraphError
 from permgraph.infer import infer
-from permgraph.build import build_spec
 from permgraph.spec import PermSpec
 from permgraph.trace import ExampleInputs, trace
 
@@ -20,7 +20,8 @@ def compile(model: nn.Module, example_inputs: ExampleInputs = None, *,
 
     ``example_inputs``: a tuple of positional arguments or a dict of keyword
     arguments; derived from the config for transformers models when omitted.
-    ``outputs``: names of the outputs that must stay unchanged (default: all).
+    ``outputs``: names of the outputs that must stay unchanged (default: all; for a model with a
+    task head, its task outputs such as ``logits``, hidden states being free: ``default_outputs``).
     Others may come out permuted, e.g. ``outputs=["logits"]`` lets a
     seq2seq model's ``encoder_last_hidden_state`` move with the residual
     stream; ``outputs=[]`` frees every output. Names are pytree paths such as
@@ -45,10 +46,20 @@ def compile_graph(model: nn.Module, example_inputs: ExampleInputs = None, *,
     return CompiledGraph(spec, traced.exported, node_trees)
 
 
+def default_outputs(names: Sequence[str]) -> list[str] | None:
+    """For a model with a task head (``logits``...), the task outputs; hidden states may come out
+    permuted. None (all fixed) when every output is a hidden state or none is."""
+    hidden = [n for n in names if "hidden_state" in n or n.startswith("past_key_values")]
+    task = [n for n in names if n not in hidden]
+    return task if hidden and any("logits" in n for n in task) else None
+
+
 def _compile(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequence[str] | None,
              with_nodes: bool = False):
     traced = trace(model, example_inputs)
     fixed = None
+    if outputs is None:
+        outputs = default_outputs(traced.output_names)
     if outputs is not None:
         unknown = [o for o in outputs if o not in traced.output_names]
         if unknown:

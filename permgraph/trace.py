@@ -33,6 +33,14 @@ def is_transformers_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (derived float inputs use it)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -49,6 +57,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
             "'module:function' that returns (model, example_inputs).")
     cfg = model.config
     dev = model_device(model)
+    dtype = model_dtype(model)
     gen = torch.Generator().manual_seed(seed)
     params = inspect.signature(model.forward).parameters
     out: dict[str, torch.Tensor] = {}
@@ -65,7 +74,13 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         size = getattr(vcfg, "image_size", 32)
         size = size if isinstance(size, int) else size[0]
         ch = getattr(vcfg, "num_channels", 3)
-        out["pixel_values"] = torch.randn(batch, ch, size, size, generator=gen).to(dev)
+        out["pixel_values"] = torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)
+    if "input_values" in params and model.main_input_name == "input_values":  # raw audio
+        out["input_values"] = torch.randn(batch, 1024, generator=gen).to(dev, dtype)
+    if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
+        mels = getattr(cfg, "num_mel_bins", None) or getattr(cfg, "feature_size", None) or 80
+        frames = 2 * getattr(cfg, "max_source_positions", 0) or 64
+        out["input_features"] = torch.randn(batch, mels, frames, generator=gen).to(dev, dtype)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         out["decoder_input_ids"] = torch.randint(0, cfg.vocab_size, (batch, seq // 2), generator=gen).to(dev)
     if "use_cache" in params:
@@ -103,6 +118,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     was_training = model.training
     model.eval()
     errors = []
+    caches = _cache_off(model)
     try:
         for strict in (False, True):
             try:
@@ -121,7 +137,26 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
                 "attn_implementation='sdpa' or 'eager'.") from e
     finally:
         model.train(was_training)
+        for cfg, old in caches:
+            cfg.use_cache = old
     return _collect(model, ep, strict)
+
+
+def _cache_off(model: nn.Module) -> list:
+    """Turn ``config.use_cache`` off (and in sub-configs) while tracing: a returned KV cache is not a
+    tensor output export can handle. Returns what to restore."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not is_transformers_model(model):
+        return []
+    out = []
+    for c in [cfg] + [v for v in vars(cfg).values() if hasattr(v, "use_cache") and hasattr(v, "to_dict")]:
+        if getattr(c, "use_cache", False):
+            out.append((c, c.use_cache))
+            try:
+                c.use_cache = False
+            except Exception:  # noqa: BLE001 - frozen configs
+                out.pop()
+    return out
 
 
 def _failure_summary(e: Exception) -> str:
@@ -143,11 +178,15 @@ def _collect(model: nn.Module, ep, strict: bool) -> Traced:
     kinds = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer",
              InputKind.CONSTANT_TENSOR: "constant"}
     inputs: dict[str, GraphInput] = {}
+    state = {n: tuple(b.shape) for n, b in model.named_buffers()
+             if b.is_floating_point() and n in model.state_dict(keep_vars=True)}
     for spec in ep.graph_signature.input_specs:
         name = getattr(spec.arg, "name", None)
         if name is None:
             continue
         kind = kinds.get(spec.kind, "input")
+        if kind == "buffer" and spec.target in state:  # in the state dict: permuted along with parameters
+            kind = "state"
         inputs[name] = GraphInput(kind, spec.target if spec.target is not None else name)
     by_id: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
@@ -157,6 +196,7 @@ def _collect(model: nn.Module, ep, strict: bool) -> Traced:
         if inp.kind == "parameter" and inp.name in aliases:
             inputs[key] = GraphInput("parameter", aliases[inp.name])
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    shapes.update({i.name: state[i.name] for i in inputs.values() if i.kind == "state"})
     info = {"model": type(model).__name__, "torch": torch.__version__, "strict": strict}
     return Traced(ep.graph, inputs, shapes, aliases, _output_names(ep), info, ep)
 

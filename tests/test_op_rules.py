@@ -282,6 +282,12 @@ SHAPE_CASES = [
     net("slice-sequence", aten.slice, lambda m, h, g: aten.slice.Tensor(h, 1, 1, 3)),
     net("slice-hidden-segment", aten.slice, lambda m, h, g: aten.slice.Tensor(h, -1, 1, 4), width=3, sizes=(2, 3)),
     net("narrow", aten.narrow, lambda m, h, g: aten.narrow.default(h, 1, 1, 2)),
+    net("slice-strided-pairs", aten.slice, lambda m, h, g: aten.slice.Tensor(h, -1, 1, None, 2) * h[..., ::2],
+        width=3, sizes=(3,)),
+    net("repeat_interleave-sequence", (aten.repeat_interleave, aten.sum),
+        lambda m, h, g: aten.repeat_interleave.self_int(h, 2, 1).sum(1, keepdim=True)),
+    net("repeat_interleave-hidden", aten.repeat_interleave,
+        lambda m, h, g: aten.repeat_interleave.self_int(h, 2, -1), width=2 * H, sizes=(H, 2)),
 ]
 
 
@@ -301,6 +307,13 @@ INDEX_CASES = [
     net("gather", aten.gather, lambda m, h, g: aten.gather.default(h, 1, _rows_along_hidden(h))),
     net("take_along_dim", aten.take_along_dim,
         lambda m, h, g: aten.take_along_dim.default(h, _rows_along_hidden(h), 1)),
+    net("one_hot-of-argmax", (aten.one_hot, aten.argmax),
+        lambda m, h, g: h * aten.one_hot.default(aten.argmax.default(h, -1), H).to(h.dtype)),
+    net("index-by-topk-indices", (aten.index, aten.topk),
+        lambda m, h, g: aten.index.Tensor(m.p["w"], [aten.topk.default(h, 2, -1)[1]]).sum(-2),
+        params={"w": (H, K)}, width=K, sizes=(H, K), moved=("p.w",)),
+    net("gather-by-argsort", (aten.gather, aten.argsort),
+        lambda m, h, g: h * aten.gather.default(h, -1, aten.argsort.default(g, -1)).sum(-1, keepdim=True), gate=True),
     net("index-hidden-fixes-it", aten.index, lambda m, h, g: aten.index.Tensor(h, [None, None, _rows(h)]),
         width=3, sizes=()),
 ]
@@ -417,7 +430,31 @@ def conv_case(id: str, op: Any, dims: int, how: str = "module", groups: int = 1,
     return Case(id, lambda: (ConvNet(dims, how, groups), (x,)), (op,), sizes, ("a.weight",) if sizes else ())
 
 
+class GroupedConvNet(nn.Module):
+    """``conv(3 -> H) -> relu -> conv(H -> H, groups) -> relu -> conv(H -> 4)``; ``transposed`` uses
+    transposed convolutions (``conv_transpose{dims}d``) for the first two."""
+
+    def __init__(self, dims: int, groups: int, transposed: bool = False) -> None:
+        super().__init__()
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+        up = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1] if transposed else conv
+        self.a, self.m, self.b = up(3, H, 3), up(H, H, 3, groups=groups, padding=1), conv(H, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.m(self.a(x).relu()).relu())
+
+
+def grouped_conv_case(id: str, op: Any, dims: int, groups: int, sizes: tuple, transposed: bool = False) -> Case:
+    x = torch.randn(B, 3, *[5] * dims, generator=torch.Generator().manual_seed(2))
+    return Case(id, lambda: (GroupedConvNet(dims, groups, transposed), (x,)), (op,), sizes, ("a.weight", "m.weight"))
+
+
 CONV_CASES = [
+    grouped_conv_case("conv-grouped", aten.conv2d, 2, 2, (2, 3, 3)),
+    grouped_conv_case("conv-depthwise", aten.conv1d, 1, H, (H,)),
+    grouped_conv_case("conv_transpose1d", aten.conv_transpose1d, 1, 1, (H, H), transposed=True),
+    grouped_conv_case("conv_transpose2d-grouped", aten.conv_transpose2d, 2, 2, (2, 3, 3), transposed=True),
+    grouped_conv_case("conv_transpose3d", aten.conv_transpose3d, 3, 1, (H, H), transposed=True),
     conv_case("conv1d", aten.conv1d, 1),
     conv_case("conv2d", aten.conv2d, 2),
     conv_case("conv3d", aten.conv3d, 3),
@@ -499,10 +536,112 @@ LOWERED = {  # CUDA-only kernels: traced on CPU (meta kernels), verified with th
 }
 
 
+# -- writes, padding, batch statistics, pooling -------------------------------------------------
+
+WRITE_CASES = [
+    net("copy_-into-zeros", aten.copy,
+        lambda m, h, g: (lambda buf: (aten.copy_.default(buf.select(1, 0), h[:, 0]), buf)[1])(torch.zeros_like(h)) * g,
+        gate=True),
+    net("index_put-into-zeros", aten.index_put,
+        lambda m, h, g: aten.index_put.default(torch.zeros_like(h).transpose(0, 1), [torch.tensor([0, 2])],
+                                              h.transpose(0, 1)[:2]).transpose(0, 1) * g, gate=True),
+    net("pad-hidden", aten.pad, lambda m, h, g: aten.pad.default(h, [1, 2], "constant", 0.5), width=H + 3,
+        sizes=(H, 2)),
+    net("pad-sequence-reflect", aten.pad, lambda m, h, g: aten.pad.default(h.transpose(1, 2), [1, 1], "reflect")
+        .transpose(1, 2)),
+    net("constant_pad_nd-crop", aten.constant_pad_nd,
+        lambda m, h, g: aten.constant_pad_nd.default(h, [0, 0, 1, -1], 0.0)),
+]
+
+
+class BatchNet(nn.Module):
+    """``conv(3 -> H) -> norm/pool/upsample (op) -> conv(H -> 4)``, with perturbed running stats."""
+
+    def __init__(self, body: Callable, mods: dict[str, nn.Module] | None = None) -> None:
+        super().__init__()
+        self.a, self.b, self.body = nn.Conv2d(3, H, 3), nn.Conv2d(H, 4, 1), body
+        self.mods = nn.ModuleDict(mods or {})
+        with torch.no_grad():
+            for n, buf in self.named_buffers():
+                if n.endswith("running_mean"):
+                    buf.normal_()
+                elif n.endswith("running_var"):
+                    buf.uniform_(0.5, 2.0)
+            for p in self.mods.parameters():
+                p.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.body(self, self.a(x)))
+
+
+def batch_case(id: str, ops: Any, body: Callable, mods: dict | None = None, sizes: tuple = (H,),
+               dims: int = 2, moved: tuple = ()) -> Case:
+    x = torch.randn(B, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ops = ops if isinstance(ops, tuple) else (ops,)
+    return Case(id, lambda: (BatchNet(body, mods), (x,)), ops, sizes, ("a.weight",) + moved)
+
+
+def _bn(m) -> nn.Module:
+    return m.mods["n"]
+
+
+def _1d(f: Callable) -> Callable:
+    return lambda h: f(h.flatten(2)).unflatten(2, (h.shape[2], -1)) if False else f(h.flatten(2)).unsqueeze(-1)
+
+
+def _3d(f: Callable) -> Callable:
+    return lambda h: f(h.unsqueeze(2)).squeeze(2)
+
+
+POOLS = {  # op -> f(h) on (B, H, 6, 6)
+    aten.max_pool1d: _1d(lambda h: aten.max_pool1d.default(h, [2])),
+    aten.max_pool2d: lambda h: aten.max_pool2d.default(h, [2, 2]),
+    aten.max_pool3d: _3d(lambda h: aten.max_pool3d.default(h, [1, 2, 2])),
+    aten.avg_pool1d: _1d(lambda h: aten.avg_pool1d.default(h, [2])),
+    aten.avg_pool2d: lambda h: aten.avg_pool2d.default(h, [2, 2]),
+    aten.avg_pool3d: _3d(lambda h: aten.avg_pool3d.default(h, [1, 2, 2])),
+    aten.adaptive_avg_pool1d: _1d(lambda h: aten.adaptive_avg_pool1d.default(h, [3])),
+    aten.adaptive_avg_pool2d: lambda h: aten.adaptive_avg_pool2d.default(h, [3, 3]),
+    aten.adaptive_avg_pool3d: _3d(lambda h: aten.adaptive_avg_pool3d.default(h, [1, 3, 3])),
+    aten.adaptive_max_pool1d: _1d(lambda h: aten.adaptive_max_pool1d.default(h, [3])[0]),
+    aten.adaptive_max_pool2d: lambda h: aten.adaptive_max_pool2d.default(h, [3, 3])[0],
+    aten.adaptive_max_pool3d: _3d(lambda h: aten.adaptive_max_pool3d.default(h, [1, 3, 3])[0]),
+    aten.max_pool2d_with_indices: lambda h: aten.max_pool2d_with_indices.default(h, [2, 2])[0],
+    aten.max_pool3d_with_indices: _3d(lambda h: aten.max_pool3d_with_indices.default(h, [1, 2, 2])[0]),
+    aten.upsample_nearest1d: _1d(lambda h: aten.upsample_nearest1d.vec(h, None, [2.0])),
+    aten.upsample_nearest2d: lambda h: aten.upsample_nearest2d.vec(h, None, [2.0, 2.0]),
+    aten.upsample_nearest3d: _3d(lambda h: aten.upsample_nearest3d.vec(h, None, [1.0, 2.0, 2.0])),
+    aten.upsample_linear1d: _1d(lambda h: aten.upsample_linear1d.vec(h, None, False, [2.0])),
+    aten.upsample_bilinear2d: lambda h: aten.upsample_bilinear2d.vec(h, None, False, [2.0, 2.0]),
+    aten.upsample_bicubic2d: lambda h: aten.upsample_bicubic2d.vec(h, None, False, [2.0, 2.0]),
+    aten.upsample_trilinear3d: _3d(lambda h: aten.upsample_trilinear3d.vec(h, None, False, [1.0, 2.0, 2.0])),
+    aten._upsample_nearest_exact2d: lambda h: aten._upsample_nearest_exact2d.vec(h, None, [2.0, 2.0]),
+    aten._upsample_bilinear2d_aa: lambda h: aten._upsample_bilinear2d_aa.vec(h, None, False, [2.0, 2.0]),
+}
+STATS = ("mods.n.weight", "mods.n.bias", "mods.n.running_mean", "mods.n.running_var")
+BATCH_CASES = [
+    batch_case("batch_norm", aten.batch_norm, lambda m, h: _bn(m)(h), {"n": nn.BatchNorm2d(H)}, moved=STATS),
+    batch_case("_native_batch_norm_legit_no_training", (aten._native_batch_norm_legit_no_training, operator.getitem),
+               lambda m, h: aten._native_batch_norm_legit_no_training.default(
+                   h, _bn(m).weight, _bn(m).bias, _bn(m).running_mean, _bn(m).running_var, 0.1, 1e-5)[0],
+               {"n": nn.BatchNorm2d(H)}, moved=STATS),
+    batch_case("native_batch_norm", (aten.native_batch_norm, operator.getitem),
+               lambda m, h: aten.native_batch_norm.default(
+                   h, _bn(m).weight, _bn(m).bias, _bn(m).running_mean, _bn(m).running_var, False, 0.1, 1e-5)[0],
+               {"n": nn.BatchNorm2d(H)}, moved=STATS),
+    batch_case("instance_norm", aten.instance_norm,
+               lambda m, h: aten.instance_norm.default(h, _bn(m).weight, _bn(m).bias, None, None, True, 0.1, 1e-5,
+                                                       False), {"n": nn.InstanceNorm2d(H, affine=True)},
+               moved=STATS[:2]),
+    batch_case("group_norm", aten.group_norm, lambda m, h: _bn(m)(h), {"n": nn.GroupNorm(2, H)}, sizes=(2, 3),
+               moved=STATS[:2]),
+] + [batch_case(f"spatial-{op.__name__}", op, lambda m, h, f=f: f(h)) for op, f in POOLS.items()]
+
+
 # -- the table ------------------------------------------------------------------------------------
 
 CASES = (ELEMENTWISE_CASES + OTHER_POINTWISE_CASES + FACTORY_CASES + SHAPE_CASES + INDEX_CASES
-         + REDUCTION_CASES + LINALG_CASES + CONV_CASES + NORM_CASES + ATTENTION_CASES)
+         + REDUCTION_CASES + LINALG_CASES + CONV_CASES + NORM_CASES + ATTENTION_CASES + WRITE_CASES + BATCH_CASES)
 DYNAMIC_OPS = (aten.sym_size, aten._assert_async, aten._assert_tensor_metadata)
 HAND_BUILT_OPS = (aten.sym_numel, aten.sym_stride, aten.sym_constrain_range, aten.sym_constrain_range_for_size,
                   aten._assert_scalar)
@@ -675,7 +814,7 @@ def test_registry_is_keyed_by_packets_and_callables():
     assert not any(isinstance(k, str) for k in RULES)
 
 
-# -- known unsound rules (kept as they are: behaviour-preserving refactor; reported) ----------------
+# -- formerly unsound rules (each case broke soundness before its fix) -------------------------------
 
 def _assert_sound(body: Callable, width: int = H) -> None:
     model = Net(body, width=width)
@@ -684,32 +823,27 @@ def _assert_sound(body: Callable, width: int = H) -> None:
     assert rep.ok, (rep, spec.groups)
 
 
-@pytest.mark.xfail(strict=True, reason="strided slice: the output axis is a fresh free atom, not fixed")
-def test_known_unsound_strided_slice():
+def test_strided_slice_is_sound():
     _assert_sound(lambda m, h, g: aten.slice.Tensor(h, -1, 0, None, 2), width=3)
+    _assert_sound(lambda m, h, g: aten.slice.Tensor(h, -1, 0, 5, 2), width=3)  # not a whole stride pattern
+    _assert_sound(lambda m, h, g: aten.slice.Tensor(h, -1, 0, None, 4), width=2)  # 6 is not a multiple of 4
 
 
-@pytest.mark.xfail(strict=True, reason="order-dependent op whose result changes size along dim: the result "
-                                       "gets fresh fixed atoms while the input's other axes stay free")
 @pytest.mark.parametrize("op", ["topk", "diff"])
-def test_known_unsound_order_dependent_resize(op):
+def test_order_dependent_resize_is_sound(op):
     body = {"topk": lambda h: aten.topk.default(h, 2, 1)[0], "diff": lambda h: aten.diff.default(h, 1, 1)}[op]
     _assert_sound(lambda m, h, g: body(h).sum(1))
 
 
-@pytest.mark.xfail(strict=True, reason="gather/take_along_dim: the index tensor's axes are not unified with "
-                                       "the output, so an index that varies along a free axis is missed")
 @pytest.mark.parametrize("op", ["gather", "take_along_dim"])
-def test_known_unsound_gather_with_varying_index(op):
+def test_gather_with_varying_index_is_sound(op):
     def body(m: Net, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         idx = aten.remainder.Scalar(aten.arange.default(B * 2 * H).view(B, 2, H), T)
         return aten.gather.default(h, 1, idx) if op == "gather" else aten.take_along_dim.default(h, idx, 1)
     _assert_sound(body)
 
 
-@pytest.mark.xfail(strict=True, reason="grouped convolution: the weight's per-group input-channel axis is "
-                                       "left free while the input channels it reads are fixed")
-def test_known_unsound_grouped_conv():
+def test_grouped_conv_is_sound():
     model = ConvNet(1, groups=2)
     x = torch.randn(B, 3, 6, generator=torch.Generator().manual_seed(2))
     rep = pg.verify(model, pg.compile(model, (x,)), (x,), tolerance=1e-10)

@@ -50,6 +50,19 @@ def bind_args(node: fx.Node) -> dict[str, Any]:
     return out
 
 
+_UNBACKED = [10 ** 9]
+
+
+def concrete(s: Any) -> int:
+    """A size as an int; a data-dependent size (unbacked symbol) gets a unique sentinel size, so the
+    axis never unifies with another (callers fix it)."""
+    try:
+        return int(s)
+    except Exception:  # noqa: BLE001 - GuardOnDataDependentSymNode and friends
+        _UNBACKED[0] += 1
+        return _UNBACKED[0]
+
+
 def norm_dim(d: int, ndim: int) -> int:
     """A dim argument as a non-negative index."""
     return d + ndim if d < 0 else d
@@ -98,6 +111,12 @@ class RuleContext:
         # dims along which a node's value is constant (zeros, ones, broadcasts): such an
         # operand constrains nothing along them, like a size-1 broadcast
         self.uniform: dict[fx.Node, frozenset[int]] = {}
+        # integer tensors whose *values* are positions along an axis (topk/argmax indices): node ->
+        # that axis's atom (a list, one entry per result, for multi-result ops). Permuting the axis
+        # relabels the values, so a consumer that indexes an axis with them unifies the two; any
+        # other consumer fixes the axis (``permgraph.infer.engine``).
+        self.values: dict[fx.Node, Any] = {}
+        self.view_base: dict[fx.Node, fx.Node] = {}  # a view's base tensor (writes through it)
 
     def args(self, node: fx.Node) -> Args:
         return Args(node, self.types)
@@ -108,6 +127,25 @@ class RuleContext:
     def set_uniform(self, dims: Iterable[int]) -> None:
         if dims:
             self.uniform[self.node] = frozenset(dims)
+
+    def value_atom(self, x: Any) -> int | None:
+        """The atom whose positions the values of tensor argument ``x`` are (None for ordinary tensors)."""
+        v = self.values.get(x) if isinstance(x, fx.Node) else None
+        return v if isinstance(v, int) else None
+
+    def set_values(self, atom: Any) -> None:
+        """The node's result holds positions along ``atom`` (a list: one per result, None for none)."""
+        if atom is not None:
+            self.values[self.node] = atom
+
+    def index_with(self, idx: Any, axis: int, reason: str) -> None:
+        """Axis ``axis`` is indexed by the values of ``idx``: unified with their axis when they are
+        positions along an axis of its size, fixed otherwise."""
+        v = self.value_atom(idx)
+        if v is not None and self.store.size(v) == self.store.size(axis):
+            self.unify(v, axis)
+        else:
+            self.fix(axis, reason)
 
     @property
     def where(self) -> str:
@@ -121,7 +159,7 @@ class RuleContext:
         val = self.node.meta["val"]
         if i is not None:
             val = val[i]
-        return tuple(int(s) for s in val.shape)
+        return tuple(concrete(s) for s in val.shape)
 
     def fresh(self, shape: tuple[int, ...], reason: str | None = None) -> TType:
         r = Reason(reason, self.where) if reason else None

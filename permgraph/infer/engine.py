@@ -17,8 +17,8 @@ import torch
 import torch.fx as fx
 
 from permgraph.axes import AxisStore
-from permgraph.infer.context import RuleContext, TType, atoms_in, is_ttype
-from permgraph.infer.registry import Rule, RuleKey, rule_for
+from permgraph.infer.context import RuleContext, TType, atoms_in, concrete, is_ttype
+from permgraph.infer.registry import VALUE_PASSING, VALUE_READING, Rule, RuleKey, rule_for
 
 __all__ = ["GraphInput", "InferenceResult", "RuleContext", "TType", "run_inference"]
 
@@ -27,7 +27,7 @@ __all__ = ["GraphInput", "InferenceResult", "RuleContext", "TType", "run_inferen
 class GraphInput:
     """What a placeholder stands for."""
 
-    kind: str  # "parameter", "buffer", "constant", "input"
+    kind: str  # "parameter", "state" (a persistent float buffer: moves like a parameter), "buffer", "constant", "input"
     name: str
 
 
@@ -72,6 +72,7 @@ def run_inference(
             types[node] = _call_type(cx, node, rule_for(rules, node.target), unknown)
         elif node.op == "output":
             for i, out in enumerate(_flat_nodes(node.args)):
+                _consume_values(cx, out, "index values returned as a model output")
                 if fixed_outputs is None or i in fixed_outputs:
                     cx.fix_all(cx.types.get(out), "model output")
         else:
@@ -88,10 +89,63 @@ def run_inference(
 def _call_type(cx: RuleContext, node: fx.Node, rule: Rule | None, unknown: dict[str, list[str]]) -> Any:
     """Apply the node's rule; without one, non-tensor calls pass and tensor calls are unknown ops."""
     if rule is not None:
-        return rule(cx, node, cx.args(node))
+        try:
+            out = rule(cx, node, cx.args(node))
+        except Exception as e:  # noqa: BLE001 - only data-dependent sizes are handled here
+            if "DataDependent" not in type(e).__name__ and "data-dependent" not in str(e):
+                raise
+            return _unknown_op(cx, node, unknown)  # sizes known only at run time: fix what it touches
+        _values_after(cx, node, rule)
+        _track_aliases(cx, node)
+        return out
+    for arg in _flat_nodes((node.args, node.kwargs)):
+        _consume_values(cx, arg, f"index values used by op without a rule {node.target}")
     if not _touches_tensors(cx, node):
         return None  # arithmetic on sizes (SymInt) and other non-tensor calls
     return _unknown_op(cx, node, unknown)
+
+
+def _values_after(cx: RuleContext, node: fx.Node, rule: Rule) -> None:
+    """Index values flow through moves and copies; any other use fixes the axis they index."""
+    if rule in VALUE_PASSING:
+        first = next(iter(_flat_nodes((node.args[:1],))), None)
+        v = cx.value_atom(first)
+        if v is not None and node not in cx.values:
+            cx.values[node] = v
+        return
+    if rule in VALUE_READING:
+        return
+    for arg in _flat_nodes((node.args, node.kwargs)):
+        _consume_values(cx, arg, f"index values used by {node.target}")
+
+
+def _track_aliases(cx: RuleContext, node: fx.Node) -> None:
+    """Views remember their base; a write through any view makes the base no longer constant.
+
+    A factory's result (``zeros``) is constant along every axis and so constrains nothing; once
+    ``copy_``/``index_put_`` writes into it (or a view of it), later readers see the written data.
+    """
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return
+    rets = schema.returns
+    if rets and rets[0].alias_info is not None and not rets[0].alias_info.is_write and node.args:
+        if isinstance(node.args[0], fx.Node):
+            cx.view_base[node] = cx.view_base.get(node.args[0], node.args[0])
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        x = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if isinstance(x, fx.Node):
+            root = cx.view_base.get(x, x)
+            for n in [root] + [v for v, b in cx.view_base.items() if b is root]:
+                cx.uniform.pop(n, None)
+
+
+def _consume_values(cx: RuleContext, x: Any, reason: str) -> None:
+    v = cx.value_atom(x)
+    if v is not None:
+        cx.fix(v, reason)
 
 
 def _flat_nodes(x: Any) -> Iterator[fx.Node]:
@@ -109,8 +163,8 @@ def _placeholder_type(cx: RuleContext, node: fx.Node, info: GraphInput | None, p
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return None
-    shape = tuple(int(s) for s in val.shape)
-    if info is not None and info.kind == "parameter":
+    shape = tuple(concrete(s) for s in val.shape)
+    if info is not None and info.kind in ("parameter", "state"):  # state: persistent float buffers
         ty = cx.fresh(shape)
         for a, b in zip(param_axes.setdefault(info.name, ty), ty):  # tied: one tensor, one type
             cx.unify(a, b)
@@ -139,7 +193,7 @@ def _unknown_op(cx: RuleContext, node: fx.Node, unknown: dict[str, list[str]]) -
 
 def _fresh_like(cx: RuleContext, val: Any, reason: str | None) -> Any:
     if isinstance(val, torch.Tensor):
-        return cx.fresh(tuple(int(s) for s in val.shape), reason)
+        return cx.fresh(tuple(concrete(s) for s in val.shape), reason)
     if isinstance(val, (list, tuple)):
         return [_fresh_like(cx, v, reason) for v in val]
     return None

@@ -25,6 +25,24 @@ Rule = Callable[[RuleContext, fx.Node, Args], Any]
 RuleKey = Union[OpOverloadPacket, Callable[..., Any]]  # a packet, or a non-aten call target
 
 RULES: dict[RuleKey, Rule] = {}
+# Index values (integer tensors naming positions along an axis, e.g. topk indices): rules in
+# VALUE_PASSING carry their first argument's values to the result (moves, copies, reshapes);
+# rules in VALUE_READING handle them (``RuleContext.index_with``). Any other rule fixes the axis
+# the values name (``permgraph.infer.engine``).
+VALUE_PASSING: set[Rule] = set()
+VALUE_READING: set[Rule] = set()
+
+
+def passes_values(fn: Rule) -> Rule:
+    """Decorator: the rule's result holds the same index values as its first argument."""
+    VALUE_PASSING.add(fn)
+    return fn
+
+
+def reads_values(fn: Rule) -> Rule:
+    """Decorator: the rule itself handles index values among its arguments."""
+    VALUE_READING.add(fn)
+    return fn
 
 
 def _check_key(op: Any) -> None:

@@ -84,7 +84,15 @@ def _tag_heads(store: AxisStore, heads: int) -> None:
         store.add_role(heads, "heads")
 
 
+def _router_roles(store: AxisStore, a: Args, out: Any) -> None:
+    """A top-k over an axis picks experts (MoE routing): that axis is the expert axis."""
+    t = a.t("self")
+    if t:
+        store.add_role(t[a["dim"] % len(t)], "experts")
+
+
 _ROLE_RULES: dict[Any, RoleRule] = {
+    aten.topk: _router_roles,
     aten.scaled_dot_product_attention: _sdpa_roles,
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_roles,
     aten._scaled_dot_product_efficient_attention: _sdpa_roles,

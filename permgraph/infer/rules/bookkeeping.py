@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from permgraph.infer.context import Args, RuleContext, is_ttype
-from permgraph.infer.registry import register
+from permgraph.infer.registry import reads_values, register
 
 aten = torch.ops.aten
 
@@ -20,8 +20,12 @@ def no_op(cx: RuleContext, node: fx.Node, a: Args) -> None:
     return None
 
 
+@reads_values
 @register(operator.getitem)
 def getitem(cx: RuleContext, node: fx.Node, a: Args) -> Any:
     """One result of a multi-output op (no schema: arguments are ``arg0, arg1``)."""
+    vals = cx.values.get(a["arg0"])
+    if isinstance(vals, (list, tuple)) and isinstance(a["arg1"], int) and a["arg1"] < len(vals):
+        cx.set_values(vals[a["arg1"]])
     ty = cx.types.get(a["arg0"])
     return ty[a["arg1"]] if isinstance(ty, (list, tuple)) and not is_ttype(ty) else None

@@ -5,7 +5,7 @@ import torch
 import torch.fx as fx
 
 from permgraph.infer.context import Args, RuleContext, TType
-from permgraph.infer.registry import family, register
+from permgraph.infer.registry import family, passes_values, register
 
 aten = torch.ops.aten
 
@@ -54,10 +54,19 @@ def_elementwise(  # unary math and activations
     aten.logit, aten.isnan, aten.isinf, aten.isfinite, aten.nan_to_num,
     aten.floor, aten.ceil, aten.round, aten.trunc, aten.frac, aten.threshold, aten.log_sigmoid,
 )
-def_elementwise(  # copies, casts, identities and fills
-    aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.detach,
-    aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.lift_fresh_copy, aten.fill, aten.zero,
+def_elementwise(  # dropout and fills
+    aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.fill, aten.zero,
 )
+
+
+@passes_values
+def copy(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Copies, casts and identities: elementwise, and index values pass through."""
+    return elementwise(cx, node, a)
+
+
+family(copy)(aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.detach,
+             aten.lift_fresh_copy)
 
 
 @register(aten.native_dropout)
@@ -71,3 +80,16 @@ def native_dropout(cx: RuleContext, node: fx.Node, a: Args) -> list[TType]:
 def softmax(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Equivariant under any permutation of the normalized axis."""
     return list(a.t("self"))
+
+
+@register(aten.copy)
+def copy_into(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``copy_(dst, src)``: ``dst`` takes ``src``'s values (broadcast), so their axes unify like an
+    elementwise op's; the engine marks the written buffer as no longer constant."""
+    dst, src = a.t("self"), a.t("src")
+    uni = cx.uniform_dims(a["src"])
+    off = len(dst) - len(src)
+    for j, x in enumerate(src):
+        if j not in uni and cx.store.size(x) == cx.store.size(dst[j + off]) and cx.store.size(x) != 1:
+            cx.unify(x, dst[j + off])
+    return list(dst)

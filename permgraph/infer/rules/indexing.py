@@ -1,50 +1,141 @@
-"""Indexing by tensors: indexed axes are fixed, the rest pass through."""
+"""Indexing by tensors: an indexed axis is fixed, unless the index values are positions along an
+axis of the same kind (topk/argmax indices), which then unifies with it. Other axes pass through."""
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
+from permgraph.axes import Reason
 from permgraph.infer.context import Args, RuleContext, TType, norm_dim
-from permgraph.infer.registry import register
+from permgraph.infer.registry import reads_values, register
 
 aten = torch.ops.aten
 
 
+@reads_values
 @register(aten.index)
 def index(cx: RuleContext, node: fx.Node, a: Args) -> TType:
-    """Advanced indexing: indexed axes are fixed; the rest pass through."""
+    """Advanced indexing: indexed axes are fixed (or unified with the index values' axis); the rest pass.
+
+    The result's index axes are the (broadcast) axes of the index tensors.
+    """
     t = a.t("self")
-    pos = [i for i, x in enumerate(a["indices"]) if x is not None]
+    idxs = a["indices"]
+    pos = [i for i, x in enumerate(idxs) if x is not None]
     for i in pos:
-        cx.fix(t[i], "indexed by a tensor")
+        cx.index_with(idxs[i], t[i], "indexed by a tensor")
     out = cx.out_shape()
     rest = [x for i, x in enumerate(t) if i not in pos]
     adjacent = pos == list(range(pos[0], pos[-1] + 1))
     before = list(t[: pos[0]]) if adjacent else []
-    mid = cx.fresh(out[len(before): len(before) + len(out) - len(rest)], "index values")
+    n_mid = len(out) - len(rest)
+    mid = _index_axes(cx, [idxs[i] for i in pos], out[len(before): len(before) + n_mid])
     return before + mid + (list(t[pos[-1] + 1:]) if adjacent else rest)
 
 
-@register(aten.index_select, aten.gather, aten.take_along_dim)
+def _index_axes(cx: RuleContext, idxs: list, shape: tuple[int, ...]) -> TType:
+    """The broadcast axes of index tensors: a single full-shaped index passes its axes; else fixed."""
+    tys = [cx.t(x) for x in idxs]
+    if len(tys) == 1 and tys[0] is not None and [cx.store.size(x) for x in tys[0]] == list(shape):
+        return list(tys[0])
+    for ty in tys:
+        cx.fix_all(ty, "broadcast index tensors")
+    return cx.fresh(shape, "index values")
+
+
+@reads_values
+@register(aten.index_select)
 def index_select(cx: RuleContext, node: fx.Node, a: Args) -> TType:
-    """The indexed axis is fixed; axes whose size changed carry index values (fixed)."""
-    t = a.t("self")
+    """The indexed axis is fixed (or unified with the index values' axis); the result's is the index's."""
+    t, idx = a.t("self"), a.t("index")
     dim = norm_dim(a["dim"], len(t))
-    cx.fix(t[dim], f"indexed by {node.target}")
+    cx.index_with(a["index"], t[dim], f"indexed by {node.target}")
+    out = list(t)
+    out[dim] = idx[0] if idx else cx.store.new(1)
+    return out
+
+
+@reads_values
+@register(aten.gather, aten.take_along_dim)
+def gather(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``out[..i..] = self[..index[..i..]..]`` along ``dim``: the result has the index's axes.
+
+    Along ``dim`` the index values are positions (fixed, or unified with their axis). Along every
+    other axis the index and ``self`` are read at the same position: equal sizes unify, a
+    broadcast index axis takes ``self``'s, other sizes fix both.
+    """
+    t, idx = a.t("self"), a.t("indices" if "indices" in a else "index")
+    dim = a.get("dim")
+    if dim is None:  # take_along_dim without dim: flattened
+        cx.fix_all(t, f"indexed by {node.target}")
+        cx.fix_all(idx, f"indexed by {node.target}")
+        return cx.fresh(cx.out_shape(), "index values")
+    dim = norm_dim(dim, len(t))
+    cx.index_with(a["indices" if "indices" in a else "index"], t[dim], f"indexed by {node.target}")
     out = cx.out_shape()
+    uni = cx.uniform_dims(a.get("indices", a.get("index")))
     res = []
     for i, s in enumerate(out):
-        if i != dim and cx.store.size(t[i]) == s:
-            res.append(t[i])
+        ti, xi = t[i], idx[i]
+        if i == dim:
+            res.append(xi)
+        elif cx.store.size(ti) == s and cx.store.size(xi) == s:
+            cx.unify(ti, xi)
+            res.append(ti)
+        elif cx.store.size(ti) == s and (cx.store.size(xi) == 1 or i in uni):
+            res.append(ti)
         else:
-            res.append(cx.store.new(s, None))
-            cx.fix(res[-1], "index values")
+            cx.fix(ti, f"{node.target} takes part of the axis")
+            cx.fix(xi, f"{node.target} takes part of the axis")
+            res.append(cx.store.new(s, Reason(f"{node.target} takes part of the axis", cx.where)))
     return res
 
 
+@reads_values
 @register(aten.embedding)
 def embedding(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Rows of the table are looked up by index: vocabulary fixed, features free."""
     w, idx = a.t("weight"), a.t("indices")
-    cx.fix(w[0], "embedding lookup (vocabulary / positions)")
+    cx.index_with(a["indices"], w[0], "embedding lookup (vocabulary / positions)")
     return list(idx) + [w[1]]
+
+
+@reads_values
+@register(aten.one_hot)
+def one_hot(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """The class axis is the index values' axis (when they are positions along one), else fixed."""
+    idx = a.t("self")
+    n = cx.out_shape()[-1]
+    v = cx.value_atom(a["self"])
+    if v is not None and cx.store.size(v) == n:
+        return list(idx) + [v]
+    return list(idx) + [cx.store.new(n, Reason("one_hot classes", cx.where))]
+
+
+@reads_values
+@register(aten.index_put)
+def index_put(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``self[indices] = values``: indexed axes as in ``index``; ``values`` broadcast into the axes
+    the indexing keeps (leading adjacent indices), or everything is fixed."""
+    t, v = a.t("self"), a.t("values")
+    idxs = a["indices"]
+    pos = [i for i, x in enumerate(idxs) if x is not None]
+    for i in pos:
+        cx.index_with(idxs[i], t[i], "written at tensor indices (index_put)")
+    for i in pos:
+        cx.fix_all(cx.t(idxs[i]), "index_put indices")
+    k = len(idxs)
+    if pos != list(range(k)) or v is None:
+        cx.fix_all(t, "index_put with non-leading indices")
+        cx.fix_all(v, "index_put with non-leading indices")
+        return list(t)
+    rest = t[k:]
+    uni = cx.uniform_dims(a["values"])
+    for j, x in enumerate(v[len(v) - min(len(v), len(rest)):]):
+        d = len(rest) - min(len(v), len(rest)) + j
+        jj = len(v) - min(len(v), len(rest)) + j
+        if jj not in uni and cx.store.size(x) == cx.store.size(rest[d]) and cx.store.size(x) != 1:
+            cx.unify(x, rest[d])
+    for x in v[: len(v) - len(rest)]:  # axes of values along the indexed positions: fixed
+        cx.fix(x, "index_put positions")
+    return list(t)

@@ -91,21 +91,38 @@ def broadcast_into(cx: RuleContext, src: TType | None, dst: TType, uniform: froz
             cx.unify(atom, dst[j + off])
 
 
-@register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten._convolution)
+@register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten._convolution, aten.conv_transpose1d,
+          aten.conv_transpose2d, aten.conv_transpose3d)
 def conv(cx: RuleContext, node: fx.Node, a: Args) -> TType:
-    """Channels behave like a linear layer's features; kernel and spatial axes are fixed."""
+    """Channels behave like a linear layer's features; kernel and spatial axes are fixed.
+
+    With ``groups`` the channel axes are ``(groups, per group)``: the groups factor of the input
+    channels, of the output channels and of the weight's output axis is one axis (whole groups move
+    together, so depthwise channels stay free); the weight's per-group input axis is the input's
+    per-group factor, one permutation shared by all groups. Transposed weights are ``(in, out/groups)``.
+    """
     x, w, b = a.t("input"), a.t("weight"), a.t("bias")
     groups = a.get("groups") or 1
-    if a.get("transposed"):
-        groups = -1
-    if groups == 1:
-        cx.unify(x[1], w[1])
-    else:
-        cx.fix(x[1], "grouped or transposed convolution")
-        cx.fix(w[0], "grouped or transposed convolution")
+    transposed = bool(a.get("transposed")) or "conv_transpose" in str(node.target)
     for k in w[2:]:
         cx.fix(k, "convolution kernel")
+    if transposed:
+        cx.unify(x[1], w[0])
+        out_ch = w[1] if groups == 1 else cx.store.make(
+            "prod", [cx.store.split(x[1], "prod", [groups, cx.store.size(x[1]) // groups], cx.where)[0], w[1]])
+    elif groups == 1:
+        cx.unify(x[1], w[1])
+        out_ch = w[0]
+    else:
+        cin, cout = cx.store.size(x[1]), cx.store.size(w[0])
+        g_in, per_in = cx.store.split(x[1], "prod", [groups, cin // groups], cx.where)
+        g_out, _ = cx.store.split(w[0], "prod", [groups, cout // groups], cx.where)
+        if cin // groups > 1:
+            cx.unify(per_in, w[1])
+        if groups > 1:
+            cx.unify(g_in, g_out)
+        out_ch = w[0]
     if b is not None:
-        cx.unify(b[0], w[0])
+        cx.unify(b[0], out_ch)
     out = cx.out_shape()
-    return [x[0], w[0]] + cx.fresh(out[2:], "spatial positions")
+    return [x[0], out_ch] + cx.fresh(out[2:], "spatial positions")

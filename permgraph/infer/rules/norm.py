@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from typing import Any
+
 from permgraph.infer.context import Args, RuleContext, TType
 from permgraph.infer.registry import register
 
@@ -30,3 +32,35 @@ def native_layer_norm(cx: RuleContext, node: fx.Node, a: Args) -> list[TType]:
     k = len(a["normalized_shape"])
     stats = list(out[:-k]) + [cx.store.new(1) for _ in range(k)]
     return [out, stats, list(stats)]
+
+
+@register(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten.native_batch_norm, aten.instance_norm)
+def batch_norm(cx: RuleContext, node: fx.Node, a: Args) -> Any:
+    """Per-channel statistics and affine: weight, bias and the running stats (state buffers that move
+    with their channel) join the channel axis (dim 1). Extra results (saved stats) are per channel."""
+    x = a.t("input")
+    for p in ("weight", "bias", "running_mean", "running_var"):
+        w = a.t(p)
+        if w is not None:
+            cx.unify(w[0], x[1])
+    val = node.meta["val"]
+    if isinstance(val, (list, tuple)):
+        return [list(x)] + [[x[1]] if hasattr(v, "shape") and tuple(v.shape) == (cx.store.size(x[1]),)
+                            else cx.fresh(tuple(int(s) for s in v.shape), "batch-norm statistics")
+                            for v in val[1:]]
+    return list(x)
+
+
+@register(aten.group_norm)
+def group_norm(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Statistics per group of channels: channels are ``(groups, per group)``; weight and bias join."""
+    x = a.t("input")
+    g = a["num_groups"]
+    c = cx.store.size(x[1])
+    if 1 < g < c:
+        cx.store.split(x[1], "prod", [g, c // g], cx.where)
+    for p in ("weight", "bias"):
+        w = a.t(p)
+        if w is not None:
+            cx.unify(w[0], x[1])
+    return list(x)

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from permgraph.axes import Reason
 from permgraph.infer.context import Args, RuleContext, TType, norm_dim
 from permgraph.infer.registry import family
-from permgraph.infer.rules.shape import reshape_type
 
 aten = torch.ops.aten
 
@@ -33,15 +33,35 @@ def reduction(cx: RuleContext, node: fx.Node, a: Args) -> Any:
 
 
 def order_dependent(cx: RuleContext, node: fx.Node, a: Args) -> Any:
-    """Results depend on positions along the axis: that axis is fixed."""
+    """Results depend on positions along the axis (cumsum, flip, roll, diff): that axis is fixed."""
     t = a.t("self")
     dims = _order_dims(a.get("dim", a.get("dims")), len(t))
     for d in dims:
         cx.fix(t[d], f"order-dependent op {node.target}")
+    return _results(cx, node, t, dims, keep_dim_axis=True)
+
+
+def ranking(cx: RuleContext, node: fx.Node, a: Args) -> Any:
+    """Sorting, top-k, max/argmax along an axis: values come out in rank order, so they do not
+    depend on how the axis is permuted (rank axes are fixed); indices are positions along the axis
+    (index values: permuting the axis relabels them, ``RuleContext.index_with``)."""
+    t = a.t("self")
+    if a.get("other") is not None:  # max.other / min.other: elementwise
+        from permgraph.infer.rules.elementwise import elementwise
+        return elementwise(cx, node, a)
+    dim = a.get("dim")
+    if dim is None and len(t) > 1 and node.target.overloadpacket in (aten.argmax, aten.argmin):
+        cx.fix_all(t, f"flat index of {node.target}")  # positions in the flattened tensor
+        return cx.fresh(cx.out_shape(), f"flat index of {node.target}")
+    dims = _order_dims(dim, len(t))
+    res = _results(cx, node, t, dims, keep_dim_axis=False)
     val = node.meta["val"]
-    res = [_order_result(cx, t, dims, tuple(int(s) for s in v.shape))
-           for v in (val if isinstance(val, (list, tuple)) else [val])]
-    return res if isinstance(val, (list, tuple)) else res[0]
+    if len(dims) == 1:
+        outs = list(val) if isinstance(val, (list, tuple)) else [val]
+        atoms = [t[dims[0]] if not v.is_floating_point() and not v.dtype == torch.bool else None for v in outs]
+        if any(x is not None for x in atoms):
+            cx.set_values(atoms if isinstance(val, (list, tuple)) else atoms[0])
+    return res
 
 
 def _order_dims(dim: Any, ndim: int) -> list[int]:
@@ -50,26 +70,76 @@ def _order_dims(dim: Any, ndim: int) -> list[int]:
     return list(range(ndim)) if dim is None else [norm_dim(dim, ndim)]
 
 
-def _order_result(cx: RuleContext, t: TType, dims: list[int], shape: tuple[int, ...]) -> TType:
-    """One result: the input's type, its kept axes, or a reshape of those."""
-    if shape == tuple(cx.store.size(x) for x in t):
-        return list(t)
+def _results(cx: RuleContext, node: fx.Node, t: TType, dims: list[int], keep_dim_axis: bool) -> Any:
+    val = node.meta["val"]
+    res = [_order_result(cx, t, dims, tuple(int(s) for s in v.shape), keep_dim_axis)
+           for v in (val if isinstance(val, (list, tuple)) else [val])]
+    return res if isinstance(val, (list, tuple)) else res[0]
+
+
+def _order_result(cx: RuleContext, t: TType, dims: list[int], shape: tuple[int, ...], keep: bool) -> TType:
+    """One result: other axes pass through; along ``dims`` the input's (fixed) axis when ``keep`` and
+    the size is unchanged, else a fresh axis in rank order (fixed)."""
+    why = Reason("rank order / positions along the axis", cx.where)
+    if len(shape) == len(t):
+        out = []
+        for i, (x, s) in enumerate(zip(t, shape)):
+            if i not in dims:
+                if cx.store.size(x) != s:
+                    break
+                out.append(x)
+            elif keep and cx.store.size(x) == s:
+                out.append(x)
+            else:
+                out.append(cx.store.new(s, why if s > 1 else None))
+        else:
+            return out
     kept = [x for i, x in enumerate(t) if i not in dims]
-    if len(kept) == len(shape):
+    if len(kept) == len(shape) and all(cx.store.size(x) == s for x, s in zip(kept, shape)):
         return kept
-    if math.prod(shape) == math.prod(cx.store.size(x) for x in kept):
-        return reshape_type(cx, kept, shape)
+    cx.fix_all(t, "order-dependent op with an unexpected result shape")
     return cx.fresh(shape, "order-dependent result")
 
 
 def_reduction = family(reduction)
 def_order_dependent = family(order_dependent)
+def_ranking = family(ranking)
 
 def_reduction(
     aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.linalg_vector_norm, aten.norm,
     aten.logsumexp, aten.prod, aten.all, aten.any, aten.var_mean, aten.std_mean, aten.nansum, aten.nanmean,
 )
-def_order_dependent(
+def_ranking(
     aten.max, aten.min, aten.argmax, aten.argmin, aten.sort, aten.topk, aten.kthvalue, aten.median, aten.mode,
-    aten.cumsum, aten.cumprod, aten.cummax, aten.cummin, aten.flip, aten.roll, aten.argsort, aten.diff,
+    aten.argsort,
+)
+def_order_dependent(
+    aten.cumsum, aten.cumprod, aten.cummax, aten.cummin, aten.flip, aten.roll, aten.diff,
+)
+
+
+def spatial(cx: RuleContext, node: fx.Node, a: Args) -> Any:
+    """Pooling and upsampling: the last k (spatial) axes are positions (fixed, fresh in the result);
+    batch and channel axes pass through. k comes from the op's name (``..2d`` -> 2)."""
+    t = a.t("self") if "self" in a else a.t("input")
+    name = node.target.overloadpacket.__name__
+    k = next((int(c) for c in ("1", "2", "3") if f"{c}d" in name), 2)
+    for x in t[len(t) - k:]:
+        cx.fix(x, f"spatial positions ({name})")
+    val = node.meta["val"]
+    outs = list(val) if isinstance(val, (list, tuple)) else [val]
+    res = []
+    for v in outs:
+        shape = tuple(int(s) for s in v.shape)
+        res.append(list(t[: len(t) - k]) + cx.fresh(shape[len(t) - k:], f"spatial positions ({name})"))
+    return res if isinstance(val, (list, tuple)) else res[0]
+
+
+family(spatial)(
+    aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
+    aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool1d,
+    aten.adaptive_max_pool2d, aten.adaptive_max_pool3d, aten.max_pool2d_with_indices, aten.max_pool3d_with_indices,
+    aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, aten.upsample_linear1d,
+    aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d, aten._upsample_nearest_exact2d,
+    aten._upsample_bilinear2d_aa,
 )

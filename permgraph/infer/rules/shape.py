@@ -4,12 +4,14 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from permgraph.axes import Reason
 from permgraph.infer.context import Args, RuleContext, TType, norm_dim
-from permgraph.infer.registry import register
+from permgraph.infer.registry import passes_values, register
 
 aten = torch.ops.aten
 
 
+@passes_values
 @register(aten.view, aten.reshape, aten._unsafe_view, aten.unflatten, aten.flatten, aten.view_as, aten.reshape_as)
 def reshape(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Merged and split axes become products of their parts."""
@@ -57,6 +59,7 @@ def _reshape_run(cx: RuleContext, ins: list[int], out: tuple[int, ...], j0: int,
             res[k] = cx.store.new(1)
 
 
+@passes_values
 @register(aten.transpose, aten.swapaxes, aten.swapdims)
 def transpose(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Two axes swap places."""
@@ -68,12 +71,14 @@ def transpose(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     return t
 
 
+@passes_values
 @register(aten.t, aten.numpy_T)
 def t_(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Axes in reverse order."""
     return list(reversed(a.t("self")))
 
 
+@passes_values
 @register(aten.permute)
 def permute(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Axes reordered."""
@@ -84,6 +89,7 @@ def permute(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     return [t[d] for d in dims]
 
 
+@passes_values
 @register(aten.unsqueeze)
 def unsqueeze(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """A new unit axis."""
@@ -94,12 +100,14 @@ def unsqueeze(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     return t
 
 
+@passes_values
 @register(aten.squeeze)
 def squeeze(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Unit axes dropped (a reshape)."""
     return reshape_type(cx, a.t("self"), cx.out_shape())
 
 
+@passes_values
 @register(aten.expand, aten.expand_as, aten.broadcast_to)
 def expand(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Broadcast axes (size 1 -> n) are constant along n: fresh, free atoms."""
@@ -121,6 +129,7 @@ def expand(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     return res
 
 
+@passes_values
 @register(aten.repeat)
 def repeat(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Tiling makes an axis of identical segments."""
@@ -138,6 +147,32 @@ def repeat(cx: RuleContext, node: fx.Node, a: Args) -> TType:
             res.append(cx.store.new(r))
         else:
             res.append(cx.store.make("cat", [t[j]] * r))
+    return res
+
+
+@passes_values
+@register(aten.repeat_interleave)
+def repeat_interleave(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Each position repeated ``r`` times in place: the axis becomes ``(axis, r)``, the copies constant.
+
+    Repeats given as a tensor (different counts per position) fix the axis.
+    """
+    t = a.t("self")
+    out = cx.out_shape()
+    reps = a.get("repeats")
+    if t is None or not isinstance(reps, int):
+        for x in (a.get("self"), reps):
+            cx.fix_all(cx.t(x), "repeat_interleave with per-position counts")
+        return cx.fresh(out, "repeat_interleave with per-position counts")
+    dim = a.get("dim")
+    if dim is None:  # flattened first
+        flat = reshape_type(cx, t, (max(1, int(torch.tensor([cx.store.size(x) for x in t]).prod())),))
+        t, dim = flat, 0
+    dim = norm_dim(dim, len(t))
+    res = list(t)
+    copies = cx.store.new(reps)
+    res[dim] = cx.store.make("prod", [t[dim], copies]) if cx.store.size(t[dim]) > 1 else copies
+    cx.set_uniform({i for i, x in enumerate(res) if i in cx.uniform_dims(a["self"]) and i != dim})
     return res
 
 
@@ -164,6 +199,7 @@ def unbind(cx: RuleContext, node: fx.Node, a: Args) -> list[TType]:
     return [t[:dim] + t[dim + 1:] for _ in range(cx.store.size(t[dim]))]
 
 
+@passes_values
 @register(aten.select)
 def select(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """The selected axis is indexed: fixed."""
@@ -174,6 +210,7 @@ def select(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     return t[:dim] + t[dim + 1:]
 
 
+@passes_values
 @register(aten.slice, aten.narrow)
 def slice_(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """A contiguous slice is a segment of the axis; a strided one fixes it."""
@@ -190,8 +227,14 @@ def slice_(cx: RuleContext, node: fx.Node, a: Args) -> TType:
         return list(t)
     out = list(t)
     if step != 1:
-        cx.fix(t[dim], f"strided slice (step {step})")
-        out[dim] = cx.store.new(cx.out_shape()[dim], None)
+        m = cx.out_shape()[dim]
+        if n % step == 0 and start < step and m == n // step:  # one of every `step`: (n/step, step)[:, start]
+            outer, inner = cx.store.split(t[dim], "prod", [n // step, step], cx.where)
+            cx.fix(inner, f"strided slice (step {step}) picks one of every {step}")
+            out[dim] = outer
+        else:
+            cx.fix(t[dim], f"strided slice (step {step})")
+            out[dim] = cx.store.new(m, Reason(f"strided slice (step {step})", cx.where))
         return out
     parts = _segments(cx, t[dim], [start, max(end - start, 0), n - max(end, start)])
     out[dim] = parts[1]
@@ -225,3 +268,23 @@ def stack(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     out.insert(dim, cx.store.new(len(ts), None))
     cx.fix(out[dim], "stacked tensors")
     return out
+
+
+@register(aten.pad, aten.constant_pad_nd)
+def pad(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Constant padding makes an axis ``cat(pad, axis, pad)`` (a constant segment permutes freely);
+    cropping (negative pads) and reflect/replicate/circular padding fix the padded axes."""
+    t = list(a.t("self"))
+    pads = list(a["pad"])
+    mode = a.get("mode") or "constant"
+    for k in range(len(pads) // 2):
+        d = len(t) - 1 - k
+        lo, hi = pads[2 * k], pads[2 * k + 1]
+        if lo == 0 and hi == 0:
+            continue
+        if mode != "constant" or lo < 0 or hi < 0:
+            cx.fix(t[d], f"{mode} padding" if mode != "constant" else "cropped by a negative pad")
+            t[d] = cx.store.new(cx.out_shape()[d], Reason("padded axis", cx.where))
+            continue
+        t[d] = cx.store.make("cat", [x for x in (cx.store.new(lo), t[d], cx.store.new(hi)) if cx.store.size(x)])
+    return t

@@ -1,0 +1,467 @@
+"""Breadth benchmark: every transformers model type, compiled with the plain call and verified.
+
+For each model type in ``transformers.CONFIG_MAPPING`` that has a base model class
+(``AutoModel``), build it from a small config (hidden sizes, layers, heads, experts and
+vocabularies shrunk generically; the config class's defaults when shrinking breaks it),
+perturb the weights after init (so norms and scales are not all 1), cast to float64,
+compile with ``pg.compile(model)`` (inputs derived from the config), and check that a
+random permutation from the spec leaves the outputs unchanged (``pg.verify``, two seeds).
+
+Each model runs in a worker subprocess under a per-model time limit; results are written
+one JSON line per type as they come (so a long run can be read while it goes on), and
+``docs/architectures.md`` is generated from them.
+
+    python benchmarks/architectures.py                      # all types, 2 jobs
+    python benchmarks/architectures.py --types llama,bert   # a subset (results merged into the file)
+    python benchmarks/architectures.py --report-only        # regenerate the markdown from the results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "architectures.jsonl"
+REPORT = ROOT / "docs" / "architectures.md"
+
+# -- small configs ----------------------------------------------------------------------------------
+
+LAYERS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
+          "num_decoder_layers", "num_encoder_layers", "depth", "num_blocks")
+HIDDEN = ("hidden_size", "d_model", "n_embd", "dim", "embed_dim", "model_dim", "d_embed")
+FFN = ("intermediate_size", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "mlp_dim",
+       "ffn_hidden_size", "hidden_dim")
+HEADS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
+         "decoder_attention_heads")
+KV_HEADS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "multi_query_group_num")
+EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+SMALL = {
+    **{k: 2 for k in LAYERS}, **{k: 64 for k in HIDDEN}, **{k: 96 for k in FFN}, **{k: 4 for k in HEADS},
+    **{k: 2 for k in KV_HEADS}, **{k: 4 for k in EXPERTS},
+    "head_dim": 16, "kv_channels": 16, "d_kv": 16, "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "expert_intermediate_size": 32,
+    "max_position_embeddings": 128, "n_positions": 128, "vocab_size": 256,
+}
+
+
+def _token_ids(cfg) -> list[int]:
+    out = []
+    for k, v in vars(cfg).items():
+        if k.endswith("token_id") or k.endswith("token_index") or k.endswith("_token_ids"):
+            for x in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(x, int):
+                    out.append(x)
+    return out
+
+
+def _shrink(cfg, layers_only: bool) -> None:
+    from transformers import PretrainedConfig
+
+    for k, v in list(vars(cfg).items()):
+        if isinstance(v, PretrainedConfig):
+            _shrink(v, layers_only)
+    for k, small in SMALL.items():
+        v = getattr(cfg, k, None)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= small:
+            continue
+        if layers_only and k not in LAYERS and k not in EXPERTS:
+            continue
+        if k == "vocab_size" and any(t >= small for t in _token_ids(cfg)):
+            continue
+        try:
+            setattr(cfg, k, small)
+        except Exception:  # noqa: BLE001 - read-only properties
+            pass
+    if isinstance(getattr(cfg, "qk_rope_head_dim", None), int) and not layers_only:  # multi-head latent attention
+        for k, v in (("qk_rope_head_dim", 8), ("qk_nope_head_dim", 16), ("v_head_dim", 16), ("kv_lora_rank", 32),
+                     ("q_lora_rank", 48), ("head_dim", 8), ("qk_head_dim", 24)):
+            if getattr(cfg, k, None) is not None:
+                try:
+                    setattr(cfg, k, v)
+                except Exception:  # noqa: BLE001
+                    pass
+    for k in ("layer_types", "mlp_layer_types"):  # per-layer lists follow the layer count
+        v = getattr(cfg, k, None)
+        n = getattr(cfg, "num_hidden_layers", None)
+        if isinstance(v, list) and isinstance(n, int) and len(v) > n:
+            try:
+                setattr(cfg, k, v[:n])
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def configs(model_type: str):
+    """Configs to try, smallest first: shrunk, layers only, defaults."""
+    import copy
+
+    from transformers import CONFIG_MAPPING
+
+    base = CONFIG_MAPPING[model_type]()
+    out = []
+    for layers_only in (False, True):
+        c = copy.deepcopy(base)
+        _shrink(c, layers_only)
+        out.append(("small" if not layers_only else "layers", c))
+    out.append(("default", base))
+    return out
+
+
+def perturb(model, seed: int = 0) -> None:
+    """Weights (and float buffers such as running stats) moved off their init values."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if not p.is_floating_point() or p.numel() == 0:
+                continue
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+            if name.endswith("running_var"):
+                p.mul_(1 + 0.1 * noise.abs())
+            elif name in dict(model.named_buffers()):
+                if name.endswith("running_mean"):
+                    p.add_(0.1 * noise)
+            else:
+                p.add_(0.05 * noise)
+
+
+TASK_MAPPINGS = (  # the first task head a type has; the base model otherwise
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_CTC_MAPPING_NAMES",
+    "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "MODEL_MAPPING_NAMES",
+)
+
+
+def model_class(model_type: str):
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for m in TASK_MAPPINGS:
+        name = getattr(modeling_auto, m, {}).get(model_type)
+        if isinstance(name, (list, tuple)):
+            name = name[0]
+        cls = getattr(transformers, name, None) if name else None
+        if cls is not None:
+            return cls
+    raise BuildError("no model class")
+
+
+def build_model(model_type: str):
+    """(model, config label, size) for the first config that builds and runs forward on derived inputs."""
+    import torch
+
+    from permgraph.trace import default_example_inputs
+
+    cls = model_class(model_type)
+    errors = []
+    for label, cfg in configs(model_type):
+        try:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in cls._from_config(cfg).parameters())
+            if n > 40_000_000:
+                errors.append(f"{label}: too large ({n / 1e6:.0f}M parameters)")
+                continue
+            torch.manual_seed(0)
+            model = cls._from_config(cfg).eval()
+            perturb(model)
+            model = model.double()
+            try:
+                with torch.no_grad():
+                    model(**default_example_inputs(model))
+            except RuntimeError as e:  # grouped_mm has no float64 kernel on CPU: the batched expert path
+                if "Double" not in str(e) or not hasattr(model, "set_experts_implementation"):
+                    raise
+                model.set_experts_implementation("batched_mm")
+                with torch.no_grad():
+                    model(**default_example_inputs(model))
+            return model, label, n
+        except Exception as e:  # noqa: BLE001 - any failure: try the next config
+            errors.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    raise BuildError("; ".join(errors))
+
+
+class BuildError(Exception):
+    pass
+
+
+class Timeout(Exception):
+    pass
+
+
+# -- one model --------------------------------------------------------------------------------------
+
+def family(model_type: str, model) -> str:
+    cfg = model.config
+    names = set(vars(cfg))
+    if any(getattr(cfg, k, 0) for k in EXPERTS) or any(getattr(c, k, 0) for c in _subconfigs(cfg) for k in EXPERTS):
+        return "moe"
+    subs = {k for k in names if k.endswith("_config") and k != "text_config" and getattr(cfg, k, None) is not None}
+    if "text_config" in names and subs:
+        return "multimodal"
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "pixel_values":
+        return "vision"
+    if main in ("input_values", "input_features"):
+        return "audio"
+    if getattr(cfg, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return "decoder" if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "encoder"
+
+
+def _subconfigs(cfg):
+    from transformers import PretrainedConfig
+    return [v for v in vars(cfg).values() if isinstance(v, PretrainedConfig)]
+
+
+def _top_reasons(spec, k: int = 3) -> list[str]:
+    """The reasons that fix the most parameter entries."""
+    weight: Counter = Counter()
+    for f in spec.fixed:
+        n = math.prod(spec.shapes.get(f.param, (1,)))
+        for r in f.reasons[:2]:
+            weight[r.split(" (at ")[0]] += n
+    return [r for r, _ in weight.most_common(k)]
+
+
+def run_one(model_type: str, limit: int) -> dict:
+    import torch
+
+    import permgraph as pg
+
+    rec: dict = {"type": model_type}
+
+    def alarm(signum, frame):
+        raise Timeout(f"over {limit} s")
+
+    signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(limit)
+    t0 = time.time()
+    try:
+        try:
+            model, label, n = build_model(model_type)
+        except BuildError as e:
+            rec.update(status="build-failed", error=str(e)[:600])
+            return rec
+        rec.update(config=label, params=n, family=family(model_type, model), model=type(model).__name__)
+        t1 = time.time()
+        try:
+            spec = pg.compile(model)
+        except Exception as e:  # noqa: BLE001
+            rec.update(status="compile-failed", error=f"{type(e).__name__}: {str(e)[:600]}")
+            return rec
+        rec["compile_s"] = round(time.time() - t1, 2)
+        errs = []
+        for seed in (0, 1):
+            rep = pg.verify(model, spec, seed=seed, tolerance=1e-6)
+            errs.append(rep.max_rel_error)
+        roles = Counter(g.role for g in spec.groups.values())
+        rec.update(
+            status="sound" if max(errs) <= 1e-6 else "unsound",
+            rel_error=max(errs),
+            coverage=round(spec.covered_fraction(), 4),
+            groups=len(spec.groups),
+            heads=roles.get("heads", 0),
+            experts=roles.get("experts", 0),
+            unknown_ops=dict(spec.unknown_ops),
+            why_fixed=_top_reasons(spec),
+        )
+        return rec
+    except Timeout as e:
+        rec.update(status="timeout", error=str(e))
+        return rec
+    except Exception as e:  # noqa: BLE001
+        rec.update(status="error", error=f"{type(e).__name__}: {str(e)[:400]}",
+                   trace=traceback.format_exc()[-800:])
+        return rec
+    finally:
+        signal.alarm(0)
+        rec["total_s"] = round(time.time() - t0, 2)
+        torch.set_num_threads(torch.get_num_threads())
+
+
+def worker(types: list[str], limit: int, out: Path) -> None:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    for t in types:
+        rec = run_one(t, limit)
+        with open(out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+
+
+# -- driver -----------------------------------------------------------------------------------------
+
+def all_types() -> list[str]:
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto import modeling_auto
+
+    known = {t for m in TASK_MAPPINGS for t in getattr(modeling_auto, m, {})}
+    return sorted(t for t in CONFIG_MAPPING.keys() if t in known)
+
+
+def load(path: Path) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                out[r["type"]] = r
+    return out
+
+
+def drive(types: list[str], jobs: int, limit: int, results: Path) -> None:
+    """Run ``types`` in ``jobs`` worker processes; a worker stuck past the limit is killed and restarted."""
+    tmp = [results.with_suffix(f".part{i}") for i in range(jobs)]
+    queues = [types[i::jobs] for i in range(jobs)]
+    procs: list = [None] * jobs
+    done_at = [time.time()] * jobs
+    for p in tmp:
+        p.unlink(missing_ok=True)
+
+    def start(i: int) -> None:
+        seen = set(load(tmp[i]))
+        rest = [t for t in queues[i] if t not in seen]
+        if not rest:
+            procs[i] = None
+            return
+        procs[i] = subprocess.Popen([sys.executable, __file__, "--worker", ",".join(rest), "--limit", str(limit),
+                                     "--results", str(tmp[i])], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+        done_at[i] = time.time()
+
+    for i in range(jobs):
+        start(i)
+    counts = [0] * jobs
+    while any(procs):
+        time.sleep(2)
+        for i, p in enumerate(procs):
+            if p is None:
+                continue
+            n = len(load(tmp[i]))
+            if n != counts[i]:
+                counts[i], done_at[i] = n, time.time()
+                merged = load(results) | {k: v for q in tmp for k, v in load(q).items()}
+                _write_jsonl(results, merged)
+            if p.poll() is not None or time.time() - done_at[i] > limit + 60:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+                seen = set(load(tmp[i]))
+                rest = [t for t in queues[i] if t not in seen]
+                if rest and p.returncode != 0 or (rest and time.time() - done_at[i] > limit + 60):
+                    with open(tmp[i], "a") as f:  # the model it was on: hung or crashed the process
+                        f.write(json.dumps({"type": rest[0], "status": "timeout",
+                                            "error": f"worker killed or crashed (rc {p.returncode})"}) + "\n")
+                start(i)
+    merged = load(results) | {k: v for q in tmp for k, v in load(q).items()}
+    _write_jsonl(results, merged)
+    for p in tmp:
+        p.unlink(missing_ok=True)
+
+
+def _write_jsonl(path: Path, recs: dict[str, dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(recs[k]) + "\n" for k in sorted(recs)))
+    tmp.replace(path)
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+FAMILY_ORDER = ("decoder", "moe", "encoder", "encoder-decoder", "vision", "audio", "multimodal")
+
+
+def report(recs: dict[str, dict]) -> str:
+    built = [r for r in recs.values() if r.get("status") not in ("build-failed",)]
+    st = Counter(r.get("status") for r in recs.values())
+    covs = [r["coverage"] for r in built if "coverage" in r]
+    lines = [
+        "# Architecture breadth",
+        "",
+        "Generated by `python benchmarks/architectures.py` (do not edit by hand). Every model type in",
+        "transformers' `CONFIG_MAPPING` with an `AutoModel` class, built from a small config (weights",
+        "perturbed after init), cast to float64, compiled with the plain `pg.compile(model)` (derived",
+        "inputs) and verified with two random permutations from the spec (relative tolerance 1e-6).",
+        "",
+        "## Summary",
+        "",
+        f"- types: {len(recs)}; built: {len(built)}; "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(st.items())),
+        f"- median coverage of parameter entries (sound and unsound): "
+        f"{statistics.median(covs):.2f}" if covs else "- no coverage figures",
+        f"- coverage >= 0.99: {sum(c >= 0.99 for c in covs)}; >= 0.95: {sum(c >= 0.95 for c in covs)}",
+        "",
+        "| family | types | sound | unsound | failed | median coverage |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fam in FAMILY_ORDER:
+        rs = [r for r in built if r.get("family") == fam]
+        if not rs:
+            continue
+        c = [r["coverage"] for r in rs if "coverage" in r]
+        lines.append(f"| {fam} | {len(rs)} | {sum(r['status'] == 'sound' for r in rs)} | "
+                     f"{sum(r['status'] == 'unsound' for r in rs)} | "
+                     f"{sum(r['status'] not in ('sound', 'unsound') for r in rs)} | "
+                     f"{statistics.median(c):.2f} |" if c else f"| {fam} | {len(rs)} | 0 | 0 | {len(rs)} | - |")
+    lines += ["", "## Per type", "",
+              "| type | family | status | coverage | groups | heads | experts | compile s | why fixed / error |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for t in sorted(recs):
+        r = recs[t]
+        why = "; ".join(r.get("why_fixed", [])) if r.get("status") in ("sound", "unsound") else r.get("error", "")
+        if r.get("status") == "unsound":
+            why = f"rel. error {r['rel_error']:.2g}; " + why
+        if r.get("unknown_ops"):
+            why += "; no rule: " + ", ".join(sorted(r["unknown_ops"]))
+        why = why.replace("|", "/").replace("\n", " ")[:300]
+        cov = f"{r['coverage']:.2f}" if "coverage" in r else ""
+        lines.append(f"| {t} | {r.get('family', '')} | {r.get('status')} | {cov} | {r.get('groups', '')} | "
+                     f"{r.get('heads', '')} | {r.get('experts', '')} | {r.get('compile_s', '')} | {why} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--types", help="comma-separated model types (default: all)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=120, help="seconds per model")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--report", type=Path, default=REPORT)
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.worker is not None:
+        worker(args.worker.split(","), args.limit, args.results)
+        return
+    if not args.report_only:
+        types = args.types.split(",") if args.types else all_types()
+        drive(types, max(1, args.jobs), args.limit, args.results)
+        for t in types:
+            r = load(args.results).get(t, {})
+            print(f"{t:32s} {r.get('status', '?'):15s} {r.get('coverage', '')!s:7s} "
+                  f"{r.get('rel_error', '')!s:10.10s} {'; '.join(r.get('why_fixed', []))[:90] or r.get('error', '')[:120]}")
+    args.report.write_text(report(load(args.results)))
+
+
+if __name__ == "__main__":
+    main()
