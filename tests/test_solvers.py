@@ -8,9 +8,8 @@ from permgraph.testing.zoo import ZOO, build
 
 
 @pytest.fixture(scope="module", params=sorted(ZOO))
-def planted(request):
-    zm = build(request.param)
-    spec = pg.compile(zm.model, zm.inputs, outputs=zm.outputs)
+def planted(request, zoo_compiled):
+    zm, spec = zoo_compiled(request.param)
     return zm, spec, zm.model.state_dict()
 
 
