@@ -12,9 +12,8 @@ ALLOWED = ("embedding lookup", "model input", "model output", "convolution kerne
 
 
 @pytest.fixture(scope="module", params=sorted(ZOO))
-def compiled(request):
-    zm = build(request.param)
-    return zm, pg.compile(zm.model, zm.inputs, outputs=zm.outputs)
+def compiled(request, zoo_compiled):
+    return zoo_compiled(request.param)
 
 
 def test_only_data_axes_and_symmetry_breakers_are_fixed(compiled):

@@ -3,13 +3,12 @@ import pytest
 import torch
 
 import permgraph as pg
-from permgraph.testing.zoo import ZOO, build
+from permgraph.testing.zoo import ZOO
 
 
 @pytest.fixture(scope="module", params=sorted(ZOO))
-def compiled(request):
-    zm = build(request.param)
-    return zm, pg.compile(zm.model, zm.inputs, outputs=zm.outputs)
+def compiled(request, zoo_compiled):
+    return zoo_compiled(request.param)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
