@@ -67,7 +67,7 @@ def _token_ids(cfg) -> list[int]:
 def _shrink(cfg, layers_only: bool) -> None:
     from transformers import PretrainedConfig
 
-    for k, v in list(vars(cfg).items()):
+    for v in list(vars(cfg).values()):
         if isinstance(v, PretrainedConfig):
             _shrink(v, layers_only)
     for k, small in SMALL.items():
@@ -459,7 +459,8 @@ def main() -> None:
         for t in types:
             r = load(args.results).get(t, {})
             print(f"{t:32s} {r.get('status', '?'):15s} {r.get('coverage', '')!s:7s} "
-                  f"{r.get('rel_error', '')!s:10.10s} {'; '.join(r.get('why_fixed', []))[:90] or r.get('error', '')[:120]}")
+                  f"{r.get('rel_error', '')!s:10.10s} "
+                  f"{'; '.join(r.get('why_fixed', []))[:90] or r.get('error', '')[:120]}")
     args.report.write_text(report(load(args.results)))
 
 

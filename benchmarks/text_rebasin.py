@@ -18,13 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import permgraph as pg
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 SEQ = 128
 
 
@@ -127,14 +125,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--ft-steps", type=int, default=150)
+    ap.add_argument("--docs", default="/usr/share/doc/python3.11/html/_sources",
+                    help="folder of reST sources for the fine-tuning task (apt-get install python3.11-doc)")
+    ap.add_argument("--src", default=sysconfig.get_paths()["stdlib"], help="folder of Python source (releases)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    src_files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    src_files = sorted(Path(args.src).rglob("*.py"))
     src = encode(corpus(src_files, 3_000_000))
-    doc = encode(corpus(sorted(DOCS.rglob("*.txt")), 1_500_000))
+    doc = encode(corpus(sorted(Path(args.docs).rglob("*.txt")), 1_500_000))
     split = int(0.9 * len(src))
     src_train, src_test = src[:split], src[split:]
-    doc_train, doc_val, doc_test = doc[:int(0.8 * len(doc))], doc[int(0.8 * len(doc)):int(0.9 * len(doc))], doc[int(0.9 * len(doc)):]
+    cut1, cut2 = int(0.8 * len(doc)), int(0.9 * len(doc))
+    doc_train, doc_val, doc_test = doc[:cut1], doc[cut1:cut2], doc[cut2:]
     a_model = train(new_model(0), src_train[: len(src_train) // 2], args.steps, 3e-3, 0)
     b_model = train(new_model(1), src_train, args.steps, 3e-3, 1)
     a = {k: v.clone() for k, v in a_model.state_dict().items()}

@@ -1,10 +1,10 @@
 """Normalization layers: statistics over the normalized axes are permutation invariant."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
-
-from typing import Any
 
 from permgraph.infer.context import Args, RuleContext, TType
 from permgraph.infer.registry import register

@@ -1,7 +1,6 @@
 """Reductions (invariant over permuted axes) and order-dependent ops (which fix the axis)."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
