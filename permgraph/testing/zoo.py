@@ -252,6 +252,17 @@ def llama() -> tuple:
     return LlamaForCausalLM(cfg), None, FP32_NORM
 
 
+def mixtral() -> tuple:
+    """Mixture of experts: 4 experts, top-2 routing, GQA and RoPE; the batched expert path
+    (grouped_mm has no float64 kernel on CPU)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    cfg = MixtralConfig(vocab_size=60, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = MixtralForCausalLM(cfg)
+    model.set_experts_implementation("batched_mm")
+    return model, None, FP32_NORM
+
+
 def mistral() -> tuple:
     from transformers import MistralConfig, MistralForCausalLM
     cfg = MistralConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -342,6 +353,7 @@ ZOO: dict[str, Callable[[], tuple]] = {
     "gpt2": gpt2,
     "llama": llama,
     "mistral": mistral,
+    "mixtral": mixtral,
     "qwen2": qwen2,
     "phi3": phi3,
     "vit": vit,
