@@ -92,3 +92,15 @@ def test_clip_projection_outputs_fixed_residuals_free():
     assert "residual[text_model]" in names and "residual[vision_model]" in names
     unmoved = {p for p, trees in spec.axes.items() if all(isinstance(t, Fixed) for t in trees)}
     assert unmoved == {"logit_scale"}
+
+
+def test_moe_experts_are_a_group_and_expert_products_are_not_attention(zoo_compiled):
+    """Mixtral: the router rows move with the experts (a group of whole experts); the batched expert
+    products multiply activations by (indexed) weights, so they name no attention roles."""
+    zm, spec = zoo_compiled("mixtral")
+    experts = [g for g in spec.groups.values() if g.role == "experts"]
+    assert len(experts) == 2 and all(g.size == 4 for g in experts)
+    members = {m.param.removesuffix(".weight").rsplit(".", 1)[-1] for g in experts for m in spec.members(g.name)}
+    assert members == {"gate", "down_proj", "gate_up_proj"}  # router rows and both expert weights
+    assert "residual" in spec.groups
+    assert not [g for g in spec.groups.values() if g.role in ("qk", "vo") and "self_attn" not in g.name]

@@ -11,7 +11,8 @@ from permgraph.infer.rules import RULES
 def infer(graph: Any, inputs: dict[str, GraphInput], fixed_outputs: set[int] | None = None) -> InferenceResult:
     """Type every tensor axis of ``graph`` with the registered rules, then name attention roles."""
     result = run_inference(graph, inputs, RULES, fixed_outputs=fixed_outputs)
-    assign_roles(graph, result.store, result.node_types)
+    weights = {n for n, gi in inputs.items() if gi.kind in ("parameter", "state")}
+    assign_roles(graph, result.store, result.node_types, weights)
     return result
 
 

@@ -27,16 +27,41 @@ aten = torch.ops.aten
 
 RoleRule = Callable[[AxisStore, Args, Any], None]
 
+# ops that only reshape, select or copy a tensor: an operand reached through them is still that tensor
+_PASS_THROUGH = {aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute, aten.t,
+                 aten.expand, aten.unsqueeze, aten.squeeze, aten.index, aten.index_select, aten.select,
+                 aten.slice, aten.contiguous, aten.clone, aten._to_copy, aten.to, aten.alias, aten.detach}
 
-def assign_roles(graph: fx.Graph, store: AxisStore, node_types: Mapping[str, Any]) -> None:
-    """Tag the atoms of every attention op in ``graph`` with their roles, in graph order."""
+
+def assign_roles(graph: fx.Graph, store: AxisStore, node_types: Mapping[str, Any],
+                 weights: set[str] = frozenset()) -> None:
+    """Tag the atoms of every attention op in ``graph`` with their roles, in graph order.
+
+    ``weights``: names of the placeholders that are parameters (or state): a product with one
+    of them (reshaped or indexed, like MoE's batched experts) is a layer, not attention.
+    """
     types = {n: node_types.get(n.name) for n in graph.nodes}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        fn = _ROLE_RULES.get(rule_key(node.target))
-        if fn is not None:
-            fn(store, Args(node, types), types.get(node))
+        key = rule_key(node.target)
+        fn = _ROLE_RULES.get(key)
+        if fn is None:
+            continue
+        if fn is _matmul_roles and any(_is_weight(x, weights) for x in node.all_input_nodes):
+            continue
+        fn(store, Args(node, types), types.get(node))
+
+
+def _is_weight(node: fx.Node, weights: set[str], depth: int = 8) -> bool:
+    """Whether ``node`` is a parameter seen through reshapes, selections and copies."""
+    for _ in range(depth):
+        if node.op == "placeholder":
+            return node.name in weights
+        if node.op != "call_function" or rule_key(node.target) not in _PASS_THROUGH or not node.all_input_nodes:
+            return False
+        node = node.all_input_nodes[0]
+    return False
 
 
 def _sdpa_roles(store: AxisStore, a: Args, out: Any) -> None:
