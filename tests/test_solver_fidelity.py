@@ -113,3 +113,26 @@ def test_head_guard_keeps_the_better_of_spectral_and_natural_heads():
         else:
             assert "head_guard" not in guarded.settings
     assert hits, "no case where spectral heads lowered the objective: the test would not test the guard"
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_bf16_checkpoints_align_in_their_own_dtype(name):
+    """A and B stay bf16 (no float32 copies of the checkpoints); scores are float32 per site."""
+    zm, spec = compiled(name)
+    sa = {k: v.bfloat16() if v.is_floating_point() else v for k, v in zm.model.state_dict().items()}
+    sb = pg.apply_permutation(spec, spec.random_permutation(4), sa)
+    al = pg.align(sa, sb, spec, device="cpu")
+    out = pg.apply_permutation(spec, al.permutation, sa)
+    assert all(torch.equal(out[k], sb[k]) for k in sb) and all(out[k].dtype == sa[k].dtype for k in sa)
+
+
+def test_weight_costs_hold_the_parameters_without_copies():
+    from permgraph.backends import get_backend
+    from permgraph.solvers.common import PermState
+    from permgraph.solvers.weight_matching import WeightCosts
+
+    zm, spec = compiled("llama")
+    sa = {k: v.bfloat16() for k, v in zm.model.state_dict().items() if v.is_floating_point()}
+    wm = WeightCosts(PermState(spec, get_backend("scipy")), sa, sa, torch.float32)
+    assert all(wm.a[p].data_ptr() == sa[p].data_ptr() for p in wm.a)  # the caller's tensors, not copies
+    assert wm.wa(next(iter(wm.a))).dtype == torch.float32

@@ -97,7 +97,7 @@ def block_svals(x: torch.Tensor, site: Site) -> torch.Tensor:
     """Singular values of each unit's block (unit = head): (n_heads, k)."""
     n_ctx, n_g, m = site.units.shape
     blocks = x.movedim(site.axis, 0)[site.units[0].flatten().to(x.device)].reshape(n_g, m, -1)
-    return torch.linalg.svdvals(blocks.double()).to(x.dtype)
+    return torch.linalg.svdvals(blocks.double()).to(torch.promote_types(x.dtype, torch.float32))
 
 
 @dataclass

@@ -55,8 +55,8 @@ def ot_solver(spec: PermSpec, params_a: Mapping[str, torch.Tensor], params_b: Ma
         if grp.ctx or g in parents or not _whole_axis_only(hard.spec, g):
             continue
         score = wm.cost(g)[0]
-        nb = sum(units(wm.b[s.param], s)[0].pow(2).sum(1) for s in state.sites[g])
-        na = sum(units(permute_tensor(wm.spec, state.perm, s.param, wm.a[s.param], skip=(s.axis, g)), s)[0]
+        nb = sum(units(wm.wb(s.param), s)[0].pow(2).sum(1) for s in state.sites[g])
+        na = sum(units(permute_tensor(wm.spec, state.perm, s.param, wm.wa(s.param), skip=(s.axis, g)), s)[0]
                  .pow(2).sum(1) for s in state.sites[g])
         dist = (nb[:, None] + na[None, :] - 2 * score).clamp_min(0)
         dist = dist / dist.max().clamp_min(1e-30)

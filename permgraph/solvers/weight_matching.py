@@ -47,6 +47,7 @@ class WeightMatchingOptions(SolverOptions):
     head_distance: str = "paper"
     head_guard: bool = True
     dtype: torch.dtype = torch.float32
+    device: str | None = None  # where A, B and the scores live ("cuda"); default: the parameters' device
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,18 +57,29 @@ class WeightMatchingOptions(SolverOptions):
 
 
 class WeightCosts:
-    """The weight-matching objective ``sum_p <B_p, pi(A)_p>`` and its per-group score tensors."""
+    """The weight-matching objective ``sum_p <B_p, pi(A)_p>`` and its per-group score tensors.
 
-    def __init__(self, state: PermState, params_a: Params, params_b: Params, dtype: torch.dtype) -> None:
+    Only the parameters the spec moves are held, in their own dtype (a bf16 checkpoint stays
+    bf16) on ``device``; each is widened to ``dtype`` only while one score is computed.
+    """
+
+    def __init__(self, state: PermState, params_a: Params, params_b: Params, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
         spec = state.spec
         names = [p for p in spec.axes if any(t.groups() for t in spec.axes[p])]
-        self.state, self.spec = state, spec
-        self.a = {p: params_a[p].detach().to(dtype) for p in names}
-        self.b = {p: params_b[p].detach().to(dtype) for p in names}
+        self.state, self.spec, self.dtype = state, spec, dtype
+        self.a = {p: params_a[p].detach().to(device=device) for p in names}
+        self.b = {p: params_b[p].detach().to(device=device) for p in names}
+
+    def wa(self, p: str) -> torch.Tensor:
+        return self.a[p].to(self.dtype)
+
+    def wb(self, p: str) -> torch.Tensor:
+        return self.b[p].to(self.dtype)
 
     def objective(self) -> float:
         perm = self.state.perm
-        return float(sum((self.b[p] * permute_tensor(self.spec, perm, p, self.a[p])).sum() for p in self.a))
+        return float(sum((self.wb(p) * permute_tensor(self.spec, perm, p, self.wa(p))).sum() for p in self.a))
 
     def cost(self, g: str, perm: Permutation | None = None) -> torch.Tensor:
         """Scores (n_ctx, n_g, n_g) of group g with every other group at its value in ``perm``."""
@@ -75,8 +87,8 @@ class WeightCosts:
         perm = perm or self.state.perm
         total = None
         for site in self.state.sites[g]:
-            a_perm = permute_tensor(self.spec, perm, site.param, self.a[site.param], skip=(site.axis, g))
-            c = units(self.b[site.param], site) @ units(a_perm, site).transpose(1, 2)
+            a_perm = permute_tensor(self.spec, perm, site.param, self.wa(site.param), skip=(site.axis, g))
+            c = units(self.wb(site.param), site) @ units(a_perm, site).transpose(1, 2)
             total = c if total is None else total + c
         self.state.timings["cost"] += time.perf_counter() - t0
         return total
@@ -100,8 +112,8 @@ class WeightCosts:
         def scores(g: str) -> torch.Tensor:
             bs, as_ = [], []
             for site in self.state.sites[g]:
-                a_perm = permute_tensor(self.spec, ident, site.param, self.a[site.param], skip=(site.axis, g))
-                bs.append(units(self.b[site.param], site))
+                a_perm = permute_tensor(self.spec, ident, site.param, self.wa(site.param), skip=(site.axis, g))
+                bs.append(units(self.wb(site.param), site))
                 as_.append(units(a_perm, site))
             return torch.einsum("iuf,jvf->ijuv", torch.cat(bs, dim=2), torch.cat(as_, dim=2))
         return scores
@@ -137,9 +149,9 @@ def _descent(spec: PermSpec, params_a: Params, params_b: Params, opts: WeightMat
     """One coordinate descent from the identity, heads handled by ``opts.heads``."""
     t_start = time.perf_counter()
     work = flattened_heads(spec) if opts.heads == "flat" else spec
-    device = next(iter(params_a.values())).device if params_a else None
+    device = torch.device(opts.device) if opts.device else (next(iter(params_a.values())).device if params_a else None)
     state = PermState(work, get_backend(opts.backend, device))
-    wm = WeightCosts(state, params_a, params_b, opts.dtype)
+    wm = WeightCosts(state, params_a, params_b, opts.dtype, device)
     history = [wm.objective()]
     heads = work.head_groups()
     for h in heads if opts.heads == "spectral" else ():
