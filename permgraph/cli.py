@@ -77,6 +77,7 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 def cmd_transport(args: argparse.Namespace) -> int:
     import permgraph as pg
+    from permgraph import stream
     from permgraph.loading import load_source, write_state
     from permgraph.transport import check_alpha, check_transport_inputs, parse_alpha
 
@@ -97,6 +98,10 @@ def cmd_transport(args: argparse.Namespace) -> int:
     inputs = [args.base_old, *args.finetuned, args.base_new, args.spec, args.permutation]
     with _target(args, args.out[0], MODEL_OUT, inputs) as target:
         al = _read_alignment(args)
+        if stream.streamable([args.base_old, *args.finetuned, args.base_new]):
+            done = _transport_streaming(args, target, al, alpha, t0)
+            if done is not None:
+                return done
         a, b = load_source(args.base_old), load_source(args.base_new)
         fts = [load_source(f) for f in args.finetuned]
         alpha = check_alpha(alpha, list(a.state))
@@ -109,7 +114,56 @@ def cmd_transport(args: argparse.Namespace) -> int:
                               allow_non_preserving=args.allow_non_preserving)
         write_state(result, target.tmp, target.kind, b, fts[0])
         out = target.commit()
-    _report(args, al, {"out": str(out), "tensors": len(result), "alpha": args.alpha,
+    _report(args, al, {"out": str(out), "tensors": len(result), "alpha": args.alpha, "streamed": False,
+                       "seconds": round(time.perf_counter() - t0, 2)})
+    return EXIT_OK
+
+
+def _transport_streaming(args: argparse.Namespace, target: OutputTarget, al, alpha, t0: float) -> int | None:
+    """``transport --finetuned`` on safetensors inputs, tensor by tensor (``permgraph.stream``).
+
+    Without ``--permutation``, A and B are loaded whole for ``pg.align`` (and dropped before
+    streaming). None when the inputs need the in-memory path (a fine-tune with a new head).
+    """
+    import gc
+
+    from permgraph import stream
+    from permgraph.loading import load_source
+
+    timings = {}
+    t = time.perf_counter()
+    if al is None:
+        a, b = load_source(args.base_old), load_source(args.base_new)
+        spec = _spec_from(args, a if a.module is not None else b)
+        timings["load_for_align"] = time.perf_counter() - t
+    else:
+        spec = al.spec
+    try:
+        plan = stream.prepare(args.base_old, args.finetuned, args.base_new, spec, alpha)  # fail before solving
+    except stream.NotStreamable as e:
+        if not args.quiet:
+            print(f"permgraph: note: {e}", file=sys.stderr)
+        return None
+    with contextlib.closing(plan):
+        if al is None:
+            t = time.perf_counter()
+            al = _align(args, a, b, spec)
+            timings["align"] = time.perf_counter() - t
+            del a, b
+            gc.collect()
+        if not al.function_preserving and not args.allow_non_preserving:
+            raise InputError("this alignment is not function-preserving (flat heads or soft plans): pi(A) is not "
+                             "equivalent to A. Pass --allow-non-preserving to use it anyway")
+        rep = stream.run(plan, al, target.tmp, target.kind, max_shard_bytes=args.max_shard_size,
+                         progress=not args.quiet and not args.json)
+    out = target.commit()
+    timings.update(rep.seconds)
+    if not args.quiet and not args.json:
+        print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+              + f"; {rep.tensors} tensors, {rep.bytes / 1e9:.2f} GB in {rep.shards} shard(s); "
+              f"peak memory {rep.peak_rss_gb:.2f} GB")
+    _report(args, al, {"out": str(out), "tensors": rep.tensors, "alpha": args.alpha, "streamed": True,
+                       **rep.to_dict(), "stream_seconds": {k: round(v, 2) for k, v in timings.items()},
                        "seconds": round(time.perf_counter() - t0, 2)})
     return EXIT_OK
 
@@ -315,9 +369,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--permutation", default=None, help="alignment JSON from 'permgraph align' (skip solving)")
     s.add_argument("--allow-non-preserving", action="store_true",
                    help="accept an alignment that is not function-preserving (flat heads, soft OT plans)")
+    s.add_argument("--max-shard-size", default="50GB", type=_shard_size,
+                   help="folder outputs: largest safetensors shard, e.g. 5GB, 500MB (default 50GB, as "
+                        "transformers' save_pretrained); more than one shard gets model.safetensors.index.json")
     solver_opts(s)
     s.set_defaults(fn=cmd_transport)
     return p
+
+
+def _shard_size(text: str) -> int:
+    from permgraph.shards import parse_size
+
+    try:
+        return parse_size(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # -- running a command: errors, signals, quiet libraries ---------------------------------

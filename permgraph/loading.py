@@ -171,19 +171,64 @@ def write_state(state: dict, tmp: Path, kind: str, base_new: Source, finetuned: 
     if kind == "file":
         save_file(tensors, str(tmp), metadata=meta)
         return
-    if base_new.folder is not None:
-        for f in base_new.folder.iterdir():
-            if f.is_file() and f.name != MANIFEST and not f.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
-                shutil.copyfile(f, tmp / f.name)
-        cfg_path = tmp / "config.json"
-        if cfg_path.exists() and finetuned.folder is not None and (finetuned.folder / "config.json").exists():
-            cfg = json.loads(cfg_path.read_text())
-            ft_cfg = json.loads((finetuned.folder / "config.json").read_text())
-            for key in ("architectures", "num_labels", "id2label", "label2id", "problem_type"):
-                if key in ft_cfg:
-                    cfg[key] = ft_cfg[key]
-            cfg_path.write_text(json.dumps(cfg, indent=2))
+    copy_model_files(tmp, base_new.folder, finetuned.folder)
     save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
+
+
+def copy_model_files(tmp: Path, base_new: Path | None, finetuned: Path | None) -> None:
+    """B's non-weight files (config, tokenizer, generation config) into ``tmp``; the config takes
+    the fine-tune's task-head keys (architectures, labels) when the fine-tune is a folder."""
+    if base_new is None:
+        return
+    for f in base_new.iterdir():
+        if f.is_file() and f.name != MANIFEST and not f.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
+            shutil.copyfile(f, tmp / f.name)
+    cfg_path = tmp / "config.json"
+    if cfg_path.exists() and finetuned is not None and (finetuned / "config.json").exists():
+        cfg = json.loads(cfg_path.read_text())
+        ft_cfg = json.loads((finetuned / "config.json").read_text())
+        for key in ("architectures", "num_labels", "id2label", "label2id", "problem_type"):
+            if key in ft_cfg:
+                cfg[key] = ft_cfg[key]
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def check_folder_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The tensors a folder's checkpoint holds (``shapes``) are those its config.json's class has,
+    as ``from_pretrained`` would check, without loading any weight: the class is built on the
+    meta device. A tied name (``lm_head.weight``) may be absent when its partner is present."""
+    import torch
+
+    cls, config = _config_class(path)
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    except Exception as e:  # noqa: BLE001 - an unusable config
+        raise ModelLoadError(f"cannot build {cls.__name__} from {path / 'config.json'}: {type(e).__name__}: {e}"
+                             ) from None
+    params = model.state_dict(keep_vars=True)
+    present = {id(params[n]) for n in shapes if n in params}
+    problems = [f"{what} {sorted(names)[:5]}" for what, names in (
+        ("missing tensors", [n for n in params if n not in shapes and id(params[n]) not in present]),
+        ("unexpected tensors", [n for n in shapes if n not in params]),
+        ("tensors of the wrong shape", [n for n in shapes if n in params and tuple(params[n].shape) != shapes[n]]),
+    ) if names]
+    if problems:
+        raise ModelLoadError(f"{path} does not match its config.json ({cls.__name__}): " + "; ".join(problems)
+                             + ". Is the checkpoint complete and of this architecture?")
+
+
+def _config_class(path: Path):
+    """The model class named in a folder's config.json and the config, validated as in loading."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - unknown model_type, bad fields
+        raise ModelLoadError(f"{path / 'config.json'} is not a usable transformers config: "
+                             f"{type(e).__name__}: {e}") from None
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    return (getattr(transformers, arch, None) if arch else None) or transformers.AutoModel, config
 
 
 def _untie(tensors: dict) -> dict:

@@ -239,7 +239,8 @@ def _check_same_shapes(sa, sft, names, label) -> None:
            if tuple(sft[f].shape) != tuple(sa[b].shape)]
     if bad:
         raise InputError(f"{label} does not match base A's shapes: " + "; ".join(bad[:5]))
-    nonfinite = [f for f, b in names.items() if sft[f].is_floating_point() and not bool(torch.isfinite(sft[f]).all())]
+    nonfinite = [f for f, b in names.items() if sft[f].is_floating_point() and not sft[f].is_meta
+                 and not bool(torch.isfinite(sft[f]).all())]
     if nonfinite:
         raise InputError(f"{label}: '{nonfinite[0]}' contains NaN or inf")
 
