@@ -164,16 +164,20 @@ def _one(plan: Plan, alignment: Alignment, base: str, report: StreamReport, dist
     if not (a.is_floating_point() and b.is_floating_point()):
         return b
     total = None
-    for i, ft in enumerate(fts):
-        wf = _wide(ft)
+    for i in range(len(fts)):
+        wf = _wide(fts[i])
+        fts[i] = None  # type: ignore[call-overload]  # freed as soon as possible: memory is one tensor
         tau = wf - _wide(a)
         dist[i][0] += float(tau.pow(2).sum())
-        dist[i][1] += float((wf - _wide(b)).pow(2).sum())
+        dist[i][1] += float(wf.sub_(_wide(b)).pow(2).sum())  # wf is this run's own buffer (or a widened copy)
         del wf
         moved = apply_alignment(alignment, {base: tau})[base]
         del tau
-        total = moved if total is None else total + moved
-    out = (_wide(b) + alpha_for(plan.alpha, base) * total).to(b.dtype)
+        total = moved if total is None else total.add_(moved)
+        del moved
+    del a
+    # (wide(B) + alpha * total) in place: the same two roundings as pg.transport, so bit-identical
+    out = total.mul_(alpha_for(plan.alpha, base)).add_(_wide(b)).to(b.dtype)
     report.seconds["compute"] += time.perf_counter() - t1
     return out
 

@@ -1,0 +1,184 @@
+"""Streaming transport (permgraph.stream, permgraph.shards): bit-identical to pg.transport, sharded
+output that from_pretrained loads, and the faults of long runs (missing or changing shards, a full
+disk, NaN mid-stream) leave nothing behind with exit code 2."""
+import errno
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import permgraph as pg
+from permgraph import shards, stream
+from permgraph.cli import main
+
+TMP_GLOB = ".*permgraph-*"
+
+
+def tiny(tied: bool, dtype: torch.dtype, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def releases(root, tied: bool, dtype: torch.dtype, sharded: bool):
+    """A, A_ft, B (a permutation of A plus noise) and the alignment file; B sharded if asked."""
+    a = tiny(tied, dtype, 0)
+    spec = pg.compile(tiny(tied, torch.float32, 0))
+    perm = spec.random_permutation(3)
+    ft, b = tiny(tied, dtype, 0), tiny(tied, dtype, 0)
+    ft.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in a.state_dict().items()})
+    moved = pg.apply_permutation(spec, perm, a.state_dict())
+    b.load_state_dict({k: v + 0.001 * torch.randn_like(v) for k, v in moved.items()})
+    kw = {"max_shard_size": "20KB"} if sharded else {}
+    a.save_pretrained(root / "A", **kw)
+    ft.save_pretrained(root / "A_ft")
+    b.save_pretrained(root / "B", **kw)
+    (root / "B" / "tokenizer_config.json").write_text("{}")
+    al = pg.Alignment(perm, spec)
+    (root / "al.json").write_text(al.to_json())
+    return a, ft, b, al
+
+
+def transport_args(root, out, *extra):
+    return ["transport", "--base-old", str(root / "A"), "--finetuned", str(root / "A_ft"), "--base-new",
+            str(root / "B"), "--out", str(out), "--permutation", str(root / "al.json"), "-q", *extra]
+
+
+def read_all(path) -> dict:
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    out = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sharded, tied", [(False, False), (True, False), (True, True)])
+def test_streaming_equals_in_memory_and_loads(tmp_path, dtype, sharded, tied):
+    a, ft, b, al = releases(tmp_path, tied, dtype, sharded)
+    out = tmp_path / "out"
+    assert main(transport_args(tmp_path, out, "--max-shard-size", "30KB", "--alpha", "0.7")) == 0
+    ref = pg.transport(a, ft, b, al, alpha=0.7)
+    got = read_all(out)
+    assert set(got) == set(read_all(tmp_path / "B"))  # what B's checkpoint holds (tied names dropped)
+    for k, v in got.items():
+        assert v.dtype == dtype and torch.equal(v, ref[k]), k
+    index = json.loads((out / shards.INDEX).read_text())
+    assert len(set(index["weight_map"].values())) > 1 and (out / "tokenizer_config.json").exists()
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in got.values())
+    loaded = LlamaForCausalLM.from_pretrained(out, dtype=dtype).state_dict()
+    for k, v in ref.items():
+        assert torch.equal(loaded[k], v), k
+
+
+def test_single_file_output_and_unsharded_default(tmp_path):
+    a, ft, b, al = releases(tmp_path, False, torch.float32, True)
+    assert main(transport_args(tmp_path, tmp_path / "o.safetensors")) == 0
+    assert main(transport_args(tmp_path, tmp_path / "o")) == 0
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.safetensors")) == ["model.safetensors"]
+    ref = pg.transport(a, ft, b, al)
+    for got in (read_all(tmp_path / "o.safetensors"), read_all(tmp_path / "o")):
+        assert all(torch.equal(v, ref[k]) for k, v in got.items())
+
+
+def test_soft_plans_stream_as_in_memory(tmp_path):
+    a, ft, b, al = releases(tmp_path, False, torch.float32, False)
+    g = next(n for n, grp in al.spec.groups.items() if not grp.ctx)
+    n = al.spec.groups[g].size
+    t = torch.rand(n, n, dtype=torch.float64)
+    soft = pg.Alignment(al.permutation, al.spec, function_preserving=False, soft={g: t / t.sum(1, keepdim=True)})
+    (tmp_path / "al.json").write_text(soft.to_json())
+    assert main(transport_args(tmp_path, tmp_path / "o", "--allow-non-preserving")) == 0
+    ref = pg.transport(a, ft, b, pg.Alignment.from_json(soft.to_json()), allow_non_preserving=True)
+    assert all(torch.equal(v, ref[k]) for k, v in read_all(tmp_path / "o").items())
+
+
+def test_shard_writer_round_trip(tmp_path):
+    tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7), "c": torch.zeros(0, 4),
+               "d": torch.tensor([True, False])}
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    w = shards.ShardWriter(tmp_path / "x.safetensors", specs, {"format": "pt"})
+    for k, v in tensors.items():
+        w.write(k, v)
+    w.close()
+    got = read_all(tmp_path / "x.safetensors")
+    ck = shards.Checkpoint(tmp_path / "x.safetensors")
+    assert all(torch.equal(got[k], v) and torch.equal(ck.read(k), v) for k, v in tensors.items())
+    assert shards.parse_size("5GB") == 5 * 10 ** 9 and shards.parse_size("1MiB") == 1 << 20
+    assert shards.plan_shards({"a": 4, "b": 4, "c": 9, "d": 1}, 8) == [["a", "b"], ["c"], ["d"]]
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def rel(tmp_path):
+    releases(tmp_path, False, torch.float32, True)
+    return tmp_path
+
+
+def refused(rel, argv, capsys, match):
+    out = rel / "o"
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and match in err, err
+    assert not out.exists() and not list(rel.glob(TMP_GLOB))
+    return err
+
+
+def test_missing_shard_is_named_before_any_work(rel, capsys):
+    victim = sorted((rel / "B").glob("model-*.safetensors"))[1]
+    victim.unlink()
+    refused(rel, transport_args(rel, rel / "o"), capsys, victim.name)
+
+
+def test_shard_that_changes_during_the_run(rel, capsys, monkeypatch):
+    real = stream._one
+    victim = sorted((rel / "A").glob("model-*.safetensors"))[0]
+
+    def touching(*a, **kw):
+        os.utime(victim, ns=(1, 1))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(stream, "_one", touching)
+    refused(rel, transport_args(rel, rel / "o"), capsys, "changed while permgraph was reading")
+
+
+def test_full_disk_leaves_nothing(rel, capsys, monkeypatch):
+    calls, real = [], shards.ShardWriter.write
+
+    def full(self, name, tensor):
+        calls.append(name)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, name, tensor)
+
+    monkeypatch.setattr(shards.ShardWriter, "write", full)
+    refused(rel, transport_args(rel, rel / "o", "--max-shard-size", "10KB"), capsys, "nothing was written")
+
+
+def test_nan_in_the_last_tensor_leaves_nothing(rel, capsys):
+    from safetensors.torch import load_file, save_file
+
+    last = sorted((rel / "A_ft").glob("*.safetensors"))[-1]
+    state = load_file(str(last))
+    state["model.norm.weight"][0] = float("nan")
+    save_file(state, str(last), metadata={"format": "pt"})
+    refused(rel, transport_args(rel, rel / "o"), capsys, "NaN or inf")
+
+
+def test_new_head_falls_back_to_memory(rel, capsys):
+    from safetensors.torch import load_file, save_file
+
+    f = rel / "A_ft" / "model.safetensors"
+    state = load_file(str(f))
+    state["score.weight"] = torch.zeros(3, 32)
+    save_file(state, str(f), metadata={"format": "pt"})
+    spec = pg.Alignment.from_json((rel / "al.json").read_text()).spec
+    with pytest.raises(stream.NotStreamable, match="score.weight"):
+        stream.prepare(str(rel / "A"), [str(f)], str(rel / "B"), spec, 1.0)
