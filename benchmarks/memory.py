@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -123,9 +122,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['case']:28} {r['gb']:6.2f} {r['dtype']:>9} {r['peak_rss_gb']:9.2f} {r['x_checkpoint']:7.2f} "
               f"{r['seconds']:6.1f} {r['7b_bf16_gb']:13.1f}")
-    print(f"7B bf16 checkpoint: {BYTES_7B_BF16 / 1e9:.1f} GB; extrapolation = peak RSS / checkpoint x that "
-          f"(the fixed overhead of Python, torch and transformers, ~{math.floor(0.5 * 10) / 10} GB, makes "
-          "small runs look worse than large ones)")
+    print(f"7B bf16 checkpoint: {BYTES_7B_BF16 / 1e9:.1f} GB; extrapolation = peak RSS / checkpoint x that. "
+          "The fixed overhead of Python, torch and transformers (about 0.4 GB) and the per-tensor working "
+          "set (a few float32 copies of the embedding) make small folders look worse than large ones")
 
 
 if __name__ == "__main__":
