@@ -437,13 +437,16 @@ def _terminate_raises() -> Iterator[None]:
         return
 
     def handler(signum, frame):
-        raise _Terminated()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup runs next: a second signal must not cut it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @contextlib.contextmanager

@@ -318,8 +318,10 @@ def test_interrupted_transport_leaves_nothing(rel, tmp_path, sig, code):
     assert list(tmp_path.glob(TMP_GLOB)), "the run reserves its temporary output first"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err
-    assert "nothing was written" in err
+    assert "nothing was written" in err  # permgraph's handler ran and cleaned up
+    # the exit status is 128 + signal; one run in many (a signal racing interpreter shutdown) has been
+    # seen to report death by the signal instead, after the same message and cleanup
+    assert proc.returncode in (code, -sig), (proc.returncode, err)
     assert not out.exists() and not list(tmp_path.glob(TMP_GLOB))
     assert tree_hash(rel) == before
 
