@@ -46,9 +46,10 @@ from permgraph.align import ModelLike, check_compatible, state_of
 from permgraph.alignment import Alignment
 from permgraph.errors import FormatError, InputError
 from permgraph.ir import Permutation
+from permgraph.loading import untie
 from permgraph.permutation import axis_index, check_permutation, permute_tensor
 from permgraph.spec import PermSpec
-from permgraph.transport import Alpha, alpha_for, check_alpha
+from permgraph.transport import Alpha, alpha_for, check_alpha, wide
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -158,7 +159,7 @@ def _write_folder(folder: Path, config: Mapping[str, Any], state: Mapping[str, t
     from safetensors.torch import save_file
 
     (folder / CONFIG_FILE).write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True) + "\n")
-    save_file(_untie(state), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(untie(state), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if extra:
         (folder / "permgraph_adapter.json").write_text(json.dumps(_jsonable(extra), indent=1) + "\n")
 
@@ -173,18 +174,6 @@ def _jsonable(x: Any) -> Any:
     if hasattr(x, "value") and isinstance(x.value, str):  # enums (PeftType, TaskType)
         return x.value
     return x
-
-
-def _untie(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses shared storage: every name gets its own contiguous CPU tensor."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in state.items():
-        v = v.detach().cpu().contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        out[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
-    return out
 
 
 # -- the plan: what every adapter tensor is, checked before any work -------------------------
@@ -469,10 +458,6 @@ def _take(x: torch.Tensor, axis: int, idx: torch.Tensor | None) -> torch.Tensor:
     return x if idx is None else x.index_select(axis, idx.to(x.device))
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _rows(w: torch.Tensor, layout: str) -> torch.Tensor:
     """A base weight in (out, in) orientation."""
     return w if layout == "linear" else w.T
@@ -517,16 +502,16 @@ def _move_target(t: _Target, state, mv: _Mover, kept: dict[str, str]) -> _Moved:
 
 def _delta(m: _Moved, scale: float) -> torch.Tensor:
     """``s * B @ A`` in (out, in) orientation, in at least float32."""
-    return scale * (_wide(m.B) @ _wide(m.A))
+    return scale * (wide(m.B) @ wide(m.A))
 
 
 def _rebase_mag(m: _Moved, wa: torch.Tensor, wb: torch.Tensor, mv: _Mover) -> torch.Tensor:
     """``|W_B| + pi(m - |W_A|)``: the magnitude's change from its DoRA initialisation, carried."""
     t = m.target
     p_out = mv.index(t.param, t.out_axis)
-    na = _take(torch.linalg.norm(_rows(_wide(wa), t.layout), dim=1), 0, p_out)
-    nb = torch.linalg.norm(_rows(_wide(wb), t.layout), dim=1)
-    return (_wide(m.mag) - na.to(m.mag.device) + nb.to(m.mag.device)).to(m.mag.dtype)
+    na = _take(torch.linalg.norm(_rows(wide(wa), t.layout), dim=1), 0, p_out)
+    nb = torch.linalg.norm(_rows(wide(wb), t.layout), dim=1)
+    return (wide(m.mag) - na.to(m.mag.device) + nb.to(m.mag.device)).to(m.mag.dtype)
 
 
 # -- the entry point ---------------------------------------------------------------------------
@@ -664,8 +649,8 @@ def _carry(p: _Plan, mv: _Mover, alpha: Alpha, sa, sb, merge: bool, base_new, al
         x = p.state[key]
         if rebase:
             a, b = _base_value(sa, param, mv.spec), _base_value(sb, param, mv.spec)
-            d = mv.full(param, _wide(x) - _wide(a).to(x.device))
-            full[key] = (_wide(b).to(x.device) + alpha_for(alpha, param) * d).to(x.dtype)
+            d = mv.full(param, wide(x) - wide(a).to(x.device))
+            full[key] = (wide(b).to(x.device) + alpha_for(alpha, param) * d).to(x.dtype)
         elif key not in p.copies:
             full[key] = mv.full(param, x)
         if all(not t.groups() for t in mv.spec.axes_of(param)):
@@ -691,9 +676,9 @@ def _carry(p: _Plan, mv: _Mover, alpha: Alpha, sa, sb, merge: bool, base_new, al
             t = m.target
             a_f = alpha_for(alpha, t.param)
             state[t.keys.get("A", t.keys.get("eA"))] = m.A
-            state[t.keys.get("B", t.keys.get("eB"))] = m.B if a_f == 1.0 else (a_f * _wide(m.B)).to(m.B.dtype)
+            state[t.keys.get("B", t.keys.get("eB"))] = m.B if a_f == 1.0 else (a_f * wide(m.B)).to(m.B.dtype)
             if m.B_bias is not None:
-                state[t.keys["B_bias"]] = m.B_bias if a_f == 1.0 else (a_f * _wide(m.B_bias)).to(m.B_bias.dtype)
+                state[t.keys["B_bias"]] = m.B_bias if a_f == 1.0 else (a_f * wide(m.B_bias)).to(m.B_bias.dtype)
             if m.mag is not None:
                 state[t.keys["mag"]] = _rebase_mag(m, _base_value(sa, t.param, mv.spec), _base_value(
                     sb, t.param, mv.spec), mv) if rebase else m.mag
@@ -736,20 +721,20 @@ def _merged(p: _Plan, moved: list[_Moved], full, mv: _Mover, alpha: Alpha, sa, s
         t = m.target
         k = _base_key(sb, t.param, spec)
         a_f = alpha_for(alpha, t.param)
-        w = _rows(_wide(out[k]), t.layout)
+        w = _rows(wide(out[k]), t.layout)
         s = _scaling(p.config, t.module, m.A.shape[0])
         delta = _delta(m, s).to(w.device)
         if m.mag is not None:
             mag = _rebase_mag(m, _base_value(sa, t.param, spec), sb[k], mv) if sa is not None else m.mag
             v = w + delta
-            merged_w = (_wide(mag).to(w.device) / torch.linalg.norm(v, dim=1))[:, None] * v
+            merged_w = (wide(mag).to(w.device) / torch.linalg.norm(v, dim=1))[:, None] * v
             new = w + a_f * (merged_w - w)
         else:
             new = w + a_f * delta
         out[k] = _rows(new, t.layout).to(sb[k].dtype).contiguous()
         if m.B_bias is not None:
             bk = _base_key(sb, t.param[: -len("weight")] + "bias", spec)
-            out[bk] = (_wide(out[bk]) + a_f * s * _wide(m.B_bias).to(out[bk].device)).to(sb[bk].dtype)
+            out[bk] = (wide(out[bk]) + a_f * s * wide(m.B_bias).to(out[bk].device)).to(sb[bk].dtype)
         if len(spec.names_of(spec.canonical(t.param))) > 1:
             notes.append(f"'{t.param}' is tied to {spec.names_of(spec.canonical(t.param))}: only '{k}' was merged")
     return out
@@ -764,6 +749,6 @@ def write_result(res: TransportedAdapter, path: Path) -> None:
     from permgraph.outputs import package_version
 
     if res.merged:
-        save_file(_untie(res.state), str(path), metadata={"format": "pt", "permgraph": package_version()})
+        save_file(untie(res.state), str(path), metadata={"format": "pt", "permgraph": package_version()})
         return
     _write_folder(path, res.config, res.state, {"notes": res.notes, "kept": res.kept, "targets": res.targets})

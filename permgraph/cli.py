@@ -19,7 +19,7 @@ from typing import Iterator
 
 from permgraph.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_VERIFY_FAILED, InputError, PermgraphError
 from permgraph.outputs import OutputTarget
-from permgraph.solvers import HEAD_STRATEGIES
+from permgraph.solvers import HEAD_STRATEGIES, get_solver
 
 JSON_OUT = {".json": "file"}
 MODEL_OUT = {".safetensors": "file", "": "folder"}
@@ -248,8 +248,9 @@ def _align(args: argparse.Namespace, a, b, spec):
 
 
 def _check_solver_args(args: argparse.Namespace) -> None:
-    if args.max_iter < 1:
-        raise InputError(f"--max-iter must be at least 1, got {args.max_iter}")
+    """The solver and its options, validated by the solver's own options type before any work."""
+    opts = {"heads": args.heads} if args.heads else {}
+    get_solver(args.solver).make_options(backend=args.backend, seed=args.seed, max_iter=args.max_iter, **opts)
 
 
 def _target(args: argparse.Namespace, out: str, kinds, inputs) -> OutputTarget:

@@ -6,8 +6,9 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+import torch
 import torch.nn as nn
 
 from permgraph.errors import ModelLoadError
@@ -166,7 +167,7 @@ def write_state(state: dict, tmp: Path, kind: str, base_new: Source, finetuned: 
     from B's folder, the task head's config keys from the fine-tune's) or one .safetensors file."""
     from safetensors.torch import save_file
 
-    tensors = _untie({k: v.detach().contiguous().cpu() for k, v in state.items()})
+    tensors = untie(state)
     meta = {"format": "pt", "permgraph": package_version()}
     if kind == "file":
         save_file(tensors, str(tmp), metadata=meta)
@@ -231,12 +232,14 @@ def _config_class(path: Path):
     return (getattr(transformers, arch, None) if arch else None) or transformers.AutoModel, config
 
 
-def _untie(tensors: dict) -> dict:
-    """safetensors refuses shared storage: give every name its own tensor."""
+def untie(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors ready for safetensors, which refuses shared storage: every name gets its own
+    contiguous CPU tensor (tied weights are copied)."""
     seen: set[int] = set()
     out = {}
-    for k, v in tensors.items():
-        key = v.untyped_storage().data_ptr()
-        out[k] = v.clone() if key in seen else v
-        seen.add(key)
+    for k, v in state.items():
+        v = v.detach().cpu().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
     return out

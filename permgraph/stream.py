@@ -34,7 +34,7 @@ from permgraph.loading import check_folder_tensors, copy_model_files
 from permgraph.outputs import package_version
 from permgraph.shards import Checkpoint, ShardWriter, find_checkpoint, plan_shards, shard_names, write_index
 from permgraph.spec import PermSpec
-from permgraph.transport import Alpha, _wide, alpha_for, check_alpha, check_transport_inputs
+from permgraph.transport import Alpha, alpha_for, check_alpha, check_transport_inputs, wide
 
 DEFAULT_MAX_SHARD = 50 * 10 ** 9  # transformers 5's save_pretrained default, "50GB"
 
@@ -165,11 +165,11 @@ def _one(plan: Plan, alignment: Alignment, base: str, report: StreamReport, dist
         return b
     total = None
     for i in range(len(fts)):
-        wf = _wide(fts[i])
+        wf = wide(fts[i])
         fts[i] = None  # type: ignore[call-overload]  # freed as soon as possible: memory is one tensor
-        tau = wf - _wide(a)
+        tau = wf - wide(a)
         dist[i][0] += float(tau.pow(2).sum())
-        dist[i][1] += float(wf.sub_(_wide(b)).pow(2).sum())  # wf is this run's own buffer (or a widened copy)
+        dist[i][1] += float(wf.sub_(wide(b)).pow(2).sum())  # wf is this run's own buffer (or a widened copy)
         del wf
         moved = apply_alignment(alignment, {base: tau})[base]
         del tau
@@ -177,7 +177,7 @@ def _one(plan: Plan, alignment: Alignment, base: str, report: StreamReport, dist
         del moved
     del a
     # (wide(B) + alpha * total) in place: the same two roundings as pg.transport, so bit-identical
-    out = total.mul_(alpha_for(plan.alpha, base)).add_(_wide(b)).to(b.dtype)
+    out = total.mul_(alpha_for(plan.alpha, base)).add_(wide(b)).to(b.dtype)
     report.seconds["compute"] += time.perf_counter() - t1
     return out
 

@@ -145,7 +145,7 @@ def transport(base_a: ModelLike, finetuned_a: ModelLike | Sequence[ModelLike], b
     outs = []
     for ft, names in zip(fts, all_names):
         sft = state_of(ft)
-        tau = {base: _wide(sft[f]) - _wide(sa[base]) for f, base in names.items() if sa[base].is_floating_point()}
+        tau = {base: wide(sft[f]) - wide(sa[base]) for f, base in names.items() if sa[base].is_floating_point()}
         moved = move(tau)
         extras = {f: v for f, v in sft.items() if f not in names}
         if extras:
@@ -157,7 +157,7 @@ def transport(base_a: ModelLike, finetuned_a: ModelLike | Sequence[ModelLike], b
         for f, base in names.items():
             b = sb[base]
             if base in moved and b.is_floating_point():
-                out[f] = (_wide(b) + alpha_for(alpha, base) * moved[base].to(b.device)).to(b.dtype)
+                out[f] = (wide(b) + alpha_for(alpha, base) * moved[base].to(b.device)).to(b.dtype)
             else:
                 out[f] = b
         out.update(extras)
@@ -165,7 +165,7 @@ def transport(base_a: ModelLike, finetuned_a: ModelLike | Sequence[ModelLike], b
     return results if combine == "each" and many else results[0]
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
+def wide(x: torch.Tensor) -> torch.Tensor:
     """Arithmetic in at least float32 (float64 stays float64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -213,9 +213,9 @@ def _warn_if_closer_to_b(sa, sft, sb, names, label) -> None:
         x = sft[f]
         if not x.is_floating_point() or x.is_meta or x.shape != sb[b].shape:
             continue
-        x = _wide(x)
-        to_a += float((x - _wide(sa[b].to(x.device))).pow(2).sum())
-        to_b += float((x - _wide(sb[b].to(x.device))).pow(2).sum())
+        x = wide(x)
+        to_a += float((x - wide(sa[b].to(x.device))).pow(2).sum())
+        to_b += float((x - wide(sb[b].to(x.device))).pow(2).sum())
     if to_b < to_a:
         warnings.warn(f"{label} is closer to base B (distance {to_b ** 0.5:.4g}) than to base A "
                       f"({to_a ** 0.5:.4g}): is it a fine-tune of B rather than of A? Its task vector "

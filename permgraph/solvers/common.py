@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from permgraph.backends import LapBackend
+from permgraph.errors import InputError
 from permgraph.ir import AxisTree, Cat, Fixed, Permutation, Prod
 from permgraph.permutation import axis_index, digit_map
 from permgraph.spec import PermSpec
@@ -43,8 +44,6 @@ HEAD_STRATEGIES: dict[str, HeadStrategy] = {s.name: s for s in (
 
 
 def check_heads(heads: str, allowed: tuple[str, ...] = tuple(HEAD_STRATEGIES)) -> str:
-    from permgraph.errors import InputError
-
     if heads not in allowed:
         raise InputError(f"heads must be one of {list(allowed)}, not '{heads}'")
     return heads
