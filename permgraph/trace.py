@@ -47,6 +47,11 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+# keyword flags of transformers models set False while tracing: a returned KV cache (``use_cache``)
+# or XLNet's memory (``use_mems``) is state for generation, not an output of the function
+_OFF_WHILE_TRACING = ("use_cache", "use_mems")
+
+
 def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     """Inputs derived from a transformers model's config (no tokenizer or hub needed)."""
     if not is_transformers_model(model):
@@ -83,8 +88,9 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         out["input_features"] = torch.randn(batch, mels, frames, generator=gen).to(dev, dtype)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         out["decoder_input_ids"] = torch.randint(0, cfg.vocab_size, (batch, seq // 2), generator=gen).to(dev)
-    if "use_cache" in params:
-        out["use_cache"] = False
+    for flag in _OFF_WHILE_TRACING:
+        if flag in params:
+            out[flag] = False
     if not out:
         raise TraceError(f"cannot derive example inputs for {type(model).__name__}: pass example_inputs")
     return out
@@ -105,8 +111,11 @@ def resolve_inputs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tup
     if example_inputs is None:
         return split_inputs(default_example_inputs(model))
     args, kwargs = split_inputs(example_inputs)
-    if is_transformers_model(model) and "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs.setdefault("use_cache", False)
+    if is_transformers_model(model):
+        params = inspect.signature(model.forward).parameters
+        for flag in _OFF_WHILE_TRACING:
+            if flag in params:
+                kwargs.setdefault(flag, False)
     return args, kwargs
 
 

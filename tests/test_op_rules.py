@@ -385,6 +385,14 @@ def _w(m: Net) -> torch.Tensor:
     return m.p["w"]
 
 
+def _einsum_attention(h: torch.Tensor, w: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """XLNet/Funnel-style attention written with einsum: per-head projection (weight ``(H, n, d)``),
+    scores, weighted values, an ellipsis in the output projection."""
+    x = torch.einsum("bth,hnd->btnd", h, w)
+    attn = torch.einsum("bind,bjnd->bnij", x, x).softmax(-1)
+    return torch.einsum("...nd,ndk->...k", torch.einsum("bnij,bjnd->bind", attn, x), o)
+
+
 LINALG_CASES = [
     net("linear", aten.linear, lambda m, h, g: h),
     net("addmm", aten.addmm, lambda m, h, g: aten.addmm.default(m.p["b"], _flat(h), _w(m)).view(B, T, K),
@@ -399,6 +407,11 @@ LINALG_CASES = [
         params={"a": (H,), "c": (K,)}, sizes=(H, K), moved=("p.a", "p.c")),
     net("ger", aten.ger, lambda m, h, g: h @ aten.ger.default(m.p["a"], m.p["c"]), width=K,
         params={"a": (H,), "c": (K,)}, sizes=(H, K), moved=("p.a", "p.c")),
+    net("einsum-attention", aten.einsum, lambda m, h, g: _einsum_attention(h, m.p["w"], m.p["o"]), width=K,
+        params={"w": (H, 2, 3), "o": (2, 3, K)}, sizes=(H, 2, 3, K), moved=("p.w", "p.o")),
+    net("einsum-implicit-output", aten.einsum,  # "bth,hk" is "bth,hk->bkt": letters used once, sorted
+        lambda m, h, g: torch.einsum("bth,hk", h, _w(m)).transpose(1, 2), width=K, params={"w": (H, K)},
+        sizes=(H, K), moved=("p.w",)),
     net("baddbmm", aten.baddbmm, lambda m, h, g: aten.baddbmm.default(m.p["c"], h, _w(m)), width=K,
         params={"w": (B, H, K), "c": (K,)}, sizes=(H, K), moved=("p.w", "p.c")),
 ]
@@ -842,6 +855,18 @@ def test_gather_with_varying_index_is_sound(op):
         idx = aten.remainder.Scalar(aten.arange.default(B * 2 * H).view(B, 2, H), T)
         return aten.gather.default(h, 1, idx) if op == "gather" else aten.take_along_dim.default(h, idx, 1)
     _assert_sound(body)
+
+
+def test_einsum_diagonal_and_broadcast_are_sound():
+    _assert_sound(lambda m, h, g: torch.einsum("btii->bti", torch.einsum("bti,btj->btij", h, h)))
+    _assert_sound(lambda m, h, g: torch.einsum("bth,bsh->bth", h, h[:, :1]))  # s: size 1 against t
+
+
+def test_einsum_roles_name_heads_and_within_head_axes():
+    model = Net(lambda m, h, g: _einsum_attention(h, m.p["w"], m.p["o"]), width=K,
+                params={"w": (H, 2, 3), "o": (2, 3, K)})
+    spec = pg.compile(model, (_x(),))
+    assert sorted((g.size, g.role) for g in spec.groups.values()) == [(2, "heads"), (3, "qkvo"), (H, ""), (K, "")]
 
 
 def test_grouped_conv_is_sound():

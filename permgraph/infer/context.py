@@ -96,6 +96,10 @@ class Args(Mapping[str, Any]):
         """The type of tensor argument ``name`` (None when absent or not a tensor)."""
         return type_of(self._types, self._values.get(name))
 
+    def type_of(self, x: Any) -> TType | None:
+        """The type of a tensor among the arguments (an element of a list argument, say)."""
+        return type_of(self._types, x)
+
     def first(self, *names: str) -> Any:
         """The value of the first of ``names`` the schema has (ops of one family name them differently)."""
         return next((self._values[n] for n in names if n in self._values), None)

@@ -22,6 +22,7 @@ import torch.fx as fx
 from permgraph.axes import AxisStore
 from permgraph.infer.context import Args
 from permgraph.infer.registry import rule_key
+from permgraph.infer.rules.linalg import einsum_labels as _einsum_labels
 
 aten = torch.ops.aten
 
@@ -48,7 +49,7 @@ def assign_roles(graph: fx.Graph, store: AxisStore, node_types: Mapping[str, Any
         fn = _ROLE_RULES.get(key)
         if fn is None:
             continue
-        if fn is _matmul_roles and any(_is_weight(x, weights) for x in node.all_input_nodes):
+        if fn in (_matmul_roles, _einsum_roles) and any(_is_weight(x, weights) for x in node.all_input_nodes):
             continue
         fn(store, Args(node, types), types.get(node))
 
@@ -85,6 +86,31 @@ def _matmul_roles(store: AxisStore, a: Args, out: Any) -> None:
     store.add_role(out[-1], "vo")  # attn @ v carries v's within-head axis out
     if len(x) >= 4:
         _tag_heads(store, x[-3])
+
+
+def _einsum_roles(store: AxisStore, a: Args, out: Any) -> None:
+    """A two-operand einsum of activations is eager attention written as ``bind,bjnd->bnij`` (or
+    ``bnij,bjnd->bind``): the contracted letters are ``qk``, the second operand's letters carried
+    to the result are ``vo``, and with both, the free letters shared by operands and result are
+    ``heads`` (the batch letter is fixed by the input)."""
+    nodes = list(a["tensors"])
+    types = [a.type_of(x) for x in nodes]
+    if len(types) != 2 or any(t is None or len(t) < 3 for t in types):
+        return
+    (lx, ly), lo = _einsum_labels(a["equation"], [len(t) for t in types])
+    x = types[0]
+    contracted = [c for c in dict.fromkeys(lx) if c in ly and c not in lo]
+    carried = [c for c in dict.fromkeys(ly) if c in lo and c not in lx]
+    shared = [c for c in dict.fromkeys(lx) if c in ly and c in lo]
+    if not contracted or not carried:
+        return
+    for c in contracted:
+        store.add_role(x[lx.index(c)], "qk")
+    for c in carried:
+        store.add_role(out[lo.index(c)], "vo")
+    for c in shared:
+        if not store.reasons(x[lx.index(c)]):
+            _tag_heads(store, x[lx.index(c)])
 
 
 def _query_per_kv(store: AxisStore, hq: int, hk: int) -> int | None:
@@ -126,4 +152,5 @@ _ROLE_RULES: dict[Any, RoleRule] = {
     aten.mm: _matmul_roles,
     aten.bmm: _matmul_roles,
     aten.matmul: _matmul_roles,
+    aten.einsum: _einsum_roles,
 }

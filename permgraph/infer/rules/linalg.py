@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from permgraph.axes import Reason
 from permgraph.infer.context import Args, RuleContext, TType
 from permgraph.infer.registry import register
 
@@ -46,6 +47,76 @@ def baddbmm(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     out = matmul_type(cx, a.t("batch1"), a.t("batch2"))
     broadcast_into(cx, a.t("self"), out)
     return out
+
+
+@register(aten.einsum)
+def einsum(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Einstein summation: every dim labelled by one letter is one axis, across operands and output.
+
+    Permuting a letter's axis the same way in every operand permutes the output along it (or leaves
+    a sum over it unchanged), so all its dims unify; a dim of size 1 (broadcast) or along which the
+    operand is constant constrains nothing. A repeated letter (a diagonal) unifies its dims too.
+    """
+    nodes = list(a["tensors"])
+    types = [cx.t(x) for x in nodes]
+    if any(t is None for t in types):
+        return cx.fresh(cx.out_shape(), "einsum of a non-tensor")
+    ins, outs = einsum_labels(a["equation"], [len(t) for t in types])
+    dims: dict[str, list[int]] = {}
+    uniform_only: dict[str, int] = {}
+    for x, t, labels in zip(nodes, types, ins):
+        uni = cx.uniform_dims(x)
+        for d, (atom, lab) in enumerate(zip(t, labels)):
+            size = cx.store.size(atom)
+            if size == 1:
+                continue
+            if d in uni:
+                uniform_only.setdefault(lab, size)
+            else:
+                dims.setdefault(lab, []).append(atom)
+    for atoms in dims.values():
+        for other in atoms[1:]:
+            cx.unify(atoms[0], other)
+    shape = cx.out_shape()
+    res, uniform = [], set()
+    for i, lab in enumerate(outs):
+        atoms = dims.get(lab)
+        if atoms and cx.store.size(atoms[0]) == shape[i]:
+            res.append(atoms[0])
+        elif atoms:
+            res.append(cx.store.new(shape[i], Reason("einsum result size differs from its operands", cx.where)))
+        else:
+            res.append(cx.store.new(shape[i]))  # size 1, or constant along it in every operand
+            uniform.add(i)
+    cx.set_uniform(uniform)
+    return res
+
+
+def einsum_labels(equation: str, ndims: list[int]) -> tuple[list[list[str]], list[str]]:
+    """One label per dim of each operand and of the result; an ellipsis's dims get labels
+    ``"...k"`` aligned from the right (they broadcast like batch dims)."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ndims):
+        raise ValueError(f"einsum equation {equation!r} has {len(terms)} operands, got {len(ndims)}")
+    ell = max((n - len(t.replace("...", "")) for t, n in zip(terms, ndims) if "..." in t), default=0)
+
+    def expand(term: str, n: int) -> list[str]:
+        head, dots, tail = term.partition("...")
+        k = n - len(head) - len(tail) if dots else 0
+        return list(head) + [f"...{j}" for j in range(ell - k, ell)] + list(tail)
+
+    ins = [expand(t, n) for t, n in zip(terms, ndims)]
+    if arrow:
+        out = expand(rhs, len(rhs.replace("...", "")) + ell)
+    else:
+        counts: dict[str, int] = {}
+        for t in terms:
+            for c in t.replace("...", ""):
+                counts[c] = counts.get(c, 0) + 1
+        out = [f"...{j}" for j in range(ell)] + sorted(c for c, k in counts.items() if k == 1)
+    return ins, out
 
 
 def matmul_type(cx: RuleContext, x: TType, y: TType) -> TType:
