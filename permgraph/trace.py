@@ -207,7 +207,19 @@ def _collect(model: nn.Module, ep, strict: bool) -> Traced:
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     shapes.update({i.name: state[i.name] for i in inputs.values() if i.kind == "state"})
     info = {"model": type(model).__name__, "torch": torch.__version__, "strict": strict}
+    _drop_dead_code(ep)
     return Traced(ep.graph, inputs, shapes, aliases, _output_names(ep), info, ep)
+
+
+def _drop_dead_code(ep) -> None:
+    """Remove calls whose results nothing uses (BART's ``inputs_embeds[:, :, -1]``, read only for its
+    shape): they constrain nothing, and left in they would fix what they index. Calls with side
+    effects (in-place writes, asserts) stay (``torch.fx.Node.is_impure``)."""
+    try:
+        if ep.graph.eliminate_dead_code():
+            ep.graph_module.recompile()
+    except Exception:  # noqa: BLE001 - a graph torch cannot prune is inferred as it is
+        pass
 
 
 def _path_name(path) -> str:

@@ -1,7 +1,9 @@
 """Every axis that is not a data axis is permuted, unless the architecture forbids it."""
 import pytest
+import torch
 
 import permgraph as pg
+from permgraph.compiler import compile_graph
 from permgraph.ir import Cat, Fixed
 from permgraph.testing.zoo import ZOO, build
 
@@ -104,3 +106,30 @@ def test_moe_experts_are_a_group_and_expert_products_are_not_attention(zoo_compi
     assert members == {"gate", "down_proj", "gate_up_proj"}  # router rows and both expert weights
     assert "residual" in spec.groups
     assert not [g for g in spec.groups.values() if g.role in ("qk", "vo") and "self_attn" not in g.name]
+
+
+class _ReadForShape(torch.nn.Module):
+    """A hidden value sliced only for its shape (BART's ``inputs_embeds[:, :, -1]``), next to an
+    in-place write whose result is otherwise unused (it must stay: it changes ``buf``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        seq = h[:, :, -1].shape[1]
+        buf = torch.zeros_like(h)
+        buf[:, :1].copy_(h[:, :1] * 2)
+        return self.b(h + buf) * seq
+
+
+def test_a_value_read_only_for_its_shape_fixes_nothing():
+    model, x = _ReadForShape().double(), torch.randn(2, 5, 4, dtype=torch.float64)
+    spec = pg.compile(model, (x,))
+    assert [g.size for g in spec.groups.values()] == [6], (spec.groups, spec.fixed)
+    assert not any("select" in r for f in spec.fixed for r in f.reasons)
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-10).ok
+    targets = {str(n.target) for n in compile_graph(model, (x,)).exported.graph.nodes}
+    assert "aten.copy_.default" in targets and "aten.select.int" not in targets
