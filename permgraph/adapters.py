@@ -582,7 +582,7 @@ def _unpack(alignment, allow_non_preserving: bool) -> tuple[PermSpec, Permutatio
             raise AdapterError(f"the alignment has soft transport plans (groups {sorted(alignment.soft)[:3]}): they "
                                "mix units, so the carried adapter would not be function-preserving; align with a hard "
                                "solver (weight_matching, transfusion, ot with hard plans) to carry adapters")
-        if not alignment.function_preserving and not allow_non_preserving:
+        if not alignment.carries_task_vectors() and not allow_non_preserving:
             raise AdapterError("this alignment is not function-preserving (flat heads ablation): pi(A) is not "
                                "equivalent to A. Pass allow_non_preserving=True to use it anyway")
         spec, perm = alignment.spec, alignment.permutation
@@ -691,7 +691,9 @@ def _carry(p: _Plan, mv: _Mover, alpha: Alpha, sa, sb, merge: bool, base_new, al
             config["revision"] = None
         else:
             notes.append("base_model_name_or_path set to None: pass base_new to name release B")
-    if isinstance(alignment, Alignment) and not alignment.function_preserving:
+    if isinstance(alignment, Alignment) and alignment.untied_residual:
+        notes.append("untied residual sites: the adapter is carried like a task vector (pi(A) is not A's function)")
+    elif isinstance(alignment, Alignment) and not alignment.function_preserving:
         notes.append("the alignment is not function-preserving: the carried adapter is an approximation")
     return TransportedAdapter(config, state, merge, None, {t.module: t.param for t in p.targets}, kept, notes)
 

@@ -14,6 +14,7 @@ from permgraph.ir import G, Permutation
 from permgraph.permutation import apply_permutation
 from permgraph.rewrites import group_map
 from permgraph.solvers import get_solver
+from permgraph.solvers.residual_step import untied_descent
 from permgraph.spec import PermSpec
 from permgraph.trace import ExampleInputs
 
@@ -57,7 +58,7 @@ def canonical_params(spec: PermSpec, sd: Mapping[str, torch.Tensor]) -> dict[str
 
 def align(model_a: ModelLike, model_b: ModelLike, spec: PermSpec | None = None, *, solver: str = "weight_matching",
           backend: str = "auto", seed: int = 0, max_iter: int = 100, progress: bool = False,
-          example_inputs: ExampleInputs = None, **options: Any) -> Alignment:
+          example_inputs: ExampleInputs = None, residual: str = "tied", **options: Any) -> Alignment:
     """The permutation ``pi`` with ``pi(A)`` closest to B, over ``spec``:
     ``apply_permutation(spec, al.permutation, A)``.
 
@@ -66,7 +67,14 @@ def align(model_a: ModelLike, model_b: ModelLike, spec: PermSpec | None = None, 
     (``pg.available_solvers()``); the default, ``weight_matching`` with spectral heads and
     separate Q/K and V/O within-head groups, measures as well as or better than
     ``transfusion`` on every benchmark in docs/ (README, "Solvers").
+
+    ``residual="untied"``: TransFusion's Step 3, every residual addend with its own permutation
+    (``rewrites.untied_residual``); a larger space, meant for task vectors (``pg.transport``):
+    pi(A) is then NOT function-preserving in the plain architecture, and the alignment stays
+    over the untied spec (``al.spec``).
     """
+    if residual not in ("tied", "untied"):
+        raise InputError(f"residual must be 'tied' or 'untied', got {residual!r}")
     entry = get_solver(solver)
     if spec is None:
         if not isinstance(model_a, nn.Module):
@@ -77,9 +85,12 @@ def align(model_a: ModelLike, model_b: ModelLike, spec: PermSpec | None = None, 
     check_compatible(spec, {"model A": sa, "model B": sb})
     if entry.needs_data and isinstance(model_a, nn.Module):
         options.setdefault("module", model_a)  # data-based solvers run the model
-    al = entry(spec, canonical_params(spec, sa), canonical_params(spec, sb), backend=backend, seed=seed,
-               max_iter=max_iter, progress=progress, **options)
-    return expressed_on(al, spec)
+    pa, pb = canonical_params(spec, sa), canonical_params(spec, sb)
+    kw = dict(backend=backend, seed=seed, max_iter=max_iter, progress=progress, **options)
+    al = expressed_on(entry(spec, pa, pb, **kw), spec)
+    if residual == "tied":
+        return al
+    return untied_descent(al, spec, pa, pb, lambda sp, x, y: expressed_on(entry(sp, x, y, **kw), sp), backend)
 
 
 def expressed_on(al: Alignment, spec: PermSpec) -> Alignment:
@@ -99,8 +110,15 @@ def expressed_on(al: Alignment, spec: PermSpec) -> Alignment:
     return dataclasses.replace(al, permutation=perm, spec=spec, soft=soft)
 
 
-def apply_alignment(alignment: Alignment, state: ModelLike) -> dict[str, torch.Tensor]:
-    """A's parameters moved into B's frame: the permutation, then any soft transport matrices."""
+def apply_alignment(alignment: Alignment, state: ModelLike, *,
+                    allow_non_preserving: bool = False) -> dict[str, torch.Tensor]:
+    """A's parameters moved into B's frame: the permutation, then any soft transport matrices.
+
+    An alignment over untied residual sites is refused unless ``allow_non_preserving``: the
+    permuted model computes another function (its shortcuts would need ``P_out P_in^T``)."""
+    if alignment.untied_residual and not allow_non_preserving:
+        raise InputError("this alignment is over untied residual sites: pi(A) is not function-preserving in "
+                         "the plain architecture (use it with pg.transport, or pass allow_non_preserving=True)")
     sd = state_of(state)
     spec = alignment.spec
     if not alignment.soft:

@@ -33,6 +33,18 @@ class Alignment:
     soft: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (n, n) transport matrix
 
     @property
+    def untied_residual(self) -> bool:
+        """Found over untied residual sites (``residual="untied"``): for task vectors, not for pi(A)."""
+        return self.settings.get("residual") == "untied"
+
+    def carries_task_vectors(self) -> bool:
+        """Whether ``pi(tau)`` is an intended use without acknowledgement: a function-preserving
+        alignment, or untied residual sites that preserve the function once the shortcuts
+        become ``P_out P_in^T`` (TransFusion's Step 3)."""
+        return self.function_preserving or (
+            self.untied_residual and self.settings.get("preserving_with_shortcut_permutations") is True)
+
+    @property
     def sweeps(self) -> int:
         return max(len(self.history) - 1, 0)
 
@@ -82,7 +94,8 @@ class Alignment:
         obj = f"objective {self.history[0]:.4g} -> {self.history[-1]:.4g}" if self.history else ""
         warn = "" if self.function_preserving else (
             "  [NOT function-preserving: soft transport plans]" if self.soft
-            else "  [NOT function-preserving: ablation]")
+            else "  [untied residual sites: for task vectors; pi(A) is NOT function-preserving]"
+            if self.carries_task_vectors() else "  [NOT function-preserving: ablation]")
         t = sum(v for k, v in self.timings.items() if k == "total")
         if self.history and self.history[-1] < self.history[0]:
             warn += ("  [objective decreased: the head matching disagrees with weight matching; "

@@ -151,7 +151,7 @@ def _transport_streaming(args: argparse.Namespace, target: OutputTarget, al, alp
             timings["align"] = time.perf_counter() - t
             del a, b
             gc.collect()
-        if not al.function_preserving and not args.allow_non_preserving:
+        if not al.carries_task_vectors() and not args.allow_non_preserving:
             raise InputError("this alignment is not function-preserving (flat heads or soft plans): pi(A) is not "
                              "equivalent to A. Pass --allow-non-preserving to use it anyway")
         rep = stream.run(plan, al, target.tmp, target.kind, max_shard_bytes=args.max_shard_size,
@@ -209,7 +209,7 @@ def _read_alignment(args: argparse.Namespace):
     if not args.permutation:
         return None
     al = Alignment.from_json(read_text(args.permutation, "alignment file"))
-    if not al.function_preserving and not args.allow_non_preserving:
+    if not al.carries_task_vectors() and not args.allow_non_preserving:
         raise InputError(f"the alignment {args.permutation} is not function-preserving: pass "
                          "--allow-non-preserving to transport with it anyway")
     return al
@@ -242,15 +242,25 @@ def _spec_from(args: argparse.Namespace, src):
 def _align(args: argparse.Namespace, a, b, spec):
     import permgraph as pg
 
-    opts = {"heads": args.heads} if args.heads else {}
     return pg.align(a.state, b.state, spec, solver=args.solver, backend=args.backend, seed=args.seed,
-                    max_iter=args.max_iter, progress=not args.quiet and not args.json, **opts)
+                    max_iter=args.max_iter, progress=not args.quiet and not args.json, residual=args.residual,
+                    **_solver_opts(args))
+
+
+def _solver_opts(args: argparse.Namespace) -> dict:
+    opts = {"heads": args.heads} if args.heads else {}
+    return opts | ({"device": args.device} if args.device else {})
 
 
 def _check_solver_args(args: argparse.Namespace) -> None:
     """The solver and its options, validated by the solver's own options type before any work."""
-    opts = {"heads": args.heads} if args.heads else {}
-    get_solver(args.solver).make_options(backend=args.backend, seed=args.seed, max_iter=args.max_iter, **opts)
+    get_solver(args.solver).make_options(backend=args.backend, seed=args.seed, max_iter=args.max_iter,
+                                         **_solver_opts(args))
+    if args.device and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
 
 
 def _target(args: argparse.Namespace, out: str, kinds, inputs) -> OutputTarget:
@@ -335,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--backend", default="auto", help="LAP backend: auto, scipy, lap, torch, pot")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--max-iter", type=int, default=100, help="maximum coordinate-descent sweeps")
+        s.add_argument("--residual", default="tied", choices=["tied", "untied"],
+                       help="untied: every residual addend gets its own permutation (TransFusion's Step 3); "
+                            "for task vectors only: pi(A) is then not function-preserving")
+        s.add_argument("--device", default=None,
+                       help="where alignment runs (cpu, cuda, cuda:1); default: where the weights are (cpu)")
         s.add_argument("--spec", default=None, help="spec JSON, needed when models are weights files")
         s.add_argument("--outputs", nargs="*", default=None, metavar="NAME",
                        help="outputs that must stay unchanged (default: all)")

@@ -10,6 +10,7 @@ from permgraph.axes import Reason
 from permgraph.build import build_spec
 from permgraph.errors import InputError, InternalError, PermgraphError
 from permgraph.infer import infer
+from permgraph.rewrites import residual_sites
 from permgraph.spec import PermSpec
 from permgraph.trace import ExampleInputs, trace
 
@@ -81,4 +82,26 @@ def _compile(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequence[
             for a in result.param_axes[name]:
                 result.store.fix(a, Reason("not in the traced graph"))
     built = build_spec(result, traced.param_shapes, traced.aliases, traced.info, with_nodes=with_nodes)
-    return (built[0], traced, built[1]) if with_nodes else (built, traced, None)
+    spec = built[0] if with_nodes else built
+    _record_residual_sites(spec, traced, fixed, unused_params)
+    return (spec, traced, built[1]) if with_nodes else (spec, traced, None)
+
+
+def _record_residual_sites(spec: PermSpec, traced, fixed: set[int] | None, unused_params: set[str]) -> None:
+    """Infer once more with untied residual additions and record how the groups split
+    (``spec.residual_sites``, used by ``residual="untied"``)."""
+    try:
+        result = infer(traced.graph, traced.inputs, fixed_outputs=fixed, untied_residual=True)
+    except Exception as e:  # noqa: BLE001 - the tied spec stands; only the option is lost
+        spec.info["residual_sites_missing"] = f"inference with untied residuals failed: {type(e).__name__}: {e}"
+        return
+    for name in unused_params:
+        result.param_axes[name] = [result.store.new(s) for s in traced.param_shapes[name]]
+        for a in result.param_axes[name]:
+            result.store.fix(a, Reason("not in the traced graph"))
+    untied = build_spec(result, traced.param_shapes, traced.aliases, traced.info)
+    sites, why = residual_sites(spec, untied)
+    if sites is None:
+        spec.info["residual_sites_missing"] = why
+    else:
+        spec.residual_sites = sites

@@ -160,3 +160,29 @@ def permute_tensor(spec: PermSpec, perm: Permutation, name: str, tensor: torch.T
             p = Permutation({**perm.perms, skip[1]: ident})
         x = x.index_select(dim, axis_index(tree, p, spec.ctx, spec.sizes).to(x.device))
     return x
+
+
+def compose(spec: PermSpec, first: Permutation, second: Permutation) -> Permutation:
+    """The permutation that applies ``first``, then ``second``:
+    ``apply(compose(f, s), x) == apply(s, apply(f, x))``. Per axis the gather indices compose
+    as ``idx_f[idx_s]``; each group's permutation is read back from an axis that holds it
+    (with its context groups, whose old digits select the row)."""
+    out: dict[str, torch.Tensor] = {}
+    for trees in spec.axes.values():
+        for tree in trees:
+            todo = [g for g in dict.fromkeys(tree.groups()) if g not in out]
+            if not todo:
+                continue
+            both = axis_index(tree, first, spec.ctx, spec.sizes)[axis_index(tree, second, spec.ctx, spec.sizes)]
+            _, digits = digit_map(tree, spec.sizes)
+            for g in todo:
+                new = digits[g]
+                at = new >= 0
+                old = both[at]
+                perm = torch.empty(spec.perm_shape(g), dtype=torch.long)
+                row = tuple(digits[c][old] for c in spec.groups[g].ctx)
+                perm[row + (new[at],)] = digits[g][old]
+                out[g] = perm
+    for g in spec.groups:  # on no axis: moves nothing
+        out.setdefault(g, second[g].clone())
+    return Permutation(out)

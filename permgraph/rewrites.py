@@ -6,6 +6,10 @@
   TransFusion paper's choice).
 - ``flattened_heads``: heads and their within-head groups merged into one flat group
   per product axis: the head-contaminating baseline, NOT function-preserving.
+- ``untied_residual``: the residual stream split into one group per residual addend
+  (TransFusion's Step 3): NOT function-preserving for the plain architecture, whose
+  identity shortcuts would have to become ``P_out P_in^T``; ``residual_sites``
+  computes what the spec records for it at compile time.
 
 ``expand_permutation`` maps a permutation of a merged spec back onto the original
 spec (a shared permutation is every member's permutation).
@@ -16,7 +20,7 @@ import math
 
 from permgraph.errors import InputError
 from permgraph.ir import AxisTree, Cat, Fixed, G, Permutation, Prod
-from permgraph.spec import Group, PermSpec
+from permgraph.spec import Group, PermSpec, site_groups
 
 
 def merged(spec: PermSpec, names: list[str], new_name: str) -> PermSpec:
@@ -110,3 +114,72 @@ def flattened_heads(spec: PermSpec) -> PermSpec:
         if g.name in used and not g.ctx:
             groups.setdefault(g.name, g)
     return spec.with_trees(axes, {k: v for k, v in groups.items() if k in used})
+
+
+def untied_residual(spec: PermSpec) -> PermSpec:
+    """``spec`` with every residual addend's own group (``spec.residual_sites``): each residual
+    site is a group of the size, context and role of the group it splits from."""
+    if spec.residual_sites is None:
+        why = spec.info.get("residual_sites_missing", "it was written before permgraph recorded them")
+        raise InputError(f"this spec has no residual sites ({why}): compile it again with this permgraph "
+                         "to align with residual='untied'")
+    parent = site_groups(spec)
+    axes = {**spec.axes, **{p: list(trees) for p, trees in spec.residual_sites.items()}}
+    used = {g for trees in axes.values() for t in trees for g in t.groups()}
+    groups = {g: grp for g, grp in spec.groups.items() if g in used}
+    for site, g in parent.items():
+        if site not in groups:
+            grp = spec.groups[g]
+            groups[site] = Group(site, grp.size, grp.ctx, grp.role or "residual-site")
+    return spec.with_trees(axes, groups, residual="untied")
+
+
+def residual_sites(tied: PermSpec, untied: PermSpec) -> tuple[dict[str, list[AxisTree]] | None, str]:
+    """What ``tied`` records of ``untied`` (the same model inferred with untied residual additions):
+    the axis trees of the parameters whose groups split, site groups named ``GROUP@k`` in order of
+    appearance; None and the reason when ``untied`` is not ``tied`` with groups split (untying
+    changed what is fixed or structured, or split a group that others are indexed by)."""
+    pairs: dict[str, dict[str, None]] = {}  # tied group -> its untied groups, in order
+
+    def walk(t: AxisTree, u: AxisTree) -> bool:
+        match t, u:
+            case G(a), G(b) if tied.groups[a].size == untied.groups[b].size:
+                pairs.setdefault(a, {})[b] = None
+                return True
+            case Fixed(n), _ if n == u.size(untied.sizes):
+                return True  # free only when untied: kept fixed (the sites refine the tied spec)
+            case (Prod(ps), Prod(qs)) | (Cat(ps), Cat(qs)) if type(t) is type(u) and len(ps) == len(qs):
+                return all(walk(x, y) for x, y in zip(ps, qs))
+        return False
+
+    for p, trees in tied.axes.items():
+        other = untied.axes.get(p)
+        if other is None or len(other) != len(trees) or not all(walk(t, u) for t, u in zip(trees, other)):
+            return None, f"untying the residual additions changes the axes of '{p}' beyond splitting groups"
+    owner: dict[str, str] = {}
+    for a, bs in pairs.items():
+        for b in bs:
+            if owner.setdefault(b, a) != a:
+                return None, f"an untied group spans the groups '{owner[b]}' and '{a}'"
+    split = {a: list(bs) for a, bs in pairs.items() if len(bs) > 1}
+    contexts = {c for g in tied.groups.values() for c in g.ctx}
+    if split.keys() & contexts:
+        return None, f"untying splits groups that others are indexed by: {sorted(split.keys() & contexts)}"
+    name = {b: f"{a}@{k}" for a, bs in split.items() for k, b in enumerate(bs)}
+
+    def rename(t: AxisTree, u: AxisTree) -> AxisTree:
+        match t, u:
+            case G(a), G(b):
+                return G(name.get(b, a))
+            case (Prod(ps), Prod(qs)):
+                return Prod(tuple(rename(x, y) for x, y in zip(ps, qs)))
+            case (Cat(ps), Cat(qs)):
+                return Cat(tuple(rename(x, y) for x, y in zip(ps, qs)))
+        return t
+
+    sites = {}
+    for p, trees in tied.axes.items():
+        new = [rename(t, u) for t, u in zip(trees, untied.axes[p])]
+        if new != trees:
+            sites[p] = new
+    return sites, ""

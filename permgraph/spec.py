@@ -62,6 +62,10 @@ class PermSpec:
     aliases: dict[str, str] = field(default_factory=dict)  # tied name -> canonical name
     unknown_ops: dict[str, int] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    # TransFusion's untied residual step: the axis trees of the parameters whose groups split
+    # when every residual addend keeps its own permutation (``rewrites.untied_residual``);
+    # None when not recorded (a spec from before, or a model where untying changes more)
+    residual_sites: dict[str, list[AxisTree]] | None = None
 
     # -- lookups -----------------------------------------------------------------
     @property
@@ -131,6 +135,8 @@ class PermSpec:
             "aliases": self.aliases,
             "unknown_ops": self.unknown_ops,
             "info": self.info,
+            **({} if self.residual_sites is None else
+               {"residual_sites": {p: [t.to_json() for t in trees] for p, trees in self.residual_sites.items()}}),
         }, indent=1)
 
     @classmethod
@@ -162,6 +168,8 @@ class PermSpec:
                                         tuple(_str(r) for r in f["reasons"])) for f in d.get("fixed", [])],
                        aliases={_str(k): _str(v) for k, v in d.get("aliases", {}).items()},
                        unknown_ops=dict(d.get("unknown_ops", {})), info=dict(d.get("info", {})))
+            if d.get("residual_sites") is not None:
+                spec.residual_sites = {_str(k): [tree_from_json(t) for t in v] for k, v in d["residual_sites"].items()}
         except FormatError:
             raise
         except (KeyError, TypeError, AttributeError, ValueError) as e:
@@ -240,6 +248,36 @@ def check_spec(spec: PermSpec) -> None:
     for alias, target in spec.aliases.items():
         if target not in spec.shapes:
             raise FormatError(f"alias '{alias}' points to unknown parameter '{target}'")
+    site_groups(spec)
+
+
+def site_groups(spec: PermSpec) -> dict[str, str]:
+    """Residual site group -> the group it splits from (``spec.residual_sites``), validated:
+    every site tree is the parameter's tree with some groups renamed, each site name standing
+    for one group of the spec."""
+    out: dict[str, str] = {}
+
+    def walk(t: AxisTree, u: AxisTree, where: str) -> None:
+        match t, u:
+            case G(a), G(b):
+                if b in spec.groups and b != a:
+                    raise FormatError(f"{where}: residual site '{b}' is the name of another group")
+                if out.setdefault(b, a) != a:
+                    raise FormatError(f"{where}: residual site '{b}' splits from two groups")
+            case Fixed(n), Fixed(m) if n == m:
+                pass
+            case (Prod(ps), Prod(qs)) | (Cat(ps), Cat(qs)) if type(t) is type(u) and len(ps) == len(qs):
+                for x, y in zip(ps, qs):
+                    walk(x, y, where)
+            case _:
+                raise FormatError(f"{where}: the residual site tree does not match the parameter's axis tree")
+
+    for p, trees in (spec.residual_sites or {}).items():
+        if p not in spec.axes or len(trees) != len(spec.axes[p]):
+            raise FormatError(f"residual sites given for '{p}', which has no axes of that number in the spec")
+        for d, (t, u) in enumerate(zip(spec.axes[p], trees)):
+            walk(t, u, f"'{p}' axis {d}")
+    return out
 
 
 def _check_tree(t: AxisTree, spec: PermSpec, where: str, outer: set[str]) -> int:

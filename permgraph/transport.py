@@ -118,21 +118,22 @@ def transport(base_a: ModelLike, finetuned_a: ModelLike | Sequence[ModelLike], b
     fine-tune. ``alpha``: a float, or glob patterns to floats (first match wins,
     unmatched parameters use 1.0), e.g. ``{"*.layers.0.*": 0.5, "*": 1.0}``; every
     pattern must match a parameter. An alignment that is not function-preserving
-    (flat heads, soft plans) is refused unless ``allow_non_preserving=True``.
+    (flat heads, soft plans) is refused unless ``allow_non_preserving=True``; one over
+    untied residual sites (``residual="untied"``) is meant for this and accepted.
     Parameters only the fine-tune has (a new task head) are carried over, permuted;
     extra *layers* are refused. Warns (``PermgraphWarning``) when the fine-tune is
     closer to B than to A: then it is probably a fine-tune of B.
     """
     if isinstance(alignment, Alignment):
         spec = alignment.spec
-        move = lambda sd: apply_alignment(alignment, sd)  # noqa: E731
+        move = lambda sd: apply_alignment(alignment, sd, allow_non_preserving=True)  # noqa: E731
     elif isinstance(alignment, Permutation):
         if spec is None:
             raise InputError("transport with a Permutation needs spec=...")
         move = lambda sd: apply_permutation(spec, alignment, sd)  # noqa: E731
     else:
         raise InputError("alignment must be a pg.Alignment or a pg.Permutation (with spec=)")
-    if isinstance(alignment, Alignment) and not alignment.function_preserving and not allow_non_preserving:
+    if isinstance(alignment, Alignment) and not alignment.carries_task_vectors() and not allow_non_preserving:
         raise InputError("this alignment is not function-preserving (flat heads or soft plans): pi(A) is not "
                          "equivalent to A. Pass allow_non_preserving=True (--allow-non-preserving) to use it anyway")
     if combine not in ("sum", "each"):

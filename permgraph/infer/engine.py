@@ -53,11 +53,14 @@ def run_inference(
     inputs: dict[str, GraphInput],
     rules: Mapping[RuleKey, Rule],
     fixed_outputs: set[int] | None = None,
+    untie: Mapping[fx.Node, int] | None = None,
 ) -> InferenceResult:
     """Type every tensor in ``graph``; ``inputs`` maps placeholder names to what they are.
 
     ``fixed_outputs``: positions (in the flattened outputs) whose axes are fixed;
-    None fixes them all.
+    None fixes them all. ``untie``: residual additions -> the position of their
+    shortcut operand, which the rule then sees with fresh axes (the sum takes the
+    branch's axes only: ``permgraph.infer.residual``).
     """
     store = AxisStore()
     types: dict[fx.Node, Any] = {}
@@ -68,6 +71,14 @@ def run_inference(
         cx.node = node
         if node.op == "placeholder":
             types[node] = _placeholder_type(cx, node, inputs.get(node.name), param_axes)
+        elif node.op == "call_function" and untie and node in untie:
+            shortcut = node.args[untie[node]]
+            saved = types[shortcut]
+            types[shortcut] = cx.fresh(tuple(cx.store.size(a) for a in saved))
+            try:
+                types[node] = _call_type(cx, node, rule_for(rules, node.target), unknown)
+            finally:
+                types[shortcut] = saved
         elif node.op == "call_function":
             types[node] = _call_type(cx, node, rule_for(rules, node.target), unknown)
         elif node.op == "output":
