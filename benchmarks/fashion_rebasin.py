@@ -38,7 +38,12 @@ METHODS = [("no alignment", None, {}),
            ("transfusion (spectral, shared QKVO)", "transfusion", {}),
            ("weight matching (spectral, Q/K and V/O separate)", "weight_matching", {"heads": "spectral"}),
            ("optimal transport (exact)", "ot", {}),
-           ("activation matching", "activation_matching", {})]
+           ("activation matching", "activation_matching", {}),
+           ("transfusion, official head distance (+O)", "transfusion", {"head_distance": "official"}),
+           ("transfusion, per-site head distance", "transfusion", {"head_distance": "sites"}),
+           ("transfusion, untied residual", "transfusion", {"residual": "untied"}),
+           ("weight matching (spectral), untied residual", "weight_matching",
+            {"heads": "spectral", "residual": "untied"})]
 
 TASKS = {
     "rotate90": lambda s: Split(torch.rot90(s.x, 1, (1, 2)).contiguous(), s.y),
@@ -139,11 +144,11 @@ def lmc_section(template, a, b, alignments, test) -> list[str]:
             moved, preserving, dt = a, True, 0.0
         else:
             al, dt = alignments[label]
-            moved, preserving = pg.apply_alignment(al, a), al.function_preserving
+            moved, preserving = pg.apply_alignment(al, a, allow_non_preserving=True), al.function_preserving
         bar, losses, accs = barrier(template, moved, b, test)
         ax.plot([i / 10 for i in range(11)], losses, marker="o", ms=3, label=label)
         rows.append(f"| {label} | {bar:.4f} | {100 * accs[5]:.1f}% | {losses[0] - loss_a:+.2e} | "
-                    f"{'yes' if preserving else 'no'} | {dt:.2f} s |")
+                    f"{'yes' if preserving else 'no (untied residual)' if al.untied_residual else 'no'} | {dt:.2f} s |")
     ax.set_xlabel("l  in  (1-l) pi(A) + l B")
     ax.set_ylabel("test loss")
     ax.legend(fontsize=6)

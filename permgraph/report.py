@@ -102,6 +102,12 @@ def explain_spec(spec: "PermSpec", max_rows: int = 40) -> str:
                      + ", ".join(f"{k} x{v}" for k, v in spec.unknown_ops.items()))
     else:
         lines.append("ops without a rule: none")
+    if spec.residual_sites is not None:
+        sites = {g for trees in spec.residual_sites.values() for t in trees for g in t.groups()} - set(spec.groups)
+        lines.append(f"untied residual (residual='untied', TransFusion's Step 3): {len(sites)} residual sites, "
+                     "one per residual addend; for task vectors, not function-preserving for pi(A)")
+    elif "residual_sites_missing" in spec.info:
+        lines.append(f"untied residual: not available ({spec.info['residual_sites_missing']})")
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ def test_llama_sites_are_the_residual_addends(zoo_compiled):
     m = "model.layers.{}."
     parent = {s: g for s, g in site_groups(spec).items() if s != g}
     assert set(parent.values()) == {"residual"} and len(parent) == 2 * layers + 1
+    assert f"{2 * layers + 1} residual sites" in spec.explain()
     # the stream read by layer l's attention is the one written before it
     assert _site(spec, "model.embed_tokens.weight", 1) == _site(spec, m.format(0) + "input_layernorm.weight", 0) \
         == _site(spec, m.format(0) + "self_attn.q_proj.weight", 1)
