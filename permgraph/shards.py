@@ -103,17 +103,35 @@ class Checkpoint:
         """Every tensor as a meta tensor (shape and dtype, no data): for checks before any reading."""
         return {k: torch.empty(e.shape, dtype=e.dtype, device="meta") for k, e in self.entries.items()}
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, read from disk into its own memory."""
+    def read(self, name: str, rows: tuple[int, int] | None = None, buffer: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """One tensor, or its rows ``r0:r1`` along dim 0 (a 0-d tensor has one row), read from disk
+        into its own memory, or into the front of ``buffer`` (uint8, large enough), which it then views."""
         e = self.entries[name]
+        shape = e.shape
+        if rows is not None:
+            n0 = shape[0] if shape else 1
+            r0, r1 = rows
+            if not 0 <= r0 <= r1 <= n0:
+                raise IndexError(f"rows {rows} of '{name}' with {n0} rows")
+            row = e.nbytes // n0 if n0 else 0
+            start, nbytes = e.start + r0 * row, (r1 - r0) * row
+            shape = (r1 - r0, *shape[1:]) if shape else shape
+        else:
+            start, nbytes = e.start, e.nbytes
         h = self._handles.get(e.file)
         if h is None:
-            h = self._handles[e.file] = open(e.file, "rb")  # noqa: SIM115 - closed by close()
-        buf = torch.empty(e.nbytes, dtype=torch.uint8)
-        h.seek(e.start)
-        if e.nbytes and h.readinto(buf.numpy()) != e.nbytes:
-            raise ModelLoadError(f"{e.file} ended inside '{name}': the file is truncated or changed during the run")
-        return buf.view(e.dtype).reshape(e.shape)
+            h = self._handles[e.file] = open(e.file, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        buf = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
+        if nbytes:
+            view, got = memoryview(buf.numpy()), 0
+            while got < nbytes:  # an unbuffered read may return less than asked
+                n = os.preadv(h.fileno(), [view[got:]], start + got)
+                if n <= 0:
+                    raise ModelLoadError(f"{e.file} ended inside '{name}': the file is truncated or changed "
+                                         "during the run")
+                got += n
+        return buf.view(e.dtype).reshape(shape)
 
     def check_unchanged(self) -> None:
         for f, stamp in self.stamps.items():
@@ -241,13 +259,28 @@ class ShardWriter:
         self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
         self.file.write(struct.pack("<Q", len(raw)) + raw)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor's bytes; it must be the next name with the announced dtype and shape."""
+    def write(self, name: str, data: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """Append the next tensor's bytes: the tensor, or its consecutive row blocks (dim 0; a 0-d
+        tensor is one block) in its dtype. It must be the next name with the announced dtype and shape."""
         want = self.pending.pop(0) if self.pending else None
-        if name != want or (tensor.dtype, tuple(tensor.shape)) != self.specs[name]:
-            raise RuntimeError(f"ShardWriter: got '{name}' {tensor.dtype} {tuple(tensor.shape)}, expected '{want}'")
-        if tensor.numel():
-            self.file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        dtype, shape = self.specs.get(name, (None, None))
+        if name != want:
+            raise RuntimeError(f"ShardWriter: got '{name}', expected '{want}'")
+        if isinstance(data, torch.Tensor):
+            if (data.dtype, tuple(data.shape)) != (dtype, shape):
+                raise RuntimeError(f"ShardWriter: got '{name}' {data.dtype} {tuple(data.shape)}, "
+                                   f"expected {dtype} {shape}")
+            data = [data]
+        rows, want_rows = 0, (shape[0] if shape else 1)
+        for block in data:
+            if block.dtype != dtype or tuple(block.shape[1:]) != tuple(shape[1:]) or (not shape and block.dim()):
+                raise RuntimeError(f"ShardWriter: a block of '{name}' is {block.dtype} {tuple(block.shape)}, "
+                                   f"expected {dtype} rows of {shape}")
+            rows += block.shape[0] if shape else 1
+            if block.numel():
+                self.file.write(block.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        if rows != want_rows:
+            raise RuntimeError(f"ShardWriter: '{name}' got {rows} rows, expected {want_rows}")
 
     def close(self) -> None:
         """Finish the file; every announced tensor must have been written."""

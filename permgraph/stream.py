@@ -1,13 +1,15 @@
 """Streaming transport: ``B_ft = B + alpha * pi(A_ft - A)`` one tensor at a time, in bounded memory.
 
 For safetensors checkpoints (files, folders, sharded indexes) with the alignment known.
-Per tensor ``w`` (B's name, dtype ``d``): read ``A[w]``, ``A_ft[w]``, ``B[w]`` from disk,
-compute ``(wide(B[w]) + alpha(w) * pi(wide(A_ft[w]) - wide(A[w]))).to(d)`` with ``wide``
-= at least float32 (float64 stays float64), exactly as ``pg.transport`` does (the
-result is bit-identical), append it to the output shard and drop it. Several fine-tunes
-add their moved task vectors in order. Non-floating entries are B's. Memory: one
-tensor of each input plus a few float32 temporaries of it; inputs are read with plain
-positioned reads (page cache, not resident memory).
+Per tensor ``w`` (B's name, dtype ``d``): read ``A[w]``, ``A_ft[w]``, ``B[w]`` from disk in
+row chunks, compute ``(wide(B[w]) + alpha(w) * pi(wide(A_ft[w]) - wide(A[w]))).to(d)`` with
+``wide`` = at least float32 (float64 stays float64), element for element as ``pg.transport``
+does (the result is bit-identical), and append each block of output rows to the shard.
+Several fine-tunes add their task vectors in order. Non-floating entries are B's. Memory:
+a few chunks of about ``CHUNK`` elements, plus one wide copy of a tensor whose dim 0 is
+permuted (its rows are gathered from anywhere); inputs are read with plain positioned
+reads (page cache, not resident memory). The permutation is checked once and each axis's
+gather index built once. Soft plans (transport matrices) take whole tensors.
 
 Everything is checked before the first tensor is computed (every input's header, shards
 listed in an index, the spec's names and shapes, fine-tune names); values are checked
@@ -18,25 +20,29 @@ back to the in-memory ``pg.transport``.
 """
 from __future__ import annotations
 
+import math
 import resource
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from permgraph.align import apply_alignment
 from permgraph.alignment import Alignment
 from permgraph.errors import InputError, PermgraphWarning
+from permgraph.ir import AxisTree
 from permgraph.loading import check_folder_tensors, copy_model_files
 from permgraph.outputs import package_version
+from permgraph.permutation import axis_index, check_permutation
 from permgraph.shards import Checkpoint, ShardWriter, find_checkpoint, plan_shards, shard_names, write_index
 from permgraph.spec import PermSpec
 from permgraph.transport import Alpha, alpha_for, check_alpha, check_transport_inputs, wide
 
 DEFAULT_MAX_SHARD = 50 * 10 ** 9  # transformers 5's save_pretrained default, "50GB"
+CHUNK = 1 << 20  # elements per row chunk
 
 
 class NotStreamable(Exception):
@@ -53,6 +59,7 @@ class Plan:
     names: list[dict[str, str]]
     alpha: Alpha
     folders: tuple[Path | None, Path | None]  # B's folder, the (first) fine-tune's folder
+    buffers: dict = field(default_factory=dict, repr=False)  # reusable chunk read buffers (see _buffers)
 
     def close(self) -> None:
         for c in (self.a, *self.fts, self.b):
@@ -119,8 +126,11 @@ def run(plan: Plan, alignment: Alignment, tmp: Path, kind: str, *, max_shard_byt
     report = StreamReport(shards=len(shards))
     meta = {"format": "pt", "permgraph": package_version()}
     dist = [[0.0, 0.0] for _ in plan.fts]
+    mover = Mover(alignment)
     bar = _bar(sum(sizes.values()), progress)
     to_base = {f: b for b, f in base_of.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # chunks are small and the work memory-bound: thread wake-ups cost more than they buy
     try:
         for names, fname in zip(shards, files):
             path = tmp if fname is None else tmp / fname
@@ -128,18 +138,18 @@ def run(plan: Plan, alignment: Alignment, tmp: Path, kind: str, *, max_shard_byt
             w = ShardWriter(path, specs, meta)
             try:
                 for out_name in names:
-                    t = _one(plan, alignment, to_base[out_name], report, dist)
-                    t0 = time.perf_counter()
-                    w.write(out_name, t)
-                    report.seconds["write"] += time.perf_counter() - t0
+                    t0, busy = time.perf_counter(), report.seconds["read"] + report.seconds["compute"]
+                    w.write(out_name, _one(plan, mover, to_base[out_name], report, dist))
+                    busy = report.seconds["read"] + report.seconds["compute"] - busy
+                    report.seconds["write"] += time.perf_counter() - t0 - busy
                     report.tensors += 1
                     report.bytes += sizes[out_name]
                     bar.update(sizes[out_name])
-                    del t
             finally:
                 w.file.close()
             w.close()
     finally:
+        torch.set_num_threads(threads)
         bar.close()
     for c in (plan.a, *plan.fts, plan.b):
         c.check_unchanged()
@@ -151,33 +161,164 @@ def run(plan: Plan, alignment: Alignment, tmp: Path, kind: str, *, max_shard_byt
     return report
 
 
-def _one(plan: Plan, alignment: Alignment, base: str, report: StreamReport, dist: list[list[float]]) -> torch.Tensor:
-    """One output tensor: ``(wide(B) + alpha * sum_i pi(wide(A_ft_i) - wide(A))).to(B.dtype)``."""
+class Mover:
+    """An alignment applied to one tensor at a time: the permutation is checked once, and each
+    axis tree's gather index is built once and reused by every tensor that has that axis."""
+
+    def __init__(self, alignment: Alignment) -> None:
+        self.alignment, self.spec = alignment, alignment.spec
+        self.soft = bool(alignment.soft)  # soft plans mix along an axis: whole tensors, apply_alignment
+        if not self.soft:
+            check_permutation(self.spec, alignment.permutation)
+        self._index: dict[AxisTree, torch.Tensor] = {}
+        self.ft_names: list[dict[str, str]] | None = None
+
+    def indices(self, name: str) -> list[torch.Tensor | None]:
+        """Per dim of ``name``: its gather index (new position -> old), or None where nothing moves."""
+        trees = self.spec.axes_of(name)
+        out: list[torch.Tensor | None] = []
+        for tree in trees or ():
+            if not tree.groups():
+                out.append(None)
+                continue
+            if tree not in self._index:
+                self._index[tree] = axis_index(tree, self.alignment.permutation, self.spec.ctx, self.spec.sizes)
+            out.append(self._index[tree])
+        return out
+
+    def whole(self, name: str, tau: torch.Tensor) -> torch.Tensor:
+        return apply_alignment(self.alignment, {name: tau})[name]
+
+
+def _one(plan: Plan, mover: Mover, base: str, report: StreamReport, dist: list[list[float]]
+         ) -> Iterator[torch.Tensor]:
+    """One output tensor as row blocks: ``(wide(B) + alpha * pi(sum_i wide(A_ft_i) - wide(A))).to(B.dtype)``,
+    the expression of ``pg.transport`` on each element, so the result is bit-identical.
+
+    Rows are read in chunks of about ``CHUNK`` elements. When dim 0 is not permuted (embeddings,
+    the LM head, norms, anything unpermuted) each chunk of output rows needs only those rows of
+    the inputs: memory is a few chunks. When dim 0 is permuted, the (wide) task vector of the
+    whole tensor is accumulated first, then gathered block by block: one wide copy of the tensor.
+    """
+    if mover.ft_names is None:
+        mover.ft_names = [{b: f for f, b in names.items()} for names in plan.names]
+    fnames = [m[base] for m in mover.ft_names]
+    eb, ea = plan.b.entries[base], plan.a.entries[base]
+    if not (ea.dtype.is_floating_point and eb.dtype.is_floating_point):
+        yield plan.b.read(base)
+        return
+    if mover.soft:
+        yield _whole(plan, mover, base, fnames, report, dist)
+        return
+    alpha = alpha_for(plan.alpha, base)
+    idx = mover.indices(base)
+    idx += [None] * (len(eb.shape) - len(idx))
+    rows = eb.shape[0] if eb.shape else 1
+    step = max(1, CHUNK // max(1, math.prod(eb.shape[1:])))
+    spans = [(r, min(rows, r + step)) for r in range(0, rows, step)]
+    bufs = _buffers(plan, step * math.prod(eb.shape[1:]))
+    permuted0 = bool(idx) and idx[0] is not None
+    tau = None
+    for r0, r1 in spans:
+        t0 = time.perf_counter()
+        a = plan.a.read(base, (r0, r1), bufs["a"])
+        b = plan.b.read(base, (r0, r1), bufs["b"])
+        fts = [c.read(f, (r0, r1), bufs[i]) for i, (c, f) in enumerate(zip(plan.fts, fnames))]
+        t1 = time.perf_counter()
+        total = _task_vector(base, a, b, fts, dist)
+        if permuted0:
+            if tau is None:
+                tau = torch.empty(eb.shape, dtype=total.dtype)
+            tau[r0:r1] = total
+            report.seconds["read"] += t1 - t0
+            report.seconds["compute"] += time.perf_counter() - t1
+            continue
+        out = _finish(b, total, idx, alpha)
+        report.seconds["read"] += t1 - t0
+        report.seconds["compute"] += time.perf_counter() - t1
+        yield out
+    for r0, r1 in spans if permuted0 else ():
+        t0 = time.perf_counter()
+        b = plan.b.read(base, (r0, r1), bufs["b"])
+        t1 = time.perf_counter()
+        out = _finish(b, tau.index_select(0, idx[0][r0:r1]), idx, alpha)
+        report.seconds["read"] += t1 - t0
+        report.seconds["compute"] += time.perf_counter() - t1
+        yield out
+
+
+def _task_vector(base: str, a: torch.Tensor, b: torch.Tensor, fts: list[torch.Tensor],
+                 dist: list[list[float]]) -> torch.Tensor:
+    """``sum_i (wide(A_ft_i) - wide(A))`` on one chunk, summed in order as ``pg.transport`` sums the moved
+    task vectors (a gather only relocates elements, so summing before it gives the same values).
+
+    Also accumulates each fine-tune's squared distances to A and to B, whose finiteness proves the
+    chunk's values finite (``x - y`` is finite only when both are): the exact per-input check runs
+    only when a sum is not finite."""
+    total = None
+    for i, f in enumerate(fts):
+        wf = wide(f)
+        t = wf - wide(a)
+        d = wf - wide(b)
+        to_a, to_b = _sq(t), _sq(d)
+        del d
+        if not (math.isfinite(to_a) and math.isfinite(to_b)):
+            for label, x in [("base A", a), ("base B", b)] + [(_ft_label(j, len(fts)), y) for j, y in enumerate(fts)]:
+                if not bool(torch.isfinite(x).all()):
+                    raise InputError(f"{label}: '{base}' contains NaN or inf")
+            to_a, to_b = _sq(t.double()), _sq(wf.double() - wide(b).double())  # finite values that overflowed
+        dist[i][0] += to_a
+        dist[i][1] += to_b
+        total = t if total is None else total + t
+    assert total is not None
+    return total
+
+
+def _sq(x: torch.Tensor) -> float:
+    x = x.reshape(-1)
+    return float(torch.dot(x, x)) if x.numel() else 0.0
+
+
+def _ft_label(i: int, n: int) -> str:
+    return f"fine-tune {i}" if n > 1 else "fine-tune"
+
+
+def _finish(b: torch.Tensor, moved: torch.Tensor, idx: list[torch.Tensor | None], alpha: float) -> torch.Tensor:
+    """``(wide(B) + alpha * moved).to(B.dtype)`` on rows whose dim 0 is already in place; other dims gathered."""
+    for dim in range(1, len(idx)):
+        if idx[dim] is not None:
+            moved = moved.index_select(dim, idx[dim])
+    return (wide(b) + alpha * moved).to(b.dtype)
+
+
+def _buffers(plan: Plan, numel: int) -> dict:
+    """Reusable read buffers (uint8) for one chunk of each input: keys "a", "b" and each fine-tune's index."""
+    cache = plan.buffers
+    need = numel * 8
+    if cache.get("size", -1) < need:
+        cache.clear()
+        cache["size"] = need
+        cache["bufs"] = {k: torch.empty(need, dtype=torch.uint8) for k in ["a", "b", *range(len(plan.fts))]}
+    return cache["bufs"]
+
+
+def _whole(plan: Plan, mover: Mover, base: str, fnames: list[str], report: StreamReport,
+           dist: list[list[float]]) -> torch.Tensor:
+    """Soft plans mix along an axis: the whole tensor at once, moved by ``apply_alignment``."""
     t0 = time.perf_counter()
     b, a = plan.b.read(base), plan.a.read(base)
-    fts = [c.read(next(f for f, b in names.items() if b == base)) for c, names in zip(plan.fts, plan.names)]
+    fts = [c.read(f) for c, f in zip(plan.fts, fnames)]
     t1 = time.perf_counter()
-    report.seconds["read"] += t1 - t0
-    for label, x in [("base A", a), ("base B", b)] + [(f"fine-tune {i}", f) for i, f in enumerate(fts)]:
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise InputError(f"{label}: '{base}' contains NaN or inf")
-    if not (a.is_floating_point() and b.is_floating_point()):
-        return b
     total = None
-    for i in range(len(fts)):
-        wf = wide(fts[i])
-        fts[i] = None  # type: ignore[call-overload]  # freed as soon as possible: memory is one tensor
-        tau = wf - wide(a)
-        dist[i][0] += float(tau.pow(2).sum())
-        dist[i][1] += float(wf.sub_(wide(b)).pow(2).sum())  # wf is this run's own buffer (or a widened copy)
-        del wf
-        moved = apply_alignment(alignment, {base: tau})[base]
-        del tau
-        total = moved if total is None else total.add_(moved)
-        del moved
-    del a
-    # (wide(B) + alpha * total) in place: the same two roundings as pg.transport, so bit-identical
-    out = total.mul_(alpha_for(plan.alpha, base)).add_(wide(b)).to(b.dtype)
+    for i, f in enumerate(fts):
+        one = [[0.0, 0.0]]
+        tau = _task_vector(base, a, b, [f], one)
+        dist[i][0] += one[0][0]
+        dist[i][1] += one[0][1]
+        moved = mover.whole(base, tau)
+        total = moved if total is None else total + moved
+    out = (wide(b) + alpha_for(plan.alpha, base) * total).to(b.dtype)
+    report.seconds["read"] += t1 - t0
     report.seconds["compute"] += time.perf_counter() - t1
     return out
 

@@ -182,3 +182,101 @@ def test_new_head_falls_back_to_memory(rel, capsys):
     spec = pg.Alignment.from_json((rel / "al.json").read_text()).spec
     with pytest.raises(stream.NotStreamable, match="score.weight"):
         stream.prepare(str(rel / "A"), [str(f)], str(rel / "B"), spec, 1.0)
+
+
+# -- chunked computation -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [1, 45, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_chunks_equal_in_memory(tmp_path, monkeypatch, chunk, dtype):
+    """Small chunks split every tensor into many row blocks (permuted and unpermuted dim 0, 1-D
+    norms): still bit-identical, with two fine-tunes summed and alpha patterns."""
+    monkeypatch.setattr(stream, "CHUNK", chunk)
+    a, ft, b, al = releases(tmp_path, True, dtype, True)
+    ft2 = tiny(True, dtype, 0)
+    ft2.load_state_dict({k: v - 0.03 * torch.randn_like(v) for k, v in a.state_dict().items()})
+    ft2.save_pretrained(tmp_path / "A_ft2")
+    argv = transport_args(tmp_path, tmp_path / "o", "--alpha", "*.mlp.*=0.25,*=1.5")
+    argv[argv.index(str(tmp_path / "A_ft")) + 1:argv.index(str(tmp_path / "A_ft")) + 1] = [str(tmp_path / "A_ft2")]
+    assert main(argv) == 0
+    ref = pg.transport(a, [ft, ft2], b, al, alpha={"*.mlp.*": 0.25, "*": 1.5})
+    got = read_all(tmp_path / "o")
+    assert got and all(torch.equal(v, ref[k]) for k, v in got.items())
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(got[up], b.state_dict()[up])
+
+
+def test_permutation_checked_once_and_indices_reused(tmp_path, monkeypatch):
+    _, _, _, al = releases(tmp_path, False, torch.float32, False)
+    calls = {"check": 0, "index": 0}
+    real_check, real_index = stream.check_permutation, stream.axis_index
+
+    def check(*a):
+        calls["check"] += 1
+        return real_check(*a)
+
+    def index(*a):
+        calls["index"] += 1
+        return real_index(*a)
+
+    monkeypatch.setattr(stream, "check_permutation", check)
+    monkeypatch.setattr(stream, "axis_index", index)
+    threads = torch.get_num_threads()
+    assert main(transport_args(tmp_path, tmp_path / "o")) == 0
+    trees = {t for ts in al.spec.axes.values() for t in ts if t.groups()}
+    assert calls == {"check": 1, "index": len(trees)} and len(trees) < len(al.spec.axes)
+    assert torch.get_num_threads() == threads  # restored after the run
+
+
+def test_huge_finite_values_are_not_refused(tmp_path, monkeypatch):
+    """1e30 squared overflows float32: the cheap finiteness test fails, the exact one passes."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setattr(stream, "CHUNK", 64)
+    a, ft, b, al = releases(tmp_path, False, torch.float32, False)
+    for who, sign in (("A", 1), ("A_ft", -1)):
+        f = tmp_path / who / "model.safetensors"
+        state = load_file(str(f))
+        state["model.layers.1.mlp.down_proj.weight"][3, :5] = sign * 1e30
+        save_file(state, str(f), metadata={"format": "pt"})
+    assert main(transport_args(tmp_path, tmp_path / "o")) == 0
+    ref = pg.transport(load_file(str(tmp_path / "A" / "model.safetensors")),
+                       load_file(str(tmp_path / "A_ft" / "model.safetensors")), b.state_dict(), al)
+    got = read_all(tmp_path / "o")
+    assert all(torch.equal(v, ref[k]) for k, v in got.items())
+    assert got["model.layers.1.mlp.down_proj.weight"].abs().max() > 1e29
+
+
+def test_inf_in_base_b_is_named(rel, capsys, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setattr(stream, "CHUNK", 64)
+    f = sorted((rel / "B").glob("model-*.safetensors"))[-1]
+    state = load_file(str(f))
+    name = sorted(state)[0]
+    state[name].view(-1)[-1] = float("-inf")
+    save_file(state, str(f), metadata={"format": "pt"})
+    err = refused(rel, transport_args(rel, rel / "o"), capsys, "base B")
+    assert name in err
+
+
+def test_row_reads_and_block_writes(tmp_path):
+    x = torch.randn(7, 3, 2).to(torch.bfloat16)
+    specs = {"x": (x.dtype, tuple(x.shape)), "s": (torch.float32, ()), "e": (torch.float32, (0, 5))}
+    w = shards.ShardWriter(tmp_path / "x.safetensors", specs, {})
+    w.write("x", iter([x[:2], x[2:3], x[3:]]))
+    w.write("s", iter([torch.tensor(2.5)]))
+    w.write("e", iter([]))
+    w.close()
+    ck = shards.Checkpoint(tmp_path / "x.safetensors")
+    buf = torch.empty(1000, dtype=torch.uint8)
+    assert torch.equal(ck.read("x"), x) and torch.equal(ck.read("x", (2, 6), buf), x[2:6])
+    assert ck.read("s", (0, 1)).item() == 2.5 and ck.read("e", (0, 0)).shape == (0, 5)
+    with pytest.raises(IndexError):
+        ck.read("x", (5, 8))
+    w = shards.ShardWriter(tmp_path / "y.safetensors", {"x": specs["x"]}, {})
+    with pytest.raises(RuntimeError, match="got 6 rows, expected 7"):
+        w.write("x", iter([x[:6]]))
+    w = shards.ShardWriter(tmp_path / "z.safetensors", {"x": specs["x"]}, {})
+    with pytest.raises(RuntimeError, match="a block of 'x'"):
+        w.write("x", iter([x[:2].float()]))
