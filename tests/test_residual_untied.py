@@ -149,7 +149,7 @@ def test_untied_with_sites_at_their_stream_permutation_is_the_tied_permutation(z
 
 # -- solving -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "mixtral", "t5"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "mixtral"])
 def test_weight_matching_recovers_planted_untied_permutations(zoo_compiled, name):
     zm, spec = zoo_compiled(name)
     untied = untied_residual(spec)
