@@ -13,6 +13,7 @@ from permgraph.infer import residual_shortcuts
 from permgraph.permutation import apply_permutation, compose
 from permgraph.rewrites import shared_within_head, untied_residual
 from permgraph.spec import PermSpec, site_groups
+from permgraph.testing import ZOO
 from permgraph.trace import trace
 
 
@@ -137,9 +138,12 @@ def test_untied_permutation_preserves_the_function_with_shortcut_permutations():
     assert (moved(x) - ref).abs().max() > 1e-3  # the plain architecture changes
 
 
-def test_untied_with_sites_at_their_stream_permutation_is_the_tied_permutation(zoo_compiled):
-    zm, spec = zoo_compiled("llama")
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_untied_with_sites_at_their_stream_permutation_is_the_tied_permutation(zoo_compiled, name):
+    zm, spec = zoo_compiled(name)
+    assert spec.residual_sites, spec.info.get("residual_sites_missing")
     untied, parent = untied_residual(spec), site_groups(spec)
+    assert len(untied.groups) > len(spec.groups)  # every zoo model has residual additions
     tied = spec.random_permutation(1)
     lifted = pg.Permutation({g: tied[parent.get(g, g)] for g in untied.groups})
     sd = zm.model.state_dict()
