@@ -64,19 +64,22 @@ def _token_ids(cfg) -> list[int]:
     return out
 
 
-def _shrink(cfg, layers_only: bool) -> None:
+def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
+    """Shrink ``cfg`` and its sub-configs; a vocabulary keeps the token ids of the configs around it
+    (a VLM's ``image_token_id`` lives on the outer config, the vocabulary on ``text_config``)."""
     from transformers import PretrainedConfig
 
+    ids = tuple(outer_ids) + tuple(_token_ids(cfg))
     for v in list(vars(cfg).values()):
         if isinstance(v, PretrainedConfig):
-            _shrink(v, layers_only)
+            _shrink(v, layers_only, ids)
     for k, small in SMALL.items():
         v = getattr(cfg, k, None)
         if not isinstance(v, int) or isinstance(v, bool) or v <= small:
             continue
         if layers_only and k not in LAYERS and k not in EXPERTS:
             continue
-        if k == "vocab_size" and any(t >= small for t in _token_ids(cfg)):
+        if k == "vocab_size" and any(t >= small for t in ids):
             continue
         try:
             setattr(cfg, k, small)
@@ -100,6 +103,46 @@ def _shrink(cfg, layers_only: bool) -> None:
                 pass
 
 
+def _set(cfg, k: str, v) -> None:
+    try:
+        setattr(cfg, k, v)
+    except Exception:  # noqa: BLE001 - read-only properties
+        pass
+
+
+def _consistent(cfg, model_type: str) -> None:
+    """A vision-language config's parts made to agree again after shrinking (and where the class
+    defaults disagree): placeholder tokens inside the text vocabulary, the vision tower's output
+    width the text width, M-RoPE sections the rotary width, Gemma 3's pooled tokens per image
+    a divisor of its patch grid, deepstack layers inside the tower."""
+    text, vision = getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)
+    if text is None or vision is None:
+        return
+    mm = [v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool)
+          and any(m in k for m in ("image_token", "video_token", "audio_token"))]
+    if mm and isinstance(getattr(text, "vocab_size", None), int) and max(mm) >= text.vocab_size:
+        _set(text, "vocab_size", max(mm) + 1)
+    hidden = getattr(text, "hidden_size", None)
+    if isinstance(getattr(vision, "out_hidden_size", None), int) and hidden:
+        _set(vision, "out_hidden_size", hidden)
+    rope = getattr(text, "rope_parameters", None)
+    heads = getattr(text, "num_attention_heads", None)
+    if isinstance(rope, dict) and ("vl" in model_type or "mrope_section" in rope) and hidden and heads:
+        half = (getattr(text, "head_dim", None) or hidden // heads) // 2
+        rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
+    depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", None)
+    if isinstance(getattr(vision, "deepstack_visual_indexes", None), (list, tuple)) and depth:
+        _set(vision, "deepstack_visual_indexes", [i for i in vision.deepstack_visual_indexes if i < depth]
+             or [depth - 1])
+    tokens, size, patch = (getattr(cfg, "mm_tokens_per_image", None), getattr(vision, "image_size", None),
+                           getattr(vision, "patch_size", None))
+    if isinstance(tokens, int) and isinstance(size, int) and isinstance(patch, int):
+        side = size // patch
+        if side % math.isqrt(tokens) or math.isqrt(tokens) > side:
+            per = next(d for d in range(side // 2, 0, -1) if side % d == 0)
+            _set(cfg, "mm_tokens_per_image", per * per)
+
+
 def configs(model_type: str):
     """Configs to try, smallest first: shrunk, layers only, defaults."""
     import copy
@@ -111,6 +154,7 @@ def configs(model_type: str):
     for layers_only in (False, True):
         c = copy.deepcopy(base)
         _shrink(c, layers_only)
+        _consistent(c, model_type)
         out.append(("small" if not layers_only else "layers", c))
     out.append(("default", base))
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         size = size if isinstance(size, int) else size[0]
         ch = getattr(vcfg, "num_channels", 3)
         out["pixel_values"] = torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)
+        if "input_ids" in out and _token_id(cfg, "image") is not None:
+            _with_image_tokens(model, out, batch, gen)
     if "input_values" in params and model.main_input_name == "input_values":  # raw audio
         out["input_values"] = torch.randn(batch, 1024, generator=gen).to(dev, dtype)
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
@@ -94,6 +97,93 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if not out:
         raise TraceError(f"cannot derive example inputs for {type(model).__name__}: pass example_inputs")
     return out
+
+
+def _token_id(cfg: Any, kind: str) -> int | None:
+    """The placeholder token id of a modality (``image_token_id`` / ``image_token_index``)."""
+    for name in (f"{kind}_token_id", f"{kind}_token_index"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Candidate image inputs of a vision-language model, most common layout first: one image per
+    sample ``(batch, C, S, S)``; anyres tiles with ``image_sizes`` (LLaVA-NeXT); flattened patches with
+    ``image_grid_thw`` (Qwen-VL)."""
+    cfg = model.config
+    vcfg = getattr(cfg, "vision_config", None) or cfg
+    dev, dtype = model_device(model), model_dtype(model)
+    params = inspect.signature(model.forward).parameters
+    ch = getattr(vcfg, "num_channels", None) or getattr(vcfg, "in_channels", None) or 3
+    size = getattr(vcfg, "image_size", None)
+    size = size if isinstance(size, int) or size is None else size[0]
+    patch = getattr(vcfg, "patch_size", None)
+    patch = patch if isinstance(patch, int) or patch is None else patch[0]
+    if "image_grid_thw" in params and patch:
+        merge = getattr(vcfg, "spatial_merge_size", 1) or 1
+        tp = getattr(vcfg, "temporal_patch_size", 1) or 1
+        side = 2 * merge
+        yield {"pixel_values": torch.randn(batch * side * side, ch * tp * patch * patch, generator=gen).to(dev, dtype),
+               "image_grid_thw": torch.tensor([[1, side, side]] * batch, device=dev)}
+        return
+    if size is None:
+        return
+    if "image_sizes" in params:
+        num_patches = getattr(inspect.getmodule(type(model)), "image_size_to_num_patches", None)
+        pinpoints = getattr(cfg, "image_grid_pinpoints", None)
+        if num_patches is not None and pinpoints:
+            n = num_patches((size, size), pinpoints, size)
+            # a list, not a tensor: the number of tiles is computed from it in Python, which export
+            # cannot do from tensor values
+            yield {"pixel_values": torch.randn(batch, n, ch, size, size, generator=gen).to(dev, dtype),
+                   "image_sizes": [[size, size]] * batch}
+    yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)}
+
+
+def _feature_count(feats: Any) -> int:
+    """How many embedding vectors ``get_image_features`` returned (a tensor, a list of tensors, or a
+    model output whose ``pooler_output`` holds them)."""
+    if hasattr(feats, "pooler_output") and feats.pooler_output is not None:
+        feats = feats.pooler_output
+    elif hasattr(feats, "last_hidden_state") and not isinstance(feats, torch.Tensor):
+        feats = feats.last_hidden_state
+    if isinstance(feats, torch.Tensor):
+        return feats.numel() // feats.shape[-1]
+    if isinstance(feats, (list, tuple)):
+        return sum(_feature_count(f) for f in feats)
+    raise TypeError(f"image features of type {type(feats).__name__}")
+
+
+def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator) -> None:
+    """Image inputs for a vision-language model, with as many image tokens in ``input_ids`` as the
+    vision tower yields features, so that the vision tower is in the traced forward. Leaves ``out``
+    as it is when no candidate layout works."""
+    get = getattr(model, "get_image_features", None)
+    if get is None:
+        return
+    cfg = model.config
+    tok = _token_id(cfg, "image")
+    for cand in _image_inputs(model, batch, gen):
+        try:
+            with torch.no_grad():
+                n = _feature_count(get(**cand))
+        except Exception:  # noqa: BLE001 - this layout does not fit the model: try the next
+            continue
+        if n % batch:
+            continue
+        text = out["input_ids"]
+        special = {v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool)
+                   and (k.endswith("token_id") or k.endswith("token_index")) and k != "pad_token_id"}
+        safe = next(i for i in range(int(text.max()) + len(special) + 2) if i not in special)
+        text = torch.where(torch.isin(text, torch.tensor(sorted(special), device=text.device)), safe, text)
+        image = torch.full((batch, n // batch), tok, dtype=text.dtype, device=text.device)
+        out["input_ids"] = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
+        out.update(cand)
+        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # Qwen-VL's M-RoPE: 1 = image
+            out["mm_token_type_ids"] = (out["input_ids"] == tok).long()
+        return
 
 
 def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict]:

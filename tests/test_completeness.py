@@ -10,7 +10,9 @@ from permgraph.testing.zoo import ZOO, build
 # reasons an axis may legitimately stay fixed: data axes and true symmetry breakers
 ALLOWED = ("embedding lookup", "model input", "model output", "convolution kernel", "spatial positions",
            "constant buffer 'gpt_neox.rotary_emb.inv_freq'", "constant buffer 'model.rotary_emb.inv_freq'",
-           "values vary along the axis", "indexes fused segments", "indexed by unbind", "indexed by select")
+           "constant buffer 'model.language_model.rotary_emb.inv_freq'",
+           "values vary along the axis", "indexes fused segments", "indexed by unbind", "indexed by select",
+           "unused in the traced forward")
 
 
 @pytest.fixture(scope="module", params=sorted(ZOO))
@@ -133,3 +135,17 @@ def test_a_value_read_only_for_its_shape_fixes_nothing():
         assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-10).ok
     targets = {str(n.target) for n in compile_graph(model, (x,)).exported.graph.nodes}
     assert "aten.copy_.default" in targets and "aten.select.int" not in targets
+
+
+def test_vision_language_model_gets_image_inputs_and_its_vision_tower_moves(zoo_compiled):
+    from permgraph.trace import default_example_inputs
+
+    zm, spec = zoo_compiled("llava")
+    inputs = default_example_inputs(zm.model)
+    per_image = (28 // 14) ** 2  # patches, CLS dropped ("default" feature strategy)
+    assert tuple(inputs["pixel_values"].shape) == (2, 3, 28, 28)
+    assert ((inputs["input_ids"] == 63).sum(1) == per_image).all()
+    for p in ("model.vision_tower.encoder.layers.0.mlp.fc1.weight",
+              "model.multi_modal_projector.linear_1.weight"):
+        assert all(not isinstance(t, Fixed) for t in spec.axes[p]), (p, spec.axes[p])
+    assert spec.covered_fraction() >= 0.95

@@ -302,6 +302,12 @@ def _rows_along_hidden(h: torch.Tensor) -> torch.Tensor:
     return aten.expand.default(_rows(h).view(1, 3, 1), [B, 3, H])  # constant along the hidden axis
 
 
+def _every_other_row(h: torch.Tensor) -> torch.Tensor:
+    """A mask selecting whole rows (positions 0, 2, 4), constant along the hidden axis."""
+    rows = aten.remainder.Scalar(aten.arange.default(T), 2) == 0
+    return aten.expand.default(rows.view(1, T, 1), [B, T, H])
+
+
 INDEX_CASES = [
     net("index", aten.index, lambda m, h, g: aten.index.Tensor(h, [None, _rows(h)])),
     net("index_select", aten.index_select, lambda m, h, g: aten.index_select.default(h, 1, _rows(h))),
@@ -315,6 +321,11 @@ INDEX_CASES = [
         params={"w": (H, K)}, width=K, sizes=(H, K), moved=("p.w",)),
     net("gather-by-argsort", (aten.gather, aten.argsort),
         lambda m, h, g: h * aten.gather.default(h, -1, aten.argsort.default(g, -1)).sum(-1, keepdim=True), gate=True),
+    net("masked_scatter-rows", aten.masked_scatter,  # a VLM writing image features at the image tokens
+        lambda m, h, g: aten.masked_scatter.default(h, _every_other_row(h), g.reshape(B * T, H)), gate=True,
+        moved=("inp.weight", "gate.weight")),
+    net("masked_scatter-elementwise-mask-fixes-it", aten.masked_scatter,
+        lambda m, h, g: aten.masked_scatter.default(h, g > 0, g), gate=True, sizes=()),
     net("index-hidden-fixes-it", aten.index, lambda m, h, g: aten.index.Tensor(h, [None, None, _rows(h)]),
         width=3, sizes=()),
 ]
@@ -352,6 +363,8 @@ REDUCTIONS = {  # op -> reduction of h over the hidden axis, kept as a unit axis
     aten.std_mean: lambda h: aten.std_mean.correction(h, [-1], keepdim=True)[0],
     aten.nansum: lambda h: aten.nansum.default(h, [-1], True),
     aten.nanmean: lambda h: aten.nanmean.default(h, [-1], True),
+    aten._is_all_true: lambda h: aten._is_all_true.default(h > -1e9).to(h.dtype),
+    aten._is_any_true: lambda h: aten._is_any_true.default(h > 0).to(h.dtype),
 }
 ALONG_SEQUENCE = {  # op -> an order-dependent op along the sequence axis (the hidden axis passes)
     aten.max: lambda h: aten.max.dim(h, 1, True)[0],

@@ -302,6 +302,19 @@ def clip() -> tuple:
     return CLIPModel(cfg), None, EXACT, ["logits_per_image", "logits_per_text", "text_embeds", "image_embeds"]
 
 
+def llava() -> tuple:
+    """A vision-language model: a CLIP vision tower whose patch features replace the image tokens
+    of a Llama (inputs derived: pixel values and as many image tokens as the tower yields)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    cfg = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", image_size=28, patch_size=14, hidden_size=24,
+                           intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, projection_dim=16),
+        text_config=dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        image_token_index=63, vision_feature_layer=-1, projector_hidden_act="gelu")
+    return LlavaForConditionalGeneration(cfg), None, FP32_NORM
+
+
 def t5() -> tuple:
     from transformers import T5Config, T5ForConditionalGeneration
     cfg = T5Config(vocab_size=60, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
@@ -358,6 +371,7 @@ ZOO: dict[str, Callable[[], tuple]] = {
     "phi3": phi3,
     "vit": vit,
     "clip": clip,
+    "llava": llava,
     "t5": t5,
     "gpt_neox": gpt_neox,
     "bert_eager": eager(bert),

@@ -139,3 +139,33 @@ def index_put(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     for x in v[: len(v) - len(rest)]:  # axes of values along the indexed positions: fixed
         cx.fix(x, "index_put positions")
     return list(t)
+
+
+@register(aten.masked_scatter)
+def masked_scatter(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``self`` with the places where ``mask`` is true overwritten by ``source``'s elements in order (a
+    VLM's image features written into the token embeddings at the image tokens).
+
+    Along trailing axes where the mask is constant (broadcast, or expanded from size 1), every selected
+    place takes one whole trailing block of ``source``, in order: where ``source``'s trailing axes have
+    the same sizes they unify with ``self``'s. The other axes say which places are written and in
+    which order the rows of ``source`` are read: fixed.
+    """
+    t, m, src = a.t("self"), a.t("mask"), a.t("source")
+    uni = cx.uniform_dims(a["mask"])
+    off = len(t) - len(m)
+    k = 0
+    while k < min(len(t), len(src)):
+        d, md = len(t) - 1 - k, len(t) - 1 - k - off
+        constant = md < 0 or md in uni or cx.store.size(m[md]) == 1
+        if not constant or cx.store.size(src[len(src) - 1 - k]) != cx.store.size(t[d]):
+            break
+        k += 1
+    for x, y in zip(t[len(t) - k:], src[len(src) - k:]):
+        cx.unify(x, y)
+    for x in list(t[: len(t) - k]) + list(src[: len(src) - k]):
+        cx.fix(x, "masked_scatter positions")
+    for md, x in enumerate(m):
+        if md + off < len(t) - k and md not in uni:
+            cx.fix(x, "masked_scatter positions")
+    return list(t)

@@ -107,6 +107,7 @@ def_ranking = family(ranking)
 def_reduction(
     aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.linalg_vector_norm, aten.norm,
     aten.logsumexp, aten.prod, aten.all, aten.any, aten.var_mean, aten.std_mean, aten.nansum, aten.nanmean,
+    aten._is_all_true, aten._is_any_true,
 )
 def_ranking(
     aten.max, aten.min, aten.argmax, aten.argmin, aten.sort, aten.topk, aten.kthvalue, aten.median, aten.mode,
