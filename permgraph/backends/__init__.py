@@ -1,4 +1,4 @@
-"""Linear assignment backends: scipy, lap (Jonker-Volgenant), torch (auction, any device).
+"""Linear assignment backends: scipy, lap and lapjv (Jonker-Volgenant), torch (auction, any device).
 
 Every backend maximizes ``sum_i S[i, p[i]]`` and returns ``p`` (a LongTensor), for
 one square score matrix or a batch of them.

@@ -8,6 +8,7 @@ class LapBackend:
     """Solve ``max_p sum_i S[i, p[i]]`` for square ``S``; subclasses implement ``solve``."""
 
     name = "base"
+    releases_gil = False  # True: independent problems may be solved concurrently on CPU threads
 
     def solve(self, score: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

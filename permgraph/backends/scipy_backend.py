@@ -9,6 +9,7 @@ from permgraph.backends.base import LapBackend
 
 class ScipyBackend(LapBackend):
     name = "scipy"
+    releases_gil = True
 
     def solve(self, score: torch.Tensor) -> torch.Tensor:
         rows, cols = linear_sum_assignment(score.detach().double().cpu().numpy(), maximize=True)

@@ -9,8 +9,10 @@ solvers compute) and the stored gather convention (indexed by A's old context in
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -93,10 +95,17 @@ def units(x: torch.Tensor, site: Site) -> torch.Tensor:
 
 
 def block_svals(x: torch.Tensor, site: Site) -> torch.Tensor:
-    """Singular values of each unit's block (unit = head): (n_heads, k)."""
+    """Singular values of each unit's block (unit = head): (n_heads, k), descending.
+
+    Computed as the square roots of the eigenvalues of each block's smaller Gram matrix, in
+    float64, in one batched call: about 25x faster than ``svdvals`` on CPU for 64 x 768
+    blocks, and within 1e-15 of it relative to the largest singular value (a singular value
+    far below ``1e-8`` of the largest comes out as about ``1e-8`` of it)."""
     n_ctx, n_g, m = site.units.shape
-    blocks = x.movedim(site.axis, 0)[site.units[0].flatten().to(x.device)].reshape(n_g, m, -1)
-    return torch.linalg.svdvals(blocks.double()).to(torch.promote_types(x.dtype, torch.float32))
+    blocks = x.movedim(site.axis, 0)[site.units[0].flatten().to(x.device)].reshape(n_g, m, -1).double()
+    gram = blocks @ blocks.mT if blocks.shape[1] <= blocks.shape[2] else blocks.mT @ blocks
+    svals = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
+    return svals.to(torch.promote_types(x.dtype, torch.float32))
 
 
 @dataclass
@@ -104,19 +113,25 @@ class PermState:
     """The permutation being solved (from the identity), with its conversions to and from B's frame.
 
     ``sites``: every group's parameter sites (``sites(spec, g)``), computed once and shared.
+    ``workers``: CPU threads for assignments submitted with ``submit`` (used when the backend
+    releases the GIL); ``timings``: ``cost`` (score matrices), ``lap`` (time spent in or
+    waiting for assignments), ``lap_cpu`` (the assignments' own time, summed over threads).
     """
 
     spec: PermSpec
     backend: LapBackend
     sites: dict[str, list[Site]] = field(default_factory=dict)
+    workers: int = 1
     perm: Permutation = field(init=False)
-    timings: dict[str, float] = field(default_factory=lambda: {"cost": 0.0, "lap": 0.0})
+    timings: dict[str, float] = field(default_factory=lambda: {"cost": 0.0, "lap": 0.0, "lap_cpu": 0.0})
 
     def __post_init__(self) -> None:
         self.perm = self.spec.identity()
         for g in self.spec.groups:
             if g not in self.sites:
                 self.sites[g] = sites(self.spec, g)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     def old_ctx_index(self, g: str) -> torch.Tensor:
         """For each context value in B's frame, the flat context index in A's (old) frame."""
@@ -143,12 +158,52 @@ class PermState:
         flat[self.old_ctx_index(g)] = q.cpu()
         self.perm.perms[g] = flat.reshape(self.spec.perm_shape(g))
 
+    def snapshot(self, groups) -> dict[str, torch.Tensor]:
+        """The current permutations of ``groups`` (compare later with ``unchanged``)."""
+        return {g: self.perm[g].clone() for g in groups}
+
+    def unchanged(self, snap: dict[str, torch.Tensor] | None) -> bool:
+        return snap is not None and all(torch.equal(self.perm[g], p) for g, p in snap.items())
+
     def solve(self, scores: torch.Tensor) -> torch.Tensor:
         """Maximizing assignments of a batch of score matrices (batch, n, n) -> (batch, n)."""
         t0 = time.perf_counter()
-        q = self.backend.solve_batch(scores).cpu()
+        q = self._solve(scores)
         self.timings["lap"] += time.perf_counter() - t0
         return q
+
+    def _solve(self, scores: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        q = self.backend.solve_batch(scores).cpu()
+        with self._lock:
+            self.timings["lap_cpu"] += time.perf_counter() - t0
+        return q
+
+    @property
+    def parallel(self) -> bool:
+        return self.workers > 1 and self.backend.releases_gil
+
+    def submit(self, scores: torch.Tensor) -> Future:
+        """``solve`` on a worker thread when ``parallel`` (the caller takes ``result()`` through
+        ``wait``), else at once."""
+        if not self.parallel:
+            done: Future = Future()
+            done.set_result(self.solve(scores))
+            return done
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="permgraph-lap")
+        return self._pool.submit(self._solve, scores)
+
+    def wait(self, fut: Future) -> torch.Tensor:
+        t0 = time.perf_counter()
+        q = fut.result()
+        self.timings["lap"] += time.perf_counter() - t0
+        return q
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 HEAD_DISTANCES = {

@@ -9,7 +9,12 @@ sweep improves nothing. Heads follow ``heads`` (``permgraph.solvers.common.HEAD_
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import time
+from collections import deque
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -26,6 +31,7 @@ from permgraph.solvers.common import (
     HEAD_DISTANCES,
     HEAD_STRATEGIES,
     PermState,
+    Site,
     brute_heads,
     check_heads,
     spectral_heads,
@@ -48,10 +54,13 @@ class WeightMatchingOptions(SolverOptions):
     head_guard: bool = True
     dtype: torch.dtype = torch.float32
     device: str | None = None  # where A, B and the scores live ("cuda"); default: the parameters' device
+    workers: int = 0  # CPU threads for the assignments of independent groups; 0: one per core (at most 8)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_heads(self.heads)
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise InputError(f"workers must be a non-negative integer (0: one per core), got {self.workers!r}")
         if self.head_distance not in HEAD_DISTANCES:
             raise InputError(f"head_distance must be one of {list(HEAD_DISTANCES)}, not '{self.head_distance}'")
 
@@ -61,6 +70,8 @@ class WeightCosts:
 
     Only the parameters the spec moves are held, in their own dtype (a bf16 checkpoint stays
     bf16) on ``device``; each is widened to ``dtype`` only while one score is computed.
+    ``deps[g]``: the groups whose permutations group g's scores depend on (every group on
+    the parameters g moves, g itself only where it also lives on another axis of them).
     """
 
     def __init__(self, state: PermState, params_a: Params, params_b: Params, dtype: torch.dtype,
@@ -70,6 +81,11 @@ class WeightCosts:
         self.state, self.spec, self.dtype = state, spec, dtype
         self.a = {p: params_a[p].detach().to(device=device) for p in names}
         self.b = {p: params_b[p].detach().to(device=device) for p in names}
+        self.deps = {g: _deps(spec, state.sites[g], g) for g in spec.groups}
+        self.inputs: dict[str, dict[str, torch.Tensor]] = {}  # g -> its deps when last solved
+        self.solved = self.reused = 0
+        self.group_time: dict[str, float] = {}
+        self._terms: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
 
     def wa(self, p: str) -> torch.Tensor:
         return self.a[p].to(self.dtype)
@@ -78,8 +94,17 @@ class WeightCosts:
         return self.b[p].to(self.dtype)
 
     def objective(self) -> float:
-        perm = self.state.perm
-        return float(sum((self.wb(p) * permute_tensor(self.spec, perm, p, self.wa(p))).sum() for p in self.a))
+        """The objective; each parameter's term is recomputed only when a group on it moved."""
+        return float(sum(self._term(p) for p in self.a))
+
+    def _term(self, p: str) -> torch.Tensor:
+        cached = self._terms.get(p)
+        if cached is not None and self.state.unchanged(cached[0]):
+            return cached[1]
+        snap = self.state.snapshot({g for t in self.spec.axes[p] for g in t.groups()})
+        value = (self.wb(p) * permute_tensor(self.spec, self.state.perm, p, self.wa(p))).sum()
+        self._terms[p] = (snap, value)
+        return value
 
     def cost(self, g: str, perm: Permutation | None = None) -> torch.Tensor:
         """Scores (n_ctx, n_g, n_g) of group g with every other group at its value in ``perm``."""
@@ -88,15 +113,13 @@ class WeightCosts:
         total = None
         for site in self.state.sites[g]:
             a_perm = permute_tensor(self.spec, perm, site.param, self.wa(site.param), skip=(site.axis, g))
-            c = units(self.wb(site.param), site) @ units(a_perm, site).transpose(1, 2)
+            c = _unit_products(self.wb(site.param), a_perm, site)
             total = c if total is None else total + c
         self.state.timings["cost"] += time.perf_counter() - t0
         return total
 
-    def step(self, g: str) -> bool:
-        """One coordinate: solve group g; keep it if the objective improves."""
-        scores = self.cost(g)
-        q = self.state.solve(scores)
+    def keep(self, g: str, scores: torch.Tensor, q: torch.Tensor) -> bool:
+        """Store ``q`` as group g's permutation if it scores higher than the current one."""
         cur = self.state.current(g)
         new_val = scores.gather(2, q[..., None].to(scores.device)).sum()
         old_val = scores.gather(2, cur[..., None].to(scores.device)).sum()
@@ -104,6 +127,54 @@ class WeightCosts:
             self.state.set(g, q)
             return True
         return False
+
+    def step(self, g: str) -> bool:
+        """One coordinate: solve group g; keep it if the objective improves."""
+        scores = self.cost(g)
+        return self.keep(g, scores, self.state.solve(scores))
+
+    def sweep(self, order: list[str], progress: "_SweepBar | None" = None) -> bool:
+        """``step`` for each group of ``order``, with the same result, faster:
+
+        - a group whose inputs (``deps``) are as they were when it was last solved is skipped:
+          its scores, and so its assignment, would be the same;
+        - while the groups in a run do not depend on each other (the MLP hidden groups given
+          the residual stream; the within-head groups given the heads), each one's scores are
+          computed here while the assignments of the ones before it are solved on worker
+          threads (``PermState.submit``); results are kept in ``order``, exactly as one by one.
+        """
+        state = self.state
+        improved = False
+        pending: deque[tuple[str, torch.Tensor, Future, float]] = deque()
+        in_flight = state.workers if state.parallel else 0
+
+        def finish() -> None:
+            nonlocal improved
+            g, scores, fut, t0 = pending.popleft()
+            improved |= self.keep(g, scores, state.wait(fut))
+            self.group_time[g] = self.group_time.get(g, 0.0) + time.perf_counter() - t0
+            if progress is not None:
+                progress.done(g)
+
+        for g in order:
+            if any(h in self.deps[g] or g in self.deps[h] for h, _, _, _ in pending):
+                while pending:
+                    finish()
+            if state.unchanged(self.inputs.get(g)):
+                self.reused += 1
+                if progress is not None:
+                    progress.done(g, reused=True)
+                continue
+            t0 = time.perf_counter()
+            self.inputs[g] = state.snapshot(self.deps[g])
+            scores = self.cost(g)
+            pending.append((g, scores, state.submit(scores), t0))
+            self.solved += 1
+            while len(pending) > in_flight:
+                finish()
+        while pending:
+            finish()
+        return improved
 
     def pair_scores(self, h: str):
         """For brute head matching: child group g's scores for every (B head, A head) pair."""
@@ -119,14 +190,81 @@ class WeightCosts:
         return scores
 
     def brute_step(self, h: str) -> bool:
-        """Brute head matching as a coordinate step: kept only if the objective improves."""
+        """Brute head matching as a coordinate step: kept only if the objective improves.
+        Skipped when nothing it reads moved since its last run (the outcome would be the same)."""
+        children = [g for g, grp in self.spec.groups.items() if grp.ctx == (h,)]
+        reads = {h, *children, *(d for c in children for d in self.deps[c])}
+        key = f"heads:{h}"
+        if self.state.unchanged(self.inputs.get(key)):
+            self.reused += 1
+            return False
+        t0 = time.perf_counter()
         before = {g: p.clone() for g, p in self.state.perm.perms.items()}
-        old = self.objective()
+        moved = {h, *children}
+        touched = [p for p in self.a if any(g in moved for t in self.spec.axes[p] for g in t.groups())]
+        old = float(sum(self._term(p) for p in touched))
         brute_heads(self.state, h, self.pair_scores(h))
-        if self.objective() > old + 1e-9 * (abs(old) + 1.0):
-            return True
-        self.state.perm.perms.update(before)
-        return False
+        new = float(sum(self._term(p) for p in touched))
+        kept = new > old + 1e-9 * (abs(old) + 1.0)
+        if not kept:
+            self.state.perm.perms.update(before)
+        self.inputs[key] = self.state.snapshot(reads)
+        self.solved += 1
+        self.group_time[h] = self.group_time.get(h, 0.0) + time.perf_counter() - t0
+        return kept
+
+
+def _deps(spec: PermSpec, group_sites: list[Site], g: str) -> frozenset[str]:
+    out: set[str] = set()
+    for site in group_sites:
+        for axis, tree in enumerate(spec.axes[site.param]):
+            out.update(x for x in tree.groups() if axis != site.axis or x != g)
+    return frozenset(out)
+
+
+def _unit_products(b: torch.Tensor, a: torch.Tensor, site: Site) -> torch.Tensor:
+    """``units(b) @ units(a)^T``: (n_ctx, n_g, n_g). A group that is a whole axis needs no
+    regrouping: the product contracts every other axis in place (no copies)."""
+    n_ctx, n_g, m = site.units.shape
+    if n_ctx == 1 and m == 1 and b.shape[site.axis] == n_g and site.units.flatten().equal(torch.arange(n_g)):
+        other = [d for d in range(b.dim()) if d != site.axis]
+        return torch.tensordot(b, a, dims=(other, other))[None]
+    return units(b, site) @ units(a, site).transpose(1, 2)
+
+
+class _SweepBar:
+    """Progress of one sweep (tqdm): groups done, weighted by their estimated work for the
+    time estimate; the postfix names the group just finished."""
+
+    def __init__(self, wm: WeightCosts, order: list[str], sweep: int, objective: float) -> None:
+        from tqdm.auto import tqdm
+
+        self.weight = {g: _work(wm, g) for g in order}
+        self.n, self.k, self.reused = len(order), 0, 0
+        self.bar = tqdm(total=sum(self.weight.values()), desc=f"sweep {sweep} (objective {objective:.6g})",
+                        leave=False, mininterval=0, miniters=1,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]{postfix}")
+
+    def done(self, g: str, reused: bool = False) -> None:
+        self.k += 1
+        self.reused += reused
+        self.bar.set_postfix_str(f"group {self.k}/{self.n} {g}" + (" (inputs unchanged)" if reused else ""),
+                                 refresh=False)
+        self.bar.update(self.weight[g])
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _work(wm: WeightCosts, g: str) -> float:
+    """Estimated work of solving group g: the score products plus an n^3 assignment per context."""
+    flops = 0.0
+    for site in wm.state.sites[g]:
+        n_ctx, n_g, m = site.units.shape
+        shape = wm.spec.shapes[site.param]
+        flops += 2.0 * n_ctx * n_g * n_g * m * math.prod(shape) / shape[site.axis]
+    n_ctx, n_g, _ = wm.state.sites[g][0].units.shape if wm.state.sites[g] else (1, 1, 1)
+    return flops + float(n_ctx) * n_g ** 3
 
 
 def weight_matching(spec: PermSpec, params_a: Params, params_b: Params, opts: WeightMatchingOptions,
@@ -140,7 +278,7 @@ def weight_matching(spec: PermSpec, params_a: Params, params_b: Params, opts: We
             f"natural heads reached {alt.history[-1]:.6g}")
     best = alt if alt.history[-1] > al.history[-1] else al
     best.settings["head_guard"] = note + ("; kept natural heads" if best is alt else "; kept spectral heads")
-    best.timings["total"] = al.timings["total"] + alt.timings["total"]
+    best.timings = {k: al.timings.get(k, 0.0) + alt.timings.get(k, 0.0) for k in {*al.timings, *alt.timings}}
     return best
 
 
@@ -150,37 +288,88 @@ def _descent(spec: PermSpec, params_a: Params, params_b: Params, opts: WeightMat
     t_start = time.perf_counter()
     work = flattened_heads(spec) if opts.heads == "flat" else spec
     device = torch.device(opts.device) if opts.device else (next(iter(params_a.values())).device if params_a else None)
-    state = PermState(work, get_backend(opts.backend, device))
-    wm = WeightCosts(state, params_a, params_b, opts.dtype, device)
-    history = [wm.objective()]
-    heads = work.head_groups()
-    for h in heads if opts.heads == "spectral" else ():
-        spectral_heads(state, h, wm.a, wm.b, opts.head_distance)
-    skip = set(heads) if opts.heads in ("spectral", "natural", "brute") else set()
-    names = [g for g in work.groups if g not in skip]
-    brute = sorted(heads) if opts.heads == "brute" else []
-    gen = torch.Generator().manual_seed(int(opts.seed))
-    bar = _progress(opts.progress, opts.max_iter)
-    for _ in range(opts.max_iter):
-        improved = False
-        for i in torch.randperm(len(names), generator=gen).tolist():
-            improved |= wm.step(names[i])
-        for h in brute:  # head pairs are scored given the sweep's other groups
-            improved |= wm.brute_step(h)
-        history.append(wm.objective())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(objective=f"{history[-1]:.4g}")
-        if not improved:
-            break
-    if bar is not None:
-        bar.close()
-    timings = {**state.timings, "total": time.perf_counter() - t_start}
+    state = PermState(work, get_backend(opts.backend, device), workers=_workers(opts.workers))
+    try:
+        wm = WeightCosts(state, params_a, params_b, opts.dtype, device)
+        timings = _Clock(state)
+        with timings.section("objective"):
+            history = [wm.objective()]
+        heads = work.head_groups()
+        with timings.section("heads"):
+            for h in heads if opts.heads == "spectral" else ():
+                spectral_heads(state, h, wm.a, wm.b, opts.head_distance)
+        skip = set(heads) if opts.heads in ("spectral", "natural", "brute") else set()
+        names = [g for g in work.groups if g not in skip]
+        brute = sorted(heads) if opts.heads == "brute" else []
+        gen = torch.Generator().manual_seed(int(opts.seed))
+        for sweep in range(1, opts.max_iter + 1):
+            t_sweep = time.perf_counter()
+            order = [names[i] for i in torch.randperm(len(names), generator=gen).tolist()]
+            bar = _SweepBar(wm, order, sweep, history[-1]) if opts.progress else None
+            try:
+                improved = wm.sweep(order, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            with timings.section("heads"):
+                for h in brute:  # head pairs are scored given the sweep's other groups
+                    improved |= wm.brute_step(h)
+            with timings.section("objective"):
+                history.append(wm.objective())
+            timings.add(f"sweep_{sweep}", time.perf_counter() - t_sweep)
+            if not improved:
+                break
+    finally:
+        state.close()
     settings = {"solver": solver_name, "heads": opts.heads, "backend": state.backend.name, "seed": opts.seed,
-                "head_distance": opts.head_distance,
-                "max_iter": opts.max_iter, "dtype": str(opts.dtype).replace("torch.", "")}
-    return Alignment(state.perm, work, history, timings, settings,
+                "head_distance": opts.head_distance, "workers": state.workers if state.parallel else 1,
+                "max_iter": opts.max_iter, "dtype": str(opts.dtype).replace("torch.", ""),
+                "group_solves": {"solved": wm.solved, "reused": wm.reused},
+                "slowest_groups": {g: round(t, 3) for g, t in
+                                   sorted(wm.group_time.items(), key=lambda kv: -kv[1])[:5]}}
+    return Alignment(state.perm, work, history, timings.finish(time.perf_counter() - t_start), settings,
                      function_preserving=HEAD_STRATEGIES[opts.heads].function_preserving)
+
+
+class _Clock:
+    """Where a descent's time went, as exclusive parts of ``total``: ``cost`` (score matrices),
+    ``lap`` (in or waiting for assignments), ``heads`` (head matching, less its scores and
+    assignments), ``objective``, ``other``; ``lap_cpu``: the assignments' own time summed
+    over worker threads; ``sweep_<k>``: each sweep's wall time."""
+
+    def __init__(self, state: PermState) -> None:
+        self.state = state
+        self.t: dict[str, float] = {"heads": 0.0, "objective": 0.0}
+
+    @contextmanager
+    def section(self, name: str):
+        inner0 = self.state.timings["cost"] + self.state.timings["lap"]
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            inner = self.state.timings["cost"] + self.state.timings["lap"] - inner0
+            self.add(name, time.perf_counter() - t0 - inner)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.t[name] = self.t.get(name, 0.0) + seconds
+
+    def finish(self, total: float) -> dict[str, float]:
+        st = self.state.timings
+        parts = {"cost": st["cost"], "lap": st["lap"], "heads": self.t["heads"], "objective": self.t["objective"]}
+        sweeps = {k: v for k, v in self.t.items() if k.startswith("sweep_")}
+        return {**parts, "other": max(total - sum(parts.values()), 0.0), "lap_cpu": st["lap_cpu"], **sweeps,
+                "total": total}
+
+
+def _workers(n: int) -> int:
+    if n:
+        return n
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
 
 
 @dataclass
@@ -195,11 +384,3 @@ def transfusion(spec: PermSpec, params_a: Params, params_b: Params, opts: Weight
     one within-head permutation per head pair shared by Q, K, V and O
     (``permgraph.rewrites.shared_within_head``), in Git Re-Basin's descent over the spec."""
     return weight_matching(shared_within_head(spec), params_a, params_b, opts, solver_name="transfusion")
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="sweeps", leave=False)

@@ -1,0 +1,108 @@
+"""The fast descent (reused scores, assignments on worker threads) finds exactly what the plain
+one-group-at-a-time descent finds; progress and the time summary."""
+import pytest
+import torch
+
+import permgraph as pg
+from permgraph.backends import get_backend
+from permgraph.rewrites import group_map, shared_within_head
+from permgraph.solvers.common import PermState, spectral_heads
+from permgraph.solvers.weight_matching import WeightCosts
+from permgraph.testing.zoo import build
+
+
+def plain_descent(spec, sa, sb, seed=0, max_iter=100):
+    """Git Re-Basin's descent as first written: spectral heads, then every group's scores
+    recomputed and solved one at a time, in the solver's random order."""
+    state = PermState(spec, get_backend("scipy"))
+    wm = WeightCosts(state, sa, sb, torch.float32)
+    history = [wm.objective()]
+    heads = spec.head_groups()
+    for h in heads:
+        spectral_heads(state, h, wm.a, wm.b)
+    names = [g for g in spec.groups if g not in heads]
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(max_iter):
+        improved = False
+        for i in torch.randperm(len(names), generator=gen).tolist():
+            improved |= wm.step(names[i])
+        history.append(wm.objective())
+        if not improved:
+            break
+    return state.perm, history
+
+
+@pytest.fixture(scope="module")
+def pairs(zoo_compiled):
+    out = {}
+    for name in ("llama", "gpt2", "vit"):
+        zm, spec = zoo_compiled(name)
+        out[name] = (spec, zm.model.state_dict(), build(name, seed=5).model.state_dict())
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "vit"])
+@pytest.mark.parametrize("solver", ["weight_matching", "transfusion"])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_fast_descent_equals_the_plain_descent(pairs, name, solver, workers):
+    spec, sa, sb = pairs[name]
+    work = shared_within_head(spec) if solver == "transfusion" else spec
+    perm, history = plain_descent(work, sa, sb, seed=2)
+    al = pg.align(sa, sb, spec, solver=solver, backend="scipy", seed=2, workers=workers, head_guard=False)
+    assert al.sweeps >= 2 and al.history == history
+    merged = group_map(spec, work)  # transfusion's result is expressed on the spec it was given
+    assert al.permutation.equal(pg.Permutation({g: perm[merged[g]] for g in spec.groups}))
+    assert al.settings["workers"] == (workers if workers > 1 else 1)
+    solves = al.settings["group_solves"]
+    n = len([g for g in work.groups if g not in work.head_groups()])
+    assert solves["solved"] + solves["reused"] == al.sweeps * n
+
+
+def test_a_sweep_after_a_sweep_that_changed_nothing_solves_nothing(pairs):
+    spec, sa, sb = pairs["gpt2"]
+    state = PermState(spec, get_backend("scipy"), workers=2)
+    wm = WeightCosts(state, sa, sb, torch.float32)
+    order = [g for g in spec.groups if g not in spec.head_groups()]
+    while wm.sweep(order):
+        pass
+    solved = wm.solved
+    assert not wm.sweep(order[::-1]) and wm.solved == solved and wm.reused >= len(order)
+    state.close()
+
+
+def test_parallel_runs_are_deterministic(pairs):
+    spec, sa, sb = pairs["llama"]
+    runs = [pg.align(sa, sb, spec, backend="scipy", seed=1, workers=4, heads="brute") for _ in range(3)]
+    assert all(r.permutation.equal(runs[0].permutation) and r.history == runs[0].history for r in runs)
+    single = pg.align(sa, sb, spec, backend="scipy", seed=1, workers=1, heads="brute")
+    assert single.permutation.equal(runs[0].permutation) and single.history == runs[0].history
+
+
+def test_timings_say_where_the_time_went(pairs):
+    spec, sa, sb = pairs["gpt2"]
+    al = pg.align(sa, sb, spec, backend="scipy", workers=2)
+    t = al.timings
+    parts = ["cost", "lap", "heads", "objective", "other"]
+    assert all(t[k] >= 0 for k in parts + ["lap_cpu", "total"])
+    assert sum(t[k] for k in parts) == pytest.approx(t["total"], rel=1e-6)
+    assert sorted(k for k in t if k.startswith("sweep_")) == sorted(f"sweep_{i}" for i in range(1, al.sweeps + 1))
+    assert sum(t[f"sweep_{i}"] for i in range(1, al.sweeps + 1)) <= t["total"]
+    assert set(al.settings["slowest_groups"]) <= set(spec.groups)
+    back = pg.Alignment.from_json(al.to_json())
+    assert back.timings == t and back.settings["group_solves"] == al.settings["group_solves"]
+
+
+def test_progress_per_sweep_and_group(pairs, capsys):
+    spec, sa, sb = pairs["gpt2"]
+    al = pg.align(sa, sb, spec, backend="scipy", progress=True)
+    err = capsys.readouterr().err
+    n = len([g for g in spec.groups if g not in spec.head_groups()])
+    for k in range(1, al.sweeps + 1):
+        assert f"sweep {k} (objective" in err
+    assert f"group {n}/{n}" in err and "<" in err  # elapsed<remaining
+
+
+def test_workers_option_is_validated():
+    zm = build("gpt2")
+    with pytest.raises(ValueError, match="workers must be a non-negative integer"):
+        pg.align(zm.model, zm.model, workers=-1)
