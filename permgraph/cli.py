@@ -62,12 +62,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from permgraph.loading import load_source
+    from permgraph.stream import load_for_align
 
     _check_solver_args(args)
     with _target(args, args.out, JSON_OUT, [args.model_a, args.model_b, args.spec]) as target:
-        a, b = load_source(args.model_a), load_source(args.model_b)
-        spec = _spec_from(args, a if a.module is not None else b)
+        a, b, spec = load_for_align(args.model_a, args.model_b, lambda src: _spec_from(args, src),
+                                    needs_module=get_solver(args.solver).needs_data)
         al = _align(args, a, b, spec)
         target.tmp.write_text(al.to_json())
         out = target.commit()
@@ -122,19 +122,19 @@ def cmd_transport(args: argparse.Namespace) -> int:
 def _transport_streaming(args: argparse.Namespace, target: OutputTarget, al, alpha, t0: float) -> int | None:
     """``transport --finetuned`` on safetensors inputs, tensor by tensor (``permgraph.stream``).
 
-    Without ``--permutation``, A and B are loaded whole for ``pg.align`` (and dropped before
-    streaming). None when the inputs need the in-memory path (a fine-tune with a new head).
+    Without ``--permutation``, the spec's parameters of A and B are read for ``pg.align``
+    (``stream.load_for_align``) and dropped before streaming. None when the inputs need the
+    in-memory path (a fine-tune with a new head).
     """
     import gc
 
     from permgraph import stream
-    from permgraph.loading import load_source
 
     timings = {}
     t = time.perf_counter()
     if al is None:
-        a, b = load_source(args.base_old), load_source(args.base_new)
-        spec = _spec_from(args, a if a.module is not None else b)
+        a, b, spec = stream.load_for_align(args.base_old, args.base_new, lambda src: _spec_from(args, src),
+                                           needs_module=get_solver(args.solver).needs_data)
         timings["load_for_align"] = time.perf_counter() - t
     else:
         spec = al.spec

@@ -194,19 +194,37 @@ def copy_model_files(tmp: Path, base_new: Path | None, finetuned: Path | None) -
         cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
-def check_folder_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+def meta_model(path: Path) -> nn.Module:
+    """The class named in a folder's config.json, built from the config on the meta device:
+    names, shapes and the graph, no weights (``pg.compile`` traces it as it traces a loaded model).
+    Built once per distinct config.json (A, A_ft and B usually share one)."""
+    cfg_file = path / "config.json"
+    try:
+        text = cfg_file.read_text()
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {cfg_file}: {e}") from None
+    model = _META.get(text)
+    if model is None:
+        cls, config = _config_class(path)
+        try:
+            with torch.device("meta"):
+                model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+        except Exception as e:  # noqa: BLE001 - an unusable config
+            raise ModelLoadError(f"cannot build {cls.__name__} from {cfg_file}: {type(e).__name__}: {e}") from None
+        model.eval()
+        _META.clear()  # one at a time: a meta model holds no weights, but the cache need not grow
+        _META[text] = model
+    return model
+
+
+_META: dict[str, nn.Module] = {}
+
+
+def check_folder_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
     """The tensors a folder's checkpoint holds (``shapes``) are those its config.json's class has,
     as ``from_pretrained`` would check, without loading any weight: the class is built on the
-    meta device. A tied name (``lm_head.weight``) may be absent when its partner is present."""
-    import torch
-
-    cls, config = _config_class(path)
-    try:
-        with torch.device("meta"):
-            model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    except Exception as e:  # noqa: BLE001 - an unusable config
-        raise ModelLoadError(f"cannot build {cls.__name__} from {path / 'config.json'}: {type(e).__name__}: {e}"
-                             ) from None
+    meta device (and returned). A tied name (``lm_head.weight``) may be absent when its partner is present."""
+    model = meta_model(path)
     params = model.state_dict(keep_vars=True)
     present = {id(params[n]) for n in shapes if n in params}
     problems = [f"{what} {sorted(names)[:5]}" for what, names in (
@@ -215,8 +233,9 @@ def check_folder_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None
         ("tensors of the wrong shape", [n for n in shapes if n in params and tuple(params[n].shape) != shapes[n]]),
     ) if names]
     if problems:
-        raise ModelLoadError(f"{path} does not match its config.json ({cls.__name__}): " + "; ".join(problems)
-                             + ". Is the checkpoint complete and of this architecture?")
+        raise ModelLoadError(f"{path} does not match its config.json ({type(model).__name__}): "
+                             + "; ".join(problems) + ". Is the checkpoint complete and of this architecture?")
+    return model
 
 
 def _config_class(path: Path):

@@ -34,7 +34,7 @@ from permgraph.align import apply_alignment
 from permgraph.alignment import Alignment
 from permgraph.errors import InputError, PermgraphWarning
 from permgraph.ir import AxisTree
-from permgraph.loading import check_folder_tensors, copy_model_files
+from permgraph.loading import Source, check_folder_tensors, copy_model_files, load_source
 from permgraph.outputs import package_version
 from permgraph.permutation import axis_index, check_permutation
 from permgraph.shards import Checkpoint, ShardWriter, find_checkpoint, plan_shards, shard_names, write_index
@@ -85,6 +85,48 @@ class StreamReport:
 def streamable(refs: Sequence[str]) -> bool:
     """Whether every reference is a safetensors file or a folder with safetensors weights."""
     return all(r and find_checkpoint(r) is not None for r in refs)
+
+
+def load_for_align(ref_a: str, ref_b: str, spec_of: Callable[[Source], PermSpec], *, needs_module: bool = False
+                   ) -> tuple[Source, Source, PermSpec]:
+    """A and B for an alignment, holding only the spec's parameters, each in its own dtype.
+
+    For safetensors inputs (folders, files, sharded indexes): a folder's model is built from its
+    config.json on the meta device (for ``spec_of`` to compile; every checkpoint is first checked
+    against its config), then each spec parameter is read from disk into its own memory, nothing
+    else; ``Source.module`` is that meta model. Other inputs, a solver that runs the model
+    (``needs_module``), or a model that does not compile on the meta device: loaded whole
+    (``load_source``) as before.
+    """
+    def whole() -> tuple[Source, Source, PermSpec]:
+        a, b = load_source(ref_a), load_source(ref_b)
+        return a, b, spec_of(a if a.module is not None else b)
+
+    if needs_module or not streamable([ref_a, ref_b]):
+        return whole()
+    srcs = []
+    for ref in (ref_a, ref_b):
+        with Checkpoint(find_checkpoint(ref)) as ck:
+            folder = Path(ref) if Path(ref).is_dir() else None
+            module = None
+            if folder is not None and (folder / "config.json").is_file():
+                module = check_folder_tensors(folder, {k: e.shape for k, e in ck.entries.items()})
+            srcs.append(Source(ref, {}, module, None, folder))
+    a, b = srcs
+    try:
+        spec = spec_of(a if a.module is not None else b)
+    except Exception:  # noqa: BLE001 - tracing on the meta device failed: try the loaded model
+        if a.module is None and b.module is None:
+            raise
+        return whole()
+    for src in srcs:
+        with Checkpoint(find_checkpoint(src.ref)) as ck:
+            for name in spec.shapes:
+                hit = next((n for n in spec.names_of(name) if n in ck.entries), None)
+                if hit is not None:  # a missing one is named by the alignment's own checks
+                    src.state[hit] = ck.read(hit)
+            ck.check_unchanged()
+    return a, b, spec
 
 
 def prepare(base_old: str, finetuned: Sequence[str], base_new: str, spec: PermSpec, alpha: Alpha) -> Plan:

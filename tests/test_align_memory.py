@@ -1,0 +1,116 @@
+"""Bounded-memory alignment (permgraph.stream.load_for_align): safetensors inputs are compiled from
+their config on the meta device and only the spec's parameters are read, in their own dtype; the
+alignment equals the one of fully loaded models."""
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import permgraph as pg
+from permgraph import stream
+from permgraph.cli import main
+from permgraph.loading import load_source, meta_model
+
+
+def llama(seed: int, dtype=torch.float32, tied=True):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def gpt2(seed: int):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)).eval()
+
+
+@pytest.mark.parametrize("make", [llama, gpt2])
+def test_meta_compile_gives_the_loaded_models_spec(tmp_path, make):
+    make(0).save_pretrained(tmp_path / "m")
+    meta = meta_model(tmp_path / "m")
+    assert all(p.is_meta for p in meta.parameters())
+    assert pg.compile(meta).to_json() == pg.compile(load_source(str(tmp_path / "m")).module).to_json()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_align_reads_only_spec_parameters_in_their_dtype(tmp_path, dtype):
+    a, b = llama(0, dtype), llama(1, dtype)
+    a.save_pretrained(tmp_path / "A")
+    b.save_pretrained(tmp_path / "B", max_shard_size="20KB")
+    (tmp_path / "A" / "model.safetensors").with_name("extra.txt").write_text("not a weight")
+    got_a, got_b, spec = stream.load_for_align(str(tmp_path / "A"), str(tmp_path / "B"),
+                                               lambda src: pg.compile(src.module))
+    assert all(p.is_meta for p in got_a.module.parameters())
+    for model, got in ((a, got_a), (b, got_b)):
+        sd = model.state_dict()
+        assert set(got.state) == set(spec.shapes) and "lm_head.weight" not in got.state  # tied: read once
+        assert all(v.dtype == dtype and torch.equal(v, sd[k]) for k, v in got.state.items())
+    assert main(["align", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "al.json"), "-q",
+                 "--max-iter", "5"]) == 0
+    ref = pg.align(a, b, max_iter=5)
+    al = pg.Alignment.from_json((tmp_path / "al.json").read_text())
+    assert al.spec.to_json() == ref.spec.to_json()
+    assert all(torch.equal(al.permutation[g], ref.permutation[g]) for g in ref.spec.groups)
+
+
+def test_meta_compile_failure_falls_back_to_loaded_models(tmp_path):
+    llama(0).save_pretrained(tmp_path / "A")
+    llama(1).save_pretrained(tmp_path / "B")
+    seen = []
+
+    def spec_of(src):
+        seen.append(next(src.module.parameters()).is_meta)
+        if seen[-1]:
+            raise RuntimeError("cannot trace on meta")
+        return pg.compile(src.module)
+
+    a, b, spec = stream.load_for_align(str(tmp_path / "A"), str(tmp_path / "B"), spec_of)
+    assert seen == [True, False] and not next(a.module.parameters()).is_meta and spec.groups
+
+
+def test_solver_that_runs_the_model_gets_loaded_models(tmp_path):
+    llama(0).save_pretrained(tmp_path / "A")
+    llama(1).save_pretrained(tmp_path / "B")
+    a, _, _ = stream.load_for_align(str(tmp_path / "A"), str(tmp_path / "B"), lambda s: pg.compile(s.module),
+                                    needs_module=True)
+    assert not next(a.module.parameters()).is_meta
+
+
+def test_align_refuses_a_checkpoint_that_does_not_match_its_config(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    llama(0, tied=False).save_pretrained(tmp_path / "A")
+    llama(1, tied=False).save_pretrained(tmp_path / "B")
+    f = tmp_path / "B" / "model.safetensors"
+    state = load_file(str(f))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(f), metadata={"format": "pt"})
+    out = tmp_path / "al.json"
+    assert main(["align", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its config.json" in err and "up_proj" in err and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "permgraph-tmp" in p.name]
+
+
+def test_weights_files_with_a_spec_file(tmp_path):
+    from safetensors.torch import save_file
+
+    a, b = llama(0, tied=False), llama(1, tied=False)
+    spec = pg.compile(a)
+    (tmp_path / "spec.json").write_text(spec.to_json())
+    for name, m in (("a", a), ("b", b)):
+        state = {k: v.contiguous() for k, v in m.state_dict().items()}
+        save_file({**state, "extra.step": torch.zeros(1000)}, str(tmp_path / f"{name}.safetensors"))
+    got_a, _, _ = stream.load_for_align(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                                        lambda src: spec)
+    assert got_a.module is None and set(got_a.state) == set(spec.shapes)  # the extra tensor is not read
+    out = tmp_path / "al.json"
+    assert main(["align", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--spec",
+                 str(tmp_path / "spec.json"), "--out", str(out), "-q", "--max-iter", "5"]) == 0
+    ref = pg.align(a, b, spec, max_iter=5)
+    got = json.loads(out.read_text())
+    assert got["format"] == "permgraph-alignment"
+    al = pg.Alignment.from_json(out.read_text())
+    assert all(torch.equal(al.permutation[g], ref.permutation[g]) for g in spec.groups)
