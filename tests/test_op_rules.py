@@ -326,6 +326,24 @@ INDEX_CASES = [
         moved=("inp.weight", "gate.weight")),
     net("masked_scatter-elementwise-mask-fixes-it", aten.masked_scatter,
         lambda m, h, g: aten.masked_scatter.default(h, g > 0, g), gate=True, sizes=()),
+    net("scatter-value-at-topk", (aten.scatter, aten.topk),  # MoE's routing mask over the hidden axis
+        lambda m, h, g: h * aten.scatter.value(aten.zeros_like.default(h), -1, aten.topk.default(g, 2, -1)[1], 1.0),
+        gate=True, moved=("inp.weight", "gate.weight")),
+    net("scatter-src-rows", aten.scatter,
+        lambda m, h, g: aten.scatter.src(h, 1, _rows_along_hidden(h), g), gate=True,
+        moved=("inp.weight", "gate.weight")),
+    net("scatter_add-rows", aten.scatter_add,
+        lambda m, h, g: aten.scatter_add.default(h, 1, _rows_along_hidden(h), g), gate=True,
+        moved=("inp.weight", "gate.weight")),
+    net("scatter_reduce-rows", aten.scatter_reduce,
+        lambda m, h, g: aten.scatter_reduce.two(h, 1, _rows_along_hidden(h), g, "amax"), gate=True,
+        moved=("inp.weight", "gate.weight")),
+    net("index_add-rows", aten.index_add,  # MoE's combine of expert outputs at their tokens
+        lambda m, h, g: aten.index_add.default(h, 1, _rows(h), g[:, :3]), gate=True,
+        moved=("inp.weight", "gate.weight")),
+    net("scatter-hidden-at-varying-index-fixes-it", aten.scatter,
+        lambda m, h, g: aten.scatter.src(h, -1, aten.remainder.Scalar(aten.arange.default(B * T * H).view(B, T, H), H),
+                                         g), gate=True, sizes=()),
     net("index-hidden-fixes-it", aten.index, lambda m, h, g: aten.index.Tensor(h, [None, None, _rows(h)]),
         width=3, sizes=()),
 ]
@@ -880,6 +898,30 @@ def test_einsum_roles_name_heads_and_within_head_axes():
                 params={"w": (H, 2, 3), "o": (2, 3, K)})
     spec = pg.compile(model, (_x(),))
     assert sorted((g.size, g.role) for g in spec.groups.values()) == [(2, "heads"), (3, "qkvo"), (H, ""), (K, "")]
+
+
+class DataDependent(nn.Module):
+    """Sizes known only at run time (``nonzero``): a reshape and a concatenation over them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.b = nn.Linear(D, H), nn.Linear(D, H), nn.Linear(H, O)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, g = self.a(x), self.c(x)
+        idx = (x[0, :, 0] > 0).nonzero()[:, 0]
+        sel = h[:, idx]
+        flat = sel.reshape(sel.shape[0], -1)  # (B, n*H) from (B, n, H): no known product
+        both = torch.cat([sel, g[:, idx]], 1)
+        return self.b(g) * flat.sum(1, keepdim=True).unsqueeze(1) + both.sum((1, 2), keepdim=True)
+
+
+def test_data_dependent_sizes_fix_axes_instead_of_failing():
+    model, x = DataDependent().double(), _x().double()
+    spec = pg.compile(model, (x,))
+    assert any("known only at run time" in r for f in spec.fixed for r in f.reasons), spec.fixed
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-10).ok
 
 
 def test_grouped_conv_is_sound():

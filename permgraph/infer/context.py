@@ -51,16 +51,21 @@ def bind_args(node: fx.Node) -> dict[str, Any]:
 
 
 _UNBACKED = [10 ** 9]
+RUN_TIME = 10 ** 9  # sentinel sizes (data-dependent sizes) are above this
+_SENTINELS: dict[str, int] = {}
 
 
 def concrete(s: Any) -> int:
-    """A size as an int; a data-dependent size (unbacked symbol) gets a unique sentinel size, so the
-    axis never unifies with another (callers fix it)."""
+    """A size as an int; a data-dependent size (unbacked symbol) gets a sentinel size, one per
+    symbolic expression, so the axis never unifies with a known size (callers fix it)."""
     try:
         return int(s)
     except Exception:  # noqa: BLE001 - GuardOnDataDependentSymNode and friends
-        _UNBACKED[0] += 1
-        return _UNBACKED[0]
+        key = str(s)
+        if key not in _SENTINELS:
+            _UNBACKED[0] += 1
+            _SENTINELS[key] = _UNBACKED[0]
+        return _SENTINELS[key]
 
 
 def norm_dim(d: int, ndim: int) -> int:
@@ -170,6 +175,11 @@ class RuleContext:
         return [self.store.new(s, r) for s in shape]
 
     def unify(self, a: int, b: int) -> None:
+        sa, sb = self.store.size(a), self.store.size(b)
+        if sa != sb and max(sa, sb) > RUN_TIME:  # sizes known only at run time that may differ
+            self.fix(a, "size known only at run time")
+            self.fix(b, "size known only at run time")
+            return
         self.store.unify(a, b, self.where)
 
     def fix(self, a: int, reason: str) -> None:

@@ -169,3 +169,50 @@ def masked_scatter(cx: RuleContext, node: fx.Node, a: Args) -> TType:
         if md + off < len(t) - k and md not in uni:
             cx.fix(x, "masked_scatter positions")
     return list(t)
+
+
+@reads_values
+@register(aten.scatter, aten.scatter_add, aten.scatter_reduce)
+def scatter(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``out[..., index[..., j, ...], ...] = src[..., j, ...]`` (or a scalar) along ``dim``.
+
+    The written axis of ``self`` is named by the index values: unified with their axis when they are
+    positions along one (top-k experts), fixed otherwise. Along every other axis the op is
+    elementwise: ``self``, ``index`` and ``src`` unify where their sizes agree (an index smaller than
+    ``self`` touches a prefix: fixed). ``src`` runs along the index's own axis at ``dim``.
+    """
+    t, idx, src = a.t("self"), a.t("index"), a.t("src")
+    dim = norm_dim(a["dim"], len(t))
+    cx.index_with(a["index"], t[dim], f"written at tensor indices ({node.target})")
+    for d in range(len(t)):
+        if d != dim:
+            _unify_or_fix(cx, t[d], idx[d], f"{node.target} over part of an axis")
+    if src is not None:
+        for d in range(len(src)):
+            _unify_or_fix(cx, src[d], idx[d], f"{node.target} from part of an axis")
+    return list(t)
+
+
+@reads_values
+@register(aten.index_add)
+def index_add(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``out.index_select(dim, index) += source`` (MoE's combine of expert outputs): the written axis is
+    named by the index values (unified with their axis, else fixed); ``source``'s axis there is the
+    index's own axis; every other axis is elementwise."""
+    t, idx, src = a.t("self"), a.t("index"), a.t("source")
+    dim = norm_dim(a["dim"], len(t))
+    cx.index_with(a["index"], t[dim], f"written at tensor indices ({node.target})")
+    if idx:
+        _unify_or_fix(cx, src[dim], idx[0], f"{node.target} from part of an axis")
+    for d in range(len(t)):
+        if d != dim:
+            _unify_or_fix(cx, t[d], src[d], f"{node.target} over part of an axis")
+    return list(t)
+
+
+def _unify_or_fix(cx: RuleContext, x: int, y: int, reason: str) -> None:
+    if cx.store.size(x) == cx.store.size(y):
+        cx.unify(x, y)
+    else:
+        cx.fix(x, reason)
+        cx.fix(y, reason)

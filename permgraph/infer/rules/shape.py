@@ -1,11 +1,13 @@
 """Shape ops: reshape, transpose, broadcast, split and concatenate move axis types around."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
 from permgraph.axes import Reason
-from permgraph.infer.context import Args, RuleContext, TType, norm_dim
+from permgraph.infer.context import RUN_TIME, Args, RuleContext, TType, concrete, norm_dim
 from permgraph.infer.registry import passes_values, register
 
 aten = torch.ops.aten
@@ -19,8 +21,23 @@ def reshape(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 
 
 def reshape_type(cx: RuleContext, src: TType, out: tuple[int, ...]) -> TType:
-    """Match runs of input dims to runs of output dims with equal products."""
+    """Match runs of input dims to runs of output dims with equal products. Sizes known only at run
+    time (data-dependent: unique placeholder sizes) leave runs that never match: everything fixed."""
+    try:
+        return _reshape_runs(cx, src, out)
+    except _NoRuns:
+        cx.fix_all(src, "reshape of sizes known only at run time")
+        return cx.fresh(out, "reshape of sizes known only at run time")
+
+
+class _NoRuns(Exception):
+    pass
+
+
+def _reshape_runs(cx: RuleContext, src: TType, out: tuple[int, ...]) -> TType:
     sizes = [cx.store.size(x) for x in src]
+    if math.prod(sizes) != math.prod(out):
+        raise _NoRuns
     res: list[int | None] = [None] * len(out)
     i = j = 0
     while i < len(sizes) or j < len(out):
@@ -32,10 +49,12 @@ def reshape_type(cx: RuleContext, src: TType, out: tuple[int, ...]) -> TType:
             j += 1
             continue
         if i >= len(sizes) or j >= len(out):
-            raise ValueError(f"internal: reshape mismatch at {cx.where}")
+            raise _NoRuns
         i0, j0, pa, pb = i, j, sizes[i], out[j]
         i, j = i + 1, j + 1
         while pa != pb:
+            if i >= len(sizes) and pa < pb or j >= len(out) and pb < pa:
+                raise _NoRuns  # zero-size runs
             if pa < pb:
                 pa *= sizes[i]
                 i += 1
@@ -185,7 +204,10 @@ def split(cx: RuleContext, node: fx.Node, a: Args) -> list[TType]:
     """The split axis becomes a concatenation of the pieces' axes."""
     t = a.t("self")
     dim = norm_dim(a.get("dim", 0) or 0, len(t))
-    sizes = [int(o.shape[dim]) for o in node.meta["val"]]
+    sizes = [concrete(o.shape[dim]) for o in node.meta["val"]]
+    if sum(sizes) != cx.store.size(t[dim]) or max(sizes, default=0) > RUN_TIME:  # sizes known at run time
+        cx.fix(t[dim], "split into sizes known only at run time")
+        return [t[:dim] + cx.fresh((n,), "split into sizes known only at run time") + t[dim + 1:] for n in sizes]
     parts = _segments(cx, t[dim], sizes)
     return [t[:dim] + [p] + t[dim + 1:] for p in parts]
 
