@@ -202,6 +202,9 @@ def model_class(model_type: str):
     raise BuildError("no model class")
 
 
+_DECODER_ONLY_HEAD = ("reformer",)  # the first task class asserts is_decoder=True
+
+
 def build_model(model_type: str):
     """(model, config label, size) for the first config that builds and runs forward on derived inputs."""
     import torch
@@ -211,6 +214,8 @@ def build_model(model_type: str):
     cls = model_class(model_type)
     errors = []
     for label, cfg in configs(model_type):
+        if model_type in _DECODER_ONLY_HEAD:
+            cfg.is_decoder = True
         try:
             with torch.device("meta"):
                 n = sum(p.numel() for p in cls._from_config(cfg).parameters())

@@ -901,7 +901,7 @@ def test_einsum_roles_name_heads_and_within_head_axes():
 
 
 class DataDependent(nn.Module):
-    """Sizes known only at run time (``nonzero``): a reshape and a concatenation over them."""
+    """Sizes known only at run time (``nonzero``): a reshape, a concatenation and a slice over them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -913,7 +913,9 @@ class DataDependent(nn.Module):
         sel = h[:, idx]
         flat = sel.reshape(sel.shape[0], -1)  # (B, n*H) from (B, n, H): no known product
         both = torch.cat([sel, g[:, idx]], 1)
-        return self.b(g) * flat.sum(1, keepdim=True).unsqueeze(1) + both.sum((1, 2), keepdim=True)
+        half = sel[:, : sel.shape[1] // 2]  # a slice whose end is known only at run time
+        return (self.b(g) * flat.sum(1, keepdim=True).unsqueeze(1) + both.sum((1, 2), keepdim=True)
+                + half.sum((1, 2), keepdim=True))
 
 
 def test_data_dependent_sizes_fix_axes_instead_of_failing():

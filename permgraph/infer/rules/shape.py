@@ -240,10 +240,15 @@ def slice_(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     dim = norm_dim(a.get("dim", 0) or 0, len(t))
     n = cx.store.size(t[dim])
     if "length" in a:  # narrow
-        start, step = a["start"], 1
-        end = start + a["length"]
+        start, step, length = a["start"], 1, a["length"]
+        end = start + length if isinstance(start, int) and isinstance(length, int) else length
     else:
         start, end, step = a.get("start"), a.get("end"), a.get("step") or 1
+    if not all(x is None or isinstance(x, int) for x in (start, end, step)):  # bounds known only at run time
+        cx.fix(t[dim], "slice with bounds known only at run time")
+        out = list(t)
+        out[dim] = cx.fresh((cx.out_shape()[dim],), "slice with bounds known only at run time")[0]
+        return out
     start, end, _ = slice(start, end, step).indices(n)
     if start == 0 and end >= n and step == 1:
         return list(t)
