@@ -36,8 +36,9 @@ class HeadStrategy:
 HEAD_STRATEGIES: dict[str, HeadStrategy] = {s.name: s for s in (
     HeadStrategy("spectral", "TransFusion: match heads once by the distance between the singular values of "
                              "their blocks (invariant to within-head and residual permutations), then freeze"),
-    HeadStrategy("brute", "score every head pair by the value of its within-head assignments; "
-                          "re-run after every sweep"),
+    HeadStrategy("brute", "score every head pair by the value of its within-head groups solved jointly for "
+                          "that pair; after a warm start that aligns the other groups from the parameters "
+                          "outside attention; re-run after every sweep"),
     HeadStrategy("natural", "keep the head order; solve only within-head groups"),
     HeadStrategy("lap", "heads are one more coordinate of the descent"),
     HeadStrategy("flat", "heads and within-head units merged into flat units: the head-contaminating "

@@ -5,6 +5,11 @@ For group g, the score between B's unit i and A's unit j is
 other group already permuted; a linear assignment per context value (per head, for
 within-head groups) maximizes it. Groups are visited in random order until a full
 sweep improves nothing. Heads follow ``heads`` (``permgraph.solvers.common.HEAD_STRATEGIES``).
+
+``heads="brute"`` first runs the descent over the groups outside attention with the scores
+of the attention parameters left out (a warm start: head pairs mean nothing before the
+stream is aligned, and attention with mismatched heads pulls the stream away from the
+right solution), then scores heads after every sweep (``WeightCosts.brute_step``).
 """
 from __future__ import annotations
 
@@ -32,7 +37,6 @@ from permgraph.solvers.common import (
     HEAD_STRATEGIES,
     PermState,
     Site,
-    brute_heads,
     check_heads,
     spectral_heads,
     units,
@@ -85,6 +89,7 @@ class WeightCosts:
         self.inputs: dict[str, dict[str, torch.Tensor]] = {}  # g -> its deps when last solved
         self.solved = self.reused = 0
         self.group_time: dict[str, float] = {}
+        self.left_out: frozenset[str] = frozenset()  # parameters the scores leave out (brute's warm start)
         self._terms: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
 
     def wa(self, p: str) -> torch.Tensor:
@@ -112,6 +117,8 @@ class WeightCosts:
         perm = perm or self.state.perm
         total = None
         for site in self.state.sites[g]:
+            if site.param in self.left_out:
+                continue
             a_perm = permute_tensor(self.spec, perm, site.param, self.wa(site.param), skip=(site.axis, g))
             c = _unit_products(self.wb(site.param), a_perm, site)
             total = c if total is None else total + c
@@ -176,34 +183,68 @@ class WeightCosts:
             finish()
         return improved
 
-    def pair_scores(self, h: str):
-        """For brute head matching: child group g's scores for every (B head, A head) pair."""
-        ident = Permutation({**self.state.perm.perms, h: self.spec.identity()[h]})
+    def leave_out(self, params: frozenset[str]) -> None:
+        """Scores from now on leave ``params`` out (forgetting which scores could be reused)."""
+        self.left_out = params
+        self.inputs.clear()
 
-        def scores(g: str) -> torch.Tensor:
-            bs, as_ = [], []
-            for site in self.state.sites[g]:
-                a_perm = permute_tensor(self.spec, ident, site.param, self.wa(site.param), skip=(site.axis, g))
-                bs.append(units(self.wb(site.param), site))
-                as_.append(units(a_perm, site))
-            return torch.einsum("iuf,jvf->ijuv", torch.cat(bs, dim=2), torch.cat(as_, dim=2))
-        return scores
+    def head_pairs(self, h: str, inner: int = 10) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Brute head matching's pair values: for B's head i and A's head j, the objective over the
+        parameters of head group h once its child groups are solved *jointly* for that pair
+        (coordinate descent over the children from the identity, at most ``inner`` rounds):
+        GQA's query-per-kv and value groups share ``o_proj`` and cannot be solved one at a time.
+
+        The n^2 pairs are visited as n cyclic shifts of the heads (each a head permutation, so
+        every child's scores for all n pairs of a shift come from one ``cost``). Returns the
+        (n, n) values and, per child, its (n, n, n_child) permutations (B's frame) for each pair.
+        Leaves the state as it found it."""
+        state, spec = self.state, self.spec
+        n = spec.groups[h].size
+        children = [g for g, grp in spec.groups.items() if grp.ctx == (h,)]
+        saved = {g: state.perm[g] for g in (h, *children)}
+        value = torch.zeros(n, n, dtype=torch.float64)
+        best = {c: torch.zeros(n, n, spec.groups[c].size, dtype=torch.long) for c in children}
+        rows = torch.arange(n)
+        try:
+            for k in range(n):
+                shift = (rows + k) % n  # B's head i with A's head (i + k) mod n
+                state.set(h, shift[None])
+                for c in children:
+                    state.perm.perms[c] = spec.identity()[c]
+                for _ in range(inner):
+                    changed = False
+                    for c in children:
+                        scores = self.cost(c)
+                        changed |= self.keep(c, scores, state.solve(scores))
+                    if not changed:
+                        break
+                value[rows, shift] = self.cost(h)[0][rows, shift].double().cpu()
+                for c in children:
+                    best[c][rows, shift] = state.current(c)
+        finally:
+            state.perm.perms.update(saved)
+        return value, best
 
     def brute_step(self, h: str) -> bool:
-        """Brute head matching as a coordinate step: kept only if the objective improves.
-        Skipped when nothing it reads moved since its last run (the outcome would be the same)."""
+        """Brute head matching as a coordinate step (``head_pairs``, then one assignment of the
+        heads): kept only if the objective improves. Skipped when nothing it reads moved since
+        its last run (the outcome would be the same)."""
         children = [g for g, grp in self.spec.groups.items() if grp.ctx == (h,)]
-        reads = {h, *children, *(d for c in children for d in self.deps[c])}
+        reads = {h, *children, *(d for c in children for d in self.deps[c]), *self.deps[h]}
         key = f"heads:{h}"
         if self.state.unchanged(self.inputs.get(key)):
             self.reused += 1
             return False
         t0 = time.perf_counter()
-        before = {g: p.clone() for g, p in self.state.perm.perms.items()}
         moved = {h, *children}
+        before = {g: self.state.perm[g] for g in moved}
         touched = [p for p in self.a if any(g in moved for t in self.spec.axes[p] for g in t.groups())]
         old = float(sum(self._term(p) for p in touched))
-        brute_heads(self.state, h, self.pair_scores(h))
+        value, best = self.head_pairs(h)
+        ph = self.state.solve(value[None].float())[0]
+        self.state.set(h, ph[None])
+        for c in children:  # each matched pair's joint within-head solution
+            self.state.set(c, best[c][torch.arange(len(ph)), ph])
         new = float(sum(self._term(p) for p in touched))
         kept = new > old + 1e-9 * (abs(old) + 1.0)
         if not kept:
@@ -302,28 +343,46 @@ def _descent(spec: PermSpec, params_a: Params, params_b: Params, opts: WeightMat
         names = [g for g in work.groups if g not in skip]
         brute = sorted(heads) if opts.heads == "brute" else []
         gen = torch.Generator().manual_seed(int(opts.seed))
-        for sweep in range(1, opts.max_iter + 1):
-            t_sweep = time.perf_counter()
-            order = [names[i] for i in torch.randperm(len(names), generator=gen).tolist()]
-            bar = _SweepBar(wm, order, sweep, history[-1]) if opts.progress else None
-            try:
-                improved = wm.sweep(order, bar)
-            finally:
-                if bar is not None:
-                    bar.close()
-            with timings.section("heads"):
-                for h in brute:  # head pairs are scored given the sweep's other groups
-                    improved |= wm.brute_step(h)
-            with timings.section("objective"):
-                history.append(wm.objective())
-            timings.add(f"sweep_{sweep}", time.perf_counter() - t_sweep)
-            if not improved:
-                break
+        sweep = 0
+
+        def run(groups: list[str], heads_after: list[str]) -> None:
+            nonlocal sweep
+            for _ in range(opts.max_iter):
+                sweep += 1
+                t_sweep = time.perf_counter()
+                order = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
+                bar = _SweepBar(wm, order, sweep, history[-1]) if opts.progress else None
+                try:
+                    improved = wm.sweep(order, bar)
+                finally:
+                    if bar is not None:
+                        bar.close()
+                with timings.section("heads"):
+                    for h in heads_after:  # head pairs are scored given the sweep's other groups
+                        improved |= wm.brute_step(h)
+                with timings.section("objective"):
+                    history.append(wm.objective())
+                timings.add(f"sweep_{sweep}", time.perf_counter() - t_sweep)
+                if not improved:
+                    break
+
+        if brute:  # warm start: the groups outside attention first, from the parameters outside it
+            tied = {*brute, *(g for g, grp in work.groups.items() if set(grp.ctx) & set(brute))}
+            attention = frozenset(p for p in wm.a if any(g in tied for t in work.axes[p] for g in t.groups()))
+            outside = [g for g in names if g not in tied
+                       and any(s.param not in attention for s in state.sites[g])]
+            if outside:
+                wm.leave_out(attention)
+                run(outside, [])
+                wm.leave_out(frozenset())
+        warm = sweep
+        run(names, brute)
     finally:
         state.close()
     settings = {"solver": solver_name, "heads": opts.heads, "backend": state.backend.name, "seed": opts.seed,
                 "head_distance": opts.head_distance, "workers": state.workers if state.parallel else 1,
                 "max_iter": opts.max_iter, "dtype": str(opts.dtype).replace("torch.", ""),
+                **({"warm_start_sweeps": warm} if opts.heads == "brute" else {}),
                 "group_solves": {"solved": wm.solved, "reused": wm.reused},
                 "slowest_groups": {g: round(t, 3) for g, t in
                                    sorted(wm.group_time.items(), key=lambda kv: -kv[1])[:5]}}
