@@ -87,6 +87,27 @@ def streamable(refs: Sequence[str]) -> bool:
     return all(r and find_checkpoint(r) is not None for r in refs)
 
 
+def return_large_frees(threshold: int = 1 << 20) -> bool:
+    """Ask glibc to serve blocks of ``threshold`` bytes or more with their own memory maps, so
+    that freeing one gives it back to the system. By default glibc raises that threshold up to
+    32 MB as blocks are freed and keeps freed blocks below it for reuse: in an alignment, whose
+    temporaries are parameter-sized, that held 0.7 GB more at the peak (0.5 GB checkpoint).
+    Process-wide and idempotent; False where the C library has no ``mallopt`` (not glibc)."""
+    global _MALLOPT_DONE
+    if _MALLOPT_DONE is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None)
+            _MALLOPT_DONE = bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            _MALLOPT_DONE = False
+    return _MALLOPT_DONE
+
+
+_MALLOPT_DONE: bool | None = None
+
+
 def load_for_align(ref_a: str, ref_b: str, spec_of: Callable[[Source], PermSpec], *, needs_module: bool = False
                    ) -> tuple[Source, Source, PermSpec]:
     """A and B for an alignment, holding only the spec's parameters, each in its own dtype.
@@ -104,6 +125,7 @@ def load_for_align(ref_a: str, ref_b: str, spec_of: Callable[[Source], PermSpec]
 
     if needs_module or not streamable([ref_a, ref_b]):
         return whole()
+    return_large_frees()
     srcs = []
     for ref in (ref_a, ref_b):
         with Checkpoint(find_checkpoint(ref)) as ck:
@@ -169,6 +191,7 @@ def run(plan: Plan, alignment: Alignment, tmp: Path, kind: str, *, max_shard_byt
     meta = {"format": "pt", "permgraph": package_version()}
     dist = [[0.0, 0.0] for _ in plan.fts]
     mover = Mover(alignment)
+    return_large_frees()
     bar = _bar(sum(sizes.values()), progress)
     to_base = {f: b for b, f in base_of.items()}
     threads = torch.get_num_threads()

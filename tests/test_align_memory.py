@@ -2,6 +2,8 @@
 their config on the meta device and only the spec's parameters are read, in their own dtype; the
 alignment equals the one of fully loaded models."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +116,24 @@ def test_weights_files_with_a_spec_file(tmp_path):
     assert got["format"] == "permgraph-alignment"
     al = pg.Alignment.from_json(out.read_text())
     assert all(torch.equal(al.permutation[g], ref.permutation[g]) for g in spec.groups)
+
+
+PROBE = """
+import sys, torch
+from permgraph import stream
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) * 1024
+x = torch.ones(16 << 18); del x  # 16 MB freed: glibc raises its map threshold above 8 MB
+if sys.argv[1] == "on":
+    assert stream.return_large_frees() and stream.return_large_frees()
+before = rss()
+y = torch.ones(8 << 18); del y  # 8 MB, touched, freed
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt, /proc")
+def test_freed_parameter_sized_blocks_go_back_to_the_system():
+    kept = {m: int(subprocess.run([sys.executable, "-c", PROBE, m], capture_output=True, text=True,
+                                  check=True).stdout) for m in ("off", "on")}
+    assert kept["off"] > 4e6 and kept["on"] < 1e6, kept
