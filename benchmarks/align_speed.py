@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="threads for assignments (0: one per core)")
     ap.add_argument("--repeat", type=int, default=1, help="align this many times; best and median printed")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="the solver's seed (the order of groups in each sweep)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
@@ -62,7 +63,7 @@ def main() -> None:
     runs = []
     for _ in range(args.repeat):
         al = pg.align(a, b, spec, solver=args.solver, backend=args.backend, max_iter=args.max_iter,
-                      workers=args.workers, progress=args.progress)
+                      workers=args.workers, progress=args.progress, seed=args.seed)
         runs.append(al)
         if args.device == "cuda":
             torch.cuda.synchronize()
