@@ -87,27 +87,24 @@ def streamable(refs: Sequence[str]) -> bool:
     return all(r and find_checkpoint(r) is not None for r in refs)
 
 
-def return_large_frees(threshold: int = 1 << 20) -> bool:
-    """Ask glibc to serve blocks of ``threshold`` bytes or more with their own memory maps, so
-    that freeing one gives it back to the system. By default glibc raises that threshold up to
-    32 MB as blocks are freed and keeps freed blocks below it for reuse: in an alignment, whose
-    temporaries are parameter-sized, that held 0.7 GB more at the peak (0.5 GB checkpoint).
-    Process-wide and idempotent; False where the C library has no ``mallopt`` (not glibc).
-    Not for the streaming loop: its chunk-sized temporaries would then each be mapped and zeroed
-    afresh (compute 2-3x slower, 0.04 GB saved)."""
-    global _MALLOPT_DONE
-    if _MALLOPT_DONE is None:
-        try:
-            import ctypes
+def map_threshold(nbytes: int) -> bool:
+    """glibc serves blocks of ``nbytes`` or more with their own memory maps, given back to the
+    system when freed; smaller ones come from its heaps, which keep freed memory for reuse.
 
-            libc = ctypes.CDLL(None)
-            _MALLOPT_DONE = bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            _MALLOPT_DONE = False
-    return _MALLOPT_DONE
+    By default glibc raises the threshold up to 32 MB as blocks are freed. Alignment sets
+    ``SMALL_MAPS`` (1 MB): its temporaries are parameter-sized and the heaps held 0.7 GB more at
+    the peak (0.5 GB fp32 checkpoint). The streaming loop sets ``LARGE_MAPS`` (32 MB): its
+    chunk-sized temporaries, mapped and zeroed afresh each time, made compute 2-3x slower.
+    Process-wide; False where the C library has no ``mallopt`` (not glibc)."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL(None).mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
-_MALLOPT_DONE: bool | None = None
+SMALL_MAPS, LARGE_MAPS = 1 << 20, 32 << 20
 
 
 def load_for_align(ref_a: str, ref_b: str, spec_of: Callable[[Source], PermSpec], *, needs_module: bool = False
@@ -127,7 +124,7 @@ def load_for_align(ref_a: str, ref_b: str, spec_of: Callable[[Source], PermSpec]
 
     if needs_module or not streamable([ref_a, ref_b]):
         return whole()
-    return_large_frees()
+    map_threshold(SMALL_MAPS)
     srcs = []
     for ref in (ref_a, ref_b):
         with Checkpoint(find_checkpoint(ref)) as ck:
@@ -193,6 +190,7 @@ def run(plan: Plan, alignment: Alignment, tmp: Path, kind: str, *, max_shard_byt
     meta = {"format": "pt", "permgraph": package_version()}
     dist = [[0.0, 0.0] for _ in plan.fts]
     mover = Mover(alignment)
+    map_threshold(LARGE_MAPS)
     bar = _bar(sum(sizes.values()), progress)
     to_base = {f: b for b, f in base_of.items()}
     threads = torch.get_num_threads()

@@ -221,11 +221,14 @@ def test_permutation_checked_once_and_indices_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stream, "check_permutation", check)
     monkeypatch.setattr(stream, "axis_index", index)
+    maps = []
+    monkeypatch.setattr(stream, "map_threshold", maps.append)
     threads = torch.get_num_threads()
     assert main(transport_args(tmp_path, tmp_path / "o")) == 0
     trees = {t for ts in al.spec.axes.values() for t in ts if t.groups()}
     assert calls == {"check": 1, "index": len(trees)} and len(trees) < len(al.spec.axes)
     assert torch.get_num_threads() == threads  # restored after the run
+    assert maps == [stream.LARGE_MAPS]  # chunk temporaries reuse heap memory
 
 
 def test_huge_finite_values_are_not_refused(tmp_path, monkeypatch):
