@@ -65,14 +65,17 @@ def _token_ids(cfg) -> list[int]:
 
 
 def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
-    """Shrink ``cfg`` and its sub-configs; a vocabulary keeps the token ids of the configs around it
-    (a VLM's ``image_token_id`` lives on the outer config, the vocabulary on ``text_config``)."""
+    """Shrink ``cfg`` and its sub-configs; a vocabulary keeps its config's token ids and the image
+    token ids of the configs around it (a VLM's ``image_token_id`` lives on the outer config, the
+    vocabulary on ``text_config``; derived inputs put image tokens in ``input_ids``)."""
     from transformers import PretrainedConfig
 
     ids = tuple(outer_ids) + tuple(_token_ids(cfg))
+    images = tuple(outer_ids) + tuple(v for k, v in vars(cfg).items() if isinstance(v, int)
+                                      and ("image_token" in k or "video_token" in k))  # derived inputs use these
     for v in list(vars(cfg).values()):
         if isinstance(v, PretrainedConfig):
-            _shrink(v, layers_only, ids)
+            _shrink(v, layers_only, images)
     for k, small in SMALL.items():
         v = getattr(cfg, k, None)
         if not isinstance(v, int) or isinstance(v, bool) or v <= small:
@@ -93,6 +96,8 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
                     setattr(cfg, k, v)
                 except Exception:  # noqa: BLE001
                     pass
+        if isinstance(getattr(cfg, "num_key_value_heads", None), int):  # latent attention: one kv head per head
+            _set(cfg, "num_key_value_heads", cfg.num_attention_heads)
     for k in ("layer_types", "mlp_layer_types"):  # per-layer lists follow the layer count
         v = getattr(cfg, k, None)
         n = getattr(cfg, "num_hidden_layers", None)

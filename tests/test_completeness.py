@@ -112,14 +112,16 @@ def test_moe_experts_are_a_group_and_expert_products_are_not_attention(zoo_compi
 
 class _ReadForShape(torch.nn.Module):
     """A hidden value sliced only for its shape (BART's ``inputs_embeds[:, :, -1]``), next to an
-    in-place write whose result is otherwise unused (it must stay: it changes ``buf``)."""
+    in-place write whose result is otherwise unused (it must stay: it changes ``buf``) and a pooler
+    whose output is dropped (it stays, so that its weights move with the hidden units they read)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+        self.a, self.b, self.pool = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3), torch.nn.Linear(6, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.a(x)
+        self.pool(h[:, 0]).tanh()  # computed, then dropped (BERT's pooler under a masked-LM head)
         seq = h[:, :, -1].shape[1]
         buf = torch.zeros_like(h)
         buf[:, :1].copy_(h[:, :1] * 2)
@@ -129,12 +131,15 @@ class _ReadForShape(torch.nn.Module):
 def test_a_value_read_only_for_its_shape_fixes_nothing():
     model, x = _ReadForShape().double(), torch.randn(2, 5, 4, dtype=torch.float64)
     spec = pg.compile(model, (x,))
-    assert [g.size for g in spec.groups.values()] == [6], (spec.groups, spec.fixed)
-    assert not any("select" in r for f in spec.fixed for r in f.reasons)
+    assert sorted(g.size for g in spec.groups.values()) == [5, 6], (spec.groups, spec.fixed)
+    assert not any(isinstance(t, Fixed) for t in spec.axes["pool.weight"])
+    assert not isinstance(spec.axes["a.weight"][0], Fixed)
     for seed in (0, 1):
         assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-10).ok
     targets = {str(n.target) for n in compile_graph(model, (x,)).exported.graph.nodes}
-    assert "aten.copy_.default" in targets and "aten.select.int" not in targets
+    assert "aten.copy_.default" in targets and "aten.linear.default" in targets
+    selects = [n for n in compile_graph(model, (x,)).exported.graph.nodes if n.target is torch.ops.aten.select.int]
+    assert [n.args[2] for n in selects] == [0]  # the pooler's first token stays; h[:, :, -1] is gone
 
 
 def test_vision_language_model_gets_image_inputs_and_its_vision_tower_moves(zoo_compiled):
@@ -149,3 +154,30 @@ def test_vision_language_model_gets_image_inputs_and_its_vision_tower_moves(zoo_
               "model.multi_modal_projector.linear_1.weight"):
         assert all(not isinstance(t, Fixed) for t in spec.axes[p]), (p, spec.axes[p])
     assert spec.covered_fraction() >= 0.95
+
+
+class _MultiQuery(torch.nn.Module):
+    """Falcon's multi-query attention: one fused projection viewed as (heads + 2, head_dim), keys and
+    values picked with constant index lists ``[..., [-2], :]`` and ``[..., [-1], :]``."""
+
+    def __init__(self, heads: int = 4, hd: int = 3) -> None:
+        super().__init__()
+        self.heads, self.hd = heads, hd
+        self.qkv, self.o = torch.nn.Linear(8, (heads + 2) * hd), torch.nn.Linear(heads * hd, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        f = self.qkv(x).view(b, t, self.heads + 2, self.hd)
+        q, k, v = (z.transpose(1, 2) for z in (f[:, :, :-2], f[:, :, [-2]], f[:, :, [-1]]))
+        k, v = k.expand(b, self.heads, t, self.hd), v.expand(b, self.heads, t, self.hd)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, self.heads * self.hd))
+
+
+def test_constant_index_lists_of_consecutive_positions_are_slices():
+    model, x = _MultiQuery().double(), torch.randn(2, 5, 8, dtype=torch.float64)
+    spec = pg.compile(model, (x,))
+    assert sorted(g.size for g in spec.groups.values()) == [3, 4], (spec.groups, spec.fixed)  # head_dim, heads
+    assert not any("indexed by a tensor" in r for f in spec.fixed for r in f.reasons)
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-10).ok
