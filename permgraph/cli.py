@@ -249,6 +249,7 @@ def _align(args: argparse.Namespace, a, b, spec):
 
 def _solver_opts(args: argparse.Namespace) -> dict:
     opts = {"heads": args.heads} if args.heads else {}
+    opts |= {"workers": args.workers} if args.workers is not None else {}
     return opts | ({"device": args.device} if args.device else {})
 
 
@@ -348,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--residual", default="tied", choices=["tied", "untied"],
                        help="untied: every residual addend gets its own permutation (TransFusion's Step 3); "
                             "for task vectors only: pi(A) is then not function-preserving")
+        s.add_argument("--workers", type=int, default=None,
+                       help="CPU threads for the assignments of independent groups (default: one per core)")
         s.add_argument("--device", default=None,
                        help="where alignment runs (cpu, cuda, cuda:1); default: where the weights are (cpu)")
         s.add_argument("--spec", default=None, help="spec JSON, needed when models are weights files")

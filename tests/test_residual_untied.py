@@ -262,6 +262,9 @@ def test_cli_align_and_transport_with_untied_residual(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse refuses an unknown choice
         main(["align", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "x.json"),
               "--residual", "loose"])
+    code = main(["align", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "x.json"),
+                 "--workers", "-1"])
+    assert code == 2 and "workers must be" in capsys.readouterr().err
     if not torch.cuda.is_available():
         code = main(["align", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "x.json"),
                      "--device", "cuda"])
