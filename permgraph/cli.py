@@ -264,11 +264,27 @@ def _check_solver_args(args: argparse.Namespace) -> None:
             raise InputError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
 
 
-def _target(args: argparse.Namespace, out: str, kinds, inputs) -> OutputTarget:
-    """The checked output, reserved before any work (see ``permgraph.outputs``)."""
+@contextlib.contextmanager
+def _target(args: argparse.Namespace, out: str, kinds, inputs) -> Iterator[OutputTarget]:
+    """The checked output, reserved before any work (see ``permgraph.outputs``); removed unless
+    committed. SIGINT/SIGTERM are held while the temporary path is made, so a signal cannot land
+    between its creation and the cleanup that owns it."""
     refs = [r for r in inputs if r and not (":" in r and not Path(r).exists())]  # factories are no paths
-    return OutputTarget(out, kinds=kinds, inputs=refs, force=args.force,
-                        replace_foreign=getattr(args, "replace_foreign", False), command=args.command)
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        target = OutputTarget(out, kinds=kinds, inputs=refs, force=args.force,
+                              replace_foreign=getattr(args, "replace_foreign", False), command=args.command)
+    except BaseException:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        raise
+    try:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a held signal is delivered here, inside the try
+        yield target
+    finally:
+        target.discard()
 
 
 def _report(args: argparse.Namespace, al, extra: dict) -> None:
