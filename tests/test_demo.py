@@ -7,7 +7,7 @@ DEMO = Path(__file__).resolve().parents[1] / "examples" / "digits_demo.py"
 
 
 def test_demo_quick():
-    r = subprocess.run([sys.executable, str(DEMO), "--quick"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, str(DEMO), "--quick"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "verify OK" in out
