@@ -75,19 +75,22 @@ def _compile(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequence[
                             getattr(e, "node", None)) from e
     traced.info["outputs"] = traced.output_names
     traced.info["fixed_outputs"] = list(outputs) if outputs is not None else traced.output_names
-    unused_params = set(traced.param_shapes) - set(result.param_axes)
-    if unused_params:  # not lifted into the graph: nothing is known about them
-        for name in unused_params:
-            result.param_axes[name] = [result.store.new(s) for s in traced.param_shapes[name]]
-            for a in result.param_axes[name]:
-                result.store.fix(a, Reason("not in the traced graph"))
+    _fix_untraced(result, traced.param_shapes)
     built = build_spec(result, traced.param_shapes, traced.aliases, traced.info, with_nodes=with_nodes)
     spec = built[0] if with_nodes else built
-    _record_residual_sites(spec, traced, fixed, unused_params)
+    _record_residual_sites(spec, traced, fixed)
     return (spec, traced, built[1]) if with_nodes else (spec, traced, None)
 
 
-def _record_residual_sites(spec: PermSpec, traced, fixed: set[int] | None, unused_params: set[str]) -> None:
+def _fix_untraced(result, param_shapes) -> None:
+    """Parameters not lifted into the graph: nothing is known about them, every axis fixed."""
+    for name in set(param_shapes) - set(result.param_axes):
+        result.param_axes[name] = [result.store.new(s) for s in param_shapes[name]]
+        for a in result.param_axes[name]:
+            result.store.fix(a, Reason("not in the traced graph"))
+
+
+def _record_residual_sites(spec: PermSpec, traced, fixed: set[int] | None) -> None:
     """Infer once more with untied residual additions and record how the groups split
     (``spec.residual_sites``, used by ``residual="untied"``)."""
     try:
@@ -95,10 +98,7 @@ def _record_residual_sites(spec: PermSpec, traced, fixed: set[int] | None, unuse
     except Exception as e:  # noqa: BLE001 - the tied spec stands; only the option is lost
         spec.info["residual_sites_missing"] = f"inference with untied residuals failed: {type(e).__name__}: {e}"
         return
-    for name in unused_params:
-        result.param_axes[name] = [result.store.new(s) for s in traced.param_shapes[name]]
-        for a in result.param_axes[name]:
-            result.store.fix(a, Reason("not in the traced graph"))
+    _fix_untraced(result, traced.param_shapes)
     untied = build_spec(result, traced.param_shapes, traced.aliases, traced.info)
     sites, why = residual_sites(spec, untied)
     if sites is None:

@@ -114,6 +114,24 @@ def tree_from_json(obj: object) -> AxisTree:
     raise FormatError(f"malformed axis tree {str(obj)[:80]}")
 
 
+def zip_trees(t: AxisTree, u: AxisTree) -> list[tuple[AxisTree, AxisTree]] | None:
+    """Each leaf of ``t`` (``G`` or ``Fixed``) with the subtree of ``u`` at the same place, when
+    ``u`` has ``t``'s products and segments down to ``t``'s leaves; None otherwise. How a derived
+    spec's trees are read against the spec they derive from."""
+    match t, u:
+        case (Prod(ps), Prod(qs)) | (Cat(ps), Cat(qs)) if type(t) is type(u) and len(ps) == len(qs):
+            out: list[tuple[AxisTree, AxisTree]] = []
+            for x, y in zip(ps, qs):
+                sub = zip_trees(x, y)
+                if sub is None:
+                    return None
+                out += sub
+            return out
+        case G() | Fixed(), _:
+            return [(t, u)]
+    return None
+
+
 @dataclass
 class Permutation:
     """A permutation tensor for every group of a spec.

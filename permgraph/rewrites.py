@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from permgraph.errors import InputError
-from permgraph.ir import AxisTree, Cat, Fixed, G, Permutation, Prod
+from permgraph.ir import AxisTree, Cat, Fixed, G, Permutation, Prod, zip_trees
 from permgraph.spec import Group, PermSpec, site_groups
 
 
@@ -62,26 +62,20 @@ def group_map(original: PermSpec, derived: PermSpec) -> dict[str, str]:
     """Original group -> derived group, by zipping the axis trees; ``InputError`` when ``derived``
     is not ``original`` with groups merged (e.g. flattened heads)."""
     out: dict[str, str] = {}
-
-    def walk(t: AxisTree, u: AxisTree, where: str) -> None:
-        match t, u:
-            case G(a), G(b) if original.groups[a].size == derived.groups[b].size:
-                if out.setdefault(a, b) != b:
-                    raise InputError(f"group '{a}' maps to two groups of the derived spec ({where})")
-            case Fixed(n), Fixed(m) if n == m:
-                pass
-            case (Prod(ps), Prod(qs)) | (Cat(ps), Cat(qs)) if type(t) is type(u) and len(ps) == len(qs):
-                for x, y in zip(ps, qs):
-                    walk(x, y, where)
-            case _:
-                raise InputError(f"the alignment's spec is not the given spec with groups merged (at {where}): "
-                                 "its permutation cannot be expressed on the given spec")
-
     for p, trees in original.axes.items():
         if p not in derived.axes or len(derived.axes[p]) != len(trees):
             raise InputError(f"the specs differ on parameter '{p}'")
         for d, (t, u) in enumerate(zip(trees, derived.axes[p])):
-            walk(t, u, f"'{p}' axis {d}")
+            for leaf, other in zip_trees(t, u) or [(t, None)]:
+                match leaf, other:
+                    case G(a), G(b) if original.groups[a].size == derived.groups[b].size:
+                        if out.setdefault(a, b) != b:
+                            raise InputError(f"group '{a}' maps to two groups of the derived spec ('{p}' axis {d})")
+                    case Fixed(n), Fixed(m) if n == m:
+                        pass
+                    case _:
+                        raise InputError(f"the alignment's spec is not the given spec with groups merged (at '{p}' "
+                                         f"axis {d}): its permutation cannot be expressed on the given spec")
     missing = [g for g in original.groups if g not in out]
     if missing:
         raise InputError(f"groups {missing[:3]} have no counterpart in the derived spec")
@@ -140,22 +134,19 @@ def residual_sites(tied: PermSpec, untied: PermSpec) -> tuple[dict[str, list[Axi
     appearance; None and the reason when ``untied`` is not ``tied`` with groups split (untying
     changed what is fixed or structured, or split a group that others are indexed by)."""
     pairs: dict[str, dict[str, None]] = {}  # tied group -> its untied groups, in order
-
-    def walk(t: AxisTree, u: AxisTree) -> bool:
-        match t, u:
-            case G(a), G(b) if tied.groups[a].size == untied.groups[b].size:
-                pairs.setdefault(a, {})[b] = None
-                return True
-            case Fixed(n), _ if n == u.size(untied.sizes):
-                return True  # free only when untied: kept fixed (the sites refine the tied spec)
-            case (Prod(ps), Prod(qs)) | (Cat(ps), Cat(qs)) if type(t) is type(u) and len(ps) == len(qs):
-                return all(walk(x, y) for x, y in zip(ps, qs))
-        return False
-
     for p, trees in tied.axes.items():
         other = untied.axes.get(p)
-        if other is None or len(other) != len(trees) or not all(walk(t, u) for t, u in zip(trees, other)):
+        zipped = [zip_trees(t, u) for t, u in zip(trees, other or [])]
+        if other is None or len(other) != len(trees) or None in zipped:
             return None, f"untying the residual additions changes the axes of '{p}' beyond splitting groups"
+        for leaf, u in (pair for leaves in zipped for pair in leaves):
+            match leaf, u:
+                case G(a), G(b) if tied.groups[a].size == untied.groups[b].size:
+                    pairs.setdefault(a, {})[b] = None
+                case Fixed(n), _ if n == u.size(untied.sizes):
+                    pass  # free only when untied: kept fixed (the sites refine the tied spec)
+                case _:
+                    return None, f"untying the residual additions changes the axes of '{p}' beyond splitting groups"
     owner: dict[str, str] = {}
     for a, bs in pairs.items():
         for b in bs:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from permgraph.errors import FormatError
-from permgraph.ir import AxisTree, Cat, Fixed, G, Permutation, Prod, tree_from_json
+from permgraph.ir import AxisTree, Cat, Fixed, G, Permutation, Prod, tree_from_json, zip_trees
 
 SPEC_VERSION = 1
 
@@ -256,27 +256,22 @@ def site_groups(spec: PermSpec) -> dict[str, str]:
     every site tree is the parameter's tree with some groups renamed, each site name standing
     for one group of the spec."""
     out: dict[str, str] = {}
-
-    def walk(t: AxisTree, u: AxisTree, where: str) -> None:
-        match t, u:
-            case G(a), G(b):
-                if b in spec.groups and b != a:
-                    raise FormatError(f"{where}: residual site '{b}' is the name of another group")
-                if out.setdefault(b, a) != a:
-                    raise FormatError(f"{where}: residual site '{b}' splits from two groups")
-            case Fixed(n), Fixed(m) if n == m:
-                pass
-            case (Prod(ps), Prod(qs)) | (Cat(ps), Cat(qs)) if type(t) is type(u) and len(ps) == len(qs):
-                for x, y in zip(ps, qs):
-                    walk(x, y, where)
-            case _:
-                raise FormatError(f"{where}: the residual site tree does not match the parameter's axis tree")
-
     for p, trees in (spec.residual_sites or {}).items():
         if p not in spec.axes or len(trees) != len(spec.axes[p]):
             raise FormatError(f"residual sites given for '{p}', which has no axes of that number in the spec")
         for d, (t, u) in enumerate(zip(spec.axes[p], trees)):
-            walk(t, u, f"'{p}' axis {d}")
+            where = f"'{p}' axis {d}"
+            for leaf, site in zip_trees(t, u) or [(t, None)]:
+                match leaf, site:
+                    case G(a), G(b):
+                        if b in spec.groups and b != a:
+                            raise FormatError(f"{where}: residual site '{b}' is the name of another group")
+                        if out.setdefault(b, a) != a:
+                            raise FormatError(f"{where}: residual site '{b}' splits from two groups")
+                    case Fixed(n), Fixed(m) if n == m:
+                        pass
+                    case _:
+                        raise FormatError(f"{where}: the residual site tree does not match the parameter's axis tree")
     return out
 
 
