@@ -120,9 +120,14 @@ def main() -> None:
     lines += ["", f"Total time {time.perf_counter() - t_start:.0f} s (training releases {t_train:.0f} s, "
               f"cached after the first run)."]
     out = ROOT / "docs" / "results.md"
-    out.write_text("\n".join(lines) + "\n")
+    text = out.read_text() if out.exists() else ""
+    kept = text[text.index(TEXT_SECTION):] if TEXT_SECTION in text else ""  # text_rebasin.py's section
+    out.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
     print("\n".join(lines))
     print(f"wrote {out}")
+
+
+TEXT_SECTION = "## 3. Text:"  # written by benchmarks/text_rebasin.py, kept here
 
 
 def lmc_section(template, a, b, alignments, test) -> list[str]:

@@ -143,22 +143,34 @@ def apply_permutation(spec: PermSpec, perm: Permutation, state_dict: Mapping[str
     return out
 
 
-def permute_tensor(spec: PermSpec, perm: Permutation, name: str, tensor: torch.Tensor,
-                   skip: tuple[int, str] | None = None) -> torch.Tensor:
-    """One parameter permuted on every axis; ``skip=(axis, group)`` leaves that group alone on that axis."""
+def axis_indices(spec: PermSpec, perm: Permutation, name: str,
+                 skip: tuple[int, str] | None = None) -> list[torch.Tensor | None]:
+    """Per axis of one parameter, its gather index (new -> old) or None where nothing moves;
+    ``skip=(axis, group)`` leaves that group alone on that axis."""
     trees = spec.axes_of(name)
     if trees is None:
-        return tensor
-    x = tensor
+        return []
+    out: list[torch.Tensor | None] = []
     for dim, tree in enumerate(trees):
         groups = tree.groups()
         if not groups:
+            out.append(None)
             continue
         p = perm
         if skip is not None and skip[0] == dim and skip[1] in groups:
             ident = torch.arange(spec.groups[skip[1]].size).expand(spec.perm_shape(skip[1]))
             p = Permutation({**perm.perms, skip[1]: ident})
-        x = x.index_select(dim, axis_index(tree, p, spec.ctx, spec.sizes).to(x.device))
+        out.append(axis_index(tree, p, spec.ctx, spec.sizes))
+    return out
+
+
+def permute_tensor(spec: PermSpec, perm: Permutation, name: str, tensor: torch.Tensor,
+                   skip: tuple[int, str] | None = None) -> torch.Tensor:
+    """One parameter permuted on every axis; ``skip=(axis, group)`` leaves that group alone on that axis."""
+    x = tensor
+    for dim, idx in enumerate(axis_indices(spec, perm, name, skip)):
+        if idx is not None:
+            x = x.index_select(dim, idx.to(x.device))
     return x
 
 

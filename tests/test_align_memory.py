@@ -139,3 +139,32 @@ def test_freed_parameter_sized_blocks_go_back_to_the_system():
     kept = {m: int(subprocess.run([sys.executable, "-c", PROBE, m], capture_output=True, text=True,
                                   check=True).stdout) for m in ("off", "on", "large")}
     assert kept["off"] > 4e6 and kept["on"] < 1e6 and kept["large"] > 4e6, kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sliced_scores_equal_whole_tensor_scores(monkeypatch, dtype):
+    """WeightCosts widens and permutes one slice of a parameter at a time: every group's score
+    matrix and the objective equal those computed on whole tensors, at a random permutation."""
+    from permgraph.backends import get_backend
+    from permgraph.solvers import weight_matching as wm_mod
+    from permgraph.solvers.common import PermState
+
+    a, b = llama(0, dtype, tied=False), llama(1, dtype, tied=False)
+    spec = pg.compile(a)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    perm = spec.random_permutation(3)
+
+    def scores(chunk):
+        monkeypatch.setattr(wm_mod, "CHUNK", chunk)
+        state = PermState(spec, get_backend("scipy"))
+        state.perm = perm
+        costs = wm_mod.WeightCosts(state, pa, pb, torch.float64)
+        return {g: costs.cost(g) for g in spec.groups}, costs.objective()
+
+    whole, obj_whole = scores(1 << 40)
+    sliced, obj_sliced = scores(37)  # smaller than one row of the embedding: slices of one row each
+    assert sum(1 for _ in wm_mod.WeightCosts(PermState(spec, get_backend("scipy")), pa, pb, torch.float64)
+               .pairs("model.embed_tokens.weight", perm, keep=1)) == 96
+    for g in spec.groups:
+        assert torch.allclose(sliced[g], whole[g], rtol=1e-12, atol=1e-12), g
+    assert obj_sliced == pytest.approx(obj_whole, rel=1e-12)

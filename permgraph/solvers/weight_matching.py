@@ -21,7 +21,7 @@ from collections import deque
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 
@@ -29,7 +29,7 @@ from permgraph.alignment import Alignment
 from permgraph.backends import get_backend
 from permgraph.errors import InputError
 from permgraph.ir import Permutation
-from permgraph.permutation import permute_tensor
+from permgraph.permutation import axis_indices
 from permgraph.rewrites import flattened_heads, shared_within_head
 from permgraph.solvers.base import SolverOptions
 from permgraph.solvers.common import (
@@ -98,6 +98,27 @@ class WeightCosts:
     def wb(self, p: str) -> torch.Tensor:
         return self.b[p].to(self.dtype)
 
+    def pairs(self, p: str, perm: Permutation, keep: int | None = None,
+              skip: tuple[int, str] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(b, pi(a))`` of parameter p in ``self.dtype``, in slices along its longest axis
+        other than ``keep`` (whole if it is small or has no other axis): sums of products
+        over the slices equal those over the whole tensors, and only one slice is widened
+        and permuted at a time (a bf16 embedding matrix is never copied whole in float32)."""
+        a, b = self.a[p], self.b[p]
+        index = axis_indices(self.spec, perm, p, skip) or [None] * a.dim()
+        index = [None if i is None else i.to(a.device) for i in index]
+        dims = [d for d in range(a.dim()) if d != keep]
+        if a.numel() <= CHUNK or not dims:
+            yield b.to(self.dtype), _gather(a, index).to(self.dtype)
+            return
+        d = max(dims, key=lambda k: a.shape[k])
+        step = max(1, CHUNK * a.shape[d] // a.numel())
+        for start in range(0, a.shape[d], step):
+            stop = min(start + step, a.shape[d])
+            rows = index[d][start:stop] if index[d] is not None else torch.arange(start, stop, device=a.device)
+            part = _gather(a.index_select(d, rows), index[:d] + [None] + index[d + 1:])
+            yield b.narrow(d, start, stop - start).to(self.dtype), part.to(self.dtype)
+
     def objective(self) -> float:
         """The objective; each parameter's term is recomputed only when a group on it moved."""
         return float(sum(self._term(p) for p in self.a))
@@ -107,7 +128,7 @@ class WeightCosts:
         if cached is not None and self.state.unchanged(cached[0]):
             return cached[1]
         snap = self.state.snapshot({g for t in self.spec.axes[p] for g in t.groups()})
-        value = (self.wb(p) * permute_tensor(self.spec, self.state.perm, p, self.wa(p))).sum()
+        value = sum((b * a).sum() for b, a in self.pairs(p, self.state.perm))
         self._terms[p] = (snap, value)
         return value
 
@@ -119,9 +140,9 @@ class WeightCosts:
         for site in self.state.sites[g]:
             if site.param in self.left_out:
                 continue
-            a_perm = permute_tensor(self.spec, perm, site.param, self.wa(site.param), skip=(site.axis, g))
-            c = _unit_products(self.wb(site.param), a_perm, site)
-            total = c if total is None else total + c
+            for b, a in self.pairs(site.param, perm, keep=site.axis, skip=(site.axis, g)):
+                c = _unit_products(b, a, site)
+                total = c if total is None else total + c
         self.state.timings["cost"] += time.perf_counter() - t0
         return total
 
@@ -253,6 +274,16 @@ class WeightCosts:
         self.solved += 1
         self.group_time[h] = self.group_time.get(h, 0.0) + time.perf_counter() - t0
         return kept
+
+
+CHUNK = 1 << 20  # elements of one parameter widened and permuted at a time by WeightCosts.pairs
+
+
+def _gather(x: torch.Tensor, index: list[torch.Tensor | None]) -> torch.Tensor:
+    for dim, idx in enumerate(index):
+        if idx is not None:
+            x = x.index_select(dim, idx)
+    return x
 
 
 def _deps(spec: PermSpec, group_sites: list[Site], g: str) -> frozenset[str]:
