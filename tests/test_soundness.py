@@ -57,3 +57,11 @@ def test_wrong_permutation_is_detected(compiled):
         assert n > 1 and err > 1e-6
     finally:
         model.float()
+
+
+def test_exact_with_float32_casts_promoted(compiled):
+    """The spec is exact, not just within float32 rounding: with the graph's casts to float32
+    (transformers' RMSNorm, softmax upcasts) promoted to float64, outputs agree to 1e-10."""
+    zm, spec = compiled
+    rep = pg.verify(zm.model, spec, zm.inputs, seed=2, promote_float32=True)
+    assert rep.ok and rep.tolerance == 1e-10, f"{zm.name}: {rep}"
