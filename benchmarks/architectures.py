@@ -50,7 +50,8 @@ SMALL = {
     **{k: 2 for k in KV_HEADS}, **{k: 4 for k in EXPERTS},
     "head_dim": 16, "kv_channels": 16, "d_kv": 16, "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "expert_intermediate_size": 32,
-    "max_position_embeddings": 128, "n_positions": 128, "vocab_size": 256,
+    "max_position_embeddings": 128, "n_positions": 128, "vocab_size": 256, "vocab_size_per_layer_input": 256,
+    "hidden_size_per_layer_input": 16,
 }
 
 
@@ -70,6 +71,8 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
     vocabulary on ``text_config``; derived inputs put image tokens in ``input_ids``)."""
     from transformers import PretrainedConfig
 
+    if "allow_global_per_layer_attribute_access" in dir(cfg):  # heterogeneous configs (Gemma 4): per-layer
+        _set(cfg, "allow_global_per_layer_attribute_access", True)  # values follow the global ones we set
     ids = tuple(outer_ids) + tuple(_token_ids(cfg))
     images = tuple(outer_ids) + tuple(v for k, v in vars(cfg).items() if isinstance(v, int)
                                       and ("image_token" in k or "video_token" in k))  # derived inputs use these
@@ -82,7 +85,7 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
             continue
         if layers_only and k not in LAYERS and k not in EXPERTS:
             continue
-        if k == "vocab_size" and any(t >= small for t in ids):
+        if k.startswith("vocab_size") and any(t >= small for t in ids):
             continue
         try:
             setattr(cfg, k, small)
