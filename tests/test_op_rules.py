@@ -931,3 +931,25 @@ def test_grouped_conv_is_sound():
     x = torch.randn(B, 3, 6, generator=torch.Generator().manual_seed(2))
     rep = pg.verify(model, pg.compile(model, (x,)), (x,), tolerance=1e-10)
     assert rep.ok, rep
+
+
+class _RunTimeRepeat(nn.Module):
+    """``repeat`` by a count read from a tensor (LFM-VL tiles image features this way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x, counts):
+        k = counts.sum().item()
+        torch._check(k >= 1)
+        torch._check(k <= 16)
+        return self.b(torch.relu(self.a(x)).repeat(k, 1)).sum(0)
+
+
+def test_repeat_with_a_count_known_only_at_run_time():
+    """The axis with the symbolic count is fixed, the other keeps its group (was a crash)."""
+    model, inputs = _RunTimeRepeat(), (torch.randn(5, 4), torch.tensor([1, 2]))
+    spec = pg.compile(model, inputs)
+    assert [g.size for g in spec.groups.values()] == [8]
+    assert pg.verify(model, spec, inputs, seed=1).max_rel_error < 1e-12

@@ -158,7 +158,12 @@ def repeat(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     res = []
     for i, r in enumerate(reps):
         j = i - off
-        if j < 0:
+        if not isinstance(r, int):  # a count known only at run time: that axis is fixed
+            why = "repeat with a count known only at run time"
+            if j >= 0:
+                cx.fix(t[j], why)
+            res.append(cx.fresh((cx.out_shape()[i],), why)[0])
+        elif j < 0:
             res.append(cx.store.new(r))
         elif r == 1:
             res.append(t[j])
