@@ -101,6 +101,9 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
                     pass
         if isinstance(getattr(cfg, "num_key_value_heads", None), int):  # latent attention: one kv head per head
             _set(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    if (getattr(cfg, "num_experts_per_tok", 0) is None and not layers_only  # DeepSeek-V2's default config
+            and any(isinstance(getattr(cfg, e, None), int) for e in EXPERTS)):
+        _set(cfg, "num_experts_per_tok", SMALL["num_experts_per_tok"])
     for k in ("layer_types", "mlp_layer_types"):  # per-layer lists follow the layer count
         v = getattr(cfg, k, None)
         n = getattr(cfg, "num_hidden_layers", None)

@@ -92,6 +92,18 @@ def _check(case: Case, model: nn.Module, inputs: tuple, spec: pg.PermSpec) -> No
         assert rep.ok, rep
 
 
+def _turns() -> torch.Tensor:
+    """Complex rotations varying along the sequence, broadcast over the 3 'heads' (RoPE as in Llama 4)."""
+    angle = aten.arange.default(T, dtype=torch.float64).view(T, 1) * 0.3
+    return aten.polar.default(aten.ones_like.default(angle), angle)
+
+
+def _parts(z: torch.Tensor) -> torch.Tensor:
+    """Real, imaginary, conjugates and angle of z, and z rebuilt from its parts: 3 pair-blocks of 2."""
+    w = aten.conj_physical.default(aten.conj.default(aten.complex.default(aten.real.default(z), aten.imag.default(z))))
+    return torch.cat([aten.real.default(w), aten.imag.default(w) + aten.angle.default(z)], -1)
+
+
 # -- elementwise -------------------------------------------------------------------------
 
 def _pos(h: torch.Tensor) -> torch.Tensor:
@@ -261,6 +273,12 @@ SHAPE_CASES = [
     net("t", aten.t, lambda m, h, g: aten.t.default(aten.t.default(_flat(h))).view(B, T, H)),
     net("numpy_T", aten.numpy_T, lambda m, h, g: aten.numpy_T.default(aten.numpy_T.default(h))),
     net("permute", aten.permute, lambda m, h, g: aten.permute.default(aten.permute.default(h, [2, 0, 1]), [1, 2, 0])),
+    net("complex-rotation", (aten.view_as_complex, aten.polar, aten.view_as_real, aten.mul),
+        lambda m, h, g: aten.view_as_real.default(aten.view_as_complex.default(h.view(B, T, 3, 2)) * _turns())
+        .view(B, T, H), sizes=(3,)),
+    net("complex-parts", (aten.view_as_complex, aten.polar, aten.real, aten.imag, aten.conj, aten.conj_physical,
+                          aten.angle, aten.complex),
+        lambda m, h, g: _parts(aten.view_as_complex.default(h.view(B, T, 3, 2)) * _turns()), sizes=(3,)),
     net("unsqueeze-squeeze", (aten.unsqueeze, aten.squeeze),
         lambda m, h, g: aten.squeeze.dim(aten.unsqueeze.default(h, 2), 2)),
     net("expand", (aten.expand, aten.sum),

@@ -54,6 +54,9 @@ def_elementwise(  # unary math and activations
     aten.logit, aten.isnan, aten.isinf, aten.isfinite, aten.nan_to_num,
     aten.floor, aten.ceil, aten.round, aten.trunc, aten.frac, aten.threshold, aten.log_sigmoid,
 )
+def_elementwise(  # complex numbers (RoPE as complex rotations: Llama 4, DeepSeek-V2)
+    aten.polar, aten.complex, aten.real, aten.imag, aten.conj, aten.conj_physical, aten.angle,
+)
 def_elementwise(  # dropout and fills
     aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.fill, aten.zero,
 )

@@ -320,3 +320,20 @@ def pad(cx: RuleContext, node: fx.Node, a: Args) -> TType:
             continue
         t[d] = cx.store.make("cat", [x for x in (cx.store.new(lo), t[d], cx.store.new(hi)) if cx.store.size(x)])
     return t
+
+
+@register(aten.view_as_complex)
+def view_as_complex(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """(..., 2) real -> (...) complex: the trailing (real, imaginary) pair is fixed, the other axes pass."""
+    t = list(a.t("self"))
+    cx.fix(t[-1], "real and imaginary parts (view_as_complex)")
+    cx.set_uniform({u for u in cx.uniform_dims(a["self"]) if u < len(t) - 1})
+    return t[:-1]
+
+
+@register(aten.view_as_real)
+def view_as_real(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """(...) complex -> (..., 2) real: the axes pass, a new fixed trailing (real, imaginary) axis."""
+    t = list(a.t("self"))
+    cx.set_uniform(set(cx.uniform_dims(a["self"])))
+    return t + cx.fresh((2,), "real and imaginary parts (view_as_real)")
