@@ -52,7 +52,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     model, inputs, spec = _spec_for(args.model, args.outputs)
     if model is None:
         raise InputError("verify needs a model (folder or factory), not a spec file")
-    rep = pg.verify(model, spec, inputs, seed=args.seed, tolerance=args.tolerance)
+    rep = pg.verify(model, spec, inputs, seed=args.seed, tolerance=args.tolerance, promote_float32=args.exact)
     if args.json:
         print(json.dumps({"ok": rep.ok, "max_rel_error": rep.max_rel_error, "max_abs_error": rep.max_abs_error,
                           "tolerance": rep.tolerance, "dtype": rep.dtype, "seed": rep.seed, "groups": rep.groups}))
@@ -351,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_compile)
     s = model_cmd("verify", "check that a random permutation from the spec leaves the outputs unchanged")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--tolerance", type=float, default=None, help="relative error allowed (default 1e-6 in float64)")
+    s.add_argument("--tolerance", type=float, default=None,
+                   help="relative error allowed (default 1e-6 in float64, 1e-10 with --exact)")
+    s.add_argument("--exact", action="store_true",
+                   help="run the exported graph with its casts to float32 made float64 (norms computed in "
+                        "float32 then no longer limit the check)")
     s.set_defaults(fn=cmd_verify)
 
     def solver_opts(s: argparse.ArgumentParser) -> None:

@@ -58,6 +58,9 @@ def test_cli_transformers_folder(tmp_path, capsys):
     zm.model.save_pretrained(tmp_path / "llama")
     assert main(["verify", str(tmp_path / "llama")]) == 0
     assert "verify OK" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "llama"), "--exact", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["ok"] and rep["tolerance"] == 1e-10 and rep["max_rel_error"] < 1e-12
 
 
 def test_console_script_help():
