@@ -276,7 +276,7 @@ class WeightCosts:
         return kept
 
 
-CHUNK = 1 << 20  # elements of one parameter widened and permuted at a time by WeightCosts.pairs
+CHUNK = 1 << 22  # elements of one parameter widened and permuted at a time by WeightCosts.pairs
 
 
 def _gather(x: torch.Tensor, index: list[torch.Tensor | None]) -> torch.Tensor:
