@@ -101,6 +101,13 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
                     pass
         if isinstance(getattr(cfg, "num_key_value_heads", None), int):  # latent attention: one kv head per head
             _set(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    n_layers = getattr(cfg, "num_hidden_layers", None)
+    if isinstance(getattr(cfg, "first_k_dense_replace", None), int) and isinstance(n_layers, int) \
+            and cfg.first_k_dense_replace >= n_layers:  # DeepSeek-V3, GLM-4.5: keep one MoE layer
+        _set(cfg, "first_k_dense_replace", n_layers - 1)
+    if isinstance(getattr(cfg, "n_group", None), int) and not layers_only:  # group-limited routing: groups
+        _set(cfg, "n_group", 2)  # must divide the (shrunk) experts
+        _set(cfg, "topk_group", 1)
     if (getattr(cfg, "num_experts_per_tok", 0) is None and not layers_only  # DeepSeek-V2's default config
             and any(isinstance(getattr(cfg, e, None), int) for e in EXPERTS)):
         _set(cfg, "num_experts_per_tok", SMALL["num_experts_per_tok"])
