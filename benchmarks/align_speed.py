@@ -20,19 +20,23 @@ import torch
 import permgraph as pg
 
 
-def build(name: str, seed: int, device: str, dtype: torch.dtype):
+def build(name: str, seed: int, device: str, dtype: torch.dtype, tiny: bool = False):
+    """The model at its real shape, or (``tiny``) the same architecture at a few thousand
+    parameters: the code path of a run, for tests and smoke checks on any device."""
     from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
     with torch.device(device):
         if name == "vit-b16":
-            model = ViTForImageClassification(ViTConfig(image_size=224, patch_size=16, hidden_size=768,
-                                                        num_hidden_layers=12, num_attention_heads=12,
-                                                        intermediate_size=3072, num_labels=1000))
+            model = ViTForImageClassification(ViTConfig(
+                image_size=32 if tiny else 224, patch_size=16, hidden_size=32 if tiny else 768,
+                num_hidden_layers=2 if tiny else 12, num_attention_heads=4 if tiny else 12,
+                intermediate_size=64 if tiny else 3072, num_labels=10 if tiny else 1000))
         else:
-            model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                                                 num_hidden_layers=32, num_attention_heads=32,
-                                                 num_key_value_heads=8))
+            model = LlamaForCausalLM(LlamaConfig(
+                vocab_size=128 if tiny else 32000, hidden_size=64 if tiny else 4096,
+                intermediate_size=96 if tiny else 11008, num_hidden_layers=2 if tiny else 32,
+                num_attention_heads=8 if tiny else 32, num_key_value_heads=2 if tiny else 8))
     return model.to(dtype)
 
 
@@ -48,15 +52,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="align this many times; best and median printed")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--seed", type=int, default=0, help="the solver's seed (the order of groups in each sweep)")
+    ap.add_argument("--tiny", action="store_true", help="the same architecture at a tiny size (a smoke run)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     with torch.device("meta"):
-        meta = build(args.model, 0, "meta", dtype)
+        meta = build(args.model, 0, "meta", dtype, args.tiny)
     spec = pg.compile(meta)
     t_compile = time.perf_counter() - t0
-    a = build(args.model, 0, args.device, dtype).state_dict()
-    b = build(args.model, 1, args.device, dtype).state_dict()
+    a = build(args.model, 0, args.device, dtype, args.tiny).state_dict()
+    b = build(args.model, 1, args.device, dtype, args.tiny).state_dict()
     n = sum(v.numel() for v in a.values())
     if args.device == "cuda":
         torch.cuda.synchronize()

@@ -159,3 +159,24 @@ def test_brute_pairs_solve_coupled_children_jointly(llama6):
         assert torch.equal(best[c][torch.arange(2), planted_h], perm[merged[c]][planted_h]), c
     assert wm.brute_step(h)
     assert all(state.perm[g].equal(perm[merged[g]]) for g in spec.groups)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model", "llama7b", "--dtype", "bfloat16", "--backend", "torch", "--device", "cpu"],  # the GPU run's path
+    ["--model", "vit-b16"],
+])
+def test_align_speed_benchmark_runs_at_a_tiny_shape(argv):
+    """benchmarks/align_speed.py's code path (bf16 weights on the chosen device, the batched
+    torch backend that ``auto`` picks on CUDA) runs on CPU at a tiny shape, and prints its split."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "align_speed.py"
+    out = subprocess.run([sys.executable, str(script), *argv, "--tiny", "--max-iter", "3", "--repeat", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for line in ("cost matrices", "assignments", "runs identical: True"):
+        assert line in out.stdout, out.stdout
+    if "--backend" in argv:
+        assert "backend torch" in out.stdout
