@@ -92,6 +92,18 @@ def test_default_solver_is_weight_matching():
     assert pg.align(zm.model, zm.model, spec).settings["solver"] == "weight_matching"
 
 
+def test_tf_official_preset_is_transfusion_with_the_official_distance():
+    """The preset measured lowest on the barrier benchmarks (README, "Solvers"): the same
+    alignment as transfusion(head_distance="official"), function-preserving."""
+    zm, spec = compiled("gpt2")
+    other = build("gpt2", seed=1).model
+    al = pg.align(zm.model, other, spec, solver="tf_official")
+    ref = pg.align(zm.model, other, spec, solver="transfusion", head_distance="official")
+    assert "tf_official" in pg.available_solvers() and al.function_preserving
+    assert al.settings["head_distance"] == "official"
+    assert all(torch.equal(al.permutation[g], ref.permutation[g]) for g in ref.spec.groups)
+
+
 def test_head_guard_keeps_the_better_of_spectral_and_natural_heads():
     """B = A plus noise of the weights' own size: spectral head matching can end below the
     identity's objective; the guard then also solves with natural heads and keeps the better."""

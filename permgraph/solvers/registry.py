@@ -71,6 +71,7 @@ register_solver("transfusion", transfusion, options=TransfusionOptions,
 register_solver("ot", ot_solver, options=OTOptions, label="optimal transport (exact)")
 register_solver("activation_matching", activation_matching, options=ActivationMatchingOptions, needs_data=True,
                 label="activation matching")
+preset("tf_official", "transfusion", "transfusion, official head distance (+O)", head_distance="official")
 preset("wm_natural", "weight_matching", "natural heads", heads="natural")
 preset("wm_brute", "weight_matching", "brute-force heads", heads="brute")
 preset("wm_lap", "weight_matching", "heads as a descent coordinate", heads="lap")
