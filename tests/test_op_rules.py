@@ -92,6 +92,12 @@ def _check(case: Case, model: nn.Module, inputs: tuple, spec: pg.PermSpec) -> No
         assert rep.ok, rep
 
 
+def _outer(h: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, T): per hidden unit, the outer product of its values over the sequence."""
+    ht = h.transpose(1, 2)
+    return ht.unsqueeze(-1) * ht.unsqueeze(-2)
+
+
 def _turns() -> torch.Tensor:
     """Complex rotations varying along the sequence, broadcast over the 3 'heads' (RoPE as in Llama 4)."""
     angle = aten.arange.default(T, dtype=torch.float64).view(T, 1) * 0.3
@@ -279,6 +285,8 @@ SHAPE_CASES = [
     net("complex-parts", (aten.view_as_complex, aten.polar, aten.real, aten.imag, aten.conj, aten.conj_physical,
                           aten.angle, aten.complex),
         lambda m, h, g: _parts(aten.view_as_complex.default(h.view(B, T, 3, 2)) * _turns()), sizes=(3,)),
+    net("tril-triu", (aten.tril, aten.triu),
+        lambda m, h, g: (aten.tril.default(_outer(h), 1) - aten.triu.default(_outer(h), 2)).sum(-1).transpose(1, 2)),
     net("unsqueeze-squeeze", (aten.unsqueeze, aten.squeeze),
         lambda m, h, g: aten.squeeze.dim(aten.unsqueeze.default(h, 2), 2)),
     net("expand", (aten.expand, aten.sum),
@@ -391,6 +399,7 @@ REDUCTIONS = {  # op -> reduction of h over the hidden axis, kept as a unit axis
     aten.std: lambda h: aten.std.correction(h, [-1], keepdim=True),
     aten.linalg_vector_norm: lambda h: aten.linalg_vector_norm.default(h, 2, [-1], True),
     aten.norm: lambda h: aten.norm.ScalarOpt_dim(h, 2, [-1], True),
+    aten.linalg_norm: lambda h: aten.linalg_norm.default(h, 2, [-1], True),
     aten.logsumexp: lambda h: aten.logsumexp.default(h, [-1], True),
     aten.prod: lambda h: aten.prod.dim_int(h, -1, True),
     aten.all: lambda h: aten.all.dim(h > 0, -1, True).to(h.dtype),

@@ -8,7 +8,7 @@ import torch.fx as fx
 
 from permgraph.axes import Reason
 from permgraph.infer.context import Args, RuleContext, TType, norm_dim
-from permgraph.infer.registry import family
+from permgraph.infer.registry import family, register
 
 aten = torch.ops.aten
 
@@ -100,12 +100,23 @@ def _order_result(cx: RuleContext, t: TType, dims: list[int], shape: tuple[int, 
     return cx.fresh(shape, "order-dependent result")
 
 
+@register(aten.tril, aten.triu)
+def triangular(cx: RuleContext, node: fx.Node, a: Args) -> Any:
+    """tril/triu keep entries by their (row, column) position: the last two axes are fixed, the
+    leading (batch-like) axes pass through."""
+    t = list(a.t("self"))
+    for d in t[-2:]:
+        cx.fix(d, f"triangular mask ({node.target})")
+    return t
+
+
 def_reduction = family(reduction)
 def_order_dependent = family(order_dependent)
 def_ranking = family(ranking)
 
 def_reduction(
     aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.linalg_vector_norm, aten.norm,
+    aten.linalg_norm,  # vector and matrix norms: invariant under permutations of the reduced axes
     aten.logsumexp, aten.prod, aten.all, aten.any, aten.var_mean, aten.std_mean, aten.nansum, aten.nanmean,
     aten._is_all_true, aten._is_any_true,
 )
