@@ -22,7 +22,8 @@ def compile(model: nn.Module, example_inputs: ExampleInputs = None, *,
     ``example_inputs``: a tuple of positional arguments or a dict of keyword
     arguments; derived from the config for transformers models when omitted.
     ``outputs``: names of the outputs that must stay unchanged (default: all; for a model with a
-    task head, its task outputs such as ``logits``, hidden states being free: ``default_outputs``).
+    task head, its task outputs such as ``logits``, hidden states and sub-models' pooled states being
+    free: ``default_outputs``).
     Others may come out permuted, e.g. ``outputs=["logits"]`` lets a
     seq2seq model's ``encoder_last_hidden_state`` move with the residual
     stream; ``outputs=[]`` frees every output. Names are pytree paths such as
@@ -48,9 +49,11 @@ def compile_graph(model: nn.Module, example_inputs: ExampleInputs = None, *,
 
 
 def default_outputs(names: Sequence[str]) -> list[str] | None:
-    """For a model with a task head (``logits``...), the task outputs; hidden states may come out
+    """For a model with a task head (``logits``...), the task outputs; hidden states (and the
+    pooled states of sub-model outputs, ``vision_model_output.pooler_output``) may come out
     permuted. None (all fixed) when every output is a hidden state or none is."""
-    hidden = [n for n in names if "hidden_state" in n or n.startswith("past_key_values")]
+    hidden = [n for n in names if "hidden_state" in n or n.startswith("past_key_values")
+              or ("." in n and n.endswith(".pooler_output"))]  # a sub-model's pooled state (CLIP-like towers)
     task = [n for n in names if n not in hidden]
     return task if hidden and any("logits" in n for n in task) else None
 

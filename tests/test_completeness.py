@@ -98,6 +98,19 @@ def test_clip_projection_outputs_fixed_residuals_free():
     assert unmoved == {"logit_scale"}
 
 
+def test_dual_encoder_default_outputs_free_the_towers_pooled_states():
+    """The plain call on a CLIP-like model: logits and projected embeddings stay fixed, the
+    towers' hidden and pooled states (``vision_model_output.pooler_output``) may move, so both
+    residual streams are groups; the permuted model keeps the task outputs exactly."""
+    zm = build("clip")
+    spec = pg.compile(zm.model, zm.inputs)
+    fixed = set(spec.info["fixed_outputs"])
+    assert {"logits_per_image", "text_embeds", "image_embeds"} <= fixed
+    assert not any(n.endswith("pooler_output") or "hidden_state" in n for n in fixed)
+    assert "residual[text_model]" in spec.groups and "residual[vision_model]" in spec.groups
+    assert pg.verify(zm.model, spec, zm.inputs, promote_float32=True).ok
+
+
 def test_moe_experts_are_a_group_and_expert_products_are_not_attention(zoo_compiled):
     """Mixtral: the router rows move with the experts (a group of whole experts); the batched expert
     products multiply activations by (indexed) weights, so they name no attention roles."""
