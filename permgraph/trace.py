@@ -83,6 +83,10 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         out["pixel_values"] = torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)
         if "input_ids" in out and _token_id(cfg, "image") is not None:
             _with_image_tokens(model, out, batch, gen)
+    if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
+            and _token_id(cfg, "audio") is not None):  # audio-language models: the audio tower in the forward
+        _with_modality_tokens(model, out, batch, "audio", getattr(model, "get_audio_features", None),
+                              _audio_inputs(model, batch, gen))
     if "input_values" in params and model.main_input_name == "input_values":  # raw audio
         out["input_values"] = torch.randn(batch, 1024, generator=gen).to(dev, dtype)
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
@@ -143,8 +147,8 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
 
 
 def _feature_count(feats: Any) -> int:
-    """How many embedding vectors ``get_image_features`` returned (a tensor, a list of tensors, or a
-    model output whose ``pooler_output`` holds them)."""
+    """How many embedding vectors ``get_image_features``/``get_audio_features`` returned (a tensor,
+    a list of tensors, or a model output whose ``pooler_output`` holds them)."""
     if hasattr(feats, "pooler_output") and feats.pooler_output is not None:
         feats = feats.pooler_output
     elif hasattr(feats, "last_hidden_state") and not isinstance(feats, torch.Tensor):
@@ -153,22 +157,50 @@ def _feature_count(feats: Any) -> int:
         return feats.numel() // feats.shape[-1]
     if isinstance(feats, (list, tuple)):
         return sum(_feature_count(f) for f in feats)
-    raise TypeError(f"image features of type {type(feats).__name__}")
+    raise TypeError(f"features of type {type(feats).__name__}")
 
 
 def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator) -> None:
     """Image inputs for a vision-language model, with as many image tokens in ``input_ids`` as the
     vision tower yields features, so that the vision tower is in the traced forward. Leaves ``out``
     as it is when no candidate layout works."""
-    get = getattr(model, "get_image_features", None)
+    _with_modality_tokens(model, out, batch, "image", getattr(model, "get_image_features", None),
+                          _image_inputs(model, batch, gen))
+
+
+def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Candidate audio inputs of an audio-language model: log-mel frames ``(batch, mels, frames)``
+    (Whisper-style towers want ``2 * max_source_positions`` frames) and an all-ones frame mask."""
+    cfg = model.config
+    acfg = getattr(cfg, "audio_config", None) or getattr(cfg, "encoder_config", None) or cfg
+    mels = getattr(acfg, "num_mel_bins", None) or getattr(acfg, "feature_size", None) or 128
+    params = inspect.signature(model.forward).parameters
+    mask = next((m for m in ("input_features_mask", "feature_attention_mask") if m in params), None)
+    dtype = model_dtype(model)
+    for frames in dict.fromkeys([2 * (getattr(acfg, "max_source_positions", 0) or 0), 3000, 400, 64]):
+        if not frames:
+            continue
+        cand: dict[str, Any] = {"input_features": torch.randn(batch, mels, frames, generator=gen).to(
+            model_device(model), dtype)}
+        if mask is not None:
+            cand[mask] = torch.ones(batch, frames, dtype=torch.long, device=model_device(model))
+        yield cand
+
+
+def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kind: str, get: Any,
+                          candidates: Iterator[dict[str, Any]]) -> None:
+    """The first candidate input whose features ``get`` computes, with that many ``kind`` tokens
+    per sample spliced into ``input_ids`` (other special tokens in the random text replaced)."""
     if get is None:
         return
     cfg = model.config
-    tok = _token_id(cfg, "image")
-    for cand in _image_inputs(model, batch, gen):
+    tok = _token_id(cfg, kind)
+    accepts = inspect.signature(get).parameters
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in accepts.values())
+    for cand in candidates:
         try:
             with torch.no_grad():
-                n = _feature_count(get(**cand))
+                n = _feature_count(get(**{k: v for k, v in cand.items() if takes_all or k in accepts}))
         except Exception:  # noqa: BLE001 - this layout does not fit the model: try the next
             continue
         if n % batch:
@@ -178,11 +210,17 @@ def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: t
                    and (k.endswith("token_id") or k.endswith("token_index")) and k != "pad_token_id"}
         safe = next(i for i in range(int(text.max()) + len(special) + 2) if i not in special)
         text = torch.where(torch.isin(text, torch.tensor(sorted(special), device=text.device)), safe, text)
-        image = torch.full((batch, n // batch), tok, dtype=text.dtype, device=text.device)
-        out["input_ids"] = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
-        out.update(cand)
-        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # Qwen-VL's M-RoPE: 1 = image
-            out["mm_token_type_ids"] = (out["input_ids"] == tok).long()
+        placeholders = torch.full((batch, n // batch), tok, dtype=text.dtype, device=text.device)
+        trial = {**out, "input_ids": torch.cat([text[:, :1], placeholders, text[:, 1:]], dim=1), **cand}
+        if kind == "audio":  # towers differ in how they count tokens: keep what the forward accepts
+            try:
+                with torch.no_grad():
+                    model(**trial)
+            except Exception:  # noqa: BLE001 - text-only inputs then, as before
+                return
+        out.update(trial)
+        if kind == "image" and "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+            out["mm_token_type_ids"] = (out["input_ids"] == tok).long()  # Qwen-VL's M-RoPE: 1 = image
         return
 
 
