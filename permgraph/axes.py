@@ -72,6 +72,10 @@ class AxisStore:
     def kind(self, a: int) -> str | None:
         return self._atoms[self.find(a)].kind
 
+    def __len__(self) -> int:
+        """Number of atoms ever made (ids are ``range(len(store))``)."""
+        return len(self._atoms)
+
     def children(self, a: int) -> list[int]:
         return [self.find(c) for c in self._atoms[self.find(a)].children]
 

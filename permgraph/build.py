@@ -89,9 +89,10 @@ def _fixed_parts(t: AxisTree, where: str = "whole axis") -> str:
 
 
 def _propagate_fixed(store, result) -> None:
-    """A fixed axis fixes every part of it."""
+    """A fixed axis fixes every part of it, also where the fixed atom is no tensor's axis (a
+    reshape's merged run whose split conflicts: its input parts are fixed through it)."""
     seen: set[int] = set()
-    roots = {store.find(a) for ty in list(result.param_axes.values()) + result.tensor_types for a in ty}
+    roots = {store.find(a) for a in range(len(store))}
     stack = list(roots)
     while stack:
         r = store.find(stack.pop())

@@ -980,3 +980,25 @@ def test_repeat_with_a_count_known_only_at_run_time():
     spec = pg.compile(model, inputs)
     assert [g.size for g in spec.groups.values()] == [8]
     assert pg.verify(model, spec, inputs, seed=1).max_rel_error < 1e-12
+
+
+class _MergedFrames(nn.Module):
+    """GLM-ASR's frame merge with a width that does not divide: (B, 5, 6) -> (B, 3, 10). Units of the
+    6-wide axis are spread over rows and columns of the result, so it cannot move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, 6), nn.Linear(10, O)
+
+    def forward(self, x):
+        return self.b(self.a(x).reshape(B, 3, 10))
+
+
+def test_conflicting_reshape_fixes_the_axes_it_merges():
+    """The merged (frames, width) run conflicts with the (3, 10) split: the input's width is fixed
+    too, not only the output parts (was unsound: the fixed merged atom is no tensor's axis, so its
+    fix never reached the width; GLM-ASR's audio tower moved with a relative error of 1.57)."""
+    model, inputs = _MergedFrames(), (_x(),)
+    spec = pg.compile(model, inputs)
+    assert not any(t.groups() for t in spec.axes_of("a.weight"))
+    assert pg.verify(model, spec, inputs, seed=1, tolerance=1e-12).ok
