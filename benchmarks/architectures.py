@@ -134,11 +134,12 @@ def _consistent(cfg, model_type: str) -> None:
     width the text width, M-RoPE sections the rotary width, Gemma 3's pooled tokens per image
     a divisor of its patch grid, deepstack layers inside the tower."""
     text, vision = getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)
-    if text is not None and getattr(cfg, "audio_config", None) is not None:  # audio tokens inside the vocabulary
-        audio = [v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool) and "audio" in k
-                 and (k.endswith("token_id") or k.endswith("token_index"))]
-        if audio and isinstance(getattr(text, "vocab_size", None), int) and max(audio) >= text.vocab_size:
-            _set(text, "vocab_size", max(audio) + 1)
+    vocab = getattr(text, "vocab_size", None) if text is not None else None
+    if isinstance(vocab, int) and getattr(cfg, "audio_config", None) is not None:  # audio tokens in the vocabulary
+        audio = [k for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool) and "audio" in k
+                 and (k.endswith("token_id") or k.endswith("token_index")) and v >= vocab]
+        for i, k in enumerate(audio):  # the top ids of the shrunk vocabulary
+            _set(cfg, k, vocab - 1 - i)
     if text is None or vision is None:
         return
     mm = [v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool)
