@@ -24,7 +24,7 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
     node (``node name -> one tree per dim``), for data-based solvers.
     """
     store = result.store
-    _propagate_fixed(store, result)
+    _propagate_fixed(store)
 
     def is_free(leaf: int) -> bool:
         return not store.reasons(leaf) and store.size(leaf) > 1
@@ -88,29 +88,15 @@ def _fixed_parts(t: AxisTree, where: str = "whole axis") -> str:
     return ""
 
 
-def _propagate_fixed(store, result) -> None:
+def _propagate_fixed(store) -> None:
     """A fixed axis fixes every part of it, also where the fixed atom is no tensor's axis (a
-    reshape's merged run whose split conflicts: its input parts are fixed through it)."""
-    seen: set[int] = set()
-    roots = {store.find(a) for a in range(len(store))}
-    stack = list(roots)
-    while stack:
-        r = store.find(stack.pop())
-        if r in seen:
-            continue
-        seen.add(r)
-        kids = store.children(r) if store.kind(r) else []
-        if store.reasons(r):
-            for c in kids:
-                if not store.reasons(c):
-                    for why in store.reasons(r):
-                        store.fix(c, why)
-        stack.extend(kids)
-    # a fixed parent discovered after its children were visited: repeat until stable
+    reshape's merged run whose split conflicts: its input parts are fixed through it). Parents
+    are made after their parts, so newest first reaches most parts in one pass; repeat until stable."""
+    roots = sorted({store.find(a) for a in range(len(store))}, reverse=True)
     changed = True
     while changed:
         changed = False
-        for r in seen:
+        for r in roots:
             if store.reasons(r) and store.kind(r):
                 for c in store.children(r):
                     if not store.reasons(c):

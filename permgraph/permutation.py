@@ -167,8 +167,12 @@ def axis_indices(spec: PermSpec, perm: Permutation, name: str,
 def permute_tensor(spec: PermSpec, perm: Permutation, name: str, tensor: torch.Tensor,
                    skip: tuple[int, str] | None = None) -> torch.Tensor:
     """One parameter permuted on every axis; ``skip=(axis, group)`` leaves that group alone on that axis."""
-    x = tensor
-    for dim, idx in enumerate(axis_indices(spec, perm, name, skip)):
+    return gather_axes(tensor, axis_indices(spec, perm, name, skip))
+
+
+def gather_axes(x: torch.Tensor, index: list[torch.Tensor | None]) -> torch.Tensor:
+    """``x`` gathered along each axis by its index (``axis_indices``); None leaves an axis as it is."""
+    for dim, idx in enumerate(index):
         if idx is not None:
             x = x.index_select(dim, idx.to(x.device))
     return x

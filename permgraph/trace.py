@@ -86,7 +86,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
             and _token_id(cfg, "audio") is not None):  # audio-language models: the audio tower in the forward
         _with_modality_tokens(model, out, batch, "audio", getattr(model, "get_audio_features", None),
-                              _audio_inputs(model, batch, gen))
+                              _audio_inputs(model, batch, gen), check_forward=True)
     if "input_values" in params and model.main_input_name == "input_values":  # raw audio
         out["input_values"] = torch.randn(batch, 1024, generator=gen).to(dev, dtype)
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
@@ -164,8 +164,11 @@ def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: t
     """Image inputs for a vision-language model, with as many image tokens in ``input_ids`` as the
     vision tower yields features, so that the vision tower is in the traced forward. Leaves ``out``
     as it is when no candidate layout works."""
-    _with_modality_tokens(model, out, batch, "image", getattr(model, "get_image_features", None),
-                          _image_inputs(model, batch, gen))
+    tok = _token_id(model.config, "image")
+    if (_with_modality_tokens(model, out, batch, "image", getattr(model, "get_image_features", None),
+                              _image_inputs(model, batch, gen))
+            and "mm_token_type_ids" in inspect.signature(model.forward).parameters):
+        out["mm_token_type_ids"] = (out["input_ids"] == tok).long()  # Qwen-VL's M-RoPE: 1 = image
 
 
 def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
@@ -188,11 +191,12 @@ def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
 
 
 def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kind: str, get: Any,
-                          candidates: Iterator[dict[str, Any]]) -> None:
+                          candidates: Iterator[dict[str, Any]], check_forward: bool = False) -> bool:
     """The first candidate input whose features ``get`` computes, with that many ``kind`` tokens
-    per sample spliced into ``input_ids`` (other special tokens in the random text replaced)."""
+    per sample spliced into ``input_ids`` (other special tokens in the random text replaced);
+    with ``check_forward``, only if the model's forward accepts the result. Whether ``out`` changed."""
     if get is None:
-        return
+        return False
     cfg = model.config
     tok = _token_id(cfg, kind)
     accepts = inspect.signature(get).parameters
@@ -212,16 +216,15 @@ def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kin
         text = torch.where(torch.isin(text, torch.tensor(sorted(special), device=text.device)), safe, text)
         placeholders = torch.full((batch, n // batch), tok, dtype=text.dtype, device=text.device)
         trial = {**out, "input_ids": torch.cat([text[:, :1], placeholders, text[:, 1:]], dim=1), **cand}
-        if kind == "audio":  # towers differ in how they count tokens: keep what the forward accepts
+        if check_forward:  # audio towers differ in how they count tokens: keep what the forward accepts
             try:
                 with torch.no_grad():
                     model(**trial)
             except Exception:  # noqa: BLE001 - text-only inputs then, as before
-                return
+                return False
         out.update(trial)
-        if kind == "image" and "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-            out["mm_token_type_ids"] = (out["input_ids"] == tok).long()  # Qwen-VL's M-RoPE: 1 = image
-        return
+        return True
+    return False
 
 
 def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict]:

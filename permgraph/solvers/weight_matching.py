@@ -29,7 +29,7 @@ from permgraph.alignment import Alignment
 from permgraph.backends import get_backend
 from permgraph.errors import InputError
 from permgraph.ir import Permutation
-from permgraph.permutation import axis_indices
+from permgraph.permutation import axis_indices, gather_axes
 from permgraph.rewrites import flattened_heads, shared_within_head
 from permgraph.solvers.base import SolverOptions
 from permgraph.solvers.common import (
@@ -109,14 +109,14 @@ class WeightCosts:
         index = [None if i is None else i.to(a.device) for i in index]
         dims = [d for d in range(a.dim()) if d != keep]
         if a.numel() <= CHUNK or not dims:
-            yield b.to(self.dtype), _gather(a, index).to(self.dtype)
+            yield b.to(self.dtype), gather_axes(a, index).to(self.dtype)
             return
         d = max(dims, key=lambda k: a.shape[k])
         step = max(1, CHUNK * a.shape[d] // a.numel())
         for start in range(0, a.shape[d], step):
             stop = min(start + step, a.shape[d])
             rows = index[d][start:stop] if index[d] is not None else torch.arange(start, stop, device=a.device)
-            part = _gather(a.index_select(d, rows), index[:d] + [None] + index[d + 1:])
+            part = gather_axes(a.index_select(d, rows), index[:d] + [None] + index[d + 1:])
             yield b.narrow(d, start, stop - start).to(self.dtype), part.to(self.dtype)
 
     def objective(self) -> float:
@@ -277,13 +277,6 @@ class WeightCosts:
 
 
 CHUNK = 1 << 22  # elements of one parameter widened and permuted at a time by WeightCosts.pairs
-
-
-def _gather(x: torch.Tensor, index: list[torch.Tensor | None]) -> torch.Tensor:
-    for dim, idx in enumerate(index):
-        if idx is not None:
-            x = x.index_select(dim, idx)
-    return x
 
 
 def _deps(spec: PermSpec, group_sites: list[Site], g: str) -> frozenset[str]:
