@@ -233,7 +233,7 @@ def build_model(model_type: str):
     """(model, config label, size) for the first config that builds and runs forward on derived inputs."""
     import torch
 
-    from permgraph.trace import default_example_inputs
+    from permgraph.inputs import default_example_inputs
 
     cls = model_class(model_type)
     errors = []
@@ -399,7 +399,8 @@ def _is_random(model) -> bool:
     """Whether two identical calls on the derived inputs give different outputs (VITS samples noise)."""
     import torch
 
-    from permgraph.trace import default_example_inputs, named_outputs
+    from permgraph.inputs import default_example_inputs
+    from permgraph.trace import named_outputs
 
     inputs = default_example_inputs(model)
     with torch.no_grad():

@@ -19,8 +19,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
 import permgraph as pg
+from permgraph.inputs import default_example_inputs
 from permgraph.rewrites import shared_within_head
-from permgraph.trace import default_example_inputs
 
 SOLVERS = [("transfusion (paper distance)", "transfusion", {}),
            ("transfusion (official +O)", "transfusion", {"head_distance": "official"}),

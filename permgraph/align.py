@@ -10,13 +10,13 @@ import torch.nn as nn
 from permgraph.alignment import Alignment
 from permgraph.compiler import compile as compile_spec
 from permgraph.errors import InputError
+from permgraph.inputs import ExampleInputs
 from permgraph.ir import G, Permutation
 from permgraph.permutation import apply_permutation
 from permgraph.rewrites import group_map
 from permgraph.solvers import get_solver
 from permgraph.solvers.residual_step import untied_descent
 from permgraph.spec import PermSpec
-from permgraph.trace import ExampleInputs
 
 ModelLike = nn.Module | Mapping[str, torch.Tensor]
 

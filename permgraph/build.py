@@ -29,22 +29,37 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
     def is_free(leaf: int) -> bool:
         return not store.reasons(leaf) and store.size(leaf) > 1
 
-    def tree(atom: int) -> AxisTree:
+    per_head = _fixed_contexts(store, result.param_axes, result.tensor_types, is_free)
+    split_at: dict[int, set[int]] = {}
+    for x, f in per_head.items():
+        split_at.setdefault(f, set()).add(x)
+
+    def tree(atom: int, head: Mapping[int, int] = {}) -> AxisTree:  # noqa: B006 - read only
         r = store.find(atom)
         k = store.kind(r)
         if k is None:
-            return G(r) if is_free(r) else Fixed(store.size(r))
-        subs = tuple(tree(c) for c in store.flat(r, k))
+            return (G((r, head[r]) if r in head else r) if is_free(r) else Fixed(store.size(r)))
+        kids = store.flat(r, k)
+        subs = None
+        if k == "prod":
+            for i, c in enumerate(kids):
+                xs = split_at.get(c, set()) & {x for d in kids[i + 1:] for x in store.leaves(d)}
+                if xs:  # heads fixed but distinct: one within-head group per head (split id (x, h))
+                    segs = tuple(_prod([tree(d, {**head, **{x: h for x in xs}}) for d in kids[i + 1:]])
+                                 for h in range(store.size(c)))
+                    subs = tuple(tree(d, head) for d in kids[:i]) + (Cat(segs),)
+                    break
+        subs = subs if subs is not None else tuple(tree(c, head) for c in kids)
         if all(isinstance(s, Fixed) for s in subs):
             return Fixed(store.size(r))
-        return Prod(subs) if k == "prod" else Cat(subs)
+        return _prod(list(subs)) if k == "prod" else Cat(subs)
 
     raw_axes = {p: [tree(a) for a in ty] for p, ty in result.param_axes.items()}
     leaves = list(dict.fromkeys(g for trees in raw_axes.values() for t in trees for g in t.groups()))
     ctx = _contexts(store, raw_axes, result.tensor_types, set(leaves))
     names = _name_groups(store, leaves, raw_axes, ctx)
     order = _outer_first(leaves, ctx)
-    groups = {names[x]: Group(names[x], store.size(x), tuple(names[c] for c in ctx[x]), _role(store, x, ctx))
+    groups = {names[x]: Group(names[x], store.size(_atom(x)), tuple(names[c] for c in ctx[x]), _role(store, x, ctx))
               for x in order}
     axes = {p: [t.rename(lambda x: G(names[x])) for t in trees] for p, trees in raw_axes.items()}
     fixed = []
@@ -74,6 +89,69 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
     node_trees = {n: [named(tree(a)) for a in ty] for n, ty in result.node_types.items()
                   if isinstance(ty, list) and all(isinstance(a, int) for a in ty)}
     return spec, node_trees
+
+
+def _prod(parts: list[AxisTree]) -> AxisTree:
+    return parts[0] if len(parts) == 1 else Prod(tuple(parts))
+
+
+def _atom(x) -> int:
+    """The atom of a group id: an atom, or ``(atom, head)`` for one head's copy of a within-head group."""
+    return x[0] if isinstance(x, tuple) else x
+
+
+# fixed for these reasons, an axis keeps each position's identity through the graph: per-position
+# constants (ALiBi's slopes), positions read one at a time, the model's outputs. An op that mixes or
+# reorders positions (cumsum, flip, a mask, a reshape that conflicts) fixes with another reason.
+_POSITIONAL = ("values vary along the axis", "indexed by select", "indexed by unbind", "model output",
+               "model input", "constant buffer", "embedding lookup")
+
+
+def _fixed_contexts(store, param_axes, tensor_types, is_free) -> dict[int, int]:
+    """Within-head groups (roles qk, vo) whose head axis is fixed but keeps each head's identity
+    (ALiBi: each head has its own slope): ``x -> f``, the fixed head atom. Like a free context
+    (``_contexts``), ``f`` must precede ``x`` in the product structure of every parameter axis
+    containing ``x`` and co-occur with it in every tensor; then every op treats ``x`` batch-wise
+    along ``f`` and each head may permute its units on its own: ``Prod(f, x)`` becomes
+    ``Cat(x_0, ..., x_{H-1})``. Atoms with eight or more reasons (the store keeps eight) never qualify."""
+    groups = {r for ty in param_axes.values() for a in ty for r in store.leaves(a)
+              if is_free(r) and {"qk", "vo"} & set(store.roles(r))}
+    if not groups:
+        return {}
+    heads: set[int] = set()
+    cand: dict[int, list[int]] = {}
+
+    def walk(atom: int, pre: list[int]) -> None:
+        r = store.find(atom)
+        k = store.kind(r)
+        if k is None:
+            if r in groups:
+                cand[r] = [c for c in cand[r] if c in pre] if r in cand else list(pre)
+            return
+        acc = list(pre)
+        for c in store.flat(r, k):
+            walk(c, acc if k == "prod" else pre)
+            if k == "prod" and store.kind(c) is None:
+                acc = acc + [c]
+
+    for ty in param_axes.values():
+        for a in ty:
+            walk(a, [])
+    for c in {c for cs in cand.values() for c in cs}:
+        why = store.reasons(c)
+        if store.size(c) > 1 and 0 < len(why) < 8 and all(w.message.startswith(_POSITIONAL) for w in why):
+            heads.add(c)
+    cooc: dict[int, set[int]] = {}
+    for ty in list(tensor_types) + list(param_axes.values()):
+        present = {x for a in ty if isinstance(a, int) for x in store.leaves(a)} & (groups | heads)
+        for x in present & groups:
+            cooc[x] = cooc[x] & present if x in cooc else set(present)
+    out = {}
+    for x, cs in cand.items():
+        ok = [c for c in cs if c in cooc.get(x, set())]
+        if ok and ok[0] in heads and not any(is_free(c) for c in ok):
+            out[x] = ok[0]
+    return out
 
 
 def _fixed_parts(t: AxisTree, where: str = "whole axis") -> str:
@@ -163,7 +241,7 @@ def _outer_first(leaves: list[int], ctx: dict[int, list[int]]) -> list[int]:
 
 
 def _role(store, x: int, ctx: dict[int, list[int]]) -> str:
-    roles = store.roles(x)
+    roles = store.roles(_atom(x))
     if "qk" in roles and "vo" in roles:
         return "qkvo"
     if roles:
@@ -197,9 +275,15 @@ def _name_groups(store, leaves: list[int], raw_axes, ctx) -> dict[int, str]:
             prefix = "+".join(sorted({m.split(".")[0] for m in members[x]})) or "root"
         base = f"{prefix}.{role}" if role else prefix
         bases[x] = (base, Counter(m.split(".")[0] for m in members[x]).most_common(1)[0][0])
-    counts = Counter(b for b, _ in bases.values())
+    counts = Counter(b for x, (b, _) in bases.items() if not isinstance(x, tuple) or x[1] == 0)
     for x in leaves:
         base, top = bases[x]
+        if isinstance(x, tuple):  # one head's copy of a within-head group: numbered like its twins
+            if x[1] == 0:
+                used[base] += 1
+            n = used[base]
+            names[x] = f"{base if n == 1 else f'{base}#{n}'}.head{x[1]}"
+            continue
         if counts[base] > 1 and base == "residual":
             base = f"residual[{top}]"
         used[base] += 1

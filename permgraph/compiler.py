@@ -1,6 +1,7 @@
 """``compile``: model + example inputs -> PermSpec."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -10,9 +11,10 @@ from permgraph.axes import Reason
 from permgraph.build import build_spec
 from permgraph.errors import InputError, InternalError, PermgraphError
 from permgraph.infer import infer
+from permgraph.inputs import ExampleInputs
 from permgraph.rewrites import residual_sites
 from permgraph.spec import PermSpec
-from permgraph.trace import ExampleInputs, trace
+from permgraph.trace import quiet_export_logs, trace
 
 
 def compile(model: nn.Module, example_inputs: ExampleInputs = None, *,
@@ -70,7 +72,8 @@ def _compile(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequence[
             raise InputError(f"unknown outputs {unknown}; this model's outputs are {traced.output_names}")
         fixed = {i for i, n in enumerate(traced.output_names) if n in outputs}
     try:
-        result = infer(traced.graph, traced.inputs, fixed_outputs=fixed)
+        with quiet_export_logs() if "draft" in traced.info else contextlib.nullcontext():
+            result = infer(traced.graph, traced.inputs, fixed_outputs=fixed)
     except PermgraphError:
         raise
     except Exception as e:  # a rule crashed: permgraph's bug, not the user's

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch.nn as nn
 
 from permgraph.compiler import compile as compile_spec
+from permgraph.inputs import ExampleInputs
 from permgraph.report import explain_spec
 from permgraph.spec import PermSpec
-from permgraph.trace import ExampleInputs
 
 
 def explain(model_or_spec: nn.Module | PermSpec, example_inputs: ExampleInputs = None) -> str:

@@ -108,6 +108,8 @@ def explain_spec(spec: "PermSpec", max_rows: int = 40) -> str:
                      "one per residual addend; for task vectors, not function-preserving for pi(A)")
     elif "residual_sites_missing" in spec.info:
         lines.append(f"untied residual: not available ({spec.info['residual_sites_missing']})")
+    if "draft" in spec.info:
+        lines.append(spec.info["draft"])
     return "\n".join(lines)
 
 

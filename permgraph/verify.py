@@ -10,10 +10,11 @@ import torch.nn as nn
 
 from permgraph.compiler import compile as compile_spec
 from permgraph.errors import InputError
+from permgraph.inputs import ExampleInputs, resolve_inputs
 from permgraph.ir import Permutation
 from permgraph.permutation import apply_permutation
 from permgraph.spec import PermSpec
-from permgraph.trace import ExampleInputs, named_outputs, resolve_inputs, trace
+from permgraph.trace import named_outputs, trace
 
 
 @dataclass

@@ -156,7 +156,7 @@ def test_a_value_read_only_for_its_shape_fixes_nothing():
 
 
 def test_vision_language_model_gets_image_inputs_and_its_vision_tower_moves(zoo_compiled):
-    from permgraph.trace import default_example_inputs
+    from permgraph.inputs import default_example_inputs
 
     zm, spec = zoo_compiled("llava")
     inputs = default_example_inputs(zm.model)
@@ -201,7 +201,7 @@ def test_audio_language_model_gets_audio_inputs_and_its_audio_tower_moves():
     its tower yields, so the tower is in the traced forward and its units are groups."""
     from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
 
-    from permgraph.trace import default_example_inputs
+    from permgraph.inputs import default_example_inputs
 
     cfg = AudioFlamingo3Config(
         audio_token_id=100,
@@ -217,3 +217,46 @@ def test_audio_language_model_gets_audio_inputs_and_its_audio_tower_moves():
     tower = [p for p in spec.shapes if ".audio_tower.layers." in p]
     assert tower and all(any(t.groups() for t in spec.axes_of(p)) for p in tower if p.endswith("fc1.weight"))
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_alibi_heads_are_fixed_but_each_keeps_its_own_within_head_permutations():
+    """ALiBi gives every head its own slope, so heads cannot move; each head's q/k and v/o units
+    still can, each head on its own (one group per head, not one shared by all heads)."""
+    import dataclasses
+
+    from transformers import BloomConfig, BloomForCausalLM
+
+    cfg = BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = BloomForCausalLM(cfg).eval().double()
+    x = torch.randint(0, 64, (2, 7))
+    spec = pg.compile(model, (x,))
+    within = [g for g in spec.groups.values() if g.role in ("qk", "vo", "qkvo")]
+    assert len(within) == 2 * 4 and all(g.size == 8 and not g.ctx for g in within), within
+    assert {g.name.rsplit(".head", 1)[1] for g in within} == {"0", "1", "2", "3"}
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x,), seed=seed, promote_float32=True).ok
+    # the dense projection reading head 1's units with head 0's permutation: not a symmetry
+    p = "transformer.h.0.self_attention.dense.weight"
+    tree = spec.axes[p][1]
+    assert isinstance(tree, Cat) and len(tree.parts) == 4
+    swapped = Cat((tree.parts[1], tree.parts[0]) + tree.parts[2:])
+    wrong = dataclasses.replace(spec, axes={**spec.axes, p: [spec.axes[p][0], swapped]})
+    assert not pg.verify(model, wrong, (x,), seed=0, promote_float32=True).ok
+
+
+@pytest.mark.parametrize("solver", ["weight_matching", "transfusion", "activation_matching"])
+def test_alibi_per_head_groups_planted_permutation_is_recovered(solver):
+    import copy
+
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    a = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).eval().double()
+    x = torch.randint(0, 64, (2, 7))
+    spec = pg.compile(a, (x,))
+    b = copy.deepcopy(a)
+    b.load_state_dict(pg.apply_permutation(spec, spec.random_permutation(3), a.state_dict()))
+    kw = {"data": [{"input_ids": x}]} if solver == "activation_matching" else {}  # the keyword form, as users pass it
+    moved = pg.apply_alignment(pg.align(a, b, spec, solver=solver, **kw), a)
+    assert all(torch.equal(moved[k], v) for k, v in b.state_dict().items())

@@ -5,11 +5,11 @@ import torch
 
 import permgraph as pg
 from permgraph.errors import FormatError, InputError
+from permgraph.inputs import default_example_inputs
 from permgraph.rewrites import shared_within_head
 from permgraph.solvers import get_solver
 from permgraph.solvers.common import HEAD_DISTANCES, head_blocks
 from permgraph.testing import build
-from permgraph.trace import default_example_inputs
 
 
 def compiled(name: str):

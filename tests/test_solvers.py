@@ -131,7 +131,7 @@ def test_unknown_solver_and_registry():
 @pytest.mark.parametrize("name", ["gpt2", "llama", "vit", "clip"])
 @pytest.mark.parametrize("heads", ["spectral", "brute"])
 def test_activation_matching_recovers_planted_permutation(name, heads):
-    from permgraph.trace import default_example_inputs
+    from permgraph.inputs import default_example_inputs
 
     zm = build(name)
     spec = pg.compile(zm.model, zm.inputs, outputs=zm.outputs)

@@ -45,7 +45,7 @@ def test_wrong_permutation_is_detected(compiled):
     model = zm.model.double()
     try:
         model.load_state_dict(bad)
-        from permgraph.trace import resolve_inputs
+        from permgraph.inputs import resolve_inputs
         from permgraph.verify import _cast, _outputs
         args, kwargs = resolve_inputs(zm.model, zm.inputs)
         args, kwargs = _cast(args, torch.float64), _cast(kwargs, torch.float64)

@@ -25,11 +25,11 @@ from permgraph.alignment import Alignment
 from permgraph.backends import get_backend
 from permgraph.compiler import compile_graph
 from permgraph.errors import InputError
+from permgraph.inputs import resolve_inputs
 from permgraph.ir import Prod
 from permgraph.solvers.base import SolverOptions
 from permgraph.solvers.common import PermState, brute_heads, check_heads, spectral_heads, unit_index
 from permgraph.spec import PermSpec
-from permgraph.trace import split_inputs
 
 
 @dataclass
@@ -117,8 +117,8 @@ def activation_matching(spec: PermSpec, params_a: Mapping[str, torch.Tensor], pa
     missing = [g for g, found in plan.items() if not found]
     if missing:
         raise InputError(f"no activations found for groups {missing[:3]}: use a weight-based solver")
-    runs = _record(gm, cg, spec, batches, {node for found in plan.values() for node, _, _ in found},
-                   {"a": params_a, "b": params_b})
+    runs = _record(gm, cg, spec, [resolve_inputs(opts.module, b) for b in batches],
+                   {node for found in plan.values() for node, _, _ in found}, {"a": params_a, "b": params_b})
     t_data = time.perf_counter() - t0
     state = PermState(spec, get_backend(opts.backend))
 
@@ -155,17 +155,17 @@ def activation_matching(spec: PermSpec, params_a: Mapping[str, torch.Tensor], pa
     return Alignment(state.perm, spec, [], timings, settings)
 
 
-def _record(gm: fx.GraphModule, cg, spec: PermSpec, batches: list, wanted: set[str],
+def _record(gm: fx.GraphModule, cg, spec: PermSpec, batches: list[tuple[tuple, dict]], wanted: set[str],
             params: dict[str, Mapping[str, torch.Tensor]]) -> dict[str, dict[str, list[torch.Tensor]]]:
-    """Activations at the ``wanted`` nodes, for each model's parameters, over all batches."""
+    """Activations at the ``wanted`` nodes, for each model's parameters, over all batches
+    (``(args, kwargs)``, as traced: transformers' ``use_cache`` off)."""
     import copy
 
     runs = {}
     for label, p in params.items():
         model = _load(copy.deepcopy(gm), spec, p)
         acts: dict[str, list[torch.Tensor]] = {}
-        for batch in batches:
-            args, kwargs = split_inputs(batch)
+        for args, kwargs in batches:
             rec = _Recorder(model, wanted)
             with torch.no_grad():
                 rec.run(*_flat_inputs(cg.exported, args, kwargs))

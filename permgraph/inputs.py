@@ -1,0 +1,259 @@
+"""Example inputs: the user's, or derived from a transformers model's config (no tokenizer or hub)."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from permgraph.errors import TraceError
+
+ExampleInputs = tuple | dict | torch.Tensor | None
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is optional
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (derived float inputs use it)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# keyword flags of transformers models set False while tracing: a returned KV cache (``use_cache``)
+# or XLNet's memory (``use_mems``) is state for generation, not an output of the function
+_OFF_WHILE_TRACING = ("use_cache", "use_mems")
+
+
+def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs derived from a transformers model's config (no tokenizer or hub needed)."""
+    if not is_transformers_model(model):
+        raise TraceError(
+            f"{type(model).__name__} is not a transformers model, so permgraph cannot guess its inputs. "
+            "Pass example_inputs: a tuple of positional arguments or a dict of keyword arguments, "
+            "e.g. pg.compile(model, (torch.randn(2, 16, 64),)) or, on the command line, a factory "
+            "'module:function' that returns (model, example_inputs).")
+    cfg = model.config
+    dev = model_device(model)
+    dtype = model_dtype(model)
+    gen = torch.Generator().manual_seed(seed)
+    params = inspect.signature(model.forward).parameters
+    out: dict[str, torch.Tensor] = {}
+
+    def sub(name: str):
+        return getattr(cfg, name, None) or cfg
+
+    if "input_ids" in params and model.main_input_name != "pixel_values":
+        tcfg = sub("text_config")
+        vocab = getattr(tcfg, "vocab_size", None) or getattr(cfg, "vocab_size", 100)
+        out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
+    if "pixel_values" in params:
+        vcfg = sub("vision_config")
+        size = getattr(vcfg, "image_size", 32)
+        size = size if isinstance(size, int) else size[0]
+        ch = getattr(vcfg, "num_channels", 3)
+        out["pixel_values"] = torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)
+        if "input_ids" in out and _token_id(cfg, "image") is not None and _with_image_tokens(model, out, batch, gen):
+            _with_rope_positions(model, out)
+    if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
+            and _token_id(cfg, "audio") is not None):  # audio-language models: the audio tower in the forward
+        _with_modality_tokens(model, out, batch, "audio", getattr(model, "get_audio_features", None),
+                              _audio_inputs(model, batch, gen), check_forward=True)
+    if "input_values" in params and model.main_input_name == "input_values":  # raw audio
+        out["input_values"] = torch.randn(batch, 1024, generator=gen).to(dev, dtype)
+    if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
+        mels = getattr(cfg, "num_mel_bins", None) or getattr(cfg, "feature_size", None) or 80
+        frames = 2 * getattr(cfg, "max_source_positions", 0) or 64
+        out["input_features"] = torch.randn(batch, mels, frames, generator=gen).to(dev, dtype)
+    if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        out["decoder_input_ids"] = torch.randint(0, cfg.vocab_size, (batch, seq // 2), generator=gen).to(dev)
+    for flag in _OFF_WHILE_TRACING:
+        if flag in params:
+            out[flag] = False
+    if not out:
+        raise TraceError(f"cannot derive example inputs for {type(model).__name__}: pass example_inputs")
+    return out
+
+
+def _token_id(cfg: Any, kind: str) -> int | None:
+    """The placeholder token id of a modality (``image_token_id`` / ``image_token_index``)."""
+    for name in (f"{kind}_token_id", f"{kind}_token_index"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Candidate image inputs of a vision-language model, most common layout first: one image per
+    sample ``(batch, C, S, S)``; anyres tiles with ``image_sizes`` (LLaVA-NeXT); flattened patches with
+    ``image_grid_thw`` (Qwen-VL)."""
+    cfg = model.config
+    vcfg = getattr(cfg, "vision_config", None) or cfg
+    dev, dtype = model_device(model), model_dtype(model)
+    params = inspect.signature(model.forward).parameters
+    ch = getattr(vcfg, "num_channels", None) or getattr(vcfg, "in_channels", None) or 3
+    size = getattr(vcfg, "image_size", None)
+    size = size if isinstance(size, int) or size is None else size[0]
+    patch = getattr(vcfg, "patch_size", None)
+    patch = patch if isinstance(patch, int) or patch is None else patch[0]
+    if "image_grid_thw" in params and patch:
+        merge = getattr(vcfg, "spatial_merge_size", 1) or 1
+        tp = getattr(vcfg, "temporal_patch_size", 1) or 1
+        side = 2 * merge
+        yield {"pixel_values": torch.randn(batch * side * side, ch * tp * patch * patch, generator=gen).to(dev, dtype),
+               "image_grid_thw": torch.tensor([[1, side, side]] * batch, device=dev)}
+        return
+    if size is None:
+        return
+    if "image_sizes" in params:
+        num_patches = getattr(inspect.getmodule(type(model)), "image_size_to_num_patches", None)
+        pinpoints = getattr(cfg, "image_grid_pinpoints", None)
+        if num_patches is not None and pinpoints:
+            n = num_patches((size, size), pinpoints, size)
+            # a list, not a tensor: the number of tiles is computed from it in Python, which export
+            # cannot do from tensor values
+            yield {"pixel_values": torch.randn(batch, n, ch, size, size, generator=gen).to(dev, dtype),
+                   "image_sizes": [[size, size]] * batch}
+    yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)}
+
+
+def _feature_count(feats: Any) -> int:
+    """How many embedding vectors ``get_image_features``/``get_audio_features`` returned (a tensor,
+    a list of tensors, or a model output whose ``pooler_output`` holds them)."""
+    if hasattr(feats, "pooler_output") and feats.pooler_output is not None:
+        feats = feats.pooler_output
+    elif hasattr(feats, "last_hidden_state") and not isinstance(feats, torch.Tensor):
+        feats = feats.last_hidden_state
+    if isinstance(feats, torch.Tensor):
+        return feats.numel() // feats.shape[-1]
+    if isinstance(feats, (list, tuple)):
+        return sum(_feature_count(f) for f in feats)
+    raise TypeError(f"features of type {type(feats).__name__}")
+
+
+def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator) -> bool:
+    """Image inputs for a vision-language model, with as many image tokens in ``input_ids`` as the
+    vision tower yields features, so that the vision tower is in the traced forward. Leaves ``out``
+    as it is when no candidate layout works; whether it changed."""
+    tok = _token_id(model.config, "image")
+    if not _with_modality_tokens(model, out, batch, "image", getattr(model, "get_image_features", None),
+                                 _image_inputs(model, batch, gen)):
+        return False
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        out["mm_token_type_ids"] = (out["input_ids"] == tok).long()  # Qwen-VL's M-RoPE: 1 = image
+    return True
+
+
+def _with_rope_positions(model: nn.Module, out: dict[str, Any]) -> None:
+    """Multimodal RoPE positions (Qwen-VL's M-RoPE, GLM-4V), computed here in eager mode and passed
+    as ``position_ids``: the forward would compute them from the image grid's values with Python
+    control flow that export cannot trace. Kept only if the forward accepts them."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return
+    owner = next((m for m in model.modules() if callable(getattr(m, "get_rope_index", None))), None)
+    if owner is None:
+        return
+    accepts = inspect.signature(owner.get_rope_index).parameters
+    try:
+        with torch.no_grad():
+            res = owner.get_rope_index(**{k: v for k, v in out.items() if k in accepts})
+            trial = {**out, "position_ids": res[0] if isinstance(res, tuple) else res}
+            model(**trial)
+    except Exception:  # noqa: BLE001 - the forward computes them itself, as before
+        return
+    out.update(trial)
+
+
+def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Candidate audio inputs of an audio-language model: log-mel frames ``(batch, mels, frames)``
+    (Whisper-style towers want ``2 * max_source_positions`` frames) and an all-ones frame mask."""
+    cfg = model.config
+    acfg = getattr(cfg, "audio_config", None) or getattr(cfg, "encoder_config", None) or cfg
+    mels = getattr(acfg, "num_mel_bins", None) or getattr(acfg, "feature_size", None) or 128
+    params = inspect.signature(model.forward).parameters
+    mask = next((m for m in ("input_features_mask", "feature_attention_mask") if m in params), None)
+    dtype = model_dtype(model)
+    for frames in dict.fromkeys([2 * (getattr(acfg, "max_source_positions", 0) or 0), 3000, 400, 64]):
+        if not frames:
+            continue
+        cand: dict[str, Any] = {"input_features": torch.randn(batch, mels, frames, generator=gen).to(
+            model_device(model), dtype)}
+        if mask is not None:
+            cand[mask] = torch.ones(batch, frames, dtype=torch.long, device=model_device(model))
+        yield cand
+
+
+def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kind: str, get: Any,
+                          candidates: Iterator[dict[str, Any]], check_forward: bool = False) -> bool:
+    """The first candidate input whose features ``get`` computes, with that many ``kind`` tokens
+    per sample spliced into ``input_ids`` (other special tokens in the random text replaced);
+    with ``check_forward``, only if the model's forward accepts the result. Whether ``out`` changed."""
+    if get is None:
+        return False
+    cfg = model.config
+    tok = _token_id(cfg, kind)
+    accepts = inspect.signature(get).parameters
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in accepts.values())
+    for cand in candidates:
+        try:
+            with torch.no_grad():
+                n = _feature_count(get(**{k: v for k, v in cand.items() if takes_all or k in accepts}))
+        except Exception:  # noqa: BLE001 - this layout does not fit the model: try the next
+            continue
+        if n % batch:
+            continue
+        text = out["input_ids"]
+        special = {v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool)
+                   and (k.endswith("token_id") or k.endswith("token_index")) and k != "pad_token_id"}
+        safe = next(i for i in range(int(text.max()) + len(special) + 2) if i not in special)
+        text = torch.where(torch.isin(text, torch.tensor(sorted(special), device=text.device)), safe, text)
+        placeholders = torch.full((batch, n // batch), tok, dtype=text.dtype, device=text.device)
+        trial = {**out, "input_ids": torch.cat([text[:, :1], placeholders, text[:, 1:]], dim=1), **cand}
+        if check_forward:  # audio towers differ in how they count tokens: keep what the forward accepts
+            try:
+                with torch.no_grad():
+                    model(**trial)
+            except Exception:  # noqa: BLE001 - text-only inputs then, as before
+                return False
+        out.update(trial)
+        return True
+    return False
+
+
+def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TraceError(f"example_inputs must be a tuple of positional arguments or a dict of keyword "
+                     f"arguments, not {type(example_inputs).__name__}")
+
+
+def resolve_inputs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        return split_inputs(default_example_inputs(model))
+    args, kwargs = split_inputs(example_inputs)
+    if is_transformers_model(model):
+        params = inspect.signature(model.forward).parameters
+        for flag in _OFF_WHILE_TRACING:
+            if flag in params:
+                kwargs.setdefault(flag, False)
+    return args, kwargs

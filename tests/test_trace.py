@@ -1,0 +1,57 @@
+"""Tracing past data-dependent guards: draft export, and multimodal RoPE positions derived eagerly."""
+import torch
+
+import permgraph as pg
+
+
+class _Branchy(torch.nn.Module):
+    """The forward picks a layer from a tensor's value: export cannot decide the branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(6, 10), torch.nn.Linear(10, 4), torch.nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h) if int(flag.sum()) > 0 else self.c(h)
+
+
+def test_data_dependent_branch_is_traced_by_draft_export_and_said_so():
+    model = _Branchy().double()
+    x, flag = torch.randn(3, 6, dtype=torch.float64), torch.ones(2, dtype=torch.long)
+    try:
+        torch.export.export(model, (x, flag), strict=False)
+        raise AssertionError("plain export traced a data-dependent branch: the test no longer covers draft export")
+    except Exception as e:  # noqa: BLE001 - the guard error torch raises
+        assert "data-dependent" in str(e) or "DataDependent" in type(e).__name__, e
+    spec = pg.compile(model, (x, flag))
+    assert "draft_export" in spec.info["draft"] and "draft_export" in pg.explain(model, (x, flag))
+    assert [g.size for g in spec.groups.values()] == [10]  # a's units, with b (the branch taken)
+    assert all(isinstance(t, pg.ir.Fixed) for t in spec.axes["c.weight"])  # the branch not taken
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x, flag), seed=seed, tolerance=1e-12).ok
+
+
+def test_qwen2_vl_gets_mrope_positions_and_its_vision_tower_moves():
+    """Qwen2-VL computes M-RoPE positions from the image grid's values in Python; derived inputs pass
+    them precomputed, and draft export gets past the vision tower's per-image loop."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from permgraph.inputs import default_example_inputs
+
+    cfg = Qwen2VLConfig(
+        image_token_id=100, video_token_id=101, vision_start_token_id=102,
+        text_config={"vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1]}},
+        vision_config={"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3})
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(cfg).eval().double()
+    inputs = default_example_inputs(model)
+    assert inputs["position_ids"].shape[0] == 3 and (inputs["input_ids"] == 100).sum() > 0
+    spec = pg.compile(model)
+    assert "draft" in spec.info
+    for p in ("model.visual.blocks.0.mlp.fc1.weight", "model.visual.merger.mlp.0.weight"):
+        assert all(not isinstance(t, pg.ir.Fixed) for t in spec.axes_of(p)), (p, spec.axes_of(p))
+    assert pg.verify(model, spec, promote_float32=True).ok
