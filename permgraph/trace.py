@@ -28,10 +28,13 @@ class Traced:
 
 
 def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
-    """Export ``model`` (eval, no grad): non-strict first, strict next, and last ``draft_export``,
-    which runs the example inputs for real to get past data-dependent guards (an image grid's
-    values deciding a loop): its graph is specialised to the decisions those values take, so it
-    is kept only if it reproduces the model's outputs on them, and ``info["draft"]`` says so."""
+    """Export ``model`` (eval, no grad): non-strict, then strict; for a transformers MoE whose
+    experts loop over ``torch.where`` (the eager experts), non-strict again with the batched
+    experts (the same function, no data-dependent shapes); last ``draft_export``, which runs the
+    example inputs for real to get past data-dependent guards (an image grid's values deciding a
+    loop): its graph is specialised to the decisions those values take, so it is kept only if it
+    reproduces the model's outputs on them, and ``info["draft"]`` says so. The model is left as
+    it was (mode, cache flags, experts implementation)."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = resolve_inputs(model, example_inputs)
@@ -39,37 +42,62 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     model.eval()
     errors = []
     caches = _cache_off(model)
-    draft = None
+    info: dict[str, Any] = {}
     try:
-        for strict in (False, True):
+        ep = None
+        for strict, setup in ((False, None), (True, None), (False, _batched_experts)):
             printed = io.StringIO()  # torch prints the partial graph of a failed export to stderr
-            try:
-                with torch.no_grad(), contextlib.redirect_stderr(printed), quiet_export_logs():
-                    ep = torch.export.export(model, args, kwargs, strict=strict)
-            except Exception as e:  # noqa: BLE001 - any tracing failure is reported below
-                errors.append((strict, e))
-                continue
+            with setup(model) if setup else contextlib.nullcontext(True) as applies:
+                if not applies:
+                    continue
+                try:
+                    with torch.no_grad(), contextlib.redirect_stderr(printed), quiet_export_logs():
+                        ep = torch.export.export(model, args, kwargs, strict=strict)
+                except Exception as e:  # noqa: BLE001 - any tracing failure is reported below
+                    errors.append(e)
+                    continue
             sys.stderr.write(printed.getvalue())
+            if setup:
+                info["experts"] = "traced with transformers' batched_mm experts (the eager ones loop over torch.where)"
             break
-        else:
-            strict, e = errors[0]
-            ep, draft = _draft_export(model, args, kwargs)
+        if ep is None:
+            strict = False
+            ep, info["draft"] = _draft_export(model, args, kwargs)
             if ep is None:
                 raise TraceError(
                     f"torch.export could not trace {type(model).__name__} (non-strict, strict and draft all "
-                    f"failed).\n  {_failure_summary(e)}\n"
+                    f"failed).\n  {_failure_summary(errors[0])}\n"
                     "  what to try: check that example_inputs match forward()'s signature; remove "
                     "data-dependent Python control flow or make it static; for transformers models try "
-                    "attn_implementation='sdpa' or 'eager'.") from e
-            strict = False
+                    "attn_implementation='sdpa' or 'eager'.") from errors[0]
     finally:
         model.train(was_training)
         for cfg, old in caches:
             cfg.use_cache = old
     traced = _collect(model, ep, strict)
-    if draft is not None:
-        traced.info["draft"] = draft
+    traced.info.update(info)
     return traced
+
+
+@contextlib.contextmanager
+def _batched_experts(model: nn.Module):
+    """Switch a transformers MoE from eager experts to ``batched_mm`` for the block; yields
+    whether it switched (not when the model has other experts or does not support batched)."""
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "_experts_implementation", None)
+    switch = getattr(model, "set_experts_implementation", None)
+    if old != "eager" or switch is None:
+        yield False
+        return
+    try:
+        switch("batched_mm")
+    except Exception:  # noqa: BLE001 - not supported by this model
+        yield False
+        return
+    try:
+        yield cfg._experts_implementation == "batched_mm"
+    finally:
+        switch(old)
 
 
 def _draft_export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str | None]:

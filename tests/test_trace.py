@@ -55,3 +55,18 @@ def test_qwen2_vl_gets_mrope_positions_and_its_vision_tower_moves():
     for p in ("model.visual.blocks.0.mlp.fc1.weight", "model.visual.merger.mlp.0.weight"):
         assert all(not isinstance(t, pg.ir.Fixed) for t in spec.axes_of(p)), (p, spec.axes_of(p))
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_moe_with_eager_experts_is_traced_with_batched_experts_and_left_eager():
+    """Eager experts loop over ``torch.where`` (data-dependent sizes); the batched experts compute
+    the same function without them. The model is handed back with its eager experts."""
+    from permgraph.testing.zoo import build
+
+    model = build("mixtral").model
+    model.set_experts_implementation("eager")
+    spec = pg.compile(model)
+    assert model.config._experts_implementation == "eager"
+    assert "batched_mm" in spec.info["experts"] and "draft" not in spec.info
+    assert any(g.endswith("experts") for g in spec.groups), list(spec.groups)
+    for seed in (0, 1):
+        assert pg.verify(model, spec, seed=seed, promote_float32=True).ok
