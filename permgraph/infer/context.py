@@ -7,6 +7,7 @@ calls without a schema, such as ``operator.getitem``).
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -50,22 +51,17 @@ def bind_args(node: fx.Node) -> dict[str, Any]:
     return out
 
 
-_UNBACKED = [10 ** 9]
 RUN_TIME = 10 ** 9  # sentinel sizes (data-dependent sizes) are above this
-_SENTINELS: dict[str, int] = {}
 
 
 def concrete(s: Any) -> int:
-    """A size as an int; a data-dependent size (unbacked symbol) gets a sentinel size, one per
-    symbolic expression, so the axis never unifies with a known size (callers fix it)."""
+    """A size as an int; a data-dependent size (unbacked symbol) gets a sentinel size above
+    ``RUN_TIME``, a hash of its symbolic expression (equal expressions, equal sentinels; no state
+    kept between runs), so the axis never unifies with a known size (callers fix it)."""
     try:
         return int(s)
     except Exception:  # noqa: BLE001 - GuardOnDataDependentSymNode and friends
-        key = str(s)
-        if key not in _SENTINELS:
-            _UNBACKED[0] += 1
-            _SENTINELS[key] = _UNBACKED[0]
-        return _SENTINELS[key]
+        return RUN_TIME + 1 + int.from_bytes(hashlib.blake2b(str(s).encode(), digest_size=6).digest(), "big")
 
 
 def norm_dim(d: int, ndim: int) -> int:
