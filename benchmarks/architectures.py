@@ -129,17 +129,33 @@ def _set(cfg, k: str, v) -> None:
 
 
 def _consistent(cfg, model_type: str) -> None:
-    """A vision-language config's parts made to agree again after shrinking (and where the class
-    defaults disagree): placeholder tokens inside the text vocabulary, the vision tower's output
-    width the text width, M-RoPE sections the rotary width, Gemma 3's pooled tokens per image
-    a divisor of its patch grid, deepstack layers inside the tower."""
+    """A multimodal config's parts made to agree again after shrinking (and where the class
+    defaults disagree): placeholder tokens inside the text vocabulary, the vision or audio tower's
+    output width the text width, an audio projector's cross-attention width the tower's, M-RoPE
+    sections the rotary width, Gemma 3's pooled tokens per image a divisor of its patch grid,
+    deepstack layers inside the tower."""
     text, vision = getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)
     vocab = getattr(text, "vocab_size", None) if text is not None else None
-    if isinstance(vocab, int) and getattr(cfg, "audio_config", None) is not None:  # audio tokens in the vocabulary
-        audio = [k for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool) and "audio" in k
-                 and (k.endswith("token_id") or k.endswith("token_index")) and v >= vocab]
-        for i, k in enumerate(audio):  # the top ids of the shrunk vocabulary
-            _set(cfg, k, vocab - 1 - i)
+    if isinstance(vocab, int):  # audio placeholder tokens in the vocabulary, the top ids of the shrunk one; a
+        # placeholder id the class leaves unset (Voxtral: None) given one, as every checkpoint does
+        ids = {k: v for k, v in vars(cfg).items()
+               if "audio" in k and (k.endswith("token_id") or k.endswith("token_index"))
+               and (v is None and k in ("audio_token_id", "audio_token_index") and _audio_tower(cfg)
+                    or isinstance(v, int) and not isinstance(v, bool) and v >= vocab)}
+        taken = {v for v in _token_ids(cfg) if isinstance(v, int)}
+        free = (i for i in range(vocab - 1, -1, -1) if i not in taken)
+        for k in ids:
+            _set(cfg, k, next(free))
+    audio = getattr(cfg, "audio_config", None)
+    hidden = getattr(text, "hidden_size", None) if text is not None else None
+    if isinstance(getattr(audio, "output_dim", None), int) and isinstance(hidden, int) and audio.output_dim != hidden:
+        _set(audio, "output_dim", hidden)  # the audio tower's output width the text width (Qwen3-ASR)
+    tower = audio if audio is not None else getattr(cfg, "encoder_config", None)
+    width = getattr(tower, "hidden_size", None)
+    for sub in _subconfigs(cfg) if vision is None else ():  # a projector's cross-attention reads the audio
+        # tower (Granite Speech's Q-Former)
+        if isinstance(width, int) and sub is not tower and isinstance(getattr(sub, "encoder_hidden_size", None), int):
+            _set(sub, "encoder_hidden_size", width)
     if text is None or vision is None:
         return
     mm = [v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool)
@@ -151,8 +167,11 @@ def _consistent(cfg, model_type: str) -> None:
         _set(vision, "out_hidden_size", hidden)
     rope = getattr(text, "rope_parameters", None)
     heads = getattr(text, "num_attention_heads", None)
-    if isinstance(rope, dict) and ("vl" in model_type or "mrope_section" in rope) and hidden and heads:
-        half = (getattr(text, "head_dim", None) or hidden // heads) // 2
+    mrope = "mrope_section" in rope or "mrope_section" in getattr(type(text), "ignore_keys_at_rope_validation", ()) \
+        if isinstance(rope, dict) else False  # GLM-4V: M-RoPE sections from the class's default, not the config
+    if isinstance(rope, dict) and ("vl" in model_type or mrope) and hidden and heads:
+        rotary = int((getattr(text, "head_dim", None) or hidden // heads) * rope.get("partial_rotary_factor", 1.0))
+        half = rotary // 2  # the sections split the rotary frequencies (a partial rotary's only)
         rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
     depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", None)
     if isinstance(getattr(vision, "deepstack_visual_indexes", None), (list, tuple)) and depth:
@@ -165,6 +184,14 @@ def _consistent(cfg, model_type: str) -> None:
         if side % math.isqrt(tokens) or math.isqrt(tokens) > side:
             per = next(d for d in range(side // 2, 0, -1) if side % d == 0)
             _set(cfg, "mm_tokens_per_image", per * per)
+
+
+def _audio_tower(cfg) -> bool:
+    """Whether ``cfg`` has an audio tower's sub-config (``audio_config``; Granite Speech's ``encoder_config``)."""
+    from transformers import PretrainedConfig
+
+    return any(isinstance(v, PretrainedConfig) and ("audio" in k or k == "encoder_config")
+               for k, v in vars(cfg).items())
 
 
 def configs(model_type: str):

@@ -72,7 +72,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
             _with_rope_positions(model, out)
     if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
             and _token_id(cfg, "audio") is not None):  # audio-language models: the audio tower in the forward
-        _with_modality_tokens(model, out, batch, "audio", getattr(model, "get_audio_features", None),
+        _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
                               _audio_inputs(model, batch, gen), check_forward=True)
     if "input_values" in params and model.main_input_name == "input_values":  # raw audio
         out["input_values"] = torch.randn(batch, 1024, generator=gen).to(dev, dtype)
@@ -135,7 +135,9 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
 
 def _feature_count(feats: Any) -> int:
     """How many embedding vectors ``get_image_features``/``get_audio_features`` returned (a tensor,
-    a list of tensors, or a model output whose ``pooler_output`` holds them)."""
+    a list of tensors, or a model output whose ``pooler_output`` holds them; a count as it is)."""
+    if isinstance(feats, int):
+        return feats
     if hasattr(feats, "pooler_output") and feats.pooler_output is not None:
         feats = feats.pooler_output
     elif hasattr(feats, "last_hidden_state") and not isinstance(feats, torch.Tensor):
@@ -181,35 +183,81 @@ def _with_rope_positions(model: nn.Module, out: dict[str, Any]) -> None:
 
 
 def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
-    """Candidate audio inputs of an audio-language model: log-mel frames ``(batch, mels, frames)``
-    (Whisper-style towers want ``2 * max_source_positions`` frames) and an all-ones frame mask."""
+    """Candidate audio inputs of an audio-language model, most common layout first: log-mel frames
+    ``(batch, mels, frames)`` (Whisper-style towers want ``2 * max_source_positions`` frames), then
+    frames first ``(batch, frames, dim)`` (conformer towers: ``input_dim``, stacked frames' ``input_size``);
+    each with an all-ones frame mask where the forward takes one, then without it."""
     cfg = model.config
     acfg = getattr(cfg, "audio_config", None) or getattr(cfg, "encoder_config", None) or cfg
     mels = getattr(acfg, "num_mel_bins", None) or getattr(acfg, "feature_size", None) or 128
+    dims = [d for d in (getattr(acfg, "input_dim", None), getattr(acfg, "input_size", None), mels)
+            if isinstance(d, int) and not isinstance(d, bool) and d > 0]
     params = inspect.signature(model.forward).parameters
     mask = next((m for m in ("input_features_mask", "feature_attention_mask") if m in params), None)
-    dtype = model_dtype(model)
-    for frames in dict.fromkeys([2 * (getattr(acfg, "max_source_positions", 0) or 0), 3000, 400, 64]):
+    dev, dtype = model_device(model), model_dtype(model)
+    for frames in dict.fromkeys([2 * (getattr(acfg, "max_source_positions", 0) or 0), 64, 400, 3000]):
         if not frames:
             continue
-        cand: dict[str, Any] = {"input_features": torch.randn(batch, mels, frames, generator=gen).to(
-            model_device(model), dtype)}
-        if mask is not None:
-            cand[mask] = torch.ones(batch, frames, dtype=torch.long, device=model_device(model))
-        yield cand
+        shapes = [(batch, mels, frames)] + [(batch, frames, d) for d in dict.fromkeys(dims)]
+        for shape in shapes:
+            feats = torch.randn(*shape, generator=gen).to(dev, dtype)
+            if mask is not None:
+                yield {"input_features": feats, mask: torch.ones(batch, frames, dtype=torch.long, device=dev)}
+            yield {"input_features": feats}
+
+
+def _audio_token_count(model: nn.Module) -> Any:
+    """How many audio tokens candidate audio inputs take: the count of what the model's
+    ``get_audio_features`` returns where that needs only the audio inputs (a parameter of the
+    forward that the helper requires and the candidate lacks is passed as ``None``, the forward's
+    default); otherwise (no helper, or one that needs ``input_ids``) what the audio tower's own
+    ``_get_feat_extract_output_lengths`` gives for the frames. None when neither exists."""
+    fwd = inspect.signature(model.forward).parameters
+    helpers = [m.get_audio_features for m in model.modules()
+               if callable(getattr(m, "get_audio_features", None))]
+    required = {name for h in helpers for name, p in inspect.signature(h).parameters.items()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    towers = [m for m in model.modules() if m is not model and getattr(m, "main_input_name", None) == "input_features"
+              and callable(getattr(m, "_get_feat_extract_output_lengths", None))]
+    if not helpers and not towers:
+        return None
+
+    def count(**cand: Any) -> int:
+        if helpers and "input_ids" not in required:
+            get = helpers[0]
+            accepts = inspect.signature(get).parameters
+            takes_all = any(p.kind == p.VAR_KEYWORD for p in accepts.values())
+            args = {k: v for k, v in cand.items() if takes_all or k in accepts}
+            args.update({k: None for k in required - set(cand)
+                         if (takes_all or k in accepts) and k in fwd and fwd[k].default is None})
+            return _feature_count(get(**args))
+        if not towers:
+            raise TypeError("no way to count the audio tokens")
+        feats = cand["input_features"]
+        masks = [v for k, v in cand.items() if k != "input_features"]
+        lengths = masks[0].sum(-1) if masks else torch.full((feats.shape[0],), feats.shape[-1], device=feats.device)
+        res = towers[0]._get_feat_extract_output_lengths(lengths.long())
+        return int((res[-1] if isinstance(res, tuple) else res).sum())
+
+    return count
+
+
+_FORWARD_TRIALS = 4  # candidate audio inputs run through the whole forward before giving up
 
 
 def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kind: str, get: Any,
                           candidates: Iterator[dict[str, Any]], check_forward: bool = False) -> bool:
     """The first candidate input whose features ``get`` computes, with that many ``kind`` tokens
     per sample spliced into ``input_ids`` (other special tokens in the random text replaced);
-    with ``check_forward``, only if the model's forward accepts the result. Whether ``out`` changed."""
+    with ``check_forward``, the first whose result the model's forward accepts (at most
+    ``_FORWARD_TRIALS`` forwards run). Whether ``out`` changed."""
     if get is None:
         return False
     cfg = model.config
     tok = _token_id(cfg, kind)
     accepts = inspect.signature(get).parameters
     takes_all = any(p.kind == p.VAR_KEYWORD for p in accepts.values())
+    tried = 0
     for cand in candidates:
         try:
             with torch.no_grad():
@@ -225,12 +273,15 @@ def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kin
         text = torch.where(torch.isin(text, torch.tensor(sorted(special), device=text.device)), safe, text)
         placeholders = torch.full((batch, n // batch), tok, dtype=text.dtype, device=text.device)
         trial = {**out, "input_ids": torch.cat([text[:, :1], placeholders, text[:, 1:]], dim=1), **cand}
-        if check_forward:  # audio towers differ in how they count tokens: keep what the forward accepts
-            try:
+        if check_forward:  # audio towers differ in layout and in how they count tokens: keep what the
+            try:  # forward accepts
                 with torch.no_grad():
                     model(**trial)
-            except Exception:  # noqa: BLE001 - text-only inputs then, as before
-                return False
+            except Exception:  # noqa: BLE001 - the next candidate; text-only inputs if none works
+                tried += 1
+                if tried >= _FORWARD_TRIALS:
+                    return False
+                continue
         out.update(trial)
         return True
     return False
