@@ -9,9 +9,9 @@ import torch.nn as nn
 
 from permgraph.axes import Reason
 from permgraph.build import build_spec
-from permgraph.errors import InputError, InternalError, PermgraphError
+from permgraph.errors import InputError, InternalError, PermgraphError, TraceError
 from permgraph.infer import infer
-from permgraph.inputs import ExampleInputs
+from permgraph.inputs import ExampleInputs, default_example_inputs, is_transformers_model
 from permgraph.rewrites import residual_sites
 from permgraph.spec import PermSpec
 from permgraph.trace import quiet_export_logs, trace
@@ -62,6 +62,33 @@ def default_outputs(names: Sequence[str]) -> list[str] | None:
 
 def _compile(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequence[str] | None,
              with_nodes: bool = False):
+    """Trace, infer, build. Derived inputs of a vision/audio-language model that cannot be traced
+    or inferred (a tower's data-dependent loop) fall back to text only: its towers stay fixed
+    ("unused in the traced forward"), ``spec.info["text_only_inputs"]`` says why, and ``verify``
+    uses the same inputs."""
+    try:
+        return _compile_once(model, example_inputs, outputs, with_nodes)
+    except (TraceError, InternalError) as e:
+        text = _text_only(model) if example_inputs is None else None
+        if text is None:
+            raise
+        res = _compile_once(model, text, outputs, with_nodes)
+        first = str(e).splitlines()[0]
+        res[0].info["text_only_inputs"] = (f"traced with text-only inputs: with the derived image/audio inputs, "
+                                           f"{type(e).__name__}: {first[:200]}")
+        return res
+
+
+def _text_only(model: nn.Module) -> dict | None:
+    """Text-only derived inputs, when they differ from the derived ones."""
+    if not is_transformers_model(model):
+        return None
+    text = default_example_inputs(model, modalities=False)
+    return text if set(text) != set(default_example_inputs(model)) else None
+
+
+def _compile_once(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequence[str] | None,
+                  with_nodes: bool = False):
     traced = trace(model, example_inputs)
     fixed = None
     if outputs is None:

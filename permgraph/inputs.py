@@ -40,8 +40,11 @@ def model_device(model: nn.Module) -> torch.device:
 _OFF_WHILE_TRACING = ("use_cache", "use_mems")
 
 
-def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Inputs derived from a transformers model's config (no tokenizer or hub needed)."""
+def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0,
+                           modalities: bool = True) -> dict[str, torch.Tensor]:
+    """Inputs derived from a transformers model's config (no tokenizer or hub needed). A
+    vision/audio-language model gets images/audio with their placeholder tokens; with
+    ``modalities=False``, text only (its towers then are not in the traced forward)."""
     if not is_transformers_model(model):
         raise TraceError(
             f"{type(model).__name__} is not a transformers model, so permgraph cannot guess its inputs. "
@@ -62,7 +65,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         tcfg = sub("text_config")
         vocab = getattr(tcfg, "vocab_size", None) or getattr(cfg, "vocab_size", 100)
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
-    if "pixel_values" in params:
+    text_only = not modalities and "input_ids" in out
+    if "pixel_values" in params and not (text_only and _token_id(cfg, "image") is not None):
         vcfg = sub("vision_config")
         size = getattr(vcfg, "image_size", 32)
         size = size if isinstance(size, int) else size[0]
@@ -71,7 +75,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         if "input_ids" in out and _token_id(cfg, "image") is not None and _with_image_tokens(model, out, batch, gen):
             _with_rope_positions(model, out)
     if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
-            and _token_id(cfg, "audio") is not None):  # audio-language models: the audio tower in the forward
+            and _token_id(cfg, "audio") is not None and not text_only):  # audio-language models: tower in the forward
         _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
                               _audio_inputs(model, batch, gen), check_forward=True)
     if "input_values" in params and model.main_input_name == "input_values":  # raw audio

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from permgraph.compiler import compile as compile_spec
 from permgraph.errors import InputError
-from permgraph.inputs import ExampleInputs, resolve_inputs
+from permgraph.inputs import ExampleInputs, default_example_inputs, resolve_inputs
 from permgraph.ir import Permutation
 from permgraph.permutation import apply_permutation
 from permgraph.spec import PermSpec
@@ -94,6 +94,8 @@ def verify(model: nn.Module, spec: PermSpec | None = None, example_inputs: Examp
     """
     if spec is None:
         spec = compile_spec(model, example_inputs)
+    if example_inputs is None and spec.info.get("text_only_inputs"):  # the inputs it was compiled with
+        example_inputs = default_example_inputs(model, modalities=False)
     if any(p.is_meta for p in model.parameters()):
         raise InputError("verify needs real weights; this model is on the meta device")
     args, kwargs = resolve_inputs(model, example_inputs)

@@ -70,3 +70,31 @@ def test_moe_with_eager_experts_is_traced_with_batched_experts_and_left_eager():
     assert any(g.endswith("experts") for g in spec.groups), list(spec.groups)
     for seed in (0, 1):
         assert pg.verify(model, spec, seed=seed, promote_float32=True).ok
+
+
+def test_multimodal_model_whose_tower_cannot_be_traced_falls_back_to_text_inputs():
+    """A tower that export cannot trace (here: a dict keyed by a tensor's value) leaves the model
+    compiled on text-only derived inputs, the tower fixed as unused, and verify on the same inputs."""
+    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
+
+    from permgraph.inputs import default_example_inputs
+
+    cfg = AudioFlamingo3Config(
+        audio_token_id=100,
+        text_config={"model_type": "qwen2", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
+                     "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
+        audio_config={"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 4, "encoder_ffn_dim": 48,
+                      "num_mel_bins": 16, "max_source_positions": 20})
+    torch.manual_seed(0)
+    model = AudioFlamingo3ForConditionalGeneration(cfg).eval()
+    assert "input_features" in default_example_inputs(model)
+    assert "input_features" not in default_example_inputs(model, modalities=False)
+    conv = model.model.audio_tower.conv1
+    signs = {0: 1.0, 1: 1.0}
+    plain = conv.forward
+    conv.forward = lambda x: plain(x) * signs[(x > 0).sum().item() % 2]  # untraceable, same values
+    spec = pg.compile(model)
+    assert "text-only" in spec.info["text_only_inputs"] and "TraceError" in spec.info["text_only_inputs"]
+    assert not any(t.groups() for t in spec.axes_of("model.audio_tower.layers.0.fc1.weight"))  # unused: fixed
+    assert "text-only" in pg.explain(model)
+    assert pg.verify(model, spec, promote_float32=True).ok
