@@ -348,6 +348,10 @@ def _top_reasons(spec, k: int = 3) -> list[str]:
     return [r for r, _ in weight.most_common(k)]
 
 
+# how a graph was traced where not by the plain export (spec.info keys, docs/design.md)
+TRACED = (("text_only_inputs", "text-only inputs"), ("experts", "batched experts"), ("draft", "draft export"))
+
+
 def run_one(model_type: str, limit: int) -> dict:
     import torch
 
@@ -407,6 +411,7 @@ def run_one(model_type: str, limit: int) -> dict:
             experts=roles.get("experts", 0),
             unknown_ops=dict(spec.unknown_ops),
             why_fixed=_top_reasons(spec),
+            traced=[label for key, label in TRACED if spec.info.get(key)],
         )
         return rec
     except Timeout as e:
@@ -549,7 +554,9 @@ def report(recs: dict[str, dict]) -> str:
         "(`pg.verify(promote_float32=True)`, tolerance 1e-10), since transformers computes norms in",
         "float32 even in a float64 model and that rounding (up to ~1e-5) could hide a wrong spec.",
         "A type is sound when the exact check passes (or, where the exported graph does not run",
-        "as a module, the plain one). Configs whose forward gives NaN or inf are skipped.",
+        "as a module, the plain one). Configs whose forward gives NaN or inf are skipped. A row",
+        "starting with (draft export), (batched experts) or (text-only inputs) was traced that way",
+        "(docs/design.md, \"Tracing past data-dependent guards\").",
         "",
         "## Summary",
         "",
@@ -585,6 +592,8 @@ def report(recs: dict[str, dict]) -> str:
                    + "; " + why)
         if r.get("unknown_ops"):
             why += "; no rule: " + ", ".join(sorted(r["unknown_ops"]))
+        if r.get("traced"):
+            why = "(" + ", ".join(r["traced"]) + ") " + why
         why = why.replace("|", "/").replace("\n", " ")[:300]
         cov = f"{r['coverage']:.2f}" if "coverage" in r else ""
         lines.append(f"| {t} | {r.get('family', '')} | {r.get('status')} | {cov} | {r.get('groups', '')} | "
