@@ -125,6 +125,7 @@ BINARY = {  # op -> f(h, g, p): h and g are activations of two layers, p is a (H
     aten.sub: lambda h, g, p: aten.sub.Tensor(h, g),
     aten.rsub: lambda h, g, p: aten.rsub.Tensor(h, g),
     aten.mul: lambda h, g, p: aten.mul.Tensor(h, g),
+    aten.multiply: lambda h, g, p: aten.multiply.Tensor(h, g),
     aten.div: lambda h, g, p: aten.div.Tensor(h, _pos(g)),
     aten.true_divide: lambda h, g, p: aten.true_divide.Tensor(h, _pos(g)),
     aten.floor_divide: lambda h, g, p: aten.floor_divide.default(h, _pos(g)),
@@ -173,7 +174,8 @@ UNARY = {  # op -> f(h)
     aten.log2: lambda h: aten.log2.default(_pos(h)), aten.sqrt: lambda h: aten.sqrt.default(h.abs()),
     aten.rsqrt: lambda h: aten.rsqrt.default(_pos(h)), aten.reciprocal: lambda h: aten.reciprocal.default(_pos(h)),
     aten.square: aten.square.default, aten.sin: aten.sin.default, aten.cos: aten.cos.default,
-    aten.tan: lambda h: aten.tan.default(h.tanh()), aten.tanh: aten.tanh.default, aten.sigmoid: aten.sigmoid.default,
+    aten.tan: lambda h: aten.tan.default(h.tanh()), aten.acos: lambda h: aten.acos.default(h.tanh()),
+    aten.tanh: aten.tanh.default, aten.sigmoid: aten.sigmoid.default,
     aten.relu: aten.relu.default, aten.relu6: aten.relu6.default, aten.gelu: aten.gelu.default,
     aten.silu: aten.silu.default, aten.mish: aten.mish.default, aten.elu: aten.elu.default,
     aten.selu: aten.selu.default, aten.celu: aten.celu.default, aten.leaky_relu: aten.leaky_relu.default,
@@ -220,6 +222,12 @@ def _shape(h: torch.Tensor) -> list[int]:
     return list(h.shape)
 
 
+def _outer1(h: torch.Tensor) -> torch.Tensor:
+    """(H, H): a matrix whose rows and columns move with the hidden units (so eye's must too)."""
+    v = h[0, 0]
+    return v.unsqueeze(0) * v.unsqueeze(1)
+
+
 CONSTANTS = {  # op -> a constant tensor broadcastable to h
     aten.full: lambda h: aten.full.default(_shape(h), 2.0, dtype=h.dtype),
     aten.zeros: lambda h: aten.zeros.default(_shape(h), dtype=h.dtype),
@@ -250,6 +258,13 @@ VARYING = {  # op -> a tensor whose values vary along the hidden axis (it must e
 FACTORY_CASES = (
     [net(f"constant-{op.__name__}", op, lambda m, h, g, f=f: h * f(h) + f(h)) for op, f in CONSTANTS.items()]
     + [net(f"varying-{op.__name__}", op, lambda m, h, g, f=f: h + 0 * f(h), sizes=()) for op, f in VARYING.items()]
+    + [  # eye is invariant when rows and columns move alike; a rectangular one's extra columns (rows) are zero
+        net("eye", aten.eye, lambda m, h, g: h @ (2 * aten.eye.default(H, dtype=h.dtype) - _outer1(h))),
+        net("eye-wide", aten.eye, lambda m, h, g: h @ aten.eye.m(H, K, dtype=h.dtype) + m.p["c"],
+            width=K, params={"c": (K,)}, moved=("p.c",)),
+        net("eye-tall", aten.eye, lambda m, h, g: h @ aten.eye.m(K, H, dtype=h.dtype).t() + m.p["c"],
+            width=K, params={"c": (K,)}, moved=("p.c",)),
+    ]
 )
 
 
@@ -261,6 +276,14 @@ def _flat(h: torch.Tensor) -> torch.Tensor:
 
 def _cat(parts: Any, op: Any = aten.cat.default) -> torch.Tensor:
     return op(list(parts), -1)
+
+
+def _grid(h: torch.Tensor, m: Net, indexing: str) -> torch.Tensor:
+    """``h @ w`` with ``w[i, j] = f(a[i], c[j], i)`` built by meshgrid (``xy``: transposed), plus a third
+    grid axis of size 1 (a 0-d input)."""
+    a, c, one = aten.meshgrid.indexing([m.p["a"], m.p["c"], torch.ones((), dtype=h.dtype)], indexing=indexing)
+    w = (a * c.sin() + a.exp() * one).squeeze(-1)
+    return h @ (w if indexing == "ij" else w.transpose(0, 1))
 
 
 SHAPE_CASES = [
@@ -296,6 +319,12 @@ SHAPE_CASES = [
     net("broadcast_to", aten.broadcast_to,
         lambda m, h, g: aten.broadcast_to.default(h.unsqueeze(2), [B, T, 4, H]).sum(2)),
     net("repeat", aten.repeat, lambda m, h, g: aten.repeat.default(h, [1, 1, 2]), width=2 * H),
+    net("tile-pads-dims-on-the-left", aten.tile, lambda m, h, g: aten.tile.default(h, [2]), width=2 * H),
+    net("tile-new-leading-axis", aten.tile, lambda m, h, g: aten.tile.default(h, [3, 1, 2, 1]).sum(0)),
+    net("meshgrid-ij", aten.meshgrid, lambda m, h, g: _grid(h, m, "ij"), width=K, params={"a": (H,), "c": (K,)},
+        sizes=(H, K), moved=("p.a", "p.c")),
+    net("meshgrid-xy", aten.meshgrid, lambda m, h, g: _grid(h, m, "xy"), width=K, params={"a": (H,), "c": (K,)},
+        sizes=(H, K), moved=("p.a", "p.c")),
     net("split-cat", (aten.split, aten.cat, operator.getitem),
         lambda m, h, g: _cat(aten.split.Tensor(h, 3, -1)), sizes=(3, 3)),
     net("split_with_sizes-concat", (aten.split_with_sizes, aten.concat),
@@ -388,6 +417,17 @@ INDEX_CASES.append(Case("embedding", lambda: (EmbeddingNet(), (torch.arange(B * 
                         (aten.embedding,), (H,), ("emb.weight",)))
 
 
+def _sorted_boundaries() -> tuple[nn.Module, tuple]:
+    """``h * bucketize(h, b)`` with sorted boundaries ``b`` (a parameter: moving it would unsort it)."""
+    model = Net(lambda m, h, g: h * aten.bucketize.Tensor(h, m.p["b"]).to(h.dtype), params={"b": (K,)})
+    with torch.no_grad():
+        model.p["b"].copy_(torch.linspace(-1.0, 1.0, K))
+    return model, (_x(),)
+
+
+INDEX_CASES.append(Case("bucketize-fixes-the-boundaries", _sorted_boundaries, (aten.bucketize,), (H,)))
+
+
 # -- reductions and order-dependent ops ------------------------------------------------------
 
 REDUCTIONS = {  # op -> reduction of h over the hidden axis, kept as a unit axis
@@ -434,6 +474,13 @@ REDUCTION_CASES = (
     [net(f"reduce-{op.__name__}", op, lambda m, h, g, f=f: h * f(h)) for op, f in REDUCTIONS.items()]
     + [net(f"order-{op.__name__}", op, lambda m, h, g, f=f: h * f(h)) for op, f in ALONG_SEQUENCE.items()]
     + [net("order-along-hidden-fixes-it", aten.cumsum, lambda m, h, g: aten.cumsum.default(h, -1), sizes=())]
+    + [net("fft_fftn-sequence", (aten.fft_fftn, aten.real),  # FNet mixes tokens by a Fourier transform
+           lambda m, h, g: aten.real.default(aten.fft_fftn.default(h, None, [1]))),
+       net("fft_fftn-last-s-dims", aten.fft_fftn,
+           lambda m, h, g: aten.real.default(aten.fft_fftn.default(h.transpose(1, 2), [T + 2])).sum(-1, True)
+           .transpose(1, 2)),
+       net("fft_fftn-hidden-fixes-it", aten.fft_fftn,
+           lambda m, h, g: aten.real.default(aten.fft_fftn.default(h, None, [1, 2])), sizes=())]
 )
 
 
@@ -545,6 +592,15 @@ NORM_CASES = [
     net("native_layer_norm", (aten.native_layer_norm, operator.getitem),
         lambda m, h, g: aten.native_layer_norm.default(h, [H], m.p["w"], m.p["b"], 1e-5)[0],
         params={"w": (H,), "b": (H,)}, moved=("p.w", "p.b")),
+    net("_weight_norm-out-rows", aten._weight_norm,  # w[i] = g[i] v[i] / ||v[i]||
+        lambda m, h, g: F.linear(h, aten._weight_norm.default(m.p["v"], m.p["g"], 0)), width=K,
+        params={"v": (K, H), "g": (K, 1)}, sizes=(H, K), moved=("p.v", "p.g")),
+    net("_weight_norm-in-columns", aten._weight_norm,  # w[:, j] = g[j] v[:, j] / ||v[:, j]||
+        lambda m, h, g: F.linear(h, aten._weight_norm.default(m.p["v"], m.p["g"], 1)), width=K,
+        params={"v": (K, H), "g": (1, H)}, sizes=(H, K), moved=("p.v", "p.g")),
+    net("_weight_norm-whole-tensor", aten._weight_norm,  # dim=-1: one norm over all of v, a scalar gain
+        lambda m, h, g: F.linear(h, aten._weight_norm.default(m.p["v"], m.p["g"], -1)), width=K,
+        params={"v": (K, H), "g": (1, 1)}, sizes=(H, K), moved=("p.v",)),
 ]
 
 
@@ -653,6 +709,11 @@ def batch_case(id: str, ops: Any, body: Callable, mods: dict | None = None, size
     return Case(id, lambda: (BatchNet(body, mods), (x,)), ops, sizes, ("a.weight",) + moved)
 
 
+def _unfold(h: torch.Tensor) -> torch.Tensor:
+    """(B, H, 6, 6) -> (B, H * 4, 9): 2x2 patches."""
+    return aten.im2col.default(h, [2, 2], [1, 1], [0, 0], [2, 2])
+
+
 def _bn(m) -> nn.Module:
     return m.mods["n"]
 
@@ -707,7 +768,17 @@ BATCH_CASES = [
                moved=STATS[:2]),
     batch_case("group_norm", aten.group_norm, lambda m, h: _bn(m)(h), {"n": nn.GroupNorm(2, H)}, sizes=(2, 3),
                moved=STATS[:2]),
-] + [batch_case(f"spatial-{op.__name__}", op, lambda m, h, f=f: f(h)) for op, f in POOLS.items()]
+] + [batch_case(f"spatial-{op.__name__}", op, lambda m, h, f=f: f(h)) for op, f in POOLS.items()] + [
+    batch_case("im2col-channels-free-kernel-fixed", aten.im2col,  # a linear over the kernel positions
+               lambda m, h: m.mods["k"](_unfold(h).view(B, H, 4, 9).transpose(2, 3)).sum(-1).view(B, H, 3, 3),
+               {"k": nn.Linear(4, 2)}, sizes=(H, 2), moved=("mods.k.weight",)),
+    batch_case("col2im-of-im2col", (aten.im2col, aten.col2im),  # MobileViT's unfold -> attention -> fold
+               lambda m, h: aten.col2im.default(_unfold(h).relu(), [6, 6], [2, 2], [1, 1], [0, 0], [2, 2])),
+    batch_case("col2im-of-a-linear", aten.col2im,  # columns from a linear layer: (channels, kernel positions)
+               lambda m, h: aten.col2im.default(m.mods["k"](h[:, :, ::2, ::2].flatten(2).transpose(1, 2))
+                                                .transpose(1, 2), [6, 6], [2, 2], [1, 1], [0, 0], [2, 2]),
+               {"k": nn.Linear(H, 4 * H)}, sizes=(H, H), moved=("mods.k.weight",)),
+]
 
 
 # -- the table ------------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ def elementwise(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 def_elementwise = family(elementwise)
 
 def_elementwise(  # arithmetic and comparisons
-    aten.add, aten.sub, aten.rsub, aten.mul, aten.div, aten.true_divide, aten.floor_divide, aten.remainder,
-    aten.fmod, aten.pow, aten.maximum, aten.minimum, aten.where, aten.masked_fill,
+    aten.add, aten.sub, aten.rsub, aten.mul, aten.multiply, aten.div, aten.true_divide, aten.floor_divide,
+    aten.remainder, aten.fmod, aten.pow, aten.maximum, aten.minimum, aten.where, aten.masked_fill,
     aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge,
     aten.logical_and, aten.logical_or, aten.logical_not, aten.logical_xor,
     aten.bitwise_and, aten.bitwise_or, aten.bitwise_not, aten.bitwise_xor, aten.__and__, aten.__or__, aten.__xor__,
@@ -48,7 +48,8 @@ def_elementwise(  # arithmetic and comparisons
 )
 def_elementwise(  # unary math and activations
     aten.neg, aten.abs, aten.sign, aten.exp, aten.exp2, aten.expm1, aten.log, aten.log1p, aten.log2,
-    aten.sqrt, aten.rsqrt, aten.reciprocal, aten.square, aten.sin, aten.cos, aten.tan, aten.tanh, aten.sigmoid,
+    aten.sqrt, aten.rsqrt, aten.reciprocal, aten.square, aten.sin, aten.cos, aten.tan, aten.acos, aten.tanh,
+    aten.sigmoid,
     aten.relu, aten.relu6, aten.gelu, aten.silu, aten.mish, aten.elu, aten.selu, aten.celu, aten.leaky_relu,
     aten.hardtanh, aten.hardsigmoid, aten.hardswish, aten.softplus, aten.erf, aten.erfc, aten.erfinv,
     aten.logit, aten.isnan, aten.isinf, aten.isfinite, aten.nan_to_num,

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from permgraph.infer.context import Args, RuleContext, TType
-from permgraph.infer.registry import family
+from permgraph.infer.context import RUN_TIME, Args, RuleContext, TType
+from permgraph.infer.registry import family, register
 
 aten = torch.ops.aten
 
@@ -33,3 +33,18 @@ def_varying_factory(
     aten.arange, aten.rand, aten.randn, aten.randint, aten.rand_like, aten.randn_like, aten.linspace,
     aten.tril_indices, aten.triu_indices,
 )
+
+
+@register(aten.eye)
+def eye(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``eye(n, m)``: ``out[i, j] = (i == j)``. Permuting rows and columns alike leaves it unchanged
+    (``P I P^T = I``), so both axes are one atom; a rectangular one is ``[a, cat(a, b)]`` (or
+    ``[cat(a, b), a]``), its extra columns (rows) zero and free. Sizes known only at run time: fixed."""
+    n, m = cx.out_shape()
+    if max(n, m) > RUN_TIME and n != m:
+        return cx.fresh((n, m), f"values vary along the axis ({node.target})")
+    diag = cx.store.new(min(n, m))
+    if n == m:
+        return [diag, diag]
+    rest = cx.store.make("cat", [diag, cx.store.new(abs(n - m))])
+    return [diag, rest] if n < m else [rest, diag]

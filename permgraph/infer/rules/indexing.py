@@ -216,3 +216,16 @@ def _unify_or_fix(cx: RuleContext, x: int, y: int, reason: str) -> None:
     else:
         cx.fix(x, reason)
         cx.fix(y, reason)
+
+
+@register(aten.bucketize)
+def bucketize(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Each element of ``self`` is replaced by its position in the sorted ``boundaries``: elementwise
+    over ``self`` (its axes pass, constant where it is), while the result's values depend on the
+    order of ``boundaries``, whose axis is fixed."""
+    cx.fix_all(a.t("boundaries"), "sorted boundaries (bucketize)")
+    t = a.t("self")
+    if t is None:  # bucketize.Scalar: a 0-d result
+        return []
+    cx.set_uniform(cx.uniform_dims(a["self"]))
+    return list(t)

@@ -197,3 +197,36 @@ def conv(cx: RuleContext, node: fx.Node, a: Args) -> TType:
         cx.unify(b[0], out_ch)
     out = cx.out_shape()
     return [x[0], out_ch] + cx.fresh(out[2:], "spatial positions")
+
+
+@register(aten.im2col)
+def im2col(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``unfold``: ``(N, C, H, W) -> (N, C * kh * kw, L)``, row ``c * kh * kw + k`` holding channel
+    ``c`` at kernel offset ``k`` of each of the ``L`` blocks. The batch axis passes; the columns are
+    ``(channels, kernel positions)``: channels stay free, kernel positions and the spatial axes
+    (and so the blocks) are fixed."""
+    t = a.t("self")
+    kh, kw = a["kernel_size"]
+    batch, ch = list(t[:-3]), t[-3]
+    for x in t[-2:]:
+        cx.fix(x, "spatial positions (im2col)")
+    kernel = cx.store.new(kh * kw, Reason("kernel positions (im2col)", cx.where))
+    blocks = cx.fresh(cx.out_shape()[-1:], "sliding blocks (im2col)")
+    return batch + [cx.store.make("prod", [ch, kernel])] + blocks
+
+
+@register(aten.col2im)
+def col2im(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``fold``, the inverse layout of ``im2col``: ``(N, C * kh * kw, L) -> (N, C, H, W)``, summing
+    the blocks' values at each position. The batch axis passes; the columns are ``(channels, kernel
+    positions)``, channels passing to the result; kernel positions, blocks and the result's
+    spatial axes are fixed."""
+    t = a.t("self")
+    kh, kw = a["kernel_size"]
+    batch, cols, blocks = list(t[:-2]), t[-2], t[-1]
+    cx.fix(blocks, "sliding blocks (col2im)")
+    n = cx.store.size(cols)
+    ch, kernel = cx.store.split(cols, "prod", [n // (kh * kw), kh * kw], cx.where)
+    if kh * kw > 1:
+        cx.fix(kernel, "kernel positions (col2im)")
+    return batch + [ch] + cx.fresh(cx.out_shape()[-2:], "spatial positions (col2im)")

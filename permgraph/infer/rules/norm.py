@@ -8,6 +8,7 @@ import torch.fx as fx
 
 from permgraph.infer.context import Args, RuleContext, TType
 from permgraph.infer.registry import register
+from permgraph.infer.rules.linalg import broadcast_into
 
 aten = torch.ops.aten
 
@@ -64,3 +65,17 @@ def group_norm(cx: RuleContext, node: fx.Node, a: Args) -> TType:
         if w is not None:
             cx.unify(w[0], x[1])
     return list(x)
+
+
+@register(aten._weight_norm)
+def weight_norm(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``w = v * g / ||v||``, the norm over every dim of ``v`` but ``dim`` (over all of them when
+    ``dim == -1``, not the last): a norm is invariant under permutations of the axes it reduces,
+    so ``v``'s axes pass to ``w``; ``g`` broadcasts into ``v`` (shape ``(1, .., n, .., 1)``: its
+    ``dim`` axis is ``v``'s, the unit axes constrain nothing)."""
+    v, g = a.t("v"), a.t("g")
+    if g is None or len(g) > len(v) or tuple(cx.store.size(x) for x in v) != cx.out_shape():
+        cx.fix_all([v, g], "weight norm with a gain that does not broadcast into the weight")
+        return cx.fresh(cx.out_shape(), "weight norm with a gain that does not broadcast into the weight")
+    broadcast_into(cx, g, v, cx.uniform_dims(a["g"]))
+    return list(v)

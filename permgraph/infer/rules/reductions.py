@@ -129,6 +129,19 @@ def_order_dependent(
 )
 
 
+@register(aten.fft_fftn)
+def fftn(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """A discrete Fourier transform mixes the positions along each transformed axis by their order:
+    those axes are fixed (the result's are fresh when ``s`` resizes them); the others pass. The
+    transformed dims: ``dim``, else the last ``len(s)``, else all."""
+    t = a.t("self")
+    dim, s = a.get("dim"), a.get("s")
+    dims = _order_dims(dim, len(t)) if dim is not None else list(range(len(t) - len(s) if s else 0, len(t)))
+    for d in dims:
+        cx.fix(t[d], f"Fourier transform along the axis ({node.target})")
+    return _results(cx, node, t, dims, keep_dim_axis=True)
+
+
 def spatial(cx: RuleContext, node: fx.Node, a: Args) -> Any:
     """Pooling and upsampling: the last k (spatial) axes are positions (fixed, fresh in the result);
     batch and channel axes pass through. k comes from the op's name (``..2d`` -> 2)."""

@@ -152,8 +152,20 @@ def expand(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 @register(aten.repeat)
 def repeat(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Tiling makes an axis of identical segments."""
-    t = a.t("self")
-    reps = list(a["repeats"])
+    return repeat_type(cx, a.t("self"), list(a["repeats"]))
+
+
+@passes_values
+@register(aten.tile)
+def tile(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``repeat`` after left-padding ``dims`` with 1s to the input's rank."""
+    t, dims = a.t("self"), list(a["dims"])
+    return repeat_type(cx, t, [1] * (len(t) - len(dims)) + dims)
+
+
+def repeat_type(cx: RuleContext, t: TType, reps: list) -> TType:
+    """``t`` repeated ``reps[i]`` times along axis ``i`` (new leading axes where ``reps`` is longer):
+    a repeated axis is a concatenation of copies of itself."""
     off = len(reps) - len(t)
     res = []
     for i, r in enumerate(reps):
@@ -286,6 +298,25 @@ def cat(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     out = list(ts[0])
     out[dim] = cx.store.make("cat", [t[dim] for t in ts])
     return out
+
+
+@register(aten.meshgrid)
+def meshgrid(cx: RuleContext, node: fx.Node, a: Args) -> list[TType]:
+    """Result ``k`` holds input ``k``'s values along its own axis (constant along the others): every
+    result has one axis per input, input ``i``'s axis at ``i`` (``indexing="xy"``: the first two
+    swapped). Permuting the inputs permutes every result alike."""
+    axes = []
+    for x in a["tensors"]:
+        t = cx.t(x)
+        axes.append(t[0] if t else cx.store.new(1))  # a 0-d input counts as one element
+    if a.get("indexing") == "xy" and len(axes) > 1:
+        axes[0], axes[1] = axes[1], axes[0]
+    shapes = [tuple(concrete(s) for s in v.shape) for v in node.meta["val"]]
+    if any(s != tuple(cx.store.size(x) for x in axes) for s in shapes):  # not the layout above
+        for x in a["tensors"]:
+            cx.fix_all(cx.t(x), "meshgrid with an unexpected result shape")
+        return [cx.fresh(s, "meshgrid with an unexpected result shape") for s in shapes]
+    return [list(axes) for _ in shapes]
 
 
 @register(aten.stack)
