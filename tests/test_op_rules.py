@@ -364,6 +364,12 @@ def _every_other_row(h: torch.Tensor) -> torch.Tensor:
 
 
 INDEX_CASES = [
+    # positions of true entries of a mask that no permutation of the hidden units changes
+    net("nonzero", aten.nonzero, lambda m, h, g: h + aten.nonzero.default(h.sum(-1) > 0).sum().to(h.dtype)),
+    net("argwhere", aten.argwhere, lambda m, h, g: h + aten.argwhere.default(h.sum(-1) > 0).sum().to(h.dtype)),
+    net("nonzero_static", aten.nonzero_static,
+        lambda m, h, g: h + aten.nonzero_static.default(h.sum(-1) > 0, size=B * T).sum().to(h.dtype)),
+    net("where-positions", aten.where, lambda m, h, g: h + aten.where.default(h.sum(-1) > 0)[1].sum().to(h.dtype)),
     net("index", aten.index, lambda m, h, g: aten.index.Tensor(h, [None, _rows(h)])),
     net("index_select", aten.index_select, lambda m, h, g: aten.index_select.default(h, 1, _rows(h))),
     net("gather", aten.gather, lambda m, h, g: aten.gather.default(h, 1, _rows_along_hidden(h))),

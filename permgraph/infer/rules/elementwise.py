@@ -6,6 +6,7 @@ import torch.fx as fx
 
 from permgraph.infer.context import Args, RuleContext, TType
 from permgraph.infer.registry import family, passes_values, register
+from permgraph.infer.rules.indexing import positions_of_true
 
 aten = torch.ops.aten
 
@@ -37,9 +38,17 @@ def elementwise(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 
 def_elementwise = family(elementwise)
 
+
+@register(aten.where)
+def where(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``where(cond, x, y)`` is elementwise; ``where(cond)`` alone is ``nonzero(cond, as_tuple=True)``."""
+    if a.get("self") is None and a.get("other") is None:
+        return positions_of_true(cx, node, a)
+    return elementwise(cx, node, a)
+
 def_elementwise(  # arithmetic and comparisons
     aten.add, aten.sub, aten.rsub, aten.mul, aten.multiply, aten.div, aten.true_divide, aten.floor_divide,
-    aten.remainder, aten.fmod, aten.pow, aten.maximum, aten.minimum, aten.where, aten.masked_fill,
+    aten.remainder, aten.fmod, aten.pow, aten.maximum, aten.minimum, aten.masked_fill,
     aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge,
     aten.logical_and, aten.logical_or, aten.logical_not, aten.logical_xor,
     aten.bitwise_and, aten.bitwise_or, aten.bitwise_not, aten.bitwise_xor, aten.__and__, aten.__or__, aten.__xor__,

@@ -229,3 +229,17 @@ def bucketize(cx: RuleContext, node: fx.Node, a: Args) -> TType:
         return []
     cx.set_uniform(cx.uniform_dims(a["self"]))
     return list(t)
+
+
+@reads_values
+@register(aten.nonzero, aten.argwhere, aten.nonzero_static)
+def positions_of_true(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Positions of the true entries (``nonzero``, ``where(cond)``): positions become values, so the
+    condition's axes are fixed; the results' axes are fresh (a count known only at run time)."""
+    why = f"positions read as values ({node.target})"
+    cx.fix_all(a.t("condition" if "condition" in a else "self"), why)
+    val = node.meta["val"]
+    if isinstance(val, (list, tuple)):
+        return [cx.fresh(cx.out_shape(i), why) for i in range(len(val))]
+    return cx.fresh(cx.out_shape(), why)
+
