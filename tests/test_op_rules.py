@@ -365,6 +365,9 @@ def _every_other_row(h: torch.Tensor) -> torch.Tensor:
 
 INDEX_CASES = [
     # positions of true entries of a mask that no permutation of the hidden units changes
+    net("cat-of-index-values", (aten.cat, aten.gather),  # PhiMoE: top-1 and top-2 expert indices joined
+        lambda m, h, g: h + aten.gather.default(
+            h, 2, aten.cat.default([h.argmax(-1, keepdim=True), h.argmin(-1, keepdim=True)], 2)).sum(-1, keepdim=True)),
     net("nonzero", aten.nonzero, lambda m, h, g: h + aten.nonzero.default(h.sum(-1) > 0).sum().to(h.dtype)),
     net("argwhere", aten.argwhere, lambda m, h, g: h + aten.argwhere.default(h.sum(-1) > 0).sum().to(h.dtype)),
     net("nonzero_static", aten.nonzero_static,

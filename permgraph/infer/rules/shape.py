@@ -8,7 +8,7 @@ import torch.fx as fx
 
 from permgraph.axes import Reason
 from permgraph.infer.context import RUN_TIME, Args, RuleContext, TType, concrete, norm_dim
-from permgraph.infer.registry import passes_values, register
+from permgraph.infer.registry import passes_values, reads_values, register
 
 aten = torch.ops.aten
 
@@ -285,9 +285,12 @@ def slice_(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     return out
 
 
+@reads_values
 @register(aten.cat, aten.concat, aten.concatenate)
 def cat(cx: RuleContext, node: fx.Node, a: Args) -> TType:
-    """Other axes unify; the joined axis is a concatenation of segments."""
+    """Other axes unify; the joined axis is a concatenation of segments. Index values along one
+    axis in every part (PhiMoE's top-1 and top-2 experts) stay index values along it; other index
+    values fix the axis they index."""
     ts = [cx.t(x) for x in a["tensors"]]
     ts = [t for t in ts if t is not None and not (len(t) == 1 and cx.store.size(t[0]) == 0)]
     dim = norm_dim(a.get("dim", 0) or 0, len(ts[0]))
@@ -297,6 +300,13 @@ def cat(cx: RuleContext, node: fx.Node, a: Args) -> TType:
                 cx.unify(ts[0][i], t[i])
     out = list(ts[0])
     out[dim] = cx.store.make("cat", [t[dim] for t in ts])
+    vals = [cx.value_atom(x) for x in a["tensors"] if cx.t(x) is not None]
+    if vals and all(v is not None for v in vals) and len({cx.store.find(v) for v in vals}) == 1:
+        cx.set_values(vals[0])
+    else:
+        for v in vals:
+            if v is not None:
+                cx.fix(v, f"index values used by {node.target}")
     return out
 
 
