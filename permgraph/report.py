@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Iterable
 if TYPE_CHECKING:  # the report reads a spec; the spec module renders itself with it
     from permgraph.spec import PermSpec
 
-_NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|(?<=#)\d+$")
+# layer indices, duplicate-name counters, and the head of a per-head within-head group (ALiBi)
+_NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|(?<=#)\d+$|(?<=\.head)\d+$")
 _NODE_NUM = re.compile(r"(?<=\(at )(\w+?)(?:_\d+)?\)")  # node names without their counter
 
 
@@ -54,7 +55,7 @@ def explain_spec(spec: "PermSpec", max_rows: int = 40) -> str:
     lines.append(f"permutation spec of {model}: {len(spec.groups)} groups, "
                  f"{spec.covered_fraction():.1%} of parameter entries permuted ({n_params} parameter tensors)")
     lines.append("")
-    lines.append("groups (layer indices collapsed as *):")
+    lines.append("groups (layer and head indices collapsed as *):")
     rows = defaultdict(list)
     for g in spec.groups.values():
         pat, _ = _pattern(g.name)
@@ -71,6 +72,8 @@ def explain_spec(spec: "PermSpec", max_rows: int = 40) -> str:
         kind = g.role or "flat"
         if g.ctx:
             kind += " per " + _pattern(g.ctx[-1])[0].rsplit(".", 1)[-1]
+        elif re.search(r"\.head\d+$", g.name):
+            kind += " per fixed head"
         nums = [_pattern(it[0].name)[1] for it in items]
         idx = _ranges(n[0] for n in nums if n)
         count = f"{len(items)}"

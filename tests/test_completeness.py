@@ -236,6 +236,8 @@ def test_alibi_heads_are_fixed_but_each_keeps_its_own_within_head_permutations()
     assert {g.name.rsplit(".head", 1)[1] for g in within} == {"0", "1", "2", "3"}
     for seed in (0, 1):
         assert pg.verify(model, spec, (x,), seed=seed, promote_float32=True).ok
+    report = spec.explain()
+    assert "self_attention.vo.head*  [0-1] vo per fixed head" in report, report  # one row for 8 groups
     # the dense projection reading head 1's units with head 0's permutation: not a symmetry
     p = "transformer.h.0.self_attention.dense.weight"
     tree = spec.axes[p][1]
