@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import sys
@@ -25,6 +26,7 @@ class Traced:
     output_names: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     exported: Any = None  # torch.export.ExportedProgram
+    example: tuple[tuple, dict] = ((), {})  # the (args, kwargs) it was traced with
 
 
 def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
@@ -33,8 +35,9 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     experts (the same function, no data-dependent shapes); last ``draft_export``, which runs the
     example inputs for real to get past data-dependent guards (an image grid's values deciding a
     loop): its graph is specialised to the decisions those values take, so it is kept only if it
-    reproduces the model's outputs on them, and ``info["draft"]`` says so. The model is left as
-    it was (mode, cache flags, experts implementation)."""
+    reproduces the model's outputs on them, and ``info["draft"]`` says so. Before the draft, a
+    transformers model given no ``attention_mask`` is tried with an all-ones one (``info["inputs"]``).
+    The model is left as it was (mode, cache flags, experts implementation)."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = resolve_inputs(model, example_inputs)
@@ -45,20 +48,27 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     info: dict[str, Any] = {}
     try:
         ep = None
-        for strict, setup in ((False, None), (True, None), (False, _batched_experts)):
+        masked = _with_mask(model, kwargs) if is_transformers_model(model) else None
+        for strict, setup, kw in ((False, None, kwargs), (True, None, kwargs), (False, _batched_experts, kwargs),
+                                  (False, None, masked)):
+            if kw is None:
+                continue
             printed = io.StringIO()  # torch prints the partial graph of a failed export to stderr
             with setup(model) if setup else contextlib.nullcontext(True) as applies:
                 if not applies:
                     continue
                 try:
                     with torch.no_grad(), contextlib.redirect_stderr(printed), quiet_export_logs():
-                        ep = torch.export.export(model, args, kwargs, strict=strict)
+                        ep = torch.export.export(model, args, kw, strict=strict)
                 except Exception as e:  # noqa: BLE001 - any tracing failure is reported below
                     errors.append(e)
                     continue
             sys.stderr.write(printed.getvalue())
             if setup:
                 info["experts"] = "traced with transformers' batched_mm experts (the eager ones loop over torch.where)"
+            if kw is masked:
+                kwargs = masked
+                info["inputs"] = "traced with an all-ones attention_mask (the model builds none while exported)"
             break
         if ep is None:
             strict = False
@@ -76,7 +86,19 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
             cfg.use_cache = old
     traced = _collect(model, ep, strict)
     traced.info.update(info)
+    traced.example = (args, kwargs)
     return traced
+
+
+def _with_mask(model: nn.Module, kwargs: dict) -> dict | None:
+    """The inputs plus an all-ones ``attention_mask``, what a transformers model assumes when it gets
+    none: some build that default only outside ``torch.compile``/export (LongT5's block split then
+    reads a None mask)."""
+    ids = kwargs.get("input_ids")
+    if (not isinstance(ids, torch.Tensor) or kwargs.get("attention_mask") is not None
+            or "attention_mask" not in inspect.signature(model.forward).parameters):
+        return None
+    return {**kwargs, "attention_mask": torch.ones_like(ids)}
 
 
 @contextlib.contextmanager

@@ -51,7 +51,9 @@ def _promoted(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -
     if args and kwargs:  # one form for export and the calls: keywords
         kwargs = dict(inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments)
         args = ()
-    module = trace(model, kwargs if kwargs else args).exported.module()
+    traced = trace(model, kwargs if kwargs else args)
+    args, kwargs = traced.example  # as traced (an all-ones attention_mask may have been added)
+    module = traced.exported.module()
     graph = module.graph
     for node in list(graph.nodes):
         if node.op != "call_function":

@@ -98,3 +98,20 @@ def test_multimodal_model_whose_tower_cannot_be_traced_falls_back_to_text_inputs
     assert not any(t.groups() for t in spec.axes_of("model.audio_tower.layers.0.fc1.weight"))  # unused: fixed
     assert "text-only" in pg.explain(model)
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_model_that_builds_no_default_mask_while_exported_gets_an_all_ones_mask():
+    """LongT5 builds its default attention mask only outside export and then splits a None mask
+    into blocks; an all-ones mask (what no mask means) is passed instead, and verify's exact check
+    runs the graph on the inputs it was traced with."""
+    from transformers import LongT5Config, LongT5ForConditionalGeneration
+
+    cfg = LongT5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_decoder_layers=1,
+                       num_heads=4, local_radius=2, global_block_size=4, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = LongT5ForConditionalGeneration(cfg).eval().double()
+    spec = pg.compile(model)
+    assert "attention_mask" in spec.info["inputs"] and "attention_mask" in pg.explain(model)
+    assert spec.covered_fraction() > 0.9
+    for seed in (0, 1):
+        assert pg.verify(model, spec, seed=seed, promote_float32=True).ok
