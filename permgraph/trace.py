@@ -48,7 +48,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     info: dict[str, Any] = {}
     try:
         ep = None
-        masked = _with_mask(model, kwargs) if is_transformers_model(model) else None
+        masked = with_all_ones_mask(model, kwargs) if is_transformers_model(model) else None
         for strict, setup, kw in ((False, None, kwargs), (True, None, kwargs), (False, _batched_experts, kwargs),
                                   (False, None, masked)):
             if kw is None:
@@ -90,7 +90,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     return traced
 
 
-def _with_mask(model: nn.Module, kwargs: dict) -> dict | None:
+def with_all_ones_mask(model: nn.Module, kwargs: dict) -> dict | None:
     """The inputs plus an all-ones ``attention_mask``, what a transformers model assumes when it gets
     none: some build that default only outside ``torch.compile``/export (LongT5's block split then
     reads a None mask)."""

@@ -115,3 +115,13 @@ def test_model_that_builds_no_default_mask_while_exported_gets_an_all_ones_mask(
     assert spec.covered_fraction() > 0.9
     for seed in (0, 1):
         assert pg.verify(model, spec, seed=seed, promote_float32=True).ok
+    # activation matching runs the same graph on the user's batches: the mask is added there too
+    import copy
+
+    from permgraph.inputs import default_example_inputs
+
+    other = copy.deepcopy(model)
+    other.load_state_dict(pg.apply_permutation(spec, spec.random_permutation(2), model.state_dict()))
+    al = pg.align(model, other, spec, solver="activation_matching", data=[default_example_inputs(model)])
+    moved = pg.apply_alignment(al, model)
+    assert all(torch.equal(moved[k], v) for k, v in other.state_dict().items())

@@ -30,6 +30,7 @@ from permgraph.ir import Prod
 from permgraph.solvers.base import SolverOptions
 from permgraph.solvers.common import PermState, brute_heads, check_heads, spectral_heads, unit_index
 from permgraph.spec import PermSpec
+from permgraph.trace import with_all_ones_mask
 
 
 @dataclass
@@ -117,7 +118,10 @@ def activation_matching(spec: PermSpec, params_a: Mapping[str, torch.Tensor], pa
     missing = [g for g, found in plan.items() if not found]
     if missing:
         raise InputError(f"no activations found for groups {missing[:3]}: use a weight-based solver")
-    runs = _record(gm, cg, spec, [resolve_inputs(opts.module, b) for b in batches],
+    resolved = [resolve_inputs(opts.module, b) for b in batches]
+    if cg.spec.info.get("inputs"):  # traced with an all-ones attention_mask (trace): the batches too
+        resolved = [(a, with_all_ones_mask(opts.module, k) or k) for a, k in resolved]
+    runs = _record(gm, cg, spec, resolved,
                    {node for found in plan.values() for node, _, _ in found}, {"a": params_a, "b": params_b})
     t_data = time.perf_counter() - t0
     state = PermState(spec, get_backend(opts.backend))
