@@ -3,7 +3,9 @@
 Every free leaf atom that moves a parameter is a group. A group's context (the outer
 groups it is indexed by) must precede it in the product structure of every parameter
 axis containing it and co-occur with it in every tensor of the graph; otherwise the
-group is shared across the candidate. Names come from module paths plus a role.
+group is shared across the candidate. A within-head group whose heads are fixed but keep their
+identity (ALiBi) becomes one group per head (``_fixed_contexts``). Names come from module paths
+plus a role.
 """
 from __future__ import annotations
 
