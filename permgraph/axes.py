@@ -179,11 +179,31 @@ class AxisStore:
                 for x, y in zip(la, lb):
                     self.unify(x, y, where)
                 return
+            if kind_b == "prod" and self._common_inner_block(fa, fb, where):
+                return
         elif self._prod_over_equal_segments(r, kind_b, children_b, where):
             return
         self.fix(r, Reason("conflicting reshape/split structure", where))
         for c in children_b:
             self.fix(c, Reason("conflicting reshape/split structure", where))
+
+    def _common_inner_block(self, fa: list[int], fb: list[int], where: str) -> bool:
+        """Two products with no common refinement that still agree below some block size ``m``
+        (``(5, 6)`` against ``(3, 10)``: pairs, ``m = 2``). The flat index is ``q * m + r``; moving
+        ``r`` alike in every block is a permutation of both factorizations, so the pieces below ``m``
+        unify and the pieces above it are fixed. False when ``m`` is 1 (the caller fixes all)."""
+        sa, sb = [self.size(x) for x in fa], [self.size(x) for x in fb]
+        m, chain = _inner_block(sa, sb)
+        if m == 1:
+            return False
+        la = self._refine_list(fa, _prod_pieces(sa, chain), "prod", where)
+        lb = self._refine_list(fb, _prod_pieces(sb, chain), "prod", where)
+        n = len(chain) - 1  # pieces below m on either side (innermost last)
+        for x, y in zip(la[-n:], lb[-n:]):
+            self.unify(x, y, where)
+        for x in la[:-n] + lb[:-n]:
+            self.fix(x, Reason("conflicting reshape/split structure", where))
+        return True
 
     def _prod_over_equal_segments(self, r: int, kind_b: str, children_b: list[int], where: str) -> bool:
         """``(k, rest)`` reshape of an axis made of k equal segments (or the reverse).
@@ -238,6 +258,42 @@ def _common_prod(sa: list[int], sb: list[int]) -> tuple[list[list[int]], list[li
         return out
 
     return pieces(sa), pieces(sb)
+
+
+def _strides(s: list[int]) -> list[int]:
+    """Strides of a mixed-radix factorization (outer to inner sizes): 1, the innermost size, ..., the total."""
+    out, acc = [1], 1
+    for x in reversed(s):
+        acc *= x
+        out.append(acc)
+    return out
+
+
+def _prod_pieces(s: list[int], points: list[int]) -> list[list[int]]:
+    """Each factor of ``s`` cut at the ``points`` (strides) strictly inside it, outer to inner."""
+    out, hi = [], math.prod(s)
+    for x in s:
+        lo = hi // x
+        inner = [lo] + [v for v in points if lo < v < hi] + [hi]
+        out.append([inner[i + 1] // inner[i] for i in reversed(range(len(inner) - 1))])
+        hi = lo
+    return out
+
+
+def _inner_block(sa: list[int], sb: list[int]) -> tuple[int, list[int]]:
+    """The largest block size ``m`` below which two factorizations of one axis agree: the strides
+    of both that are at most ``m`` form a divisibility chain ending at ``m``, and ``m`` divides
+    every larger stride of either (so each factor is a whole number of blocks or lies within one).
+    Returns ``m`` and the chain ``1, ..., m``."""
+    st = sorted(set(_strides(sa)) | set(_strides(sb)))
+    best: tuple[int, list[int]] = (1, [1])
+    for i in range(len(st)):
+        m = math.gcd(*st[i:])
+        chain = sorted({s for s in st if s <= m} | {m})
+        if (m > best[0] and all(chain[k + 1] % chain[k] == 0 for k in range(len(chain) - 1))
+                and all(s % m == 0 for s in st if s > m)):
+            best = (m, chain)
+    return best
 
 
 def _common_cat(sa: list[int], sb: list[int]) -> tuple[list[list[int]], list[list[int]]]:

@@ -1063,22 +1063,58 @@ def test_repeat_with_a_count_known_only_at_run_time():
 
 
 class _MergedFrames(nn.Module):
-    """GLM-ASR's frame merge with a width that does not divide: (B, 5, 6) -> (B, 3, 10). Units of the
-    6-wide axis are spread over rows and columns of the result, so it cannot move."""
+    """GLM-ASR's frame merge with a width that does not divide: (B, 4, 12) -> (B, 3, 16). Units of the
+    12-wide axis are spread over rows and columns of the result; only the blocks of gcd(12, 16) = 4
+    that every row holds whole stay together."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b = nn.Linear(D, 6), nn.Linear(10, O)
+        self.a, self.b = nn.Linear(D, 12), nn.Linear(16, O)
 
     def forward(self, x):
-        return self.b(self.a(x).reshape(B, 3, 10))
+        return self.b(self.a(x[:, :4]).reshape(B, 3, 16))
 
 
-def test_conflicting_reshape_fixes_the_axes_it_merges():
-    """The merged (frames, width) run conflicts with the (3, 10) split: the input's width is fixed
-    too, not only the output parts (was unsound: the fixed merged atom is no tensor's axis, so its
-    fix never reached the width; GLM-ASR's audio tower moved with a relative error of 1.57)."""
+def _reversed(spec: pg.PermSpec) -> pg.Permutation:
+    """Every group reversed (never the identity)."""
+    return pg.Permutation({k: torch.arange(g.size - 1, -1, -1) for k, g in spec.groups.items()})
+
+
+def test_conflicting_reshape_keeps_the_common_inner_block():
+    """The merged (frames, width) run conflicts with the (3, 16) split: the width is (3, 4) with the 3
+    fixed (was unsound once: the fixed merged atom is no tensor's axis, so its fix never reached the
+    width; GLM-ASR's audio tower moved with a relative error of 1.57), the 4 moves in both (was fixed)."""
     model, inputs = _MergedFrames(), (_x(),)
     spec = pg.compile(model, inputs)
-    assert not any(t.groups() for t in spec.axes_of("a.weight"))
-    assert pg.verify(model, spec, inputs, seed=1, tolerance=1e-12).ok
+    assert sorted(g.size for g in spec.groups.values()) == [4], (spec.groups, spec.fixed)
+    assert any(t.groups() for t in spec.axes_of("a.weight")) and any(t.groups() for t in spec.axes_of("b.weight"))
+    assert pg.verify(model, spec, inputs, permutation=_reversed(spec), tolerance=1e-12).ok
+    for seed in (0, 1):
+        assert pg.verify(model, spec, inputs, seed=seed, tolerance=1e-12).ok
+
+
+class _MergedSelectedFrames(nn.Module):
+    """MOSS-Transcribe's projector: the frames a mask keeps (a number known only at run time), merged
+    in pairs before a linear layer: (n, 6) -> (n/2, 12)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, H), nn.Linear(2 * H, O)
+
+    def forward(self, x):
+        keep = x[..., 0] > -10  # every frame, as far as export knows a data-dependent count
+        sel = self.a(x)[keep]
+        torch._check(sel.shape[0] % 2 == 0)
+        return self.b(sel.reshape(-1, 2 * H)).sum(0)
+
+
+def test_reshape_with_sizes_known_at_run_time_keeps_the_known_tail():
+    """The width (6) is the inner block of the merged (2, 6): it moves with b's input columns (was
+    fixed with every axis of the reshape); the row count and the pair index are fixed."""
+    model, x = _MergedSelectedFrames(), torch.randn(B, 4, D, generator=torch.Generator().manual_seed(1))
+    spec = pg.compile(model, (x,))
+    assert sorted(g.size for g in spec.groups.values()) == [H], (spec.groups, spec.fixed)
+    assert any(t.groups() for t in spec.axes_of("b.weight"))
+    assert pg.verify(model, spec, (x,), permutation=_reversed(spec), tolerance=1e-12).ok
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-12).ok

@@ -22,12 +22,48 @@ def reshape(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 
 def reshape_type(cx: RuleContext, src: TType, out: tuple[int, ...]) -> TType:
     """Match runs of input dims to runs of output dims with equal products. Sizes known only at run
-    time (data-dependent: unique placeholder sizes) leave runs that never match: everything fixed."""
+    time (data-dependent: unique placeholder sizes) leave runs that never match: only the block the
+    known trailing sizes share moves (``_reshape_known_tail``), everything else is fixed."""
     try:
         return _reshape_runs(cx, src, out)
     except _NoRuns:
+        res = _reshape_known_tail(cx, src, out)
+        if res is not None:
+            return res
         cx.fix_all(src, "reshape of sizes known only at run time")
         return cx.fresh(out, "reshape of sizes known only at run time")
+
+
+def _reshape_known_tail(cx: RuleContext, src: TType, out: tuple[int, ...]) -> TType | None:
+    """A reshape whose leading sizes are known only at run time but whose trailing sizes are known
+    (merging 4 audio frames of width 64: ``(n, 64) -> (n/4, 256)``). The known tails, of sizes ``Pa``
+    and ``Pb``, both end the flat index, so its last ``g = gcd(Pa, Pb)`` values are a block that the
+    input's and the output's tails share: ``g`` unifies, the rest is fixed. None when there is no
+    such block (no known tail on a side, or ``g`` is 1)."""
+    sizes = [cx.store.size(x) for x in src]
+
+    def tail(ss: list[int] | tuple[int, ...]) -> int | None:  # where the known tail starts
+        at_run_time = [k for k, x in enumerate(ss) if x > RUN_TIME]
+        return at_run_time[-1] + 1 if at_run_time else None
+
+    ia, ib = tail(sizes), tail(out)
+    if ia is None and ib is None:
+        return None
+    ia, ib = ia or 0, ib or 0
+    pa, pb = math.prod(sizes[ia:]), math.prod(out[ib:])
+    g = math.gcd(pa, pb)
+    if g == 1 or not pa or not pb:  # no shared block, or an empty tensor
+        return None
+    why = "reshape of sizes known only at run time"
+    cx.fix_all(src[:ia], why)
+    res = cx.fresh(out[:ib], why) + [cx.store.new(s) for s in out[ib:]]
+    a_outer, a_inner = cx.store.split(cx.store.make("prod", src[ia:]), "prod", [pa // g, g], cx.where)
+    b_outer, b_inner = cx.store.split(cx.store.make("prod", res[ib:]), "prod", [pb // g, g], cx.where)
+    for outer in (a_outer, b_outer):
+        if cx.store.size(outer) > 1:
+            cx.fix(outer, why)
+    cx.unify(a_inner, b_inner)
+    return res
 
 
 class _NoRuns(Exception):
