@@ -1093,6 +1093,26 @@ def test_conflicting_reshape_keeps_the_common_inner_block():
         assert pg.verify(model, spec, inputs, seed=seed, tolerance=1e-12).ok
 
 
+class _MergedCoprimeFrames(nn.Module):
+    """(B, 5, 7) -> (B, 7, 5): no block below the whole axis is common to both factorizations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, 7), nn.Linear(5, O)
+
+    def forward(self, x):
+        return self.b(self.a(x[:, :1].expand(B, 5, D)).reshape(B, 7, 5))
+
+
+def test_conflicting_reshape_without_a_common_block_fixes_the_axes_it_merges():
+    """The fixed merged atom is no tensor's axis; its fix must reach the input's width (GLM-ASR's
+    tower once moved with a relative error of 1.57 when it did not)."""
+    model, inputs = _MergedCoprimeFrames(), (_x(),)
+    spec = pg.compile(model, inputs)
+    assert not any(t.groups() for t in spec.axes_of("a.weight")), spec.groups
+    assert pg.verify(model, spec, inputs, seed=1, tolerance=1e-12).ok
+
+
 class _MergedSelectedFrames(nn.Module):
     """MOSS-Transcribe's projector: the frames a mask keeps (a number known only at run time), merged
     in pairs before a linear layer: (n, 6) -> (n/2, 12)."""
