@@ -51,7 +51,7 @@ SMALL = {
     "head_dim": 16, "kv_channels": 16, "d_kv": 16, "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "expert_intermediate_size": 32,
     "max_position_embeddings": 128, "n_positions": 128, "vocab_size": 256, "vocab_size_per_layer_input": 256,
-    "hidden_size_per_layer_input": 16,
+    "hidden_size_per_layer_input": 16, "latent_query_num": 8,  # a resampler's queries: image tokens (Kosmos-2)
 }
 
 
@@ -68,7 +68,8 @@ def _token_ids(cfg) -> list[int]:
 def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
     """Shrink ``cfg`` and its sub-configs; a vocabulary keeps its config's token ids and the image
     token ids of the configs around it (a VLM's ``image_token_id`` lives on the outer config, the
-    vocabulary on ``text_config``; derived inputs put image tokens in ``input_ids``)."""
+    vocabulary on a sub-config; derived inputs put image tokens in ``input_ids``), except
+    ``text_config``'s, whose outer ids ``_consistent`` moves into the shrunk vocabulary."""
     from transformers import PretrainedConfig
 
     if "allow_global_per_layer_attribute_access" in dir(cfg):  # heterogeneous configs (Gemma 4): per-layer
@@ -76,9 +77,10 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
     ids = tuple(outer_ids) + tuple(_token_ids(cfg))
     images = tuple(outer_ids) + tuple(v for k, v in vars(cfg).items() if isinstance(v, int)
                                       and ("image_token" in k or "video_token" in k))  # derived inputs use these
-    for v in list(vars(cfg).values()):
+    text = getattr(cfg, "text_config", None)
+    for v in list(vars(cfg).values()):  # ``text_config``'s vocabulary shrinks: _consistent moves the ids into it
         if isinstance(v, PretrainedConfig):
-            _shrink(v, layers_only, images)
+            _shrink(v, layers_only, () if v is text else images)
     for k, small in SMALL.items():
         v = getattr(cfg, k, None)
         if not isinstance(v, int) or isinstance(v, bool) or v <= small:
@@ -136,13 +138,15 @@ def _consistent(cfg, model_type: str) -> None:
     deepstack layers inside the tower."""
     text, vision = getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)
     vocab = getattr(text, "vocab_size", None) if text is not None else None
-    if isinstance(vocab, int):  # audio placeholder tokens in the vocabulary, the top ids of the shrunk one; a
-        # placeholder id the class leaves unset (Voxtral: None) given one, as every checkpoint does
+    if isinstance(vocab, int):  # the outer config's special tokens (image, video, audio placeholders, their
+        # start/end markers) in the vocabulary, the top ids of the shrunk one; a placeholder id the class
+        # leaves unset (Voxtral's audio: None) given one, as every checkpoint does (not an image's: MiniCPM-V's
+        # None keeps its forward off the vision tower, which would want target_sizes)
         ids = {k: v for k, v in vars(cfg).items()
-               if "audio" in k and (k.endswith("token_id") or k.endswith("token_index"))
+               if (k.endswith("token_id") or k.endswith("token_index"))
                and (v is None and k in ("audio_token_id", "audio_token_index") and _audio_tower(cfg)
                     or isinstance(v, int) and not isinstance(v, bool) and v >= vocab)}
-        taken = {v for v in _token_ids(cfg) if isinstance(v, int)}
+        taken = {v for v in _token_ids(cfg) + _token_ids(text) if isinstance(v, int)}
         free = (i for i in range(vocab - 1, -1, -1) if i not in taken)
         for k in ids:
             _set(cfg, k, next(free))
@@ -150,16 +154,15 @@ def _consistent(cfg, model_type: str) -> None:
     hidden = getattr(text, "hidden_size", None) if text is not None else None
     if isinstance(getattr(audio, "output_dim", None), int) and isinstance(hidden, int) and audio.output_dim != hidden:
         _set(audio, "output_dim", hidden)  # the audio tower's output width the text width (Qwen3-ASR)
-    tower = audio if audio is not None else getattr(cfg, "encoder_config", None)
+    tower = vision if vision is not None else audio if audio is not None else getattr(cfg, "encoder_config", None)
     width = getattr(tower, "hidden_size", None)
-    for sub in _subconfigs(cfg) if vision is None else ():  # a projector's cross-attention reads the audio
-        # tower (Granite Speech's Q-Former)
+    for sub in _subconfigs(cfg):  # a projector's cross-attention reads the tower (Granite Speech's, BLIP-2's
+        # Q-Former; BLIP's text decoder)
         if isinstance(width, int) and sub is not tower and isinstance(getattr(sub, "encoder_hidden_size", None), int):
             _set(sub, "encoder_hidden_size", width)
     if text is None or vision is None:
         return
-    mm = [v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool)
-          and any(m in k for m in ("image_token", "video_token", "audio_token"))]
+    mm = [v for v in _token_ids(cfg) if not isinstance(v, bool)]  # ids left outside (lists): a larger vocabulary
     if mm and isinstance(getattr(text, "vocab_size", None), int) and max(mm) >= text.vocab_size:
         _set(text, "vocab_size", max(mm) + 1)
     hidden = getattr(text, "hidden_size", None)

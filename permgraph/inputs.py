@@ -61,19 +61,24 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     def sub(name: str):
         return getattr(cfg, name, None) or cfg
 
-    if "input_ids" in params and model.main_input_name != "pixel_values":
-        tcfg = sub("text_config")
-        vocab = getattr(tcfg, "vocab_size", None) or getattr(cfg, "vocab_size", 100)
+    # token ids where the forward reads text: a vision-main model (Kosmos-2, BLIP) too when its config
+    # has a text vocabulary (plain vision models' forwards take no input_ids)
+    if "input_ids" in params and (model.main_input_name != "pixel_values" or _text_vocab(cfg) is not None):
+        vocab = _text_vocab(cfg) or getattr(cfg, "vocab_size", None) or 100
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
     text_only = not modalities and "input_ids" in out
-    if "pixel_values" in params and not (text_only and _token_id(cfg, "image") is not None):
+    placed = _token_id(cfg, "image") is not None or _image_position_mask(params) is not None
+    if "pixel_values" in params and not (text_only and placed):
         vcfg = sub("vision_config")
         size = getattr(vcfg, "image_size", 32)
         size = size if isinstance(size, int) else size[0]
         ch = getattr(vcfg, "num_channels", 3)
         out["pixel_values"] = torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)
-        if "input_ids" in out and _token_id(cfg, "image") is not None and _with_image_tokens(model, out, batch, gen):
-            _with_rope_positions(model, out)
+    if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
+        out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
+    if ("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed and not text_only \
+            and _with_image_tokens(model, out, batch, gen):
+        _with_rope_positions(model, out)
     if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
             and _token_id(cfg, "audio") is not None and not text_only):  # audio-language models: tower in the forward
         _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
@@ -85,7 +90,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         frames = 2 * getattr(cfg, "max_source_positions", 0) or 64
         out["input_features"] = torch.randn(batch, mels, frames, generator=gen).to(dev, dtype)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
-        out["decoder_input_ids"] = torch.randint(0, cfg.vocab_size, (batch, seq // 2), generator=gen).to(dev)
+        vocab = getattr(cfg, "vocab_size", None) or _text_vocab(cfg) or 100
+        out["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq // 2), generator=gen).to(dev)
     for flag in _OFF_WHILE_TRACING:
         if flag in params:
             out[flag] = False
@@ -103,14 +109,55 @@ def _token_id(cfg: Any, kind: str) -> int | None:
     return None
 
 
+def _text_vocab(cfg: Any) -> int | None:
+    """The vocabulary of a multimodal config's text part (``text_config.vocab_size``), if it has one."""
+    v = getattr(getattr(cfg, "text_config", None), "vocab_size", None)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _image_position_mask(params: Any) -> str | None:
+    """The forward's parameter that marks where image embeddings go in the text (Kosmos-2's
+    ``image_embeds_position_mask``), for models whose placeholders have no token id of their own."""
+    return next((k for k in params if k.startswith("image") and k.endswith("position_mask")), None)
+
+
+# config fields that hold how many embeddings an image becomes, for models without get_image_features
+# (Kosmos-2's resampler queries, ``image_seq_length``)
+_IMAGE_TOKEN_COUNTS = ("latent_query_num", "image_seq_length", "num_image_tokens", "mm_tokens_per_image")
+
+
+def _flattened_patches(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Pix2Struct-layout images ``(batch, patches, 2 + patch_dim)``: a 1-based row and column index in
+    the first two columns (0 is padding), then the patch pixels; ``patch_dim`` is the vision config's
+    ``patch_embed_hidden_size`` (or channels x patch area)."""
+    vcfg = getattr(model.config, "vision_config", None) or model.config
+    dev, dtype = model_device(model), model_dtype(model)
+    dim = getattr(vcfg, "patch_embed_hidden_size", None)
+    patch = getattr(vcfg, "patch_size", None)
+    patch = patch if isinstance(patch, int) or patch is None else patch[0]
+    if not isinstance(dim, int) and patch:
+        dim = (getattr(vcfg, "num_channels", None) or 3) * patch * patch
+    if not isinstance(dim, int):
+        return
+    for side in (4, 2):
+        rows = torch.arange(1, side + 1).repeat_interleave(side)
+        cols = torch.arange(1, side + 1).repeat(side)
+        idx = torch.stack([rows, cols], dim=-1).to(torch.float64).expand(batch, -1, -1)
+        pixels = torch.randn(batch, side * side, dim, generator=gen, dtype=torch.float64)
+        yield {"flattened_patches": torch.cat([idx, pixels], dim=-1).to(dev, dtype)}
+
+
 def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """Candidate image inputs of a vision-language model, most common layout first: one image per
     sample ``(batch, C, S, S)``; anyres tiles with ``image_sizes`` (LLaVA-NeXT); flattened patches with
-    ``image_grid_thw`` (Qwen-VL)."""
+    ``image_grid_thw`` (Qwen-VL); Pix2Struct-layout ``flattened_patches`` (Kosmos-2.5)."""
     cfg = model.config
     vcfg = getattr(cfg, "vision_config", None) or cfg
     dev, dtype = model_device(model), model_dtype(model)
     params = inspect.signature(model.forward).parameters
+    if "flattened_patches" in params:
+        yield from _flattened_patches(model, batch, gen)
+        return
     ch = getattr(vcfg, "num_channels", None) or getattr(vcfg, "in_channels", None) or 3
     size = getattr(vcfg, "image_size", None)
     size = size if isinstance(size, int) or size is None else size[0]
@@ -155,11 +202,21 @@ def _feature_count(feats: Any) -> int:
 
 def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator) -> bool:
     """Image inputs for a vision-language model, with as many image tokens in ``input_ids`` as the
-    vision tower yields features, so that the vision tower is in the traced forward. Leaves ``out``
-    as it is when no candidate layout works; whether it changed."""
-    tok = _token_id(model.config, "image")
-    if not _with_modality_tokens(model, out, batch, "image", getattr(model, "get_image_features", None),
-                                 _image_inputs(model, batch, gen)):
+    vision tower yields features, so that the vision tower is in the traced forward. Without
+    ``get_image_features`` the count is the config's (``latent_query_num``...), and the forward must
+    accept the result; placeholders without a token id of their own are marked by the forward's image
+    position mask (Kosmos-2). Leaves ``out`` as it is when no candidate layout works; whether it changed."""
+    cfg = model.config
+    tok = _token_id(cfg, "image")
+    get = getattr(model, "get_image_features", None)
+    check = get is None
+    if get is None:
+        per = next((v for v in (getattr(cfg, k, None) for k in _IMAGE_TOKEN_COUNTS)
+                    if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+        get = None if per is None else (lambda **_: per * batch)
+    mask = _image_position_mask(inspect.signature(model.forward).parameters)
+    if not _with_modality_tokens(model, out, batch, "image", get, _image_inputs(model, batch, gen),
+                                 check_forward=check, mask=mask if tok is None else None):
         return False
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         out["mm_token_type_ids"] = (out["input_ids"] == tok).long()  # Qwen-VL's M-RoPE: 1 = image
@@ -250,15 +307,19 @@ _FORWARD_TRIALS = 4  # candidate audio inputs run through the whole forward befo
 
 
 def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kind: str, get: Any,
-                          candidates: Iterator[dict[str, Any]], check_forward: bool = False) -> bool:
+                          candidates: Iterator[dict[str, Any]], check_forward: bool = False,
+                          mask: str | None = None) -> bool:
     """The first candidate input whose features ``get`` computes, with that many ``kind`` tokens
     per sample spliced into ``input_ids`` (other special tokens in the random text replaced);
+    with ``mask``, plain text tokens there instead, marked 1 in the forward's input ``mask``;
     with ``check_forward``, the first whose result the model's forward accepts (at most
     ``_FORWARD_TRIALS`` forwards run). Whether ``out`` changed."""
     if get is None:
         return False
     cfg = model.config
     tok = _token_id(cfg, kind)
+    if tok is None and mask is None:
+        return False
     accepts = inspect.signature(get).parameters
     takes_all = any(p.kind == p.VAR_KEYWORD for p in accepts.values())
     tried = 0
@@ -275,8 +336,13 @@ def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kin
                    and (k.endswith("token_id") or k.endswith("token_index")) and k != "pad_token_id"}
         safe = next(i for i in range(int(text.max()) + len(special) + 2) if i not in special)
         text = torch.where(torch.isin(text, torch.tensor(sorted(special), device=text.device)), safe, text)
-        placeholders = torch.full((batch, n // batch), tok, dtype=text.dtype, device=text.device)
+        placeholders = torch.full((batch, n // batch), safe if tok is None else tok, dtype=text.dtype,
+                                  device=text.device)
         trial = {**out, "input_ids": torch.cat([text[:, :1], placeholders, text[:, 1:]], dim=1), **cand}
+        if mask is not None:
+            marks = torch.zeros(trial["input_ids"].shape, dtype=torch.long, device=text.device)
+            marks[:, 1:1 + n // batch] = 1
+            trial[mask] = marks
         if check_forward:  # audio towers differ in layout and in how they count tokens: keep what the
             try:  # forward accepts
                 with torch.no_grad():

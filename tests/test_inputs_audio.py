@@ -74,3 +74,26 @@ def test_audio_inputs_that_no_forward_accepts_leave_text_only_inputs():
     model.config.audio_config.num_mel_bins = 7  # the tower's conv still wants 16 channels: no candidate fits
     inputs = default_example_inputs(model)
     assert set(inputs) == {"input_ids", "use_cache"} and inputs["input_ids"].shape == (2, 8)
+
+
+def test_kosmos_2_5_gets_flattened_patches_and_the_image_position_mask():
+    """Kosmos-2.5 reads Pix2Struct-layout ``flattened_patches`` (row and column indices, then pixels)
+    and marks its ``latent_query_num`` image embeddings with ``image_embeds_position_mask``, not a
+    token id, and has no ``get_image_features``: the derived inputs put the vision tower in the
+    traced forward."""
+    from transformers import Kosmos2_5Config, Kosmos2_5ForConditionalGeneration
+
+    cfg = Kosmos2_5Config(
+        latent_query_num=4,
+        text_config={"vocab_size": 128, "embed_dim": 32, "layers": 1, "attention_heads": 4, "ffn_dim": 48},
+        vision_config={"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "head_dim": 8, "patch_embed_hidden_size": 12, "max_num_patches": 16})
+    torch.manual_seed(0)
+    model = Kosmos2_5ForConditionalGeneration(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["flattened_patches"].shape == (2, 16, 2 + 12)
+    assert inputs["image_embeds_position_mask"].sum() == 2 * 4 and inputs["input_ids"].shape == (2, 8 + 4)
+    spec = pg.compile(model)
+    tower = [p for p in spec.shapes if p.startswith("vision_model.") and p.endswith(".weight")]
+    assert tower and all(_moves(spec, p) for p in tower if "layers." in p)
+    assert pg.verify(model, spec, promote_float32=True).ok
