@@ -735,7 +735,19 @@ def _3d(f: Callable) -> Callable:
     return lambda h: f(h.unsqueeze(2)).squeeze(2)
 
 
+def _sampling_grid(h: torch.Tensor, coords: int = 2) -> torch.Tensor:
+    """A fixed (B, 4, 4, coords) sampling grid inside [-1, 1] (depth 0 for a 3-d grid)."""
+    lin = torch.linspace(-0.9, 0.7, 4, dtype=h.dtype)
+    gy, gx = torch.meshgrid(lin, lin, indexing="ij")
+    g = torch.stack([gx, gy] + [torch.zeros_like(gx)] * (coords - 2), -1)
+    return g.expand(B, 4, 4, coords) if coords == 2 else g.unsqueeze(0).expand(B, 1, 4, 4, coords)
+
+
 POOLS = {  # op -> f(h) on (B, H, 6, 6)
+    aten.grid_sampler: lambda h: aten.grid_sampler.default(h, _sampling_grid(h), 0, 0, False),
+    aten.grid_sampler_2d: lambda h: aten.grid_sampler_2d.default(h, _sampling_grid(h), 0, 0, False),
+    aten.grid_sampler_3d: lambda h: aten.grid_sampler_3d.default(
+        h.unsqueeze(2), _sampling_grid(h, 3), 0, 0, False).squeeze(2),
     aten.max_pool1d: _1d(lambda h: aten.max_pool1d.default(h, [2])),
     aten.max_pool2d: lambda h: aten.max_pool2d.default(h, [2, 2]),
     aten.max_pool3d: _3d(lambda h: aten.max_pool3d.default(h, [1, 2, 2])),

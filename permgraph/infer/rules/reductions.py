@@ -159,6 +159,23 @@ def spatial(cx: RuleContext, node: fx.Node, a: Args) -> Any:
     return res if isinstance(val, (list, tuple)) else res[0]
 
 
+@register(aten.grid_sampler, aten.grid_sampler_2d, aten.grid_sampler_3d)
+def grid_sample(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``input (N, C, *spatial_in)`` sampled at ``grid (N, *spatial_out, k)``: every channel with the
+    same spatial weights, so the channel axis passes; the batch axes unify; input positions and the
+    grid's coordinates are fixed; the result's spatial axes are the grid's."""
+    t, g = a.t("input"), a.t("grid")
+    why = f"spatial positions ({node.target})"
+    for x in t[2:] + g[-1:]:
+        cx.fix(x, why)
+    if cx.store.size(t[0]) == cx.store.size(g[0]):
+        cx.unify(t[0], g[0])
+    else:
+        cx.fix(t[0], why)
+        cx.fix(g[0], why)
+    return [t[0], t[1]] + list(g[1:-1])
+
+
 family(spatial)(
     aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
     aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool1d,
