@@ -4,7 +4,7 @@ Every free leaf atom that moves a parameter is a group. A group's context (the o
 groups it is indexed by) must precede it in the product structure of every parameter
 axis containing it and co-occur with it in every tensor of the graph; otherwise the
 group is shared across the candidate. A within-head group whose heads are fixed but keep their
-identity (ALiBi) becomes one group per head (``_fixed_contexts``). Names come from module paths
+identity (ALiBi) becomes one group per head (``_contexts``). Names come from module paths
 plus a role.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
     def is_free(leaf: int) -> bool:
         return not store.reasons(leaf) and store.size(leaf) > 1
 
-    per_head = _fixed_contexts(store, result.param_axes, result.tensor_types, is_free)
+    atoms = {r for ty in result.param_axes.values() for a in ty for r in store.leaves(a)}
+    atom_ctx, per_head = _contexts(store, *_placement(store, result.param_axes, result.tensor_types, atoms), is_free)
     split_at: dict[int, set[int]] = {}
     for x, f in per_head.items():
         split_at.setdefault(f, set()).add(x)
@@ -58,7 +59,8 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
 
     raw_axes = {p: [tree(a) for a in ty] for p, ty in result.param_axes.items()}
     leaves = list(dict.fromkeys(g for trees in raw_axes.values() for t in trees for g in t.groups()))
-    ctx = _contexts(store, raw_axes, result.tensor_types, set(leaves))
+    groups = set(leaves)  # a head's copy (x, h) of a split group has no context (its heads are fixed)
+    ctx = {x: [c for c in atom_ctx.get(x, []) if c in groups] if isinstance(x, int) else [] for x in leaves}
     names = _name_groups(store, leaves, raw_axes, ctx)
     order = _outer_first(leaves, ctx)
     groups = {names[x]: Group(names[x], store.size(_atom(x)), tuple(names[c] for c in ctx[x]), _role(store, x, ctx))
@@ -109,26 +111,18 @@ _POSITIONAL = ("values vary along the axis", "indexed by select", "indexed by un
                "model input", "constant buffer", "embedding lookup")
 
 
-def _fixed_contexts(store, param_axes, tensor_types, is_free) -> dict[int, int]:
-    """Within-head groups (roles qk, vo) whose head axis is fixed but keeps each head's identity
-    (ALiBi: each head has its own slope): ``x -> f``, the fixed head atom. Like a free context
-    (``_contexts``), ``f`` must precede ``x`` in the product structure of every parameter axis
-    containing ``x`` and co-occur with it in every tensor; then every op treats ``x`` batch-wise
-    along ``f`` and each head may permute its units on its own: ``Prod(f, x)`` becomes
-    ``Cat(x_0, ..., x_{H-1})``. Atoms with eight or more reasons (the store keeps eight) never qualify."""
-    groups = {r for ty in param_axes.values() for a in ty for r in store.leaves(a)
-              if is_free(r) and {"qk", "vo"} & set(store.roles(r))}
-    if not groups:
-        return {}
-    heads: set[int] = set()
-    cand: dict[int, list[int]] = {}
+def _placement(store, param_axes, tensor_types, atoms: set[int]) -> tuple[dict[int, list[int]], dict[int, set[int]]]:
+    """Where each leaf atom of ``atoms`` lies: ``before[x]``, the leaf atoms preceding it in the
+    product structure of *every* parameter axis containing it, and ``along[x]``, the atoms of
+    ``atoms`` co-occurring with it in *every* tensor and parameter of the graph."""
+    before: dict[int, list[int]] = {}
 
     def walk(atom: int, pre: list[int]) -> None:
         r = store.find(atom)
         k = store.kind(r)
         if k is None:
-            if r in groups:
-                cand[r] = [c for c in cand[r] if c in pre] if r in cand else list(pre)
+            if r in atoms:
+                before[r] = [c for c in before[r] if c in pre] if r in before else list(pre)
             return
         acc = list(pre)
         for c in store.flat(r, k):
@@ -139,21 +133,37 @@ def _fixed_contexts(store, param_axes, tensor_types, is_free) -> dict[int, int]:
     for ty in param_axes.values():
         for a in ty:
             walk(a, [])
-    for c in {c for cs in cand.values() for c in cs}:
-        why = store.reasons(c)
-        if store.size(c) > 1 and 0 < len(why) < 8 and all(w.message.startswith(_POSITIONAL) for w in why):
-            heads.add(c)
-    cooc: dict[int, set[int]] = {}
+    along: dict[int, set[int]] = {}
     for ty in list(tensor_types) + list(param_axes.values()):
-        present = {x for a in ty if isinstance(a, int) for x in store.leaves(a)} & (groups | heads)
-        for x in present & groups:
-            cooc[x] = cooc[x] & present if x in cooc else set(present)
-    out = {}
-    for x, cs in cand.items():
-        ok = [c for c in cs if c in cooc.get(x, set())]
-        if ok and ok[0] in heads and not any(is_free(c) for c in ok):
-            out[x] = ok[0]
-    return out
+        present = {x for a in ty if isinstance(a, int) for x in store.leaves(a)} & atoms
+        for x in present:
+            along[x] = along[x] & present if x in along else set(present)
+    return before, along
+
+
+def _contexts(store, before, along, is_free) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Contexts of the groups: ``x -> [c, ...]``, the free groups that precede ``x`` in every
+    parameter axis containing it (so the index map is per axis) and co-occur with it in every
+    tensor (so every op treats ``x``'s axis batch-wise along ``c``'s); otherwise ``x`` is shared
+    across ``c``. And the within-head groups (roles qk, vo) whose nearest such candidate is a *fixed*
+    head atom that keeps each head's identity (ALiBi: each head has its own slope): ``x -> f``;
+    each head may then permute its units on its own, ``Prod(f, x)`` becoming
+    ``Cat(x_0, ..., x_{H-1})``. Atoms with eight or more reasons (the store keeps eight) never qualify."""
+    ctx: dict[int, list[int]] = {}
+    per_head: dict[int, int] = {}
+    for x, cs in before.items():
+        if not is_free(x):
+            continue
+        ok = [c for c in cs if c in along.get(x, set()) and c != x]
+        ctx[x] = [c for c in ok if is_free(c)]
+        if ok and not ctx[x] and {"qk", "vo"} & set(store.roles(x)) and _keeps_positions(store, ok[0]):
+            per_head[x] = ok[0]
+    return ctx, per_head
+
+
+def _keeps_positions(store, c: int) -> bool:
+    why = store.reasons(c)
+    return store.size(c) > 1 and 0 < len(why) < 8 and all(w.message.startswith(_POSITIONAL) for w in why)
 
 
 def _fixed_parts(t: AxisTree, where: str = "whole axis") -> str:
@@ -183,46 +193,6 @@ def _propagate_fixed(store) -> None:
                         for why in store.reasons(r):
                             store.fix(c, why)
                         changed = True
-
-
-def _contexts(store, raw_axes, tensor_types, groups: set[int]) -> dict[int, list[int]]:
-    """Context of each group: outer factors it may be indexed by.
-
-    A candidate must precede the group in the product structure of *every*
-    parameter axis containing it (so the index map is per-axis), and co-occur
-    with it in *every* tensor of the graph (so every op treats the group's axis
-    batch-wise along the candidate's axis). Otherwise the group is shared.
-    """
-    cand: dict[int, list[int]] = {}
-
-    def walk(t: AxisTree, pre: list[int]) -> None:
-        match t:
-            case G(x):
-                cand[x] = [c for c in cand[x] if c in pre] if x in cand else list(pre)
-            case Cat(parts):
-                for s in parts:
-                    walk(s, pre)
-            case Prod(parts):
-                acc = list(pre)
-                for s in parts:
-                    walk(s, acc)
-                    if isinstance(s, G):
-                        acc = acc + [s.name]
-
-    for trees in raw_axes.values():
-        for t in trees:
-            walk(t, [])
-    cooc: dict[int, set[int]] = {}
-    for ty in tensor_types + list(_param_types(raw_axes)):
-        present = {x for a in ty for x in (store.leaves(a) if isinstance(a, int) else [a])} & groups
-        for x in present:
-            cooc[x] = cooc[x] & present if x in cooc else set(present)
-    return {x: [c for c in cand.get(x, []) if c in cooc.get(x, set()) and c != x] for x in groups}
-
-
-def _param_types(raw_axes):
-    for trees in raw_axes.values():
-        yield [g for t in trees for g in t.groups()]
 
 
 def _outer_first(leaves: list[int], ctx: dict[int, list[int]]) -> list[int]:
