@@ -199,18 +199,10 @@ def test_constant_index_lists_of_consecutive_positions_are_slices():
 def test_audio_language_model_gets_audio_inputs_and_its_audio_tower_moves():
     """Derived inputs of an audio-language model carry log-mel frames and as many audio tokens as
     its tower yields, so the tower is in the traced forward and its units are groups."""
-    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
-
     from permgraph.inputs import default_example_inputs
+    from permgraph.testing.zoo import tiny_audio_lm
 
-    cfg = AudioFlamingo3Config(
-        audio_token_id=100,
-        text_config={"model_type": "qwen2", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
-                     "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
-        audio_config={"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 4, "encoder_ffn_dim": 48,
-                      "num_mel_bins": 16, "max_source_positions": 20})
-    torch.manual_seed(0)
-    model = AudioFlamingo3ForConditionalGeneration(cfg).eval()
+    model = tiny_audio_lm("audioflamingo3")
     inputs = default_example_inputs(model)
     assert inputs["input_features"].shape[:2] == (2, 16) and (inputs["input_ids"] == 100).sum() > 0
     spec = pg.compile(model)

@@ -5,6 +5,7 @@ import torch
 
 import permgraph as pg
 from permgraph.inputs import default_example_inputs
+from permgraph.testing.zoo import TINY_TEXT, tiny_audio_lm
 
 
 def _moves(spec: pg.PermSpec, param: str) -> bool:
@@ -14,16 +15,7 @@ def _moves(spec: pg.PermSpec, param: str) -> bool:
 def test_qwen2_audio_without_get_audio_features_counts_tokens_with_the_towers_own_lengths():
     """Qwen2-Audio has no ``get_audio_features``: the audio token count comes from the tower's
     ``_get_feat_extract_output_lengths`` on the frame mask, and the forward accepts the result."""
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
-
-    cfg = Qwen2AudioConfig(
-        audio_token_index=100,
-        text_config={"model_type": "qwen2", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
-                     "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
-        audio_config={"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 4, "encoder_ffn_dim": 48,
-                      "num_mel_bins": 16, "max_source_positions": 20})
-    torch.manual_seed(0)
-    model = Qwen2AudioForConditionalGeneration(cfg).eval()
+    model = tiny_audio_lm("qwen2_audio")
     inputs = default_example_inputs(model)
     assert inputs["input_features"].shape == (2, 16, 40)  # Whisper-style: 2 x max_source_positions frames
     assert inputs["feature_attention_mask"].shape == (2, 40)
@@ -42,8 +34,7 @@ def test_granite_speech_gets_frames_first_features_without_the_projected_feature
 
     cfg = GraniteSpeechConfig(
         audio_token_index=100, window_size=4, downsample_rate=2,
-        text_config={"model_type": "granite", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
-                     "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
+        text_config={**TINY_TEXT, "model_type": "granite"},
         encoder_config={"input_dim": 20, "num_layers": 1, "hidden_dim": 32, "num_heads": 4, "dim_head": 8,
                         "output_dim": 12, "context_size": 16, "max_pos_emb": 32, "feedforward_mult": 2,
                         "conv_kernel_size": 3},
@@ -62,15 +53,7 @@ def test_granite_speech_gets_frames_first_features_without_the_projected_feature
 
 def test_audio_inputs_that_no_forward_accepts_leave_text_only_inputs():
     """A model whose audio tower rejects every candidate layout keeps the text-only inputs."""
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
-
-    cfg = Qwen2AudioConfig(
-        audio_token_index=100,
-        text_config={"model_type": "qwen2", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
-                     "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
-        audio_config={"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 4, "encoder_ffn_dim": 48,
-                      "num_mel_bins": 16, "max_source_positions": 20})
-    model = Qwen2AudioForConditionalGeneration(cfg).eval()
+    model = tiny_audio_lm("qwen2_audio")
     model.config.audio_config.num_mel_bins = 7  # the tower's conv still wants 16 channels: no candidate fits
     inputs = default_example_inputs(model)
     assert set(inputs) == {"input_ids", "use_cache"} and inputs["input_ids"].shape == (2, 8)

@@ -75,18 +75,10 @@ def test_moe_with_eager_experts_is_traced_with_batched_experts_and_left_eager():
 def test_multimodal_model_whose_tower_cannot_be_traced_falls_back_to_text_inputs():
     """A tower that export cannot trace (here: a dict keyed by a tensor's value) leaves the model
     compiled on text-only derived inputs, the tower fixed as unused, and verify on the same inputs."""
-    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
-
     from permgraph.inputs import default_example_inputs
+    from permgraph.testing.zoo import tiny_audio_lm
 
-    cfg = AudioFlamingo3Config(
-        audio_token_id=100,
-        text_config={"model_type": "qwen2", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
-                     "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
-        audio_config={"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 4, "encoder_ffn_dim": 48,
-                      "num_mel_bins": 16, "max_source_positions": 20})
-    torch.manual_seed(0)
-    model = AudioFlamingo3ForConditionalGeneration(cfg).eval()
+    model = tiny_audio_lm("audioflamingo3")
     assert "input_features" in default_example_inputs(model)
     assert "input_features" not in default_example_inputs(model, modalities=False)
     conv = model.model.audio_tower.conv1

@@ -394,3 +394,26 @@ def build(name: str, seed: int = 0) -> ZooModel:
     torch.manual_seed(seed)
     model, inputs, tol, *outs = ZOO[name]()
     return ZooModel(name, model.eval(), inputs, tol, outs[0] if outs else None)
+
+
+# one-layer parts of the audio-language models in the derived-input tests (not in ZOO: their
+# towers need derived audio inputs, which those tests check)
+TINY_TEXT = {"model_type": "qwen2", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
+             "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
+TINY_WHISPER_AUDIO = {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 4, "encoder_ffn_dim": 48,
+                      "num_mel_bins": 16, "max_source_positions": 20}
+_AUDIO_LMS = {"audioflamingo3": ("AudioFlamingo3", "audio_token_id"),
+              "qwen2_audio": ("Qwen2Audio", "audio_token_index")}
+
+
+def tiny_audio_lm(arch: str, seed: int = 0) -> nn.Module:
+    """A tiny audio-language model (``arch``: audioflamingo3 or qwen2_audio): a one-layer Qwen2 text
+    model, a one-layer Whisper-style tower (16 mel bins, 40 frames), audio token id 100."""
+    import transformers
+
+    name, tok = _AUDIO_LMS[arch]
+    cfg = getattr(transformers, f"{name}Config")(**{tok: 100}, text_config=dict(TINY_TEXT),
+                                                  audio_config=dict(TINY_WHISPER_AUDIO))
+    torch.manual_seed(seed)
+    return getattr(transformers, f"{name}ForConditionalGeneration")(cfg).eval()
+
