@@ -236,28 +236,12 @@ class AxisStore:
 
 
 def _common_prod(sa: list[int], sb: list[int]) -> tuple[list[list[int]], list[list[int]]] | None:
-    """Common refinement of two mixed-radix factorizations (outer to inner)."""
-    def strides(s: list[int]) -> list[int]:
-        out, acc = [1], 1
-        for x in reversed(s):
-            acc *= x
-            out.append(acc)
-        return out
-
-    st = sorted(set(strides(sa)) | set(strides(sb)))
+    """Common refinement of two mixed-radix factorizations (outer to inner): both cut at every
+    stride of either, when those strides form one divisibility chain."""
+    st = sorted(set(_strides(sa)) | set(_strides(sb)))
     if any(st[i + 1] % st[i] for i in range(len(st) - 1)):
         return None
-
-    def pieces(s: list[int]) -> list[list[int]]:
-        out, hi = [], math.prod(s)
-        for x in s:
-            lo = hi // x
-            inner = [v for v in st if lo <= v <= hi]
-            out.append([inner[i + 1] // inner[i] for i in reversed(range(len(inner) - 1))])
-            hi = lo
-        return out
-
-    return pieces(sa), pieces(sb)
+    return _prod_pieces(sa, st), _prod_pieces(sb, st)
 
 
 def _strides(s: list[int]) -> list[int]:
