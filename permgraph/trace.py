@@ -30,12 +30,12 @@ class Traced:
 
 
 def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
-    """Export ``model`` (eval, no grad): non-strict, then strict; for a transformers MoE whose
-    experts loop over ``torch.where`` (the eager experts), non-strict again with the batched
-    experts (the same function, no data-dependent shapes); last ``draft_export``, which runs the
-    example inputs for real to get past data-dependent guards (an image grid's values deciding a
-    loop): its graph is specialised to the decisions those values take, so it is kept only if it
-    reproduces the model's outputs on them, and ``info["draft"]`` says so. Before the draft, a
+    """Export ``model`` (eval, no grad): a transformers MoE first with its experts switched to
+    ``batched_mm`` (the same function; the eager experts loop over ``torch.where``, the grouped ones
+    sort tokens by expert into an opaque grouped matmul); then non-strict, then strict; last
+    ``draft_export``, which runs the example inputs for real to get past data-dependent guards (an
+    image grid's values deciding a loop): its graph is specialised to the decisions those values
+    take, so it is kept only if it reproduces the model's outputs on them (``info["draft"]``). Before the draft, a
     transformers model given no ``attention_mask`` is tried with an all-ones one (``info["inputs"]``).
     The model is left as it was (mode, cache flags, experts implementation)."""
     if not isinstance(model, nn.Module):
@@ -49,7 +49,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     try:
         ep = None
         masked = with_all_ones_mask(model, kwargs) if is_transformers_model(model) else None
-        for strict, setup, kw in ((False, None, kwargs), (True, None, kwargs), (False, _batched_experts, kwargs),
+        for strict, setup, kw in ((False, _batched_experts, kwargs), (False, None, kwargs), (True, None, kwargs),
                                   (False, None, masked)):
             if kw is None:
                 continue
@@ -65,7 +65,9 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
                     continue
             sys.stderr.write(printed.getvalue())
             if setup:
-                info["experts"] = "traced with transformers' batched_mm experts (the eager ones loop over torch.where)"
+                info["experts"] = ("traced with transformers' batched_mm experts, the same function as the model's "
+                                   f"{model.config._experts_implementation!r} experts (whose grouped or looped "
+                                   "routing has no rule or data-dependent shapes)")
             if kw is masked:
                 kwargs = masked
                 info["inputs"] = "traced with an all-ones attention_mask (the model builds none while exported)"
@@ -103,12 +105,14 @@ def with_all_ones_mask(model: nn.Module, kwargs: dict) -> dict | None:
 
 @contextlib.contextmanager
 def _batched_experts(model: nn.Module):
-    """Switch a transformers MoE from eager experts to ``batched_mm`` for the block; yields
-    whether it switched (not when the model has other experts or does not support batched)."""
+    """Switch a transformers MoE's experts (eager, grouped_mm, ...) to ``batched_mm`` for the block;
+    yields whether it switched (not for a model without transformers experts, one already batched,
+    or one that does not support batched)."""
     cfg = getattr(model, "config", None)
     old = getattr(cfg, "_experts_implementation", None)
     switch = getattr(model, "set_experts_implementation", None)
-    if old != "eager" or switch is None:
+    can = getattr(model, "_can_set_experts_implementation", None)
+    if old in (None, "batched_mm") or switch is None or not (callable(can) and can()):
         yield False
         return
     try:

@@ -67,6 +67,16 @@ def _promoted(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -
     return module, args, kwargs
 
 
+def _runnable_experts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The copy with transformers' ``batched_mm`` experts where its ``grouped_mm`` ones have no
+    kernel for ``dtype`` (float64 on any device): the same function."""
+    cfg = getattr(model, "config", None)
+    if (getattr(cfg, "_experts_implementation", None) == "grouped_mm"
+            and dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+        model.set_experts_implementation("batched_mm")
+    return model
+
+
 def _cast(x, dtype):
     if isinstance(x, torch.Tensor) and x.is_floating_point():
         return x.to(dtype)
@@ -101,7 +111,7 @@ def verify(model: nn.Module, spec: PermSpec | None = None, example_inputs: Examp
     if any(p.is_meta for p in model.parameters()):
         raise InputError("verify needs real weights; this model is on the meta device")
     args, kwargs = resolve_inputs(model, example_inputs)
-    ref_model = copy.deepcopy(model).eval().to(dtype)
+    ref_model = _runnable_experts(copy.deepcopy(model).eval().to(dtype), dtype)
     args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
     if promote_float32:
         ref_model, args, kwargs = _promoted(ref_model, args, kwargs, dtype)

@@ -72,6 +72,28 @@ def test_moe_with_eager_experts_is_traced_with_batched_experts_and_left_eager():
         assert pg.verify(model, spec, seed=seed, promote_float32=True).ok
 
 
+def test_moe_with_grouped_experts_is_traced_with_batched_experts_and_left_grouped():
+    """transformers 5 gives a MoE ``grouped_mm`` experts by default: tokens sorted by expert into an
+    opaque grouped matmul (on CPU a custom op), which fixed every axis it touched (coverage ~0). The
+    batched experts compute the same function; the float32 model keeps its grouped experts."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=60, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(cfg).eval()
+    assert model.config._experts_implementation == "grouped_mm"
+    spec = pg.compile(model)
+    assert model.config._experts_implementation == "grouped_mm"
+    assert "'grouped_mm'" in spec.info["experts"] and not spec.unknown_ops
+    assert spec.covered_fraction() > 0.99
+    assert spec.groups["model.layers.0.mlp.experts"].size == 4
+    for seed in (0, 1):  # in float64 (grouped_mm has no float64 kernel: verify's copy runs batched)
+        assert pg.verify(model, spec, seed=seed, promote_float32=True).ok
+    assert pg.verify(model, spec, dtype=torch.float32).ok  # the grouped experts themselves
+    assert model.config._experts_implementation == "grouped_mm"
+
+
 def test_multimodal_model_whose_tower_cannot_be_traced_falls_back_to_text_inputs():
     """A tower that export cannot trace (here: a dict keyed by a tensor's value) leaves the model
     compiled on text-only derived inputs, the tower fixed as unused, and verify on the same inputs."""
