@@ -342,6 +342,11 @@ def _plan(spec: PermSpec, adapter: AdapterLike, index: int, count: int, sa: Mapp
             problems.append(f"it adapts '{mod}', but the model of the spec has no parameter '{param}'"
                             + ("" if modules else " (or it is not a weight the model uses)"))
             continue
+        if spec.canonical(param) in spec.layouts:
+            problems.append(f"it adapts '{mod}', a parameter bank whose units the spec permutes per expert "
+                            "(a layout): LoRA factors of such banks are not supported; merge the adapter into "
+                            "the fine-tuned weights and transport those")
+            continue
         problem = _fit(t, spec.shapes[spec.canonical(param)], state, _layer_kind(modules, param), fifo,
                        ambiguous, contradicted)
         if problem:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from permgraph.ir import AxisTree, Cat, Fixed, G, Prod
 from permgraph.spec import FixedAxis, Group, PermSpec
@@ -32,7 +32,9 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
         return not store.reasons(leaf) and store.size(leaf) > 1
 
     atoms = {r for ty in result.param_axes.values() for a in ty for r in store.leaves(a)}
-    atom_ctx, per_head = _contexts(store, *_placement(store, result.param_axes, result.tensor_types, atoms), is_free)
+    carried = _carried(store, result.carriers, is_free)
+    atom_ctx, per_head = _contexts(store, *_placement(store, result.param_axes, result.tensor_types, atoms, carried),
+                                   is_free)
     split_at: dict[int, set[int]] = {}
     for x, f in per_head.items():
         split_at.setdefault(f, set()).add(x)
@@ -66,16 +68,22 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
     groups = {names[x]: Group(names[x], store.size(_atom(x)), tuple(names[c] for c in ctx[x]), _role(store, x, ctx))
               for x in order}
     axes = {p: [t.rename(lambda x: G(names[x])) for t in trees] for p, trees in raw_axes.items()}
+    layouts = {}
+    for p, trees in list(axes.items()):
+        layout = _layout(trees, groups)
+        if layout is not None:
+            layouts[p] = layout
+            axes[p] = [_prod([trees[d] for d in part]) for part in layout]
     fixed = []
     for p, ty in result.param_axes.items():
-        for d, a in enumerate(ty):
+        for d, part in enumerate(layouts.get(p, [(i,) for i in range(len(ty))])):
             parts = _fixed_parts(axes[p][d])
             if parts:
-                fl = [x for x in store.leaves(a) if not is_free(x) and store.size(x) > 1]
+                fl = [x for i in part for x in store.leaves(ty[i]) if not is_free(x) and store.size(x) > 1]
                 reasons = tuple(dict.fromkeys(str(r) for x in fl for r in store.reasons(x)))
                 fixed.append(FixedAxis(p, d, parts, reasons))
     unknown = {k: len(v) for k, v in result.unknown_ops.items()}
-    spec = PermSpec(groups, axes, dict(param_shapes), fixed, dict(aliases), unknown, dict(info))
+    spec = PermSpec(groups, axes, dict(param_shapes), fixed, dict(aliases), unknown, dict(info), layouts=layouts)
     if not with_nodes:
         return spec
 
@@ -96,7 +104,58 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
 
 
 def _prod(parts: list[AxisTree]) -> AxisTree:
-    return parts[0] if len(parts) == 1 else Prod(tuple(parts))
+    """The mixed radix of ``parts`` (nested products flattened, outer first)."""
+    flat = tuple(q for t in parts for q in (t.parts if isinstance(t, Prod) else (t,)))
+    return flat[0] if len(flat) == 1 else Prod(flat)
+
+
+def _layout(trees: list[AxisTree], groups: Mapping[str, Group]) -> tuple[tuple[int, ...], ...] | None:
+    """How a parameter is viewed so that every group's contexts are outer factors on its axis: a
+    dim holding a group whose context is another whole dim (``G(c)``: an expert's hidden units,
+    indexed by the expert dim) is merged after that dim. None when no dim needs it."""
+    whole = {t.name: d for d, t in enumerate(trees) if isinstance(t, G)}
+    after: dict[int, set[int]] = {d: set() for d in range(len(trees))}
+    for d, t in enumerate(trees):
+        for g in dict.fromkeys(t.groups()):
+            for c in groups[g].ctx:
+                if c not in _outer(t, g) and whole.get(c, d) != d:
+                    after[d].add(whole[c])
+    if not any(after.values()):
+        return None
+    part_of = list(range(len(trees)))
+
+    def find(d: int) -> int:
+        while part_of[d] != d:
+            d = part_of[d]
+        return d
+
+    for d, cs in after.items():
+        for c in cs:
+            part_of[find(d)] = find(c)
+    parts: dict[int, list[int]] = {}
+    for d in range(len(trees)):
+        parts.setdefault(find(d), []).append(d)
+    out = []
+    for dims in sorted(parts.values()):
+        order: list[int] = []
+        while len(order) < len(dims):  # contexts first (acyclic: a whole dim G(c) holds no context of c)
+            order.append(next(d for d in dims if d not in order and after[d] <= set(order)))
+        out.append(tuple(order))
+    return tuple(out)
+
+
+def _outer(t: AxisTree, g: str) -> set[str]:
+    """The groups that are outer factors of ``g`` in tree ``t`` (its contexts on this axis)."""
+    match t:
+        case Prod(parts):
+            seen: set[str] = set()
+            for s in parts:
+                if g in s.groups():
+                    return seen | _outer(s, g)
+                seen |= set(s.groups())
+        case Cat(parts):
+            return next((_outer(s, g) for s in parts if g in s.groups()), set())
+    return set()
 
 
 def _atom(x) -> int:
@@ -111,54 +170,115 @@ _POSITIONAL = ("values vary along the axis", "indexed by select", "indexed by un
                "model input", "constant buffer", "embedding lookup")
 
 
-def _placement(store, param_axes, tensor_types, atoms: set[int]) -> tuple[dict[int, list[int]], dict[int, set[int]]]:
+def _placement(store, param_axes, tensor_types, atoms: set[int], carried: Mapping[int, int]
+               ) -> tuple[dict[int, list[int]], dict[int, list[int]], dict[int, set[int]]]:
     """Where each leaf atom of ``atoms`` lies: ``before[x]``, the leaf atoms preceding it in the
-    product structure of *every* parameter axis containing it, and ``along[x]``, the atoms of
-    ``atoms`` co-occurring with it in *every* tensor and parameter of the graph."""
+    product structure of *every* parameter axis containing it; ``near[x]``, those that in every
+    parameter containing it precede it on its axis or are another whole dim (an expert's hidden
+    units beside the expert dim); and ``along[x]``, the atoms of ``atoms`` co-occurring with it in
+    *every* tensor and parameter of the graph, where an axis whose rows were selected by positions
+    along an atom (``carried``) stands for that atom."""
     before: dict[int, list[int]] = {}
+    near: dict[int, list[int]] = {}
 
-    def walk(atom: int, pre: list[int]) -> None:
+    def walk(atom: int, pre: list[int], beside: list[int]) -> None:
         r = store.find(atom)
         k = store.kind(r)
         if k is None:
             if r in atoms:
                 before[r] = [c for c in before[r] if c in pre] if r in before else list(pre)
+                here = beside + [c for c in pre if c not in beside]
+                near[r] = [c for c in near[r] if c in here] if r in near else here
             return
         acc = list(pre)
         for c in store.flat(r, k):
-            walk(c, acc if k == "prod" else pre)
+            walk(c, acc if k == "prod" else pre, beside)
             if k == "prod" and store.kind(c) is None:
                 acc = acc + [c]
 
     for ty in param_axes.values():
-        for a in ty:
-            walk(a, [])
+        dims = [store.find(a) for a in ty]
+        for d, a in enumerate(ty):
+            walk(a, [], [r for i, r in enumerate(dims) if i != d and store.kind(r) is None])
     along: dict[int, set[int]] = {}
     for ty in list(tensor_types) + list(param_axes.values()):
         present = {x for a in ty if isinstance(a, int) for x in store.leaves(a)} & atoms
+        present |= {carried[r] for a in ty if isinstance(a, int) for r in _nodes(store, a) if r in carried}
         for x in present:
             along[x] = along[x] & present if x in along else set(present)
-    return before, along
+    return before, near, along
 
 
-def _contexts(store, before, along, is_free) -> tuple[dict[int, list[int]], dict[int, int]]:
+def _nodes(store, a: int) -> Iterator[int]:
+    """The roots of ``a``'s structure: itself and every part, at every depth."""
+    r = store.find(a)
+    yield r
+    if store.kind(r) is not None:
+        for c in store.children(r):
+            yield from _nodes(store, c)
+
+
+def _carried(store, carriers, is_free) -> dict[int, int]:
+    """Axis root -> the atom whose positions named its rows, where that is unambiguous: every record
+    for the axis names the same atom through the same index tensor, and the axis is free or fixed
+    only for reasons that keep each position's identity (a fixed axis that an op reordered, a flip
+    say, keeps its atom, and its rows then belong to other positions)."""
+    seen: dict[int, set[tuple[int, Any]]] = {}
+    for axis, v, node in carriers:
+        seen.setdefault(store.find(axis), set()).add((store.find(v), node))
+    out = {}
+    for r, srcs in seen.items():
+        (v, _), *more = srcs
+        if not more and v != r and store.kind(v) is None and (is_free(r) or _keeps_positions(store, r)):
+            out[r] = v
+    return out
+
+
+def _contexts(store, before, near, along, is_free) -> tuple[dict[int, list[int]], dict[int, int]]:
     """Contexts of the groups: ``x -> [c, ...]``, the free groups that precede ``x`` in every
-    parameter axis containing it (so the index map is per axis) and co-occur with it in every
-    tensor (so every op treats ``x``'s axis batch-wise along ``c``'s); otherwise ``x`` is shared
-    across ``c``. And the within-head groups (roles qk, vo) whose nearest such candidate is a *fixed*
-    head atom that keeps each head's identity (ALiBi: each head has its own slope): ``x -> f``;
-    each head may then permute its units on its own, ``Prod(f, x)`` becoming
+    parameter axis containing it, or are another whole dim of those parameters (so the index map
+    is per axis, or per view of a parameter: ``permgraph.ir`` layouts), and co-occur with it in
+    every tensor (so every op treats ``x``'s axis batch-wise along ``c``'s); otherwise ``x`` is
+    shared across ``c``. Contexts never form a cycle (a pair of dims that index each other is
+    shared both ways). And the within-head groups (roles qk, vo) whose nearest such candidate in
+    the axis is a *fixed* head atom that keeps each head's identity (ALiBi: each head has its own
+    slope): ``x -> f``; each head may then permute its units on its own, ``Prod(f, x)`` becoming
     ``Cat(x_0, ..., x_{H-1})``. Atoms with eight or more reasons (the store keeps eight) never qualify."""
     ctx: dict[int, list[int]] = {}
     per_head: dict[int, int] = {}
-    for x, cs in before.items():
+    for x, cs in near.items():
         if not is_free(x):
             continue
-        ok = [c for c in cs if c in along.get(x, set()) and c != x]
-        ctx[x] = [c for c in ok if is_free(c)]
-        if ok and not ctx[x] and {"qk", "vo"} & set(store.roles(x)) and _keeps_positions(store, ok[0]):
+        ctx[x] = [c for c in cs if c in along.get(x, set()) and c != x and is_free(c)]
+        ok = [c for c in before.get(x, []) if c in along.get(x, set()) and c != x]
+        if ok and not [c for c in ok if is_free(c)] and {"qk", "vo"} & set(store.roles(x)) \
+                and _keeps_positions(store, ok[0]):
             per_head[x] = ok[0]
+    _acyclic(ctx)
     return ctx, per_head
+
+
+def _acyclic(ctx: dict[int, list[int]]) -> None:
+    """Drop the context edges that close a cycle (in a stable order)."""
+    kept: dict[int, list[int]] = {}
+
+    def reaches(a: int, b: int) -> bool:
+        todo, seen = [a], set()
+        while todo:
+            y = todo.pop()
+            if y == b:
+                return True
+            if y not in seen:
+                seen.add(y)
+                todo.extend(kept.get(y, []))
+        return False
+
+    for x in ctx:
+        kept[x] = []
+        for c in ctx[x]:
+            if not reaches(c, x):
+                kept[x].append(c)
+    ctx.update(kept)
 
 
 def _keeps_positions(store, c: int) -> bool:
@@ -220,6 +340,8 @@ def _role(store, x: int, ctx: dict[int, list[int]]) -> str:
         return roles[0]
     if any(x in cs for cs in ctx.values()):
         return "heads"
+    if ctx[x] and "experts" in store.roles(_atom(ctx[x][0])):
+        return "units"  # each expert's hidden units
     return "within" if ctx[x] else ""
 
 

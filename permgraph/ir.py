@@ -10,6 +10,11 @@ An axis tree says how one parameter axis is built from group axes:
 
 JSON keeps the format of spec version 1: ``["g", name]``, ``["id", n]``,
 ``["prod", [...]]``, ``["cat", [...]]``.
+
+A layout views a parameter with some dims merged, so that a group whose context lies on another
+dim (each MoE expert's hidden units, indexed by the expert dim) is a product on one axis like a
+within-head group: ``((0, 2), (1,))`` views ``(E, H, 2I)`` as ``(E * 2I, H)``, dim 0 outer. The
+axis trees of such a parameter are over its view's axes.
 """
 from __future__ import annotations
 
@@ -130,6 +135,39 @@ def zip_trees(t: AxisTree, u: AxisTree) -> list[tuple[AxisTree, AxisTree]] | Non
         case G() | Fixed(), _:
             return [(t, u)]
     return None
+
+
+Layout = tuple[tuple[int, ...], ...]
+
+
+def view_shape(shape: tuple[int, ...], layout: Layout | None) -> tuple[int, ...]:
+    """The shape of the view: each axis the product of its dims' sizes."""
+    return tuple(shape) if layout is None else tuple(math.prod(shape[d] for d in part) for part in layout)
+
+
+def to_view(x: torch.Tensor, layout: Layout | None) -> torch.Tensor:
+    """``x`` with its dims reordered and merged as ``layout`` says (a copy only where dims move)."""
+    if layout is None:
+        return x
+    return x.permute([d for part in layout for d in part]).reshape(view_shape(tuple(x.shape), layout))
+
+
+def from_view(v: torch.Tensor, layout: Layout | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of ``to_view`` for a tensor of real shape ``shape``."""
+    if layout is None:
+        return v
+    order = [d for part in layout for d in part]
+    x = v.reshape([shape[d] for d in order])
+    return x.permute([order.index(d) for d in range(len(shape))])
+
+
+def check_layout(layout: object, ndim: int) -> Layout:
+    """A partition of ``range(ndim)`` into non-empty parts; ``FormatError`` otherwise."""
+    if (not isinstance(layout, (list, tuple)) or not all(isinstance(p, (list, tuple)) and p for p in layout)
+            or not all(isinstance(d, int) and not isinstance(d, bool) for p in layout for d in p)
+            or sorted(d for p in layout for d in p) != list(range(ndim))):
+        raise FormatError(f"layout {str(layout)[:80]} is not a partition of the parameter's {ndim} dims")
+    return tuple(tuple(p) for p in layout)
 
 
 @dataclass

@@ -129,23 +129,33 @@ def apply_permutation(spec: PermSpec, perm: Permutation, state_dict: Mapping[str
         if trees is None:
             out[name] = tensor
             continue
-        if tuple(tensor.shape) != spec.shapes[spec.canonical(name)]:
-            raise InputError(f"'{name}' has shape {tuple(tensor.shape)} but the spec expects "
-                             f"{spec.shapes[spec.canonical(name)]}: is this the same architecture?")
-        x = tensor
+        viewed = _check_shape(spec, name, tensor)
+        x = spec.to_view(name, tensor)
         for dim, tree in enumerate(trees):
             if not tree.groups():
                 continue
             if tree not in cache:
                 cache[tree] = axis_index(tree, perm, spec.ctx, spec.sizes)
             x = x.index_select(dim, cache[tree].to(x.device))
-        out[name] = x
+        out[name] = x if viewed else spec.from_view(name, x)
     return out
+
+
+def _check_shape(spec: PermSpec, name: str, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is in the view shape of a parameter with a layout (else in its own shape);
+    ``InputError`` for any other shape."""
+    p = spec.canonical(name)
+    if tuple(tensor.shape) == spec.shapes[p]:
+        return False
+    if p in spec.layouts and tuple(tensor.shape) == spec.view_shape(p):
+        return True
+    raise InputError(f"'{name}' has shape {tuple(tensor.shape)} but the spec expects "
+                     f"{spec.shapes[p]}: is this the same architecture?")
 
 
 def axis_indices(spec: PermSpec, perm: Permutation, name: str,
                  skip: tuple[int, str] | None = None) -> list[torch.Tensor | None]:
-    """Per axis of one parameter, its gather index (new -> old) or None where nothing moves;
+    """Per axis of one parameter (of its view, where it has a layout), its gather index (new -> old) or None where nothing moves;
     ``skip=(axis, group)`` leaves that group alone on that axis."""
     trees = spec.axes_of(name)
     if trees is None:
@@ -166,8 +176,12 @@ def axis_indices(spec: PermSpec, perm: Permutation, name: str,
 
 def permute_tensor(spec: PermSpec, perm: Permutation, name: str, tensor: torch.Tensor,
                    skip: tuple[int, str] | None = None) -> torch.Tensor:
-    """One parameter permuted on every axis; ``skip=(axis, group)`` leaves that group alone on that axis."""
-    return gather_axes(tensor, axis_indices(spec, perm, name, skip))
+    """One parameter permuted on every axis (of its view, where it has a layout: the tensor may come
+    in either shape and is returned in the one it came in); ``skip=(axis, group)`` leaves that
+    group alone on that axis."""
+    viewed = _check_shape(spec, name, tensor)
+    out = gather_axes(spec.to_view(name, tensor), axis_indices(spec, perm, name, skip))
+    return out if viewed else spec.from_view(name, out)
 
 
 def gather_axes(x: torch.Tensor, index: list[torch.Tensor | None]) -> torch.Tensor:

@@ -60,7 +60,7 @@ def explain_spec(spec: "PermSpec", max_rows: int = 40) -> str:
     for g in spec.groups.values():
         pat, _ = _pattern(g.name)
         mem = members[g.name]
-        mem_pat = sorted({_pattern(m.param)[0] + f"[{m.axis}]" for m in mem})
+        mem_pat = sorted({_pattern(m.param)[0] + f"[{spec.axis_label(m.param, m.axis)}]" for m in mem})
         rows[pat].append((g, mem, mem_pat))
     header = f"  {'group':<46} {'kind':<22} {'size':>6} {'count':>5}  members"
     lines.append(header)
@@ -87,7 +87,8 @@ def explain_spec(spec: "PermSpec", max_rows: int = 40) -> str:
         for f in spec.fixed:
             pat, _ = _pattern(f.param)
             why = "; ".join(dict.fromkeys(_NODE_NUM.sub(r"\1)", _pattern(r)[0]) for r in f.reasons[:3]))
-            fixed_rows[(f"{pat}[{f.axis}] of {spec.shapes[f.param][f.axis]}: {f.part}", why)].append(f.param)
+            fixed_rows[(f"{pat}[{spec.axis_label(f.param, f.axis)}] of {spec.view_shape(f.param)[f.axis]}: "
+                        f"{f.part}", why)].append(f.param)
         for i, ((what, why), params) in enumerate(fixed_rows.items()):
             if i >= max_rows:
                 lines.append(f"  ... {len(fixed_rows) - max_rows} more")

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from permgraph.errors import FormatError
-from permgraph.ir import AxisTree, Cat, Fixed, G, Permutation, Prod, tree_from_json, zip_trees
+from permgraph.ir import (AxisTree, Cat, Fixed, G, Layout, Permutation, Prod, check_layout, from_view, to_view,
+                          tree_from_json, view_shape, zip_trees)
 
 SPEC_VERSION = 1
 
@@ -66,6 +67,9 @@ class PermSpec:
     # when every residual addend keeps its own permutation (``rewrites.untied_residual``);
     # None when not recorded (a spec from before, or a model where untying changes more)
     residual_sites: dict[str, list[AxisTree]] | None = None
+    # parameters viewed with dims merged (``permgraph.ir``, layouts): their axis trees, members and
+    # fixed axes are over the view's axes; every other parameter's are over its own dims
+    layouts: dict[str, Layout] = field(default_factory=dict)
 
     # -- lookups -----------------------------------------------------------------
     @property
@@ -85,6 +89,26 @@ class PermSpec:
 
     def axes_of(self, name: str) -> list[AxisTree] | None:
         return self.axes.get(self.canonical(name))
+
+    def view_shape(self, name: str) -> tuple[int, ...]:
+        """The shape the axis trees of parameter ``name`` describe (its own, unless it has a layout)."""
+        p = self.canonical(name)
+        return view_shape(self.shapes[p], self.layouts.get(p))
+
+    def to_view(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Parameter ``name``'s tensor (in its shape, or already in its view's) in its view's shape."""
+        layout = self.layouts.get(self.canonical(name))
+        return x if layout is None or x.dim() == len(layout) else to_view(x, layout)
+
+    def from_view(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        """A tensor in parameter ``name``'s view shape back in the parameter's shape."""
+        p = self.canonical(name)
+        return from_view(v, self.layouts.get(p), self.shapes[p])
+
+    def axis_label(self, name: str, axis: int) -> str:
+        """How an axis of the trees is named: its dim, or its dims joined by '*' (outer first)."""
+        layout = self.layouts.get(self.canonical(name))
+        return str(axis) if layout is None else "*".join(map(str, layout[axis]))
 
     def perm_shape(self, group: str) -> tuple[int, ...]:
         g = self.groups[group]
@@ -135,6 +159,8 @@ class PermSpec:
             "aliases": self.aliases,
             "unknown_ops": self.unknown_ops,
             "info": self.info,
+            **({"layouts": {p: [list(part) for part in lay] for p, lay in self.layouts.items()}}
+               if self.layouts else {}),
             **({} if self.residual_sites is None else
                {"residual_sites": {p: [t.to_json() for t in trees] for p, trees in self.residual_sites.items()}}),
         }, indent=1)
@@ -162,8 +188,14 @@ class PermSpec:
                 if grp.name in groups:
                     raise FormatError(f"group '{grp.name}' appears twice")
                 groups[grp.name] = grp
+            shapes = {_str(k): tuple(_int(n, 0) for n in v) for k, v in d["shapes"].items()}
+            layouts = {}
+            for k, lay in dict(d.get("layouts", {})).items():
+                if _str(k) not in shapes:
+                    raise FormatError(f"layout given for '{k}', which has no shape")
+                layouts[k] = check_layout(lay, len(shapes[k]))
             spec = cls(groups=groups, axes={_str(k): [tree_from_json(t) for t in v] for k, v in d["axes"].items()},
-                       shapes={_str(k): tuple(_int(n, 0) for n in v) for k, v in d["shapes"].items()},
+                       shapes=shapes, layouts=layouts,
                        fixed=[FixedAxis(_str(f["param"]), _int(f["axis"], 0), _str(f["part"]),
                                         tuple(_str(r) for r in f["reasons"])) for f in d.get("fixed", [])],
                        aliases={_str(k): _str(v) for k, v in d.get("aliases", {}).items()},
@@ -197,7 +229,7 @@ class PermSpec:
     def with_trees(self, axes: dict[str, list[AxisTree]], groups: dict[str, Group], **info: Any) -> "PermSpec":
         """A spec over the same parameters with other groups and axis trees (see ``permgraph.rewrites``)."""
         return PermSpec(groups, axes, dict(self.shapes), list(self.fixed), dict(self.aliases),
-                        dict(self.unknown_ops), {**self.info, **info})
+                        dict(self.unknown_ops), {**self.info, **info}, layouts=dict(self.layouts))
 
     def head_groups(self) -> list[str]:
         """Groups that other groups are indexed by and that have no context themselves (attention heads)."""
@@ -235,16 +267,22 @@ def check_spec(spec: PermSpec) -> None:
         bad = [c for c in g.ctx if c not in spec.groups or c == g.name]
         if bad:
             raise FormatError(f"group '{g.name}' has unknown context groups {bad}")
+    for p, layout in spec.layouts.items():
+        if p not in spec.shapes:
+            raise FormatError(f"layout given for '{p}', which has no shape")
+        check_layout(layout, len(spec.shapes[p]))
     for p, trees in spec.axes.items():
         if p not in spec.shapes:
             raise FormatError(f"axes given for '{p}', which has no shape")
-        if len(trees) != len(spec.shapes[p]):
-            raise FormatError(f"'{p}' has {len(spec.shapes[p])} dims but {len(trees)} axis trees")
+        shape = spec.view_shape(p)
+        if len(trees) != len(shape):
+            raise FormatError(f"'{p}' has {len(shape)} {'view axes' if p in spec.layouts else 'dims'} "
+                              f"but {len(trees)} axis trees")
         for d, t in enumerate(trees):
-            where = f"'{p}' axis {d}"
+            where = f"'{p}' axis {spec.axis_label(p, d)}"
             size = _check_tree(t, spec, where, set())
-            if size != spec.shapes[p][d]:
-                raise FormatError(f"{where}: the axis tree covers {size} entries, the shape says {spec.shapes[p][d]}")
+            if size != shape[d]:
+                raise FormatError(f"{where}: the axis tree covers {size} entries, the shape says {shape[d]}")
     for alias, target in spec.aliases.items():
         if target not in spec.shapes:
             raise FormatError(f"alias '{alias}' points to unknown parameter '{target}'")

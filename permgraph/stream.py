@@ -36,7 +36,7 @@ from permgraph.errors import InputError, PermgraphWarning
 from permgraph.ir import AxisTree
 from permgraph.loading import Source, check_folder_tensors, copy_model_files, load_source
 from permgraph.outputs import package_version
-from permgraph.permutation import axis_index, check_permutation
+from permgraph.permutation import axis_index, check_permutation, permute_tensor
 from permgraph.shards import Checkpoint, ShardWriter, find_checkpoint, plan_shards, shard_names, write_index
 from permgraph.spec import PermSpec
 from permgraph.transport import Alpha, alpha_for, check_alpha, check_transport_inputs, wide
@@ -262,7 +262,8 @@ def _one(plan: Plan, mover: Mover, base: str, report: StreamReport, dist: list[l
     Rows are read in chunks of about ``CHUNK`` elements. When dim 0 is not permuted (embeddings,
     the LM head, norms, anything unpermuted) each chunk of output rows needs only those rows of
     the inputs: memory is a few chunks. When dim 0 is permuted, the (wide) task vector of the
-    whole tensor is accumulated first, then gathered block by block: one wide copy of the tensor.
+    whole tensor is accumulated first, then gathered block by block: one wide copy of the tensor
+    (two for a tensor with a layout, an expert bank: it is permuted whole, then read by rows).
     """
     if mover.ft_names is None:
         mover.ft_names = [{b: f for f, b in names.items()} for names in plan.names]
@@ -275,7 +276,8 @@ def _one(plan: Plan, mover: Mover, base: str, report: StreamReport, dist: list[l
         yield _whole(plan, mover, base, fnames, report, dist)
         return
     alpha = alpha_for(plan.alpha, base)
-    idx = mover.indices(base)
+    viewed = mover.spec.canonical(base) in mover.spec.layouts  # dims merged (an expert's units): moved whole
+    idx = [torch.arange(eb.shape[0])] if viewed else mover.indices(base)
     idx += [None] * (len(eb.shape) - len(idx))
     rows = eb.shape[0] if eb.shape else 1
     step = max(1, CHUNK // max(1, math.prod(eb.shape[1:])))
@@ -301,6 +303,8 @@ def _one(plan: Plan, mover: Mover, base: str, report: StreamReport, dist: list[l
         report.seconds["read"] += t1 - t0
         report.seconds["compute"] += time.perf_counter() - t1
         yield out
+    if viewed and tau is not None:
+        tau = permute_tensor(mover.spec, mover.alignment.permutation, base, tau)
     for r0, r1 in spans if permuted0 else ():
         t0 = time.perf_counter()
         b = plan.b.read(base, (r0, r1), bufs["b"])

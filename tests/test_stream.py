@@ -283,3 +283,40 @@ def test_row_reads_and_block_writes(tmp_path):
     w = shards.ShardWriter(tmp_path / "z.safetensors", {"x": specs["x"]}, {})
     with pytest.raises(RuntimeError, match="a block of 'x'"):
         w.write("x", iter([x[:2].float()]))
+
+
+def test_moe_experts_with_per_expert_units_stream_as_in_memory(tmp_path, monkeypatch):
+    """Mixtral's expert tensors are viewed with the expert dim merged into the units' dim (each expert
+    permutes its own hidden units): streamed whole, still bit-identical to pg.transport."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    monkeypatch.setattr(stream, "CHUNK", 64)
+
+    def moe(seed: int) -> MixtralForCausalLM:
+        torch.manual_seed(seed)
+        cfg = MixtralConfig(vocab_size=60, hidden_size=16, intermediate_size=12, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                            num_experts_per_tok=2)
+        return MixtralForCausalLM(cfg).eval()
+
+    a, ft, b = moe(0), moe(0), moe(0)
+    spec = pg.compile(a)
+    assert spec.layouts and any(g.ctx for g in spec.groups.values() if g.role == "units")
+    perm = spec.random_permutation(5)
+    ft.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in a.state_dict().items()})
+    b.load_state_dict({k: v + 0.001 * torch.randn_like(v)
+                       for k, v in pg.apply_permutation(spec, perm, a.state_dict()).items()})
+    from safetensors.torch import save_file
+
+    for name, m in (("A", a), ("A_ft", ft), ("B", b)):  # module names (save_pretrained writes per-expert w1/w2/w3)
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / f"{name}.safetensors"))
+    al = pg.Alignment(perm, spec)
+    (tmp_path / "al.json").write_text(al.to_json())
+    files = {str(tmp_path / n): str(tmp_path / f"{n}.safetensors") for n in ("A", "A_ft", "B")}
+    argv = [files.get(x, x) for x in transport_args(tmp_path, tmp_path / "o.safetensors")]
+    assert main(argv) == 0
+    ref = pg.transport(a, ft, b, al)
+    got = read_all(tmp_path / "o.safetensors")
+    assert got and all(torch.equal(v, ref[k]) for k, v in got.items() if k in ref)
+    up = "model.layers.0.mlp.experts.gate_up_proj"
+    assert up in got and not torch.equal(got[up], b.state_dict()[up])

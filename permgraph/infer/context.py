@@ -121,6 +121,11 @@ class RuleContext:
         # relabels the values, so a consumer that indexes an axis with them unifies the two; any
         # other consumer fixes the axis (``permgraph.infer.engine``).
         self.values: dict[fx.Node, Any] = {}
+        # axes whose positions are named by index values: ``(axis, value atom, index node)`` for a
+        # 1-D index tensor of positions along ``value atom`` that selected rows of a tensor (MoE's
+        # ``gate_up_proj[expert_ids]``): row ``s`` of the result belongs to ``value atom`` position
+        # ``index[s]``, which is how a per-expert group is followed through the batched experts
+        self.carriers: list[tuple[int, int, fx.Node]] = []
         self.view_base: dict[fx.Node, fx.Node] = {}  # a view's base tensor (writes through it)
 
     def args(self, node: fx.Node) -> Args:
@@ -143,14 +148,21 @@ class RuleContext:
         if atom is not None:
             self.values[self.node] = atom
 
-    def index_with(self, idx: Any, axis: int, reason: str) -> None:
+    def index_with(self, idx: Any, axis: int, reason: str) -> bool:
         """Axis ``axis`` is indexed by the values of ``idx``: unified with their axis when they are
-        positions along an axis of its size, fixed otherwise."""
+        positions along an axis of its size (True), fixed otherwise (False)."""
         v = self.value_atom(idx)
         if v is not None and self.store.size(v) == self.store.size(axis):
             self.unify(v, axis)
-        else:
-            self.fix(axis, reason)
+            return True
+        self.fix(axis, reason)
+        return False
+
+    def carry(self, idx: Any, axis: int) -> None:
+        """The rows of a result along ``axis`` were selected by the values of the 1-D index ``idx``."""
+        v = self.value_atom(idx)
+        if v is not None and isinstance(idx, fx.Node):
+            self.carriers.append((axis, v, idx))
 
     @property
     def where(self) -> str:

@@ -38,6 +38,8 @@ class InferenceResult:
     tensor_types: list[TType]
     node_types: dict[str, Any] = field(default_factory=dict)
     unknown_ops: dict[str, list[str]] = field(default_factory=dict)
+    # ``(axis, value atom, index node)``: rows selected by index values (``RuleContext.carriers``)
+    carriers: list[tuple[int, int, Any]] = field(default_factory=list)
 
 
 def _tensor_types(x: Any) -> Iterator[TType]:
@@ -94,7 +96,8 @@ def run_inference(
         if name not in used:
             cx.fix_all(ty, "unused in the traced forward")
     tensor_types = [t for ty in types.values() for t in _tensor_types(ty)]
-    return InferenceResult(store, param_axes, tensor_types, {n.name: t for n, t in types.items()}, unknown)
+    return InferenceResult(store, param_axes, tensor_types, {n.name: t for n, t in types.items()}, unknown,
+                           cx.carriers)
 
 
 def _call_type(cx: RuleContext, node: fx.Node, rule: Rule | None, unknown: dict[str, list[str]]) -> Any:

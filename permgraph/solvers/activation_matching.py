@@ -29,6 +29,7 @@ from permgraph.inputs import resolve_inputs
 from permgraph.ir import Prod
 from permgraph.solvers.base import SolverOptions
 from permgraph.solvers.common import PermState, brute_heads, check_heads, spectral_heads, unit_index
+from permgraph.solvers.weight_matching import WeightCosts
 from permgraph.spec import PermSpec
 from permgraph.trace import with_all_ones_mask
 
@@ -69,7 +70,8 @@ def _sites(cg, g: str, max_sites: int, runnable: set[str]) -> list[tuple[str, li
         dims = [d for d, t in enumerate(trees) if t.groups()]
         if any(g in trees[d].groups() for d in dims):
             merged = trees[dims[0]] if len(dims) == 1 else Prod(tuple(trees[d] for d in dims))
-            found.append((node, dims, merged))
+            if set(cg.spec.groups[g].ctx) <= set(merged.groups()):  # an expert's units: rows by routing
+                found.append((node, dims, merged))
     if len(found) > max_sites:
         step = len(found) / max_sites
         found = [found[int(i * step)] for i in range(max_sites)]
@@ -115,7 +117,11 @@ def activation_matching(spec: PermSpec, params_a: Mapping[str, torch.Tensor], pa
     gm = cg.exported.module()
     runnable = {n.name for n in gm.graph.nodes if n.op == "call_function"}
     plan = {g: _sites(cg, g, opts.max_sites, runnable) for g in spec.groups}
-    missing = [g for g, found in plan.items() if not found]
+    # groups no activation shows with their contexts (each MoE expert's units: an activation's row
+    # belongs to the expert the token was routed to, and A and B route differently) are matched by
+    # their weights, given the groups solved before them
+    by_weights = [g for g, found in plan.items() if not found and spec.groups[g].ctx]
+    missing = [g for g, found in plan.items() if not found and g not in by_weights]
     if missing:
         raise InputError(f"no activations found for groups {missing[:3]}: use a weight-based solver")
     resolved = [resolve_inputs(opts.module, b) for b in batches]
@@ -140,12 +146,19 @@ def activation_matching(spec: PermSpec, params_a: Mapping[str, torch.Tensor], pa
     heads = spec.head_groups()
     if opts.heads == "spectral":
         names = [p for p in spec.axes if any(t.groups() for t in spec.axes[p])]
-        a32 = {p: params_a[p].detach().float() for p in names}
-        b32 = {p: params_b[p].detach().float() for p in names}
+        a32 = {p: spec.to_view(p, params_a[p].detach().float()) for p in names}
+        b32 = {p: spec.to_view(p, params_b[p].detach().float()) for p in names}
         for h in heads:
             spectral_heads(state, h, a32, b32)
+    weights = WeightCosts(state, params_a, params_b, torch.float64) if by_weights else None
     for g in spec.groups:
         if g in heads and opts.heads != "brute":
+            continue
+        if weights is not None and g in by_weights:
+            weights.step(g)
+            continue
+        if g in heads and weights is not None and any(spec.groups[c].ctx == (g,) for c in by_weights):
+            weights.brute_step(g)  # experts: every pair scored by its units matched by weights
             continue
         if g in heads:
             brute_heads(state, g, _pair_correlation(spec, g, correlation))
@@ -153,7 +166,8 @@ def activation_matching(spec: PermSpec, params_a: Mapping[str, torch.Tensor], pa
         scores = correlation(g, state.old_ctx_index(g) if spec.groups[g].ctx else None)
         state.set(g, state.solve(scores.float()))
     settings = {"solver": "activation_matching", "heads": opts.heads, "backend": state.backend.name,
-                "seed": opts.seed, "batches": len(batches), "max_sites": opts.max_sites}
+                "seed": opts.seed, "batches": len(batches), "max_sites": opts.max_sites,
+                **({"by_weights": len(by_weights)} if by_weights else {})}
     timings = {"data": t_data, "cost": state.timings["cost"], "lap": state.timings["lap"],
                "total": time.perf_counter() - t0}
     return Alignment(state.perm, spec, [], timings, settings)

@@ -241,7 +241,7 @@ def head_blocks(spec: PermSpec, h: str) -> list[tuple[str, Site]]:
     """
     blocks = []
     for p, trees in spec.axes.items():
-        if len(spec.shapes[p]) < 2:
+        if len(spec.view_shape(p)) < 2:
             continue
         for axis, tree in enumerate(trees):
             for offset, seg in _segments(tree, spec.sizes):

@@ -82,6 +82,6 @@ def _features(spec: PermSpec, g: str, params: Params) -> torch.Tensor | None:
     for m in spec.members(g):
         if spec.axes[m.param][m.axis] != G(g):
             continue
-        x = params[m.param].detach().to(torch.float64).movedim(m.axis, 0)
+        x = spec.to_view(m.param, params[m.param]).detach().to(torch.float64).movedim(m.axis, 0)
         parts.append(x.reshape(x.shape[0], -1).sort(dim=1).values)
     return torch.cat(parts, dim=1) if parts else None

@@ -83,8 +83,9 @@ class WeightCosts:
         spec = state.spec
         names = [p for p in spec.axes if any(t.groups() for t in spec.axes[p])]
         self.state, self.spec, self.dtype = state, spec, dtype
-        self.a = {p: params_a[p].detach().to(device=device) for p in names}
-        self.b = {p: params_b[p].detach().to(device=device) for p in names}
+        # parameters with a layout are held in their view's shape (the axes their trees describe)
+        self.a = {p: spec.to_view(p, params_a[p].detach().to(device=device)) for p in names}
+        self.b = {p: spec.to_view(p, params_b[p].detach().to(device=device)) for p in names}
         self.deps = {g: _deps(spec, state.sites[g], g) for g in spec.groups}
         self.inputs: dict[str, dict[str, torch.Tensor]] = {}  # g -> its deps when last solved
         self.solved = self.reused = 0
@@ -326,7 +327,7 @@ def _work(wm: WeightCosts, g: str) -> float:
     flops = 0.0
     for site in wm.state.sites[g]:
         n_ctx, n_g, m = site.units.shape
-        shape = wm.spec.shapes[site.param]
+        shape = wm.spec.view_shape(site.param)
         flops += 2.0 * n_ctx * n_g * n_g * m * math.prod(shape) / shape[site.axis]
     n_ctx, n_g, _ = wm.state.sites[g][0].units.shape if wm.state.sites[g] else (1, 1, 1)
     return flops + float(n_ctx) * n_g ** 3

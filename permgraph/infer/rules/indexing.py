@@ -22,14 +22,15 @@ def index(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     t = a.t("self")
     idxs = a["indices"]
     pos = [i for i, x in enumerate(idxs) if x is not None]
-    for i in pos:
-        cx.index_with(idxs[i], t[i], "indexed by a tensor")
+    named = [cx.index_with(idxs[i], t[i], "indexed by a tensor") for i in pos]
     out = cx.out_shape()
     rest = [x for i, x in enumerate(t) if i not in pos]
     adjacent = pos == list(range(pos[0], pos[-1] + 1))
     before = list(t[: pos[0]]) if adjacent else []
     n_mid = len(out) - len(rest)
     mid = _index_axes(cx, [idxs[i] for i in pos], out[len(before): len(before) + n_mid])
+    if named == [True] and len(mid) == 1 and mid == list(cx.t(idxs[pos[0]])):
+        cx.carry(idxs[pos[0]], mid[0])  # rows selected by positions along the indexed axis
     return before + mid + (list(t[pos[-1] + 1:]) if adjacent else rest)
 
 
@@ -49,7 +50,8 @@ def index_select(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """The indexed axis is fixed (or unified with the index values' axis); the result's is the index's."""
     t, idx = a.t("self"), a.t("index")
     dim = norm_dim(a["dim"], len(t))
-    cx.index_with(a["index"], t[dim], f"indexed by {node.target}")
+    if cx.index_with(a["index"], t[dim], f"indexed by {node.target}") and idx:
+        cx.carry(a["index"], idx[0])
     out = list(t)
     out[dim] = idx[0] if idx else cx.store.new(1)
     return out
