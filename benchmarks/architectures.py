@@ -412,6 +412,7 @@ def run_one(model_type: str, limit: int) -> dict:
             groups=len(spec.groups),
             heads=roles.get("heads", 0),
             experts=roles.get("experts", 0),
+            expert_units=roles.get("units", 0),
             unknown_ops=dict(spec.unknown_ops),
             why_fixed=_top_reasons(spec),
             traced=[label for key, label in TRACED if spec.info.get(key)],
@@ -570,6 +571,8 @@ def report(recs: dict[str, dict]) -> str:
         f"- coverage >= 0.99: {sum(c >= 0.99 for c in covs)}; >= 0.95: {sum(c >= 0.95 for c in covs)}",
         f"- checked exactly (float32 promoted): {sum(r.get('exact_rel_error') is not None for r in built)}; "
         f"plain check only: {sum('exact_error' in r for r in built)}",
+        f"- experts as groups: {sum(bool(r.get('experts')) for r in built)} types; each expert's hidden units "
+        f"with their own permutation (per expert): {sum(bool(r.get('expert_units')) for r in built)}",
         "",
         "| family | types | sound | unsound | failed | median coverage |",
         "|---|---|---|---|---|---|",
@@ -597,10 +600,11 @@ def report(recs: dict[str, dict]) -> str:
             why += "; no rule: " + ", ".join(sorted(r["unknown_ops"]))
         if r.get("traced"):
             why = "(" + ", ".join(r["traced"]) + ") " + why
+        per_expert = " (units per expert)" if r.get("expert_units") else ""
         why = why.replace("|", "/").replace("\n", " ")[:300]
         cov = f"{r['coverage']:.2f}" if "coverage" in r else ""
         lines.append(f"| {t} | {r.get('family', '')} | {r.get('status')} | {cov} | {r.get('groups', '')} | "
-                     f"{r.get('heads', '')} | {r.get('experts', '')} | {r.get('compile_s', '')} | {why} |")
+                     f"{r.get('heads', '')} | {r.get('experts', '')}{per_expert} | {r.get('compile_s', '')} | {why} |")
     return "\n".join(lines) + "\n"
 
 

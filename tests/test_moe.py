@@ -1,0 +1,135 @@
+"""Mixture of experts: each expert permutes its own hidden units (a group whose context, the expert
+group, is another dim of the same parameters: layouts), only where every op keeps the units per
+expert; and the views (layouts) round-trip through apply, JSON and the checks."""
+import pytest
+import torch
+
+import permgraph as pg
+from permgraph.errors import FormatError
+from permgraph.ir import from_view, to_view
+
+
+class TinyMoE(torch.nn.Module):
+    """Top-2 routing over 4 experts, batched like transformers' ``batched_mm`` experts: each token's
+    rows of the expert banks are gathered by the router's indices. ``variant`` adds an op that
+    treats the hidden units alike across experts (``shared``: one scale vector for all experts) or
+    moves rows away from the expert that selected them (``flip``); either must keep the units shared."""
+
+    def __init__(self, d: int = 8, hidden: int = 6, experts: int = 4, variant: str = "") -> None:
+        super().__init__()
+        self.router = torch.nn.Linear(d, experts, bias=False)
+        self.w1 = torch.nn.Parameter(torch.randn(experts, hidden, d))  # (E, I, D)
+        self.b1 = torch.nn.Parameter(torch.randn(experts, hidden))
+        self.w2 = torch.nn.Parameter(torch.randn(experts, d, hidden))  # (E, D, I)
+        self.scale = torch.nn.Parameter(torch.randn(hidden)) if variant == "shared" else None
+        self.variant = variant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, d = x.shape
+        weights, idx = self.router(x).topk(2, dim=-1)
+        ids = idx.reshape(-1)
+        rows = x.repeat_interleave(2, dim=0)
+        h = torch.bmm(self.w1[ids], rows.unsqueeze(-1)).squeeze(-1) + self.b1[ids]
+        h = torch.tanh(h)
+        if self.scale is not None:
+            h = h * self.scale
+        if self.variant == "flip":
+            h = h.flip(0)
+        y = torch.bmm(self.w2[ids], h.unsqueeze(-1)).squeeze(-1)
+        return (y * weights.softmax(-1).reshape(-1, 1)).view(t, 2, d).sum(1)
+
+
+def _moe(variant: str = "") -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return TinyMoE(variant=variant).double().eval(), torch.randn(5, 8, dtype=torch.float64)
+
+
+def _units(spec: pg.PermSpec) -> pg.spec.Group:
+    (units,) = [g for g in spec.groups.values() if g.size == 6]
+    return units
+
+
+def test_each_expert_permutes_its_own_units():
+    model, x = _moe()
+    spec = pg.compile(model, (x,))
+    experts = next(g for g in spec.groups.values() if g.role == "experts")
+    units = _units(spec)
+    assert units.ctx == (experts.name,) and units.role == "units" and spec.perm_shape(units.name) == (4, 6)
+    assert spec.layouts == {"w1": ((0, 1), (2,)), "b1": ((0, 1),), "w2": ((0, 2), (1,))}
+    perm = spec.random_permutation(1)
+    assert len({tuple(r.tolist()) for r in perm[units.name]}) > 1  # the experts' units move differently
+    for seed in range(3):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-12).ok
+    assert "units per experts" in pg.explain(spec) and "w1[0*1]" in pg.explain(spec)
+
+
+@pytest.mark.parametrize("variant", ["shared", "flip"])
+def test_units_stay_shared_where_an_op_treats_them_alike_across_experts(variant):
+    model, x = _moe(variant)
+    spec = pg.compile(model, (x,))
+    assert _units(spec).ctx == () and not spec.layouts
+    assert any(g.role == "experts" for g in spec.groups.values())  # the experts still move whole
+    for seed in range(3):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-12).ok
+
+
+def test_per_expert_units_would_change_the_shared_scale_model():
+    """The check above can fail: the per-expert spec of the plain model, applied to the model with one
+    scale vector for all experts (the scale left in place), changes its function."""
+    plain, x = _moe()
+    spec = pg.compile(plain, (x,))
+    shared, _ = _moe("shared")
+    shared.load_state_dict({**plain.state_dict(), "scale": shared.scale.detach()})
+    perm = spec.random_permutation(2)
+    moved = pg.apply_permutation(spec, perm, shared.state_dict())
+    before = shared(x)
+    shared.load_state_dict(moved)
+    assert (shared(x) - before).abs().max() > 1e-3
+
+
+def test_planted_per_expert_permutation_is_recovered():
+    from permgraph.testing.zoo import build
+
+    zm = build("mixtral")
+    spec = pg.compile(zm.model)
+    units = [g for g in spec.groups.values() if g.role == "units"]
+    assert len(units) == 2 and all(len(g.ctx) == 1 for g in units)
+    sa = zm.model.state_dict()
+    sb = pg.apply_permutation(spec, spec.random_permutation(7), sa)
+    for solver in ("weight_matching", "transfusion", "wm_brute", "ot"):
+        al = pg.align(sa, sb, spec, solver=solver)
+        out = pg.apply_permutation(al.spec, al.permutation, sa)
+        assert all(torch.equal(out[k], sb[k]) for k in sb), solver
+
+
+def test_views_round_trip_and_apply_in_either_shape():
+    model, x = _moe()
+    spec = pg.compile(model, (x,))
+    w = model.w1.detach()
+    assert torch.equal(from_view(to_view(w, spec.layouts["w1"]), spec.layouts["w1"], tuple(w.shape)), w)
+    assert spec.view_shape("w2") == (4 * 6, 8) and spec.to_view("w2", model.w2).shape == (24, 8)
+    perm = spec.random_permutation(3)
+    real = pg.apply_permutation(spec, perm, {"w2": model.w2.detach()})["w2"]
+    viewed = pg.apply_permutation(spec, perm, {"w2": spec.to_view("w2", model.w2.detach())})["w2"]
+    assert torch.equal(spec.to_view("w2", real), viewed)
+    with pytest.raises(pg.errors.InputError, match="same architecture"):
+        pg.apply_permutation(spec, perm, {"w2": model.w2.detach()[:, :, :3]})
+    again = pg.PermSpec.from_json(spec.to_json())
+    assert again.layouts == spec.layouts
+    assert pg.apply_permutation(again, perm, {"w2": model.w2.detach()})["w2"].equal(real)
+
+
+@pytest.mark.parametrize("layout, match", [
+    ([[0, 1]], "partition"),             # dim 2 missing
+    ([[0, 1], [1, 2]], "partition"),     # dim 1 twice
+    ([[0, 1], ["2"]], "partition"),      # not an integer
+    ([[0, 2], [1]], "tree covers"),      # a partition, but the trees describe the other view
+])
+def test_corrupt_layouts_are_refused(layout, match):
+    import json
+
+    model, x = _moe()
+    d = json.loads(pg.compile(model, (x,)).to_json())
+    d["layouts"]["w1"] = layout
+    with pytest.raises(FormatError, match=match):
+        pg.PermSpec.from_json(json.dumps(d))
