@@ -128,9 +128,10 @@ def test_unknown_solver_and_registry():
     assert "identity_for_test" in pg.available_solvers()
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "vit", "clip"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "vit", "clip", "mixtral"])
 @pytest.mark.parametrize("heads", ["spectral", "brute"])
 def test_activation_matching_recovers_planted_permutation(name, heads):
+    """Mixtral: each expert's units are matched by their weights (activation rows follow the routing)."""
     from permgraph.inputs import default_example_inputs
 
     zm = build(name)
@@ -142,6 +143,7 @@ def test_activation_matching_recovers_planted_permutation(name, heads):
     al = pg.align(zm.model, model_b, spec, solver="activation_matching", data=data, heads=heads)
     out = pg.apply_alignment(al, zm.model.state_dict())
     assert all(torch.equal(out[k], planted[k]) for k in planted), name
+    assert al.settings.get("by_weights", 0) == (2 if name == "mixtral" else 0)
 
 
 def test_activation_matching_needs_data():
