@@ -172,8 +172,16 @@ def write_state(state: dict, tmp: Path, kind: str, base_new: Source, finetuned: 
     if kind == "file":
         save_file(tensors, str(tmp), metadata=meta)
         return
+    if base_new.module is not None and _converted_on_load(base_new.module):
+        # written as transformers writes this model type (a Mixtral's per-expert w1/w2/w3), like B
+        base_new.module.load_state_dict(state)
+        base_new.module.save_pretrained(str(tmp), max_shard_size="1000GB")
+        for f in tmp.iterdir():
+            if not f.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
+                f.unlink()
+    else:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
     copy_model_files(tmp, base_new.folder, finetuned.folder)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
 
 
 def copy_model_files(tmp: Path, base_new: Path | None, finetuned: Path | None) -> None:
@@ -232,10 +240,29 @@ def check_folder_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> nn.M
         ("unexpected tensors", [n for n in shapes if n not in params]),
         ("tensors of the wrong shape", [n for n in shapes if n in params and tuple(params[n].shape) != shapes[n]]),
     ) if names]
+    if problems and _converted_on_load(model):
+        raise ConvertedCheckpoint(
+            f"{path} stores its weights under other names than {type(model).__name__}'s parameters, which "
+            f"transformers converts when loading ({model.config.model_type}: e.g. per-expert tensors merged "
+            "into one bank): it is read with from_pretrained and written back in its own layout, in memory")
     if problems:
         raise ModelLoadError(f"{path} does not match its config.json ({type(model).__name__}): "
                              + "; ".join(problems) + ". Is the checkpoint complete and of this architecture?")
     return model
+
+
+class ConvertedCheckpoint(ModelLoadError):
+    """A folder whose tensors transformers renames or merges on load (``check_folder_tensors``)."""
+
+
+def _converted_on_load(model: nn.Module) -> bool:
+    """Whether transformers converts checkpoints of this model type on load (a legacy Mixtral
+    checkpoint's ``experts.N.w1`` into ``experts.gate_up_proj``)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return False
+    return bool(get_checkpoint_conversion_mapping(getattr(getattr(model, "config", None), "model_type", None)))
 
 
 def _config_class(path: Path):

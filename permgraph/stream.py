@@ -34,7 +34,7 @@ from permgraph.align import apply_alignment
 from permgraph.alignment import Alignment
 from permgraph.errors import InputError, PermgraphWarning
 from permgraph.ir import AxisTree
-from permgraph.loading import Source, check_folder_tensors, copy_model_files, load_source
+from permgraph.loading import ConvertedCheckpoint, Source, check_folder_tensors, copy_model_files, load_source
 from permgraph.outputs import package_version
 from permgraph.permutation import axis_index, check_permutation, permute_tensor
 from permgraph.shards import Checkpoint, ShardWriter, find_checkpoint, plan_shards, shard_names, write_index
@@ -131,7 +131,10 @@ def load_for_align(ref_a: str, ref_b: str, spec_of: Callable[[Source], PermSpec]
             folder = Path(ref) if Path(ref).is_dir() else None
             module = None
             if folder is not None and (folder / "config.json").is_file():
-                module = check_folder_tensors(folder, {k: e.shape for k, e in ck.entries.items()})
+                try:
+                    module = check_folder_tensors(folder, {k: e.shape for k, e in ck.entries.items()})
+                except ConvertedCheckpoint:
+                    return whole()
             srcs.append(Source(ref, {}, module, None, folder))
     a, b = srcs
     try:
@@ -158,7 +161,10 @@ def prepare(base_old: str, finetuned: Sequence[str], base_new: str, spec: PermSp
         for ref in (base_old, *finetuned, base_new):
             opened.append(Checkpoint(find_checkpoint(ref)))
             if Path(ref).is_dir() and (Path(ref) / "config.json").is_file():
-                check_folder_tensors(Path(ref), {k: e.shape for k, e in opened[-1].entries.items()})
+                try:
+                    check_folder_tensors(Path(ref), {k: e.shape for k, e in opened[-1].entries.items()})
+                except ConvertedCheckpoint as e:
+                    raise NotStreamable(str(e)) from None
         a, *fts, b = opened
         ma = a.meta()
         names = check_transport_inputs(spec, ma, [f.meta() for f in fts], b.meta())

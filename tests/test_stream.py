@@ -285,6 +285,36 @@ def test_row_reads_and_block_writes(tmp_path):
         w.write("x", iter([x[:2].float()]))
 
 
+def test_checkpoint_that_transformers_converts_on_load_is_transported_in_memory(tmp_path, capsys):
+    """save_pretrained writes Mixtral in the hub's layout (experts.N.w1/w2/w3, block_sparse_moe), which
+    from_pretrained merges into expert banks: not streamable tensor by tensor, so transported in memory
+    (said on stderr), written back in that layout, and equal to pg.transport."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    def moe(seed: int) -> MixtralForCausalLM:
+        torch.manual_seed(seed)
+        cfg = MixtralConfig(vocab_size=60, hidden_size=16, intermediate_size=12, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                            num_experts_per_tok=2)
+        return MixtralForCausalLM(cfg).eval()
+
+    a, ft, b = moe(0), moe(0), moe(0)
+    spec = pg.compile(a)
+    perm = spec.random_permutation(5)
+    ft.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in a.state_dict().items()})
+    b.load_state_dict(pg.apply_permutation(spec, perm, a.state_dict()))
+    for name, m in (("A", a), ("A_ft", ft), ("B", b)):
+        m.save_pretrained(tmp_path / name)
+    assert any(".experts.0.w1." in k for k in read_all(tmp_path / "A"))  # the converted layout on disk
+    (tmp_path / "al.json").write_text(pg.Alignment(perm, spec).to_json())
+    assert main(transport_args(tmp_path, tmp_path / "o")[:-1]) == 0
+    assert "converts when loading" in capsys.readouterr().err
+    ref = pg.transport(a, ft, b, pg.Alignment(perm, spec))
+    loaded = MixtralForCausalLM.from_pretrained(tmp_path / "o").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in ref.items())
+    assert set(read_all(tmp_path / "o")) == set(read_all(tmp_path / "B"))
+
+
 def test_moe_experts_with_per_expert_units_stream_as_in_memory(tmp_path, monkeypatch):
     """Mixtral's expert tensors are viewed with the expert dim merged into the units' dim (each expert
     permutes its own hidden units): streamed whole, still bit-identical to pg.transport."""
