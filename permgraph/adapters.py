@@ -338,14 +338,9 @@ def _plan(spec: PermSpec, adapter: AdapterLike, index: int, count: int, sa: Mapp
     for mod, roles in lora.items():
         param = to_spec(mod + ".weight")
         t = _Target(mod, param, keys=roles)
-        if spec.canonical(param) not in spec.shapes:
-            problems.append(f"it adapts '{mod}', but the model of the spec has no parameter '{param}'"
-                            + ("" if modules else " (or it is not a weight the model uses)"))
-            continue
-        if spec.canonical(param) in spec.layouts:
-            problems.append(f"it adapts '{mod}', a parameter bank whose units the spec permutes per expert "
-                            "(a layout): LoRA factors of such banks are not supported; merge the adapter into "
-                            "the fine-tuned weights and transport those")
+        problem = _unadaptable(spec, mod, param, bool(modules))
+        if problem:
+            problems.append(problem)
             continue
         problem = _fit(t, spec.shapes[spec.canonical(param)], state, _layer_kind(modules, param), fifo,
                        ambiguous, contradicted)
@@ -387,6 +382,18 @@ def _plan(spec: PermSpec, adapter: AdapterLike, index: int, count: int, sa: Mapp
         notes.append(f"{len(outside)} tensors belong to parameters the model does not use (e.g. "
                      f"'{next(iter(outside))}'): carried unchanged")
     return _Plan(label, source, config, state, targets, full, copies, outside, notes)
+
+
+def _unadaptable(spec: PermSpec, mod: str, param: str, have_modules: bool) -> str | None:
+    """Why a LoRA of module ``mod`` (weight ``param``) cannot be carried over ``spec``, or None."""
+    if spec.canonical(param) not in spec.shapes:
+        return (f"it adapts '{mod}', but the model of the spec has no parameter '{param}'"
+                + ("" if have_modules else " (or it is not a weight the model uses)"))
+    if spec.canonical(param) in spec.layouts:
+        return (f"it adapts '{mod}', a parameter bank whose units the spec permutes per expert (a layout): "
+                "LoRA factors of such banks are not supported; merge the adapter into the fine-tuned weights "
+                "and transport those")
+    return None
 
 
 def _fit(t: _Target, shape: tuple[int, ...], state, kind: str | None, fifo: bool, ambiguous: list,

@@ -74,14 +74,7 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
         if layout is not None:
             layouts[p] = layout
             axes[p] = [_prod([trees[d] for d in part]) for part in layout]
-    fixed = []
-    for p, ty in result.param_axes.items():
-        for d, part in enumerate(layouts.get(p, [(i,) for i in range(len(ty))])):
-            parts = _fixed_parts(axes[p][d])
-            if parts:
-                fl = [x for i in part for x in store.leaves(ty[i]) if not is_free(x) and store.size(x) > 1]
-                reasons = tuple(dict.fromkeys(str(r) for x in fl for r in store.reasons(x)))
-                fixed.append(FixedAxis(p, d, parts, reasons))
+    fixed = _fixed_axes(store, result.param_axes, axes, layouts, is_free)
     unknown = {k: len(v) for k, v in result.unknown_ops.items()}
     spec = PermSpec(groups, axes, dict(param_shapes), fixed, dict(aliases), unknown, dict(info), layouts=layouts)
     if not with_nodes:
@@ -101,6 +94,19 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
     node_trees = {n: [named(tree(a)) for a in ty] for n, ty in result.node_types.items()
                   if isinstance(ty, list) and all(isinstance(a, int) for a in ty)}
     return spec, node_trees
+
+
+def _fixed_axes(store, param_axes, axes, layouts, is_free) -> list[FixedAxis]:
+    """The (view) axes that are fixed in whole or part, with the reasons of their fixed atoms."""
+    fixed = []
+    for p, ty in param_axes.items():
+        for d, part in enumerate(layouts.get(p, [(i,) for i in range(len(ty))])):
+            parts = _fixed_parts(axes[p][d])
+            if parts:
+                fl = [x for i in part for x in store.leaves(ty[i]) if not is_free(x) and store.size(x) > 1]
+                reasons = tuple(dict.fromkeys(str(r) for x in fl for r in store.reasons(x)))
+                fixed.append(FixedAxis(p, d, parts, reasons))
+    return fixed
 
 
 def _prod(parts: list[AxisTree]) -> AxisTree:

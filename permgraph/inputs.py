@@ -79,6 +79,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if ("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed and not text_only \
             and _with_image_tokens(model, out, batch, gen):
         _with_rope_positions(model, out)
+        _with_vision_precomputed(model, out)
     if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
             and _token_id(cfg, "audio") is not None and not text_only):  # audio-language models: tower in the forward
         _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
@@ -241,6 +242,80 @@ def _with_rope_positions(model: nn.Module, out: dict[str, Any]) -> None:
     except Exception:  # noqa: BLE001 - the forward computes them itself, as before
         return
     out.update(trial)
+
+
+# transformers' vision helpers (``transformers.vision_utils``) that compute from the image grid's values
+# (data-dependent sizes) and take their results precomputed from the forward's keyword arguments
+_VISION_PRECOMPUTED = {"get_vision_interpolation_indices_and_weights": ("interp_indices", "interp_weights"),
+                       "get_vision_attention_seqlens": ("cu_seqlens", "max_seqlen")}
+
+
+def _with_vision_precomputed(model: nn.Module, out: dict[str, Any]) -> None:
+    """The results of transformers' vision helpers, computed here in eager mode by the model's own calls
+    (recorded in one forward) and passed as the keyword arguments they accept precomputed: the helpers
+    derive sizes from the image grid's values, which export cannot trace. Kept only if the forward
+    accepts them and gives the same outputs; a helper called more than once is left to the forward."""
+    import sys
+
+    import_names = {type(m).__module__ for m in model.modules()}
+    spaces = [vars(mod) for name in import_names if (mod := sys.modules.get(name)) is not None]
+    calls: dict[str, list] = {}
+    patched = []
+
+    def recorder(name: str, fn: Any) -> Any:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            res = fn(*args, **kwargs)
+            calls.setdefault(name, []).append(res)
+            return res
+        return record
+
+    for space in spaces:
+        for name in _VISION_PRECOMPUTED:
+            fn = space.get(name)
+            if callable(fn) and getattr(fn, "__module__", "") == "transformers.vision_utils":
+                patched.append((space, name, fn))
+                space[name] = recorder(name, fn)
+    if not patched:
+        return
+    try:
+        with torch.no_grad():
+            want = model(**out)
+    except Exception:  # noqa: BLE001 - the forward does not run with these inputs: nothing to add
+        return
+    finally:
+        for space, name, fn in patched:
+            space[name] = fn
+    extra = {}
+    for name, results in calls.items():
+        if len(results) == 1:
+            vals = results[0] if isinstance(results[0], tuple) else (results[0],)
+            extra.update({k: v for k, v in zip(_VISION_PRECOMPUTED[name], vals) if v is not None})
+    if not extra:
+        return
+    try:
+        with torch.no_grad():
+            got = model(**out, **extra)
+    except Exception:  # noqa: BLE001 - the forward does not take them
+        return
+    if _same_outputs(want, got):
+        out.update(extra)
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    xs = [t for t in _tensors(a)]
+    ys = [t for t in _tensors(b)]
+    return len(xs) == len(ys) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(xs, ys))
+
+
+def _tensors(x: Any) -> Iterator[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict) or hasattr(x, "items"):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
 
 
 def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:

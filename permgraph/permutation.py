@@ -155,7 +155,8 @@ def _check_shape(spec: PermSpec, name: str, tensor: torch.Tensor) -> bool:
 
 def axis_indices(spec: PermSpec, perm: Permutation, name: str,
                  skip: tuple[int, str] | None = None) -> list[torch.Tensor | None]:
-    """Per axis of one parameter (of its view, where it has a layout), its gather index (new -> old) or None where nothing moves;
+    """Per axis of one parameter (of its view, where it has a layout), its gather index (new -> old)
+    or None where nothing moves;
     ``skip=(axis, group)`` leaves that group alone on that axis."""
     trees = spec.axes_of(name)
     if trees is None:

@@ -13,8 +13,21 @@ from typing import Any
 import torch
 
 from permgraph.errors import FormatError
-from permgraph.ir import (AxisTree, Cat, Fixed, G, Layout, Permutation, Prod, check_layout, from_view, to_view,
-                          tree_from_json, view_shape, zip_trees)
+from permgraph.ir import (
+    AxisTree,
+    Cat,
+    Fixed,
+    G,
+    Layout,
+    Permutation,
+    Prod,
+    check_layout,
+    from_view,
+    to_view,
+    tree_from_json,
+    view_shape,
+    zip_trees,
+)
 
 SPEC_VERSION = 1
 

@@ -50,7 +50,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
         ep = None
         masked = with_all_ones_mask(model, kwargs) if is_transformers_model(model) else None
         for strict, setup, kw in ((False, _batched_experts, kwargs), (False, None, kwargs), (True, None, kwargs),
-                                  (False, None, masked)):
+                                  (False, _eager_attention, kwargs), (False, None, masked)):
             if kw is None:
                 continue
             printed = io.StringIO()  # torch prints the partial graph of a failed export to stderr
@@ -64,7 +64,10 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
                     errors.append(e)
                     continue
             sys.stderr.write(printed.getvalue())
-            if setup:
+            if setup is _eager_attention:
+                info["attention"] = ("traced with eager attention, the same function as the model's "
+                                     f"{applies!r} attention (whose per-image chunks have data-dependent sizes)")
+            elif setup:
                 info["experts"] = ("traced with transformers' batched_mm experts, the same function as the model's "
                                    f"{model.config._experts_implementation!r} experts (whose grouped or looped "
                                    "routing has no rule or data-dependent shapes)")
@@ -124,6 +127,31 @@ def _batched_experts(model: nn.Module):
         yield cfg._experts_implementation == "batched_mm"
     finally:
         switch(old)
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module):
+    """Switch a transformers model's attention to ``eager`` for the block (the same function; SDPA
+    decides ``is_causal`` from each chunk's length, data-dependent in a vision tower that attends per
+    image); yields the implementation it replaced, or False when it does not apply."""
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "_attn_implementation", None)
+    switch = getattr(model, "set_attn_implementation", None)
+    if old in (None, "eager") or switch is None or not is_transformers_model(model):
+        yield False
+        return
+    configs = {id(c): (c, c._attn_implementation) for m in model.modules()
+               if (c := getattr(m, "config", None)) is not None and hasattr(c, "_attn_implementation")}
+    try:
+        switch("eager")
+    except Exception:  # noqa: BLE001 - not supported by this model
+        yield False
+        return
+    try:
+        yield old
+    finally:  # each (sub)config as it was: a composite model may mix implementations
+        for c, value in configs.values():
+            c._attn_implementation = value
 
 
 def _draft_export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str | None]:

@@ -57,6 +57,34 @@ def test_qwen2_vl_gets_mrope_positions_and_its_vision_tower_moves():
     assert pg.verify(model, spec, promote_float32=True).ok
 
 
+def test_qwen3_vl_vision_tower_traced_with_precomputed_helpers_and_eager_attention():
+    """Qwen3-VL's vision tower resamples its position table and splits attention per image from the
+    grid's values: derived inputs pass the helpers' results precomputed (interp_indices, cu_seqlens),
+    and the export that fails with SDPA (``is_causal`` from each chunk's length) passes with eager
+    attention; the model keeps its SDPA. Before: text-only inputs, the tower fixed as unused."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from permgraph.inputs import default_example_inputs
+
+    cfg = Qwen3VLConfig(
+        image_token_id=255, video_token_id=254, vision_start_token_id=253, vision_end_token_id=252,
+        text_config={"vocab_size": 256, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 16,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 32,
+                       "num_position_embeddings": 64, "deepstack_visual_indexes": [1]})
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(cfg).eval().double()
+    assert {"interp_indices", "cu_seqlens"} <= set(default_example_inputs(model))
+    spec = pg.compile(model)
+    assert "'sdpa'" in spec.info["attention"] and "text_only_inputs" not in spec.info
+    assert model.config._attn_implementation == "sdpa"
+    for p in ("model.visual.blocks.0.mlp.linear_fc1.weight", "model.visual.merger.linear_fc1.weight"):
+        assert all(not isinstance(t, pg.ir.Fixed) for t in spec.axes_of(p)), (p, spec.axes_of(p))
+    assert pg.verify(model, spec, promote_float32=True).ok
+
+
 def test_moe_with_eager_experts_is_traced_with_batched_experts_and_left_eager():
     """Eager experts loop over ``torch.where`` (data-dependent sizes); the batched experts compute
     the same function without them. The model is handed back with its eager experts."""
