@@ -117,9 +117,12 @@ def _prod(parts: list[AxisTree]) -> AxisTree:
 
 def _layout(trees: list[AxisTree], groups: Mapping[str, Group]) -> tuple[tuple[int, ...], ...] | None:
     """How a parameter is viewed so that every group's contexts are outer factors on its axis: a
-    dim holding a group whose context is another whole dim (``G(c)``: an expert's hidden units,
-    indexed by the expert dim) is merged after that dim. None when no dim needs it."""
-    whole = {t.name: d for d, t in enumerate(trees) if isinstance(t, G)}
+    dim holding a group whose context is on another dim made of groups (``G(c)``, or a product of
+    them: an expert's hidden units, indexed by the expert dim) is merged after that dim. None when
+    no dim needs it."""
+    whole = {g: d for d, t in enumerate(trees)
+             if isinstance(t, G) or (isinstance(t, Prod) and all(isinstance(q, (G, Fixed)) for q in t.parts))
+             for g in t.groups()}
     after: dict[int, set[int]] = {d: set() for d in range(len(trees))}
     for d, t in enumerate(trees):
         for g in dict.fromkeys(t.groups()):
@@ -203,13 +206,13 @@ def _placement(store, param_axes, tensor_types, atoms: set[int], carried: Mappin
                 acc = acc + [c]
 
     for ty in param_axes.values():
-        dims = [store.find(a) for a in ty]
+        dims = [_prod_leaves(store, a) for a in ty]
         for d, a in enumerate(ty):
-            walk(a, [], [r for i, r in enumerate(dims) if i != d and store.kind(r) is None])
+            walk(a, [], [x for i, xs in enumerate(dims) if i != d for x in xs or ()])
     along: dict[int, set[int]] = {}
     for ty in list(tensor_types) + list(param_axes.values()):
         present = {x for a in ty if isinstance(a, int) for x in store.leaves(a)} & atoms
-        present |= {carried[r] for a in ty if isinstance(a, int) for r in _nodes(store, a) if r in carried}
+        present |= {x for a in ty if isinstance(a, int) for r in _nodes(store, a) for x in carried.get(r, ())}
         for x in present:
             along[x] = along[x] & present if x in along else set(present)
     return before, near, along
@@ -224,19 +227,30 @@ def _nodes(store, a: int) -> Iterator[int]:
             yield from _nodes(store, c)
 
 
-def _carried(store, carriers, is_free) -> dict[int, int]:
-    """Axis root -> the atom whose positions named its rows, where that is unambiguous: every record
-    for the axis names the same atom through the same index tensor, and the axis is free or fixed
-    only for reasons that keep each position's identity (a fixed axis that an op reordered, a flip
-    say, keeps its atom, and its rows then belong to other positions)."""
+def _prod_leaves(store, a: int) -> tuple[int, ...] | None:
+    """The leaves of an axis that is a leaf or a product of leaves (experts refined as groups x
+    experts per group by grouped routing); None for any other structure."""
+    r = store.find(a)
+    parts = store.flat(r, "prod") if store.kind(r) == "prod" else [r]
+    return tuple(parts) if all(store.kind(x) is None for x in parts) else None
+
+
+def _carried(store, carriers, is_free) -> dict[int, tuple[int, ...]]:
+    """Axis root -> the leaves of the axis whose positions named its rows, where that is
+    unambiguous: every record for the axis names the same atom through the same index tensor, that
+    atom is a leaf or a product of leaves apart from the axis, and the axis is free or fixed only
+    for reasons that keep each position's identity (a fixed axis that an op reordered, a flip say,
+    keeps its atom, and its rows then belong to other positions)."""
     seen: dict[int, set[tuple[int, Any]]] = {}
     for axis, v, node in carriers:
         seen.setdefault(store.find(axis), set()).add((store.find(v), node))
     out = {}
     for r, srcs in seen.items():
         (v, _), *more = srcs
-        if not more and v != r and store.kind(v) is None and (is_free(r) or _keeps_positions(store, r)):
-            out[r] = v
+        leaves = _prod_leaves(store, v)
+        if (not more and leaves and not set(leaves) & set(store.leaves(r))
+                and (is_free(r) or _keeps_positions(store, r))):
+            out[r] = leaves
     return out
 
 
@@ -344,9 +358,12 @@ def _role(store, x: int, ctx: dict[int, list[int]]) -> str:
         return "qkvo"
     if roles:
         return roles[0]
+    expert_ctx = [cs for cs in ctx.values() if any("experts" in store.roles(_atom(c)) for c in cs)]
+    if any(x in cs for cs in expert_ctx):
+        return "experts"  # experts per group of experts (grouped routing)
     if any(x in cs for cs in ctx.values()):
         return "heads"
-    if ctx[x] and "experts" in store.roles(_atom(ctx[x][0])):
+    if ctx[x] in expert_ctx:
         return "units"  # each expert's hidden units
     return "within" if ctx[x] else ""
 

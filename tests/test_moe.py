@@ -26,7 +26,13 @@ class TinyMoE(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t, d = x.shape
-        weights, idx = self.router(x).topk(2, dim=-1)
+        logits = self.router(x)
+        if self.variant == "grouped":  # DeepSeek-V3's group-limited routing: experts in the best group only
+            best = logits.view(t, 2, -1).amax(-1).topk(1, dim=-1).indices
+            keep = torch.zeros(t, 2, dtype=x.dtype).scatter(1, best, 1.0)
+            keep = keep.unsqueeze(-1).expand(t, 2, logits.shape[-1] // 2).reshape(t, -1)
+            logits = logits.masked_fill(keep == 0, -1e9)
+        weights, idx = logits.topk(2, dim=-1)
         ids = idx.reshape(-1)
         rows = x.repeat_interleave(2, dim=0)
         h = torch.bmm(self.w1[ids], rows.unsqueeze(-1)).squeeze(-1) + self.b1[ids]
@@ -61,6 +67,18 @@ def test_each_expert_permutes_its_own_units():
     for seed in range(3):
         assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-12).ok
     assert "units per experts" in pg.explain(spec) and "w1[0*1]" in pg.explain(spec)
+
+
+def test_grouped_routing_refines_experts_and_units_follow_both():
+    """Group-limited routing views the experts as (groups, experts per group): two expert groups
+    (the second per group), and each expert's units take both as context."""
+    model, x = _moe("grouped")
+    spec = pg.compile(model, (x,))
+    experts = [g.name for g in spec.groups.values() if g.role == "experts"]
+    units = _units(spec)
+    assert len(experts) == 2 and set(units.ctx) == set(experts) and spec.perm_shape(units.name) == (2, 2, 6)
+    for seed in range(3):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-12).ok
 
 
 @pytest.mark.parametrize("variant", ["shared", "flip"])
