@@ -107,51 +107,41 @@ def with_all_ones_mask(model: nn.Module, kwargs: dict) -> dict | None:
 
 
 @contextlib.contextmanager
-def _batched_experts(model: nn.Module):
-    """Switch a transformers MoE's experts (eager, grouped_mm, ...) to ``batched_mm`` for the block;
-    yields whether it switched (not for a model without transformers experts, one already batched,
-    or one that does not support batched)."""
-    cfg = getattr(model, "config", None)
-    old = getattr(cfg, "_experts_implementation", None)
-    switch = getattr(model, "set_experts_implementation", None)
-    can = getattr(model, "_can_set_experts_implementation", None)
-    if old in (None, "batched_mm") or switch is None or not (callable(can) and can()):
+def _switched(model: nn.Module, kind: str, value: str, can: Any):
+    """A transformers model's ``kind`` implementation ("attn", "experts") switched to ``value`` for
+    the block (``model.set_<kind>_implementation``) when ``can(model)``; yields the one it replaced,
+    or False when it does not apply. Every (sub)config is restored as it was: a composite model may
+    mix implementations."""
+    attr = f"_{kind}_implementation"
+    old = getattr(getattr(model, "config", None), attr, None)
+    switch = getattr(model, f"set{attr}", None)
+    if old in (None, value) or switch is None or not can(model):
         yield False
         return
+    configs = {id(c): (c, getattr(c, attr)) for m in model.modules()
+               if (c := getattr(m, "config", None)) is not None and hasattr(c, attr + "_internal")}
     try:
-        switch("batched_mm")
+        switch(value)
     except Exception:  # noqa: BLE001 - not supported by this model
         yield False
         return
     try:
-        yield cfg._experts_implementation == "batched_mm"
+        yield old if getattr(model.config, attr) == value else False
     finally:
-        switch(old)
+        for c, v in configs.values():
+            setattr(c, attr + "_internal", v)
 
 
-@contextlib.contextmanager
+def _batched_experts(model: nn.Module):
+    """A transformers MoE's experts (eager, grouped_mm, ...) as ``batched_mm`` for the block."""
+    can = getattr(model, "_can_set_experts_implementation", None)
+    return _switched(model, "experts", "batched_mm", lambda m: callable(can) and can())
+
+
 def _eager_attention(model: nn.Module):
-    """Switch a transformers model's attention to ``eager`` for the block (the same function; SDPA
-    decides ``is_causal`` from each chunk's length, data-dependent in a vision tower that attends per
-    image); yields the implementation it replaced, or False when it does not apply."""
-    cfg = getattr(model, "config", None)
-    old = getattr(cfg, "_attn_implementation", None)
-    switch = getattr(model, "set_attn_implementation", None)
-    if old in (None, "eager") or switch is None or not is_transformers_model(model):
-        yield False
-        return
-    configs = {id(c): (c, c._attn_implementation) for m in model.modules()
-               if (c := getattr(m, "config", None)) is not None and hasattr(c, "_attn_implementation")}
-    try:
-        switch("eager")
-    except Exception:  # noqa: BLE001 - not supported by this model
-        yield False
-        return
-    try:
-        yield old
-    finally:  # each (sub)config as it was: a composite model may mix implementations
-        for c, value in configs.values():
-            c._attn_implementation = value
+    """A transformers model's attention as ``eager`` for the block (the same function; SDPA decides
+    ``is_causal`` from each chunk's length, data-dependent in a vision tower that attends per image)."""
+    return _switched(model, "attn", "eager", is_transformers_model)
 
 
 def _draft_export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str | None]:

@@ -25,6 +25,16 @@ def tiny(tied: bool, dtype: torch.dtype, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def tiny_moe(seed: int):
+    """A one-layer Mixtral: 4 experts, top-2."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(vocab_size=60, hidden_size=16, intermediate_size=12, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    return MixtralForCausalLM(cfg).eval()
+
+
 def releases(root, tied: bool, dtype: torch.dtype, sharded: bool):
     """A, A_ft, B (a permutation of A plus noise) and the alignment file; B sharded if asked."""
     a = tiny(tied, dtype, 0)
@@ -289,16 +299,7 @@ def test_checkpoint_that_transformers_converts_on_load_is_transported_in_memory(
     """save_pretrained writes Mixtral in the hub's layout (experts.N.w1/w2/w3, block_sparse_moe), which
     from_pretrained merges into expert banks: not streamable tensor by tensor, so transported in memory
     (said on stderr), written back in that layout, and equal to pg.transport."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    def moe(seed: int) -> MixtralForCausalLM:
-        torch.manual_seed(seed)
-        cfg = MixtralConfig(vocab_size=60, hidden_size=16, intermediate_size=12, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                            num_experts_per_tok=2)
-        return MixtralForCausalLM(cfg).eval()
-
-    a, ft, b = moe(0), moe(0), moe(0)
+    a, ft, b = tiny_moe(0), tiny_moe(0), tiny_moe(0)
     spec = pg.compile(a)
     perm = spec.random_permutation(5)
     ft.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in a.state_dict().items()})
@@ -310,7 +311,7 @@ def test_checkpoint_that_transformers_converts_on_load_is_transported_in_memory(
     assert main(transport_args(tmp_path, tmp_path / "o")[:-1]) == 0
     assert "converts when loading" in capsys.readouterr().err
     ref = pg.transport(a, ft, b, pg.Alignment(perm, spec))
-    loaded = MixtralForCausalLM.from_pretrained(tmp_path / "o").state_dict()
+    loaded = type(b).from_pretrained(tmp_path / "o").state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in ref.items())
     assert set(read_all(tmp_path / "o")) == set(read_all(tmp_path / "B"))
 
@@ -318,18 +319,8 @@ def test_checkpoint_that_transformers_converts_on_load_is_transported_in_memory(
 def test_moe_experts_with_per_expert_units_stream_as_in_memory(tmp_path, monkeypatch):
     """Mixtral's expert tensors are viewed with the expert dim merged into the units' dim (each expert
     permutes its own hidden units): streamed whole, still bit-identical to pg.transport."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     monkeypatch.setattr(stream, "CHUNK", 64)
-
-    def moe(seed: int) -> MixtralForCausalLM:
-        torch.manual_seed(seed)
-        cfg = MixtralConfig(vocab_size=60, hidden_size=16, intermediate_size=12, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                            num_experts_per_tok=2)
-        return MixtralForCausalLM(cfg).eval()
-
-    a, ft, b = moe(0), moe(0), moe(0)
+    a, ft, b = tiny_moe(0), tiny_moe(0), tiny_moe(0)
     spec = pg.compile(a)
     assert spec.layouts and any(g.ctx for g in spec.groups.values() if g.role == "units")
     perm = spec.random_permutation(5)

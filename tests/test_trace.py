@@ -34,7 +34,8 @@ def test_data_dependent_branch_is_traced_by_draft_export_and_said_so():
 
 def test_qwen2_vl_gets_mrope_positions_and_its_vision_tower_moves():
     """Qwen2-VL computes M-RoPE positions from the image grid's values in Python; derived inputs pass
-    them precomputed, and draft export gets past the vision tower's per-image loop."""
+    them precomputed (and cu_seqlens), and eager attention gets past the vision tower's per-image
+    chunks without specialising on the example (draft export did before)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from permgraph.inputs import default_example_inputs
@@ -51,7 +52,7 @@ def test_qwen2_vl_gets_mrope_positions_and_its_vision_tower_moves():
     inputs = default_example_inputs(model)
     assert inputs["position_ids"].shape[0] == 3 and (inputs["input_ids"] == 100).sum() > 0
     spec = pg.compile(model)
-    assert "draft" in spec.info
+    assert "attention" in spec.info and "draft" not in spec.info and "cu_seqlens" in inputs
     for p in ("model.visual.blocks.0.mlp.fc1.weight", "model.visual.merger.mlp.0.weight"):
         assert all(not isinstance(t, pg.ir.Fixed) for t in spec.axes_of(p)), (p, spec.axes_of(p))
     assert pg.verify(model, spec, promote_float32=True).ok
