@@ -147,8 +147,9 @@ def _layout(trees: list[AxisTree], groups: Mapping[str, Group]) -> tuple[tuple[i
     out = []
     for dims in sorted(parts.values()):
         order: list[int] = []
-        while len(order) < len(dims):  # contexts first (acyclic: a whole dim G(c) holds no context of c)
-            order.append(next(d for d in dims if d not in order and after[d] <= set(order)))
+        while len(order) < len(dims):  # contexts first (a cycle of dims, never seen, is left to check_spec)
+            order.append(next((d for d in dims if d not in order and after[d] <= set(order)),
+                              next(d for d in dims if d not in order)))
         out.append(tuple(order))
     return tuple(out)
 

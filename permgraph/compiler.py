@@ -9,11 +9,11 @@ import torch.nn as nn
 
 from permgraph.axes import Reason
 from permgraph.build import build_spec
-from permgraph.errors import InputError, InternalError, PermgraphError, TraceError
+from permgraph.errors import FormatError, InputError, InternalError, PermgraphError, TraceError
 from permgraph.infer import infer
 from permgraph.inputs import ExampleInputs, default_example_inputs, is_transformers_model
 from permgraph.rewrites import residual_sites
-from permgraph.spec import PermSpec
+from permgraph.spec import PermSpec, check_spec
 from permgraph.trace import quiet_export_logs, trace
 
 
@@ -112,6 +112,10 @@ def _compile_once(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequ
     built = build_spec(result, traced.param_shapes, traced.aliases, traced.info, with_nodes=with_nodes)
     spec = built[0] if with_nodes else built
     _record_residual_sites(spec, traced, fixed)
+    try:  # the spec as a reader of its JSON checks it: contexts outer, trees cover the (view) shapes
+        check_spec(spec)
+    except FormatError as e:
+        raise InternalError(f"the spec built for {type(model).__name__} is inconsistent: {e}") from e
     return (spec, traced, built[1]) if with_nodes else (spec, traced, None)
 
 
