@@ -5,8 +5,9 @@ B = pi(A) + sigma * std(param) * noise, with pi drawn at random from the spec
 Recovery = fraction of (parameter entry, permuted axis) pairs whose index along
 that axis is the planted one (a unit-level score: 100% = exact, a random
 permutation of n units scores about 1/n); rel.err = ||align(A) - pi(A)|| / ||pi(A)||. Models: 6-layer BERT-style
-(no RoPE: heads and within-head order matter) and 6-layer LLaMA-style (RoPE, GQA),
-random weights. Usage: python benchmarks/recovery_noise.py [--seeds 3]
+(no RoPE: heads and within-head order matter), 6-layer LLaMA-style (RoPE, GQA) and 4-layer Mixtral-style
+(8 experts, top-2: the experts' order and each expert's own hidden units planted), random weights.
+Usage: python benchmarks/recovery_noise.py [--seeds 3] [--models bert6,llama6,mixtral4]
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import math
 import time
 
 import torch
-from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import permgraph as pg
 from permgraph.inputs import default_example_inputs
@@ -42,20 +43,29 @@ def models():
                                               num_attention_heads=6, intermediate_size=192))
     yield "llama6", LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=96, intermediate_size=192,
                                                  num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2))
+    moe = MixtralForCausalLM(MixtralConfig(vocab_size=100, hidden_size=96, intermediate_size=96, num_hidden_layers=4,
+                                           num_attention_heads=6, num_key_value_heads=2, num_local_experts=8,
+                                           num_experts_per_tok=2))
+    moe.set_experts_implementation("batched_mm")
+    yield "mixtral4", moe
 
 
 def unit_recovery(al, shared, perm, spec) -> float:
-    """Probe with unique entries; compare each axis' source index with the planted one."""
-    probe = {k: torch.arange(math.prod(sh), dtype=torch.float64).reshape(sh) for k, sh in spec.shapes.items()}
+    """Probe with unique entries; compare each axis' source index with the planted one (axes of the
+    parameter's view where it has a layout: an expert bank's experts x units)."""
+    probe = {k: spec.from_view(k, torch.arange(math.prod(spec.view_shape(k)), dtype=torch.float64)
+                               .reshape(spec.view_shape(k))) for k in spec.shapes}
     out = pg.apply_alignment(al, probe)
     ref = pg.apply_permutation(shared, perm, probe)
     hit = total = 0
-    for k, sh in spec.shapes.items():
+    for k in spec.shapes:
+        sh = spec.view_shape(k)
+        o, r = spec.to_view(k, out[k]), spec.to_view(k, ref[k])
         stride = 1
         for d in reversed(range(len(sh))):
             if spec.axes[k][d].groups():
-                a = (out[k].long() // stride) % sh[d]
-                b = (ref[k].long() // stride) % sh[d]
+                a = (o.long() // stride) % sh[d]
+                b = (r.long() // stride) % sh[d]
                 hit += int((a == b).sum())
                 total += a.numel()
             stride *= sh[d]
@@ -67,9 +77,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--solvers", default=None, help="comma-separated labels to run (default: all)")
     ap.add_argument("--sigmas", type=float, nargs="*", default=[0.0, 0.25, 0.5, 1.0, 2.0])
+    ap.add_argument("--models", default=None, help="comma-separated: bert6, llama6, mixtral4 (default: all)")
     args = ap.parse_args()
     print(__doc__.split("\n\n")[1].strip().replace("\n", " "))
     for name, model in models():
+        if args.models and name not in args.models.split(","):
+            continue
         torch.manual_seed(0)
         spec = pg.compile(model)
         shared = shared_within_head(spec)
