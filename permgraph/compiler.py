@@ -51,11 +51,12 @@ def compile_graph(model: nn.Module, example_inputs: ExampleInputs = None, *,
 
 
 def default_outputs(names: Sequence[str]) -> list[str] | None:
-    """For a model with a task head (``logits``...), the task outputs; hidden states (and the
-    pooled states of sub-model outputs, ``vision_model_output.pooler_output``) may come out
-    permuted. None (all fixed) when every output is a hidden state or none is."""
+    """For a model with a task head (``logits``...), the task outputs; hidden states (and pooled
+    states: a sub-model's ``vision_model_output.pooler_output``, a VLM's projected
+    ``image_pooler_output``) may come out permuted. None (all fixed) when every output is a hidden
+    state or none is."""
     hidden = [n for n in names if "hidden_state" in n or n.startswith("past_key_values")
-              or ("." in n and n.endswith(".pooler_output"))]  # a sub-model's pooled state (CLIP-like towers)
+              or n.endswith("pooler_output")]
     task = [n for n in names if n not in hidden]
     return task if hidden and any("logits" in n for n in task) else None
 

@@ -98,6 +98,17 @@ def test_clip_projection_outputs_fixed_residuals_free():
     assert unmoved == {"logit_scale"}
 
 
+def test_default_outputs_keep_task_outputs_and_free_hidden_and_pooled_states():
+    from permgraph.compiler import default_outputs
+
+    # a VLM's projected image features (LFM-VL: image_pooler_output) are a hidden state, not a task output
+    assert default_outputs(["logits", "image_pooler_output"]) == ["logits"]
+    assert default_outputs(["logits", "past_key_values.0", "hidden_states.1", "text_model_output.pooler_output",
+                            "text_embeds"]) == ["logits", "text_embeds"]
+    assert default_outputs(["last_hidden_state", "pooler_output"]) is None  # no task head: all fixed
+    assert default_outputs(["logits"]) is None
+
+
 def test_dual_encoder_default_outputs_free_the_towers_pooled_states():
     """The plain call on a CLIP-like model: logits and projected embeddings stay fixed, the
     towers' hidden and pooled states (``vision_model_output.pooler_output``) may move, so both

@@ -400,6 +400,12 @@ def _descent(spec: PermSpec, params_a: Params, params_b: Params, opts: WeightMat
                 wm.leave_out(attention)
                 run(outside, [])
                 wm.leave_out(frozenset())
+        banks = frozenset(p for p in wm.a if p in work.layouts)
+        if banks and not brute:  # warm start: each expert's units start from a residual solved without them
+            outside = [g for g in names if any(s.param not in banks for s in state.sites[g])]
+            wm.leave_out(banks)
+            run(outside, [])
+            wm.leave_out(frozenset())
         warm = sweep
         run(names, brute)
     finally:
