@@ -9,7 +9,9 @@ sweep improves nothing. Heads follow ``heads`` (``permgraph.solvers.common.HEAD_
 ``heads="brute"`` first runs the descent over the groups outside attention with the scores
 of the attention parameters left out (a warm start: head pairs mean nothing before the
 stream is aligned, and attention with mismatched heads pulls the stream away from the
-right solution), then scores heads after every sweep (``WeightCosts.brute_step``).
+right solution), then scores heads after every sweep (``WeightCosts.brute_step``). Other
+strategies on a spec with expert banks (parameters with layouts: each expert's own units) warm
+start likewise with the banks left out, so that the units start from an aligned residual.
 """
 from __future__ import annotations
 
