@@ -302,20 +302,11 @@ def _with_vision_precomputed(model: nn.Module, out: dict[str, Any]) -> None:
 
 
 def _same_outputs(a: Any, b: Any) -> bool:
-    xs = [t for t in _tensors(a)]
-    ys = [t for t in _tensors(b)]
+    """Whether two forwards' outputs hold equal tensors (leaves of torch's pytree of the outputs)."""
+    from torch.utils._pytree import tree_leaves  # noqa: PLC2701 - torch's pytree API
+
+    xs, ys = ([t for t in tree_leaves(o) if isinstance(t, torch.Tensor)] for o in (a, b))
     return len(xs) == len(ys) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(xs, ys))
-
-
-def _tensors(x: Any) -> Iterator[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, dict) or hasattr(x, "items"):
-        for v in x.values():
-            yield from _tensors(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _tensors(v)
 
 
 def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:

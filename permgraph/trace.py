@@ -32,7 +32,8 @@ class Traced:
 def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     """Export ``model`` (eval, no grad): a transformers MoE first with its experts switched to
     ``batched_mm`` (the same function; the eager experts loop over ``torch.where``, the grouped ones
-    sort tokens by expert into an opaque grouped matmul); then non-strict, then strict; last
+    sort tokens by expert into an opaque grouped matmul); then non-strict, then strict, then with
+    eager attention (``info["attention"]``: SDPA reads per-image chunk lengths); last
     ``draft_export``, which runs the example inputs for real to get past data-dependent guards (an
     image grid's values deciding a loop): its graph is specialised to the decisions those values
     take, so it is kept only if it reproduces the model's outputs on them (``info["draft"]``). Before the draft, a

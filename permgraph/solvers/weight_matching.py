@@ -393,21 +393,20 @@ def _descent(spec: PermSpec, params_a: Params, params_b: Params, opts: WeightMat
                 if not improved:
                     break
 
-        if brute:  # warm start: the groups outside attention first, from the parameters outside it
-            tied = {*brute, *(g for g, grp in work.groups.items() if set(grp.ctx) & set(brute))}
-            attention = frozenset(p for p in wm.a if any(g in tied for t in work.axes[p] for g in t.groups()))
-            outside = [g for g in names if g not in tied
-                       and any(s.param not in attention for s in state.sites[g])]
+        def warm_start(left_out: frozenset[str], skip: set[str]) -> None:
+            """The descent over the groups outside ``skip`` that live on other parameters, with the
+            scores of the ``left_out`` parameters left out."""
+            outside = [g for g in names if g not in skip and any(s.param not in left_out for s in state.sites[g])]
             if outside:
-                wm.leave_out(attention)
+                wm.leave_out(left_out)
                 run(outside, [])
                 wm.leave_out(frozenset())
-        banks = frozenset(p for p in wm.a if p in work.layouts)
-        if banks and not brute:  # warm start: each expert's units start from a residual solved without them
-            outside = [g for g in names if any(s.param not in banks for s in state.sites[g])]
-            wm.leave_out(banks)
-            run(outside, [])
-            wm.leave_out(frozenset())
+
+        if brute:  # the groups outside attention first, from the parameters outside it
+            tied = {*brute, *(g for g, grp in work.groups.items() if set(grp.ctx) & set(brute))}
+            warm_start(frozenset(p for p in wm.a if any(g in tied for t in work.axes[p] for g in t.groups())), tied)
+        elif work.layouts:  # each expert's units start from a residual solved without the expert banks
+            warm_start(frozenset(p for p in wm.a if p in work.layouts), set())
         warm = sweep
         run(names, brute)
     finally:
