@@ -196,9 +196,10 @@ def scatter(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 
 
 @reads_values
-@register(aten.index_add)
+@register(aten.index_add, aten.index_copy)
 def index_add(cx: RuleContext, node: fx.Node, a: Args) -> TType:
-    """``out.index_select(dim, index) += source`` (MoE's combine of expert outputs): the written axis is
+    """``out.index_select(dim, index) += source`` (MoE's combine of expert outputs; ``index_copy``
+    writes ``= source``, a MoE's unsort of tokens sorted by expert): the written axis is
     named by the index values (unified with their axis, else fixed); ``source``'s axis there is the
     index's own axis; every other axis is elementwise."""
     t, idx, src = a.t("self"), a.t("index"), a.t("source")

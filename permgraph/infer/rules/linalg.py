@@ -35,6 +35,34 @@ def matmul(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     return matmul_type(cx, a.t("self"), a.t("mat2" if "mat2" in a else "other"))
 
 
+@register(aten._grouped_mm)
+def grouped_mm(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``torch._grouped_mm``: a MoE's experts over tokens sorted by expert.
+
+    ``(T, K) x (E, K, N)`` with ``offs``: row ``t`` is multiplied by ``b[g(t)]``, ``g`` given by the
+    offsets, so ``out[t, n] = sum_k a[t, k] b[g(t), k, n]``. The contracted ``k`` unifies; ``n``
+    passes to the result, one permutation for every group; the rows and the groups (whose order
+    the offsets fix) are fixed. Without offsets, ``(E, T, K) x (E, K, N)`` is a batched product.
+    Other layouts (offsets along ``K``, a 3-D ``a``) fix every axis.
+    """
+    x, w, b = a.t("self"), a.t("mat2"), a.t("bias")
+    if a.get("offs") is None and len(x) == 3 and len(w) == 3:
+        out = matmul_type(cx, x, w)
+    elif a.get("offs") is not None and len(x) == 2 and len(w) == 3:
+        cx.unify(x[1], w[1])
+        cx.fix(x[0], "rows grouped by offsets (torch._grouped_mm)")
+        cx.fix(w[0], "groups selected by offsets (torch._grouped_mm)")
+        out = [x[0], w[2]]
+    else:
+        for ty in (x, w, b):
+            cx.fix_all(ty, "torch._grouped_mm with offsets along this layout")
+        return cx.fresh(cx.out_shape(), "torch._grouped_mm with offsets along this layout")
+    if b is not None:  # (E, N): one bias row per group
+        cx.fix_all(b[:-1], "groups selected by offsets (torch._grouped_mm)")
+        cx.unify(b[-1], out[-1])
+    return out
+
+
 @register(aten.outer, aten.ger)
 def outer(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Outer product: the two vectors' axes side by side."""
