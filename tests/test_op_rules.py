@@ -406,6 +406,9 @@ INDEX_CASES = [
     net("index_add-rows", aten.index_add,  # MoE's combine of expert outputs at their tokens
         lambda m, h, g: aten.index_add.default(h, 1, _rows(h), g[:, :3]), gate=True,
         moved=("inp.weight", "gate.weight")),
+    net("bincount-of-argmax", (aten.bincount, aten.argmax),  # tokens per expert: counts along the hidden axis
+        lambda m, h, g: h * aten.bincount.default(aten.argmax.default(g, -1).flatten(), None, H).to(h.dtype),
+        gate=True, moved=("inp.weight", "gate.weight")),
     net("index_copy-rows", aten.index_copy,  # a MoE's unsort of tokens sorted by expert
         lambda m, h, g: aten.index_copy.default(h, 1, _rows(h), g[:, :3]), gate=True,
         moved=("inp.weight", "gate.weight")),

@@ -115,6 +115,24 @@ def one_hot(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 
 
 @reads_values
+@register(aten.bincount)
+def bincount(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``counts[c] = #{i : self[i] = c}`` (weighted by ``weights[i]``): the class axis is the index
+    values' axis when they are positions along one of the result's size (tokens per expert), else
+    fixed; the counted axis is summed away (``weights`` runs along it)."""
+    x, w = a.t("self"), a.t("weights")
+    if w is not None:
+        cx.unify(x[0], w[0])
+    n = cx.out_shape()[0]
+    v = cx.value_atom(a["self"])
+    if v is not None and cx.store.size(v) == n:
+        return [v]
+    if v is not None:
+        cx.fix(v, "bincount classes")
+    return [cx.store.new(n, Reason("bincount classes", cx.where))]
+
+
+@reads_values
 @register(aten.index_put)
 def index_put(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """``self[indices] = values``: indexed axes as in ``index``; ``values`` broadcast into the axes
