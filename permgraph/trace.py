@@ -86,12 +86,13 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
             strict = False
             ep, info["draft"] = _draft_export(model, args, kwargs)
             if ep is None:
+                hint = next((h for e in errors if (h := _skippable_hint(model, kwargs, e))), None)
                 raise TraceError(
                     f"torch.export could not trace {type(model).__name__} (non-strict, strict and draft all "
-                    f"failed).\n  {_failure_summary(errors[0])}\n"
+                    f"failed).\n  {_failure_summary(errors[0])}\n" + (hint or
                     "  what to try: check that example_inputs match forward()'s signature; remove "
                     "data-dependent Python control flow or make it static; for transformers models try "
-                    "attn_implementation='sdpa' or 'eager'.") from errors[0]
+                    "attn_implementation='sdpa' or 'eager'.")) from errors[0]
     finally:
         model.train(was_training)
         for cfg, old in caches:
@@ -350,6 +351,69 @@ def _failure_summary(e: Exception) -> str:
         if not any(m in fr.filename for m in ours):
             return out + f"\n  failing call: File \"{fr.filename}\", line {fr.lineno}, in {fr.name} | {fr.line}"
     return out
+
+
+_SAMPLING = ("torch.multinomial(", "torch.randperm(", "torch.randint(", "torch.rand(", "torch.randn(")
+
+
+def _skippable_hint(model: nn.Module, given: dict, e: Exception) -> str | None:
+    """For a data-dependent failure inside code that the forward runs only because an optional input
+    is missing (ViLT: ``if image_embeds is None: ... self.visual_embed(pixel_values, pixel_mask)``,
+    whose position-table sizes come from ``pixel_mask``'s values): the construct, and that input as
+    the thing to pass. None where the failure is not of that kind."""
+    import linecache
+    import re
+    import traceback
+
+    if "data-dependent" not in str(e) and "DataDependent" not in type(e).__name__:
+        return None
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    ours = ("/torch/", "/permgraph/", "<frozen", "/contextlib.py")
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not any(m in f.filename for m in ours)]
+    inner = next((f for f in reversed(frames) if not f.name.startswith("<")), None)
+    for fr in frames:
+        lines = linecache.getlines(fr.filename)
+        if not lines or not fr.lineno:
+            continue
+        depth = len(lines[fr.lineno - 1]) - len(lines[fr.lineno - 1].lstrip())
+        for ln in reversed(lines[:fr.lineno - 1]):
+            if not ln.strip() or len(ln) - len(ln.lstrip()) >= depth:
+                continue
+            depth = len(ln) - len(ln.lstrip())
+            m = re.match(r"\s*if (\w+) is None:", ln)
+            if m and m.group(1) in params and given.get(m.group(1)) is None:
+                name = m.group(1)
+                break
+            if ln.lstrip().startswith("def "):
+                name = None
+                break
+        else:
+            name = None
+        if name is None or inner is None:
+            continue
+        fn = _enclosing_function(linecache.getlines(inner.filename), inner.lineno)
+        samples = [c.rstrip("(") for c in _SAMPLING if c in fn]
+        where = f"{inner.filename.rsplit('/', 1)[-1]}:{inner.lineno}"
+        return (f"  why: `{inner.name}` ({where}) takes sizes or a loop from the values of its inputs (a "
+                "data-dependent shape: torch.export cannot trace it for all inputs)"
+                + (f" and samples with {', '.join(samples)} (its outputs differ between calls, so draft "
+                   "export cannot reproduce them)" if samples else "")
+                + f"; the forward runs it only because `{name}` is not given.\n"
+                f"  what to do: pass `{name}` in example_inputs (computed once eagerly, e.g. with the model's "
+                f"own `{inner.name}`); the layers that compute it are then left fixed as unused.")
+    return None
+
+
+def _enclosing_function(lines: list[str], lineno: int) -> str:
+    """The source of the ``def`` around line ``lineno`` (1-based) of ``lines``."""
+    start = next((i for i in range(lineno - 1, -1, -1) if lines[i].lstrip().startswith("def ")), 0)
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip()
+                and len(lines[i]) - len(lines[i].lstrip()) <= indent), len(lines))
+    return "".join(lines[start:end])
 
 
 def _collect(model: nn.Module, ep, strict: bool) -> Traced:
