@@ -47,11 +47,13 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     errors = []
     caches = _cache_off(model)
     info: dict[str, Any] = {}
+    converted: list[str] = []
     try:
         ep = None
         masked = with_all_ones_mask(model, kwargs) if is_transformers_model(model) else None
         for strict, setup, kw in ((False, _batched_experts, kwargs), (False, None, kwargs), (True, None, kwargs),
-                                  (False, _eager_attention, kwargs), (False, None, masked)):
+                                  (False, _eager_attention, kwargs), (False, None, masked),
+                                  (False, _dense_experts, kwargs), (False, _dense_experts, masked)):
             if kw is None:
                 continue
             printed = io.StringIO()  # torch prints the partial graph of a failed export to stderr
@@ -60,7 +62,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
                     continue
                 try:
                     with torch.no_grad(), contextlib.redirect_stderr(printed), quiet_export_logs():
-                        ep = torch.export.export(model, args, kw, strict=strict)
+                        ep = _export(model, args, kw, strict, converted)
                 except Exception as e:  # noqa: BLE001 - any tracing failure is reported below
                     errors.append(e)
                     continue
@@ -68,6 +70,10 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
             if setup is _eager_attention:
                 info["attention"] = ("traced with eager attention, the same function as the model's "
                                      f"{applies!r} attention (whose per-image chunks have data-dependent sizes)")
+            elif setup is _dense_experts:
+                info["experts"] = (f"traced with dense experts ({applies}): every expert on every token, weighted by "
+                                   "its routing weight (zero where not routed), the same function as the eager loop "
+                                   "over the experts hit (data-dependent)")
             elif setup:
                 info["experts"] = ("traced with transformers' batched_mm experts, the same function as the model's "
                                    f"{model.config._experts_implementation!r} experts (whose grouped or looped "
@@ -80,16 +86,20 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
             strict = False
             ep, info["draft"] = _draft_export(model, args, kwargs)
             if ep is None:
+                hint = next((h for e in errors if (h := _skippable_hint(model, kwargs, e))), None)
                 raise TraceError(
                     f"torch.export could not trace {type(model).__name__} (non-strict, strict and draft all "
-                    f"failed).\n  {_failure_summary(errors[0])}\n"
+                    f"failed).\n  {_failure_summary(errors[0])}\n" + (hint or
                     "  what to try: check that example_inputs match forward()'s signature; remove "
                     "data-dependent Python control flow or make it static; for transformers models try "
-                    "attn_implementation='sdpa' or 'eager'.") from errors[0]
+                    "attn_implementation='sdpa' or 'eager'.")) from errors[0]
     finally:
         model.train(was_training)
         for cfg, old in caches:
             cfg.use_cache = old
+    if converted:
+        info["converted"] = ("converted as its forward does on every call, before tracing (a conversion of "
+                             "real parameters cannot be exported): " + "; ".join(converted))
     traced = _collect(model, ep, strict)
     traced.info.update(info)
     traced.example = (args, kwargs)
@@ -139,6 +149,126 @@ def _batched_experts(model: nn.Module):
     return _switched(model, "experts", "batched_mm", lambda m: callable(can) and can())
 
 
+class _ConvertsItself(Exception):
+    """Raised from ``Module.to`` inside an export when the call would convert real parameters."""
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict):
+        super().__init__(f"{type(module).__name__}.to{args!r} inside forward")
+        self.module, self.args, self.kwargs = module, args, kwargs
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, strict: bool, converted: list[str]):
+    """``torch.export.export`` under ``_unchanged_to``. A forward that converts a submodule of its own
+    (Switch Transformers' router: ``self.classifier = self.classifier.to(float32)`` on every call)
+    has the conversion done first, as the model's first call would (``converted`` says which); under
+    export it would swap fake parameters and fail. Once converted, the call is a no-op."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for _ in range(64):
+        try:
+            with _unchanged_to():
+                return torch.export.export(model, args, kwargs, strict=strict)
+        except _ConvertsItself as e:
+            e.module.to(*e.args, **e.kwargs)
+            converted.append(f"{names.get(id(e.module), type(e.module).__name__) or 'model'}.to"
+                             f"({', '.join(map(str, e.args))})")
+    raise TraceError("the forward converts its own modules again on every call; cannot trace it")
+
+
+@contextlib.contextmanager
+def _unchanged_to():
+    """``Module.to`` that returns the module when nothing would change, and raises
+    ``_ConvertsItself`` when something would (real parameters cannot be converted under export)."""
+    original = nn.Module.to
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        tensors = [*self.parameters(), *self.buffers()]
+        if memory_format is None and all(
+                (device is None or t.device == torch.device(device))
+                and (dtype is None or t.dtype == dtype or not (t.is_floating_point() or t.is_complex()))
+                for t in tensors):
+            return self
+        raise _ConvertsItself(self, args, kwargs)
+
+    nn.Module.to = to
+    try:
+        yield
+    finally:
+        nn.Module.to = original
+
+
+def _looped_experts(m: nn.Module) -> str | None:
+    """Which of transformers' eager expert loops ``m`` runs (``for expert in nonzero(hit): ...
+    index_add_``, data-dependent sizes), by its forward's parameters and its weights: "bank" (stacked
+    ``gate_up_proj (E', 2I, H)``, ``down_proj (E, H, I)``, top-k indices and weights; ids past the
+    banks are zero-compute identity experts where the module declares ``zero_expert_num``), "dict"
+    (``expert_0 ... expert_{E-1}`` modules and a ``(tokens, 1, E)`` dispatch mask); else None."""
+    forward = getattr(type(m), "forward", None)
+    try:
+        source = inspect.getsource(forward)
+        names = list(inspect.signature(forward).parameters)[1:]
+    except (OSError, TypeError, ValueError):
+        return None
+    if "nonzero(" not in source or "index_add_" not in source or "has_gate" in vars(m):
+        return None
+    if names[:3] == ["hidden_states", "top_k_index", "top_k_weights"]:
+        gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+        if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == down.dim() == 3
+                and gu.shape[0] >= down.shape[0] and gu.shape[1] == 2 * down.shape[2]
+                and gu.shape[2] == down.shape[1] and callable(getattr(m, "act_fn", None))):
+            return None
+        zero = getattr(m, "zero_expert_num", 0) or 0
+        total = getattr(m, "total_experts", down.shape[0])
+        return "bank" if total == down.shape[0] + zero else None
+    if names[:3] == ["hidden_states", "selected_experts", "routing_weights"] and isinstance(m, nn.ModuleDict):
+        n = len(m)
+        return "dict" if n and all(f"expert_{i}" in m for i in range(n)) else None
+    return None
+
+
+def _dense_bank(self, hidden_states, top_k_index, top_k_weights):
+    """The "bank" loop as transformers' batched experts (each token-slot gathers its expert's rows),
+    with ids past the banks as identity experts: the same function without data-dependent sizes."""
+    n = self.down_proj.shape[0]
+    k = top_k_index.shape[-1]
+    ids = top_k_index.reshape(-1)
+    weights = top_k_weights.reshape(-1, 1)
+    routed = ids < n
+    safe = torch.where(routed, ids, torch.zeros_like(ids))
+    x = hidden_states.repeat_interleave(k, dim=0)
+    gate, up = torch.bmm(self.gate_up_proj[:n][safe], x.unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
+    y = torch.bmm(self.down_proj[safe], (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
+    y = torch.where(routed.unsqueeze(-1), y, x) * weights
+    return y.view(hidden_states.shape[0], k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def _dense_dict(self, hidden_states, selected_experts, routing_weights):
+    """The "dict" loop densely: every expert on every token, weighted where the mask selects it."""
+    out = torch.zeros_like(hidden_states)
+    for i in range(len(self)):
+        picked = selected_experts[:, :, i] != 0  # (tokens, slots)
+        w = torch.where(picked, routing_weights, torch.zeros_like(routing_weights)).sum(dim=1, keepdim=True)
+        out = out + (self[f"expert_{i}"](hidden_states) * w).to(hidden_states.dtype)
+    return out
+
+
+@contextlib.contextmanager
+def _dense_experts(model: nn.Module):
+    """transformers' eager expert loops (``_looped_experts``) computed densely for the block; yields
+    the kinds replaced, or False where the model has none."""
+    found = [(m, kind) for m in model.modules() if (kind := _looped_experts(m))]
+    if not found:
+        yield False
+        return
+    for m, kind in found:
+        m.forward = (_dense_bank if kind == "bank" else _dense_dict).__get__(m)
+    try:
+        yield ", ".join(sorted({f"{type(m).__name__}: {kind}" for m, kind in found}))
+    finally:
+        for m, _ in found:
+            del m.forward
+
+
 def _eager_attention(model: nn.Module):
     """A transformers model's attention as ``eager`` for the block (the same function; SDPA decides
     ``is_causal`` from each chunk's length, data-dependent in a vision tower that attends per image)."""
@@ -185,13 +315,16 @@ def quiet_export_logs():
 
 
 def _cache_off(model: nn.Module) -> list:
-    """Turn ``config.use_cache`` off (and in sub-configs) while tracing: a returned KV cache is not a
-    tensor output export can handle. Returns what to restore."""
+    """Turn ``config.use_cache`` off (and in sub-configs and submodules' configs) while tracing: a
+    returned KV cache is not a tensor output export can handle. Returns what to restore."""
     cfg = getattr(model, "config", None)
     if cfg is None or not is_transformers_model(model):
         return []
     out = []
-    for c in [cfg] + [v for v in vars(cfg).values() if hasattr(v, "use_cache") and hasattr(v, "to_dict")]:
+    configs = [cfg] + [v for v in vars(cfg).values() if hasattr(v, "use_cache") and hasattr(v, "to_dict")]
+    configs += [c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")
+                and hasattr(c, "to_dict")]  # a copy of its own (Switch Transformers' decoder)
+    for c in {id(c): c for c in configs}.values():
         if getattr(c, "use_cache", False):
             out.append((c, c.use_cache))
             try:
@@ -218,6 +351,69 @@ def _failure_summary(e: Exception) -> str:
         if not any(m in fr.filename for m in ours):
             return out + f"\n  failing call: File \"{fr.filename}\", line {fr.lineno}, in {fr.name} | {fr.line}"
     return out
+
+
+_SAMPLING = ("torch.multinomial(", "torch.randperm(", "torch.randint(", "torch.rand(", "torch.randn(")
+
+
+def _skippable_hint(model: nn.Module, given: dict, e: Exception) -> str | None:
+    """For a data-dependent failure inside code that the forward runs only because an optional input
+    is missing (ViLT: ``if image_embeds is None: ... self.visual_embed(pixel_values, pixel_mask)``,
+    whose position-table sizes come from ``pixel_mask``'s values): the construct, and that input as
+    the thing to pass. None where the failure is not of that kind."""
+    import linecache
+    import re
+    import traceback
+
+    if "data-dependent" not in str(e) and "DataDependent" not in type(e).__name__:
+        return None
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    ours = ("/torch/", "/permgraph/", "<frozen", "/contextlib.py")
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not any(m in f.filename for m in ours)]
+    inner = next((f for f in reversed(frames) if not f.name.startswith("<")), None)
+    for fr in frames:
+        lines = linecache.getlines(fr.filename)
+        if not lines or not fr.lineno:
+            continue
+        depth = len(lines[fr.lineno - 1]) - len(lines[fr.lineno - 1].lstrip())
+        for ln in reversed(lines[:fr.lineno - 1]):
+            if not ln.strip() or len(ln) - len(ln.lstrip()) >= depth:
+                continue
+            depth = len(ln) - len(ln.lstrip())
+            m = re.match(r"\s*if (\w+) is None:", ln)
+            if m and m.group(1) in params and given.get(m.group(1)) is None:
+                name = m.group(1)
+                break
+            if ln.lstrip().startswith("def "):
+                name = None
+                break
+        else:
+            name = None
+        if name is None or inner is None:
+            continue
+        fn = _enclosing_function(linecache.getlines(inner.filename), inner.lineno)
+        samples = [c.rstrip("(") for c in _SAMPLING if c in fn]
+        where = f"{inner.filename.rsplit('/', 1)[-1]}:{inner.lineno}"
+        return (f"  why: `{inner.name}` ({where}) takes sizes or a loop from the values of its inputs (a "
+                "data-dependent shape: torch.export cannot trace it for all inputs)"
+                + (f" and samples with {', '.join(samples)} (its outputs differ between calls, so draft "
+                   "export cannot reproduce them)" if samples else "")
+                + f"; the forward runs it only because `{name}` is not given.\n"
+                f"  what to do: pass `{name}` in example_inputs (computed once eagerly, e.g. with the model's "
+                f"own `{inner.name}`); the layers that compute it are then left fixed as unused.")
+    return None
+
+
+def _enclosing_function(lines: list[str], lineno: int) -> str:
+    """The source of the ``def`` around line ``lineno`` (1-based) of ``lines``."""
+    start = next((i for i in range(lineno - 1, -1, -1) if lines[i].lstrip().startswith("def ")), 0)
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip()
+                and len(lines[i]) - len(lines[i].lstrip()) <= indent), len(lines))
+    return "".join(lines[start:end])
 
 
 def _collect(model: nn.Module, ep, strict: bool) -> Traced:

@@ -46,7 +46,8 @@ def _outputs(model: nn.Module, args: tuple, kwargs: dict, keep: set[str] | None)
 
 def _promoted(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[nn.Module, tuple, dict]:
     """The model's exported program as a module, every ``dtype=torch.float32`` argument in its
-    graph replaced by ``dtype`` (and export's dtype assertions dropped); parameters keep their
+    graph replaced by ``dtype`` (and export's dtype assertions dropped), float32 parameters and
+    buffers made ``dtype`` too; parameters keep their
     names, so the spec's permutation applies to its state dict."""
     if args and kwargs:  # one form for export and the calls: keywords
         kwargs = dict(inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments)
@@ -64,6 +65,10 @@ def _promoted(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -
         node.args = tuple(dtype if a is torch.float32 else a for a in node.args)
         node.kwargs = {k: dtype if v is torch.float32 else v for k, v in node.kwargs.items()}
     module.recompile()
+    with torch.no_grad():  # a float32 submodule of the float64 model (converted by its own forward)
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.dtype == torch.float32:
+                t.data = t.data.to(dtype)
     return module, args, kwargs
 
 

@@ -168,3 +168,77 @@ def test_model_that_builds_no_default_mask_while_exported_gets_an_all_ones_mask(
     al = pg.align(model, other, spec, solver="activation_matching", data=[default_example_inputs(model)])
     moved = pg.apply_alignment(al, model)
     assert all(torch.equal(moved[k], v) for k, v in other.state_dict().items())
+
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval().double()
+
+
+def test_switch_transformers_expert_dict_is_traced_densely():
+    """Switch Transformers: the encoder reads a None attention_mask under export (all-ones one
+    passed), the router converts its classifier to float32 inside forward (done before export), and
+    the experts are a dict of modules looped over ``nonzero`` (computed densely)."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    cfg = SwitchTransformersConfig(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1)
+    torch.manual_seed(0)
+    model = _perturbed(SwitchTransformersForConditionalGeneration(cfg))
+    assert model.encoder.block[0].layer[1].mlp.router.classifier.weight.dtype == torch.float64
+    spec = pg.compile(model)
+    assert "dense experts" in spec.info["experts"] and "SwitchTransformersExperts: dict" in spec.info["experts"]
+    assert "attention_mask" in spec.info["inputs"] and "router.classifier.to(torch.float32)" in spec.info["converted"]
+    assert "draft" not in spec.info and not spec.unknown_ops
+    assert spec.groups["encoder.block.0.layer.1.mlp.experts.expert_2"].size == 48
+    for seed in (0, 1):
+        assert pg.verify(model, spec, seed=seed, promote_float32=True).ok
+
+
+def test_longcat_bank_experts_with_identity_experts_are_traced_densely():
+    """LongCat-Flash's experts (no experts_implementation: ids past the banks are zero-compute
+    identity experts) loop over ``nonzero``; traced as batched banks plus identity, the same function."""
+    from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
+
+    cfg = LongcatFlashConfig(vocab_size=64, hidden_size=32, ffn_hidden_size=48, expert_ffn_hidden_size=16,
+                             num_layers=1, num_attention_heads=4, n_routed_experts=4, zero_expert_num=2,
+                             moe_topk=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                             v_head_dim=8, head_dim=8, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = _perturbed(LongcatFlashForCausalLM(cfg))
+    spec = pg.compile(model)
+    assert "LongcatFlashExperts: bank" in spec.info["experts"] and "draft" not in spec.info
+    assert spec.covered_fraction() > 0.99
+    for seed in (0, 1):
+        assert pg.verify(model, spec, seed=seed, promote_float32=True).ok
+
+
+def test_vilt_visual_embed_failure_names_the_construct_and_the_input_to_pass():
+    """ViLT sizes each image's position table from pixel_mask's values and samples patches with
+    torch.multinomial: no export traces it; the message says so and names ``image_embeds``, which
+    the forward takes instead (and then traces)."""
+    import pytest
+    from transformers import ViltConfig, ViltModel
+
+    from permgraph.errors import TraceError
+    from permgraph.inputs import default_example_inputs
+
+    cfg = ViltConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=48, image_size=64, patch_size=16, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = _perturbed(ViltModel(cfg))
+    with pytest.raises(TraceError) as err:
+        pg.compile(model)
+    msg = str(err.value)
+    assert "`visual_embed` (modeling_vilt.py" in msg and "torch.multinomial" in msg, msg
+    assert "pass `image_embeds` in example_inputs" in msg, msg
+    ex = default_example_inputs(model)
+    mask = torch.ones(ex["pixel_values"].shape[0], *ex["pixel_values"].shape[2:], dtype=torch.long)
+    with torch.no_grad():
+        embeds, masks, _ = model.embeddings.visual_embed(ex["pixel_values"], mask, cfg.max_image_length)
+    inputs = {"input_ids": ex["input_ids"], "image_embeds": embeds, "pixel_mask": masks}
+    spec = pg.compile(model, inputs)
+    assert spec.groups and pg.verify(model, spec, inputs, promote_float32=True).ok
