@@ -356,6 +356,11 @@ TRACED = (("text_only_inputs", "text-only inputs"), ("experts", "batched experts
           ("draft", "draft export"))
 
 
+def _traced_label(info: dict, key: str, label: str) -> str:
+    """The row's label for a way of tracing; expert loops computed densely are told apart."""
+    return "dense experts" if key == "experts" and "dense experts" in str(info[key]) else label
+
+
 def run_one(model_type: str, limit: int) -> dict:
     import torch
 
@@ -416,7 +421,7 @@ def run_one(model_type: str, limit: int) -> dict:
             expert_units=roles.get("units", 0),
             unknown_ops=dict(spec.unknown_ops),
             why_fixed=_top_reasons(spec),
-            traced=[label for key, label in TRACED if spec.info.get(key)],
+            traced=[_traced_label(spec.info, key, label) for key, label in TRACED if spec.info.get(key)],
         )
         return rec
     except Timeout as e:
@@ -560,7 +565,8 @@ def report(recs: dict[str, dict]) -> str:
         "float32 even in a float64 model and that rounding (up to ~1e-5) could hide a wrong spec.",
         "A type is sound when the exact check passes (or, where the exported graph does not run",
         "as a module, the plain one). Configs whose forward gives NaN or inf are skipped. A row",
-        "starting with (draft export), (batched experts), (eager attention) or (text-only inputs) was traced",
+        "starting with (draft export), (batched experts), (dense experts), (eager attention) or (text-only inputs)",
+        "was traced",
         "that way",
         "(docs/design.md, \"Tracing past data-dependent guards\").",
         "",
