@@ -207,6 +207,42 @@ def test_constant_index_lists_of_consecutive_positions_are_slices():
         assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-10).ok
 
 
+class _SlidingChunks(torch.nn.Module):
+    """Longformer's sliding-chunk attention: (T, B, d) projections viewed as (B * heads, chunks, 2w,
+    head_dim) through a transpose (not contiguous) and made to overlap by half a chunk with
+    ``as_strided``; attention within each chunk."""
+
+    def __init__(self, d: int = 8, heads: int = 2, w: int = 2) -> None:
+        super().__init__()
+        self.heads, self.w = heads, w
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def _chunk(self, z: torch.Tensor) -> torch.Tensor:
+        t, b, d = z.shape
+        z = z.view(t, b * self.heads, d // self.heads).transpose(0, 1)
+        z = z.view(z.size(0), t // (2 * self.w), 2 * self.w, z.size(2))
+        size, stride = list(z.size()), list(z.stride())
+        size[1], stride[1] = size[1] * 2 - 1, stride[1] // 2
+        return z.as_strided(size=size, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        xt = x.transpose(0, 1)
+        q, k, v = (self._chunk(f(xt)) for f in (self.q, self.k, self.v))
+        y = torch.einsum("ncxy,ncyd->ncxd", torch.einsum("ncxd,ncyd->ncxy", q, k).softmax(-1), v).sum(1)
+        y = y.view(b, self.heads, 2 * self.w, d // self.heads).transpose(1, 2).reshape(b, 2 * self.w, d)
+        return self.o(y)
+
+
+def test_overlapping_chunks_by_as_strided_keep_heads_and_head_dims_free():
+    model, x = _SlidingChunks().double(), torch.randn(3, 8, 8, dtype=torch.float64)
+    spec = pg.compile(model, (x,))
+    assert not spec.unknown_ops, spec.unknown_ops
+    assert sorted(g.size for g in spec.groups.values()) == [2, 4, 4], (spec.groups, spec.fixed)  # heads, qk, vo
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-10).ok
+
+
 def test_audio_language_model_gets_audio_inputs_and_its_audio_tower_moves():
     """Derived inputs of an audio-language model carry log-mel frames and as many audio tokens as
     its tower yields, so the tower is in the traced forward and its units are groups."""
