@@ -301,3 +301,25 @@ def test_alibi_per_head_groups_planted_permutation_is_recovered(solver):
     kw = {"data": [{"input_ids": x}]} if solver == "activation_matching" else {}  # the keyword form, as users pass it
     moved = pg.apply_alignment(pg.align(a, b, spec, solver=solver, **kw), a)
     assert all(torch.equal(moved[k], v) for k, v in b.state_dict().items())
+
+
+def test_a_decoder_with_cross_attention_gets_encoder_states_and_its_cross_attention_moves():
+    """Derived inputs of a decoder that attends to an encoder (TrOCR's decoder, a BERT built with
+    ``add_cross_attention``) carry random encoder states, so the cross-attention is in the traced
+    forward instead of fixed as unused."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    from permgraph.inputs import default_example_inputs
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=16, is_decoder=True, add_cross_attention=True)
+    model = BertLMHeadModel(cfg).eval().double()
+    inputs = default_example_inputs(model)
+    assert inputs["encoder_hidden_states"].shape == (2, 4, 16)
+    spec = pg.compile(model)
+    cross = [p for p in spec.shapes if ".crossattention." in p]
+    assert cross and not any("unused" in r for f in spec.fixed for r in f.reasons), spec.fixed
+    assert all(any(t.groups() for t in spec.axes_of(p)) for p in cross)
+    assert pg.verify(model, spec, tolerance=1e-10).ok
+    plain = BertLMHeadModel(BertConfig(**{**cfg.to_dict(), "add_cross_attention": False})).eval().double()
+    assert "encoder_hidden_states" not in default_example_inputs(plain)  # ignored: not passed
