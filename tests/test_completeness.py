@@ -323,3 +323,32 @@ def test_a_decoder_with_cross_attention_gets_encoder_states_and_its_cross_attent
     assert pg.verify(model, spec, tolerance=1e-10).ok
     plain = BertLMHeadModel(BertConfig(**{**cfg.to_dict(), "add_cross_attention": False})).eval().double()
     assert "encoder_hidden_states" not in default_example_inputs(plain)  # ignored: not passed
+
+
+def test_a_second_token_stream_gets_ids_and_its_encoder_moves():
+    """Evolla reads proteins as ``protein_input_ids`` (with ``protein_attention_mask``) through an
+    encoder of its own: derived inputs give ids from that encoder's vocabulary, so the encoder and the
+    resampler are in the traced forward instead of fixed as unused."""
+    from transformers import EvollaConfig, EvollaForProteinText2Text
+
+    from permgraph.inputs import default_example_inputs
+
+    cfg = EvollaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, aligner_num_add_layers=1, resampler_depth=1,
+        resampler_dim_head=8, resampler_heads=2, resampler_num_latents=4, resampler_ff_mult=1,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        protein_encoder_config=dict(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=24, max_position_embeddings=32))
+    torch.manual_seed(0)
+    model = EvollaForProteinText2Text(cfg).eval().double()
+    with torch.no_grad():  # the cross-attention gates start at zero: the proteins would change nothing
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    inputs = default_example_inputs(model)
+    assert inputs["protein_input_ids"].shape == (2, 8) and int(inputs["protein_input_ids"].max()) < 30
+    spec = pg.compile(model)
+    assert not any("unused" in r for f in spec.fixed for r in f.reasons), spec.fixed
+    enc = [p for p in spec.shapes if ".protein_encoder." in p and p.endswith("intermediate.dense.weight")]
+    assert enc and all(any(t.groups() for t in spec.axes_of(p)) for p in enc)
+    assert pg.verify(model, spec, promote_float32=True, tolerance=1e-10).ok
