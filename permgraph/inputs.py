@@ -98,7 +98,65 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
             out[flag] = False
     if not out:
         raise TraceError(f"cannot derive example inputs for {type(model).__name__}: pass example_inputs")
+    if "encoder_hidden_states" in params and "input_ids" in out and not getattr(cfg, "is_encoder_decoder", False):
+        _with_encoder_states(model, out, batch, seed)
+    if "input_ids" in out:
+        _with_second_token_streams(model, out, batch, seq, seed)
     return out
+
+
+def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int) -> None:
+    """A forward that reads a second token stream ``<name>_input_ids`` through an encoder of its own
+    (Evolla's ``protein_input_ids``, with ``protein_attention_mask``) gets random ids from the
+    vocabulary of that encoder's sub-config (``<name>..._config``) and an all-ones
+    ``<name>_attention_mask`` where the forward takes one, so the encoder is in the traced forward.
+    Kept only if the forward runs with them and its outputs change."""
+    cfg = model.config
+    params = inspect.signature(model.forward).parameters
+    for name in params:
+        prefix = name[: -len("_input_ids")] if name.endswith("_input_ids") else ""
+        if not prefix or prefix == "decoder" or name in out:
+            continue
+        vocabs = [getattr(v, "vocab_size", None) for k, v in vars(cfg).items()
+                  if k.startswith(prefix) and k.endswith("config")]
+        vocab = next((v for v in vocabs if isinstance(v, int)), None)
+        if not vocab:
+            continue
+        dev = model_device(model)
+        gen = torch.Generator().manual_seed(seed + 2)
+        extra = {name: torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)}
+        if f"{prefix}_attention_mask" in params:
+            extra[f"{prefix}_attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=dev)
+        try:
+            with torch.no_grad():
+                want = model(**out)
+                got = model(**out, **extra)
+        except Exception:  # noqa: BLE001 - the forward needs more than these to read the stream
+            continue
+        if not _same_outputs(want, got):
+            out.update(extra)
+
+
+def _with_encoder_states(model: nn.Module, out: dict[str, Any], batch: int, seed: int) -> None:
+    """A decoder that attends to an encoder's states (TrOCR's decoder, a BERT built with
+    ``add_cross_attention``) gets random ones, so its cross-attention is in the traced forward (else
+    it stays fixed as unused). Kept only if the forward takes them and its outputs change with them;
+    drawn from a generator of their own, so the other derived inputs are the same either way."""
+    cfg = model.config
+    width = getattr(cfg, "cross_attention_hidden_size", None) or next(
+        (getattr(cfg, k) for k in ("hidden_size", "d_model", "n_embd") if isinstance(getattr(cfg, k, None), int)), None)
+    if not isinstance(width, int) or width < 1:
+        return
+    gen = torch.Generator().manual_seed(seed + 1)
+    states = torch.randn(batch, 4, width, generator=gen).to(model_device(model), model_dtype(model))
+    try:
+        with torch.no_grad():
+            want = model(**out)
+            got = model(**out, encoder_hidden_states=states)
+    except Exception:  # noqa: BLE001 - the forward does not take them (another width, no cross-attention)
+        return
+    if not _same_outputs(want, got):
+        out["encoder_hidden_states"] = states
 
 
 def _token_id(cfg: Any, kind: str) -> int | None:

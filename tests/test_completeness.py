@@ -207,6 +207,42 @@ def test_constant_index_lists_of_consecutive_positions_are_slices():
         assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-10).ok
 
 
+class _SlidingChunks(torch.nn.Module):
+    """Longformer's sliding-chunk attention: (T, B, d) projections viewed as (B * heads, chunks, 2w,
+    head_dim) through a transpose (not contiguous) and made to overlap by half a chunk with
+    ``as_strided``; attention within each chunk."""
+
+    def __init__(self, d: int = 8, heads: int = 2, w: int = 2) -> None:
+        super().__init__()
+        self.heads, self.w = heads, w
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def _chunk(self, z: torch.Tensor) -> torch.Tensor:
+        t, b, d = z.shape
+        z = z.view(t, b * self.heads, d // self.heads).transpose(0, 1)
+        z = z.view(z.size(0), t // (2 * self.w), 2 * self.w, z.size(2))
+        size, stride = list(z.size()), list(z.stride())
+        size[1], stride[1] = size[1] * 2 - 1, stride[1] // 2
+        return z.as_strided(size=size, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        xt = x.transpose(0, 1)
+        q, k, v = (self._chunk(f(xt)) for f in (self.q, self.k, self.v))
+        y = torch.einsum("ncxy,ncyd->ncxd", torch.einsum("ncxd,ncyd->ncxy", q, k).softmax(-1), v).sum(1)
+        y = y.view(b, self.heads, 2 * self.w, d // self.heads).transpose(1, 2).reshape(b, 2 * self.w, d)
+        return self.o(y)
+
+
+def test_overlapping_chunks_by_as_strided_keep_heads_and_head_dims_free():
+    model, x = _SlidingChunks().double(), torch.randn(3, 8, 8, dtype=torch.float64)
+    spec = pg.compile(model, (x,))
+    assert not spec.unknown_ops, spec.unknown_ops
+    assert sorted(g.size for g in spec.groups.values()) == [2, 4, 4], (spec.groups, spec.fixed)  # heads, qk, vo
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-10).ok
+
+
 def test_audio_language_model_gets_audio_inputs_and_its_audio_tower_moves():
     """Derived inputs of an audio-language model carry log-mel frames and as many audio tokens as
     its tower yields, so the tower is in the traced forward and its units are groups."""
@@ -265,3 +301,54 @@ def test_alibi_per_head_groups_planted_permutation_is_recovered(solver):
     kw = {"data": [{"input_ids": x}]} if solver == "activation_matching" else {}  # the keyword form, as users pass it
     moved = pg.apply_alignment(pg.align(a, b, spec, solver=solver, **kw), a)
     assert all(torch.equal(moved[k], v) for k, v in b.state_dict().items())
+
+
+def test_a_decoder_with_cross_attention_gets_encoder_states_and_its_cross_attention_moves():
+    """Derived inputs of a decoder that attends to an encoder (TrOCR's decoder, a BERT built with
+    ``add_cross_attention``) carry random encoder states, so the cross-attention is in the traced
+    forward instead of fixed as unused."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    from permgraph.inputs import default_example_inputs
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=16, is_decoder=True, add_cross_attention=True)
+    model = BertLMHeadModel(cfg).eval().double()
+    inputs = default_example_inputs(model)
+    assert inputs["encoder_hidden_states"].shape == (2, 4, 16)
+    spec = pg.compile(model)
+    cross = [p for p in spec.shapes if ".crossattention." in p]
+    assert cross and not any("unused" in r for f in spec.fixed for r in f.reasons), spec.fixed
+    assert all(any(t.groups() for t in spec.axes_of(p)) for p in cross)
+    assert pg.verify(model, spec, tolerance=1e-10).ok
+    plain = BertLMHeadModel(BertConfig(**{**cfg.to_dict(), "add_cross_attention": False})).eval().double()
+    assert "encoder_hidden_states" not in default_example_inputs(plain)  # ignored: not passed
+
+
+def test_a_second_token_stream_gets_ids_and_its_encoder_moves():
+    """Evolla reads proteins as ``protein_input_ids`` (with ``protein_attention_mask``) through an
+    encoder of its own: derived inputs give ids from that encoder's vocabulary, so the encoder and the
+    resampler are in the traced forward instead of fixed as unused."""
+    from transformers import EvollaConfig, EvollaForProteinText2Text
+
+    from permgraph.inputs import default_example_inputs
+
+    cfg = EvollaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, aligner_num_add_layers=1, resampler_depth=1,
+        resampler_dim_head=8, resampler_heads=2, resampler_num_latents=4, resampler_ff_mult=1,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        protein_encoder_config=dict(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=24, max_position_embeddings=32))
+    torch.manual_seed(0)
+    model = EvollaForProteinText2Text(cfg).eval().double()
+    with torch.no_grad():  # the cross-attention gates start at zero: the proteins would change nothing
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    inputs = default_example_inputs(model)
+    assert inputs["protein_input_ids"].shape == (2, 8) and int(inputs["protein_input_ids"].max()) < 30
+    spec = pg.compile(model)
+    assert not any("unused" in r for f in spec.fixed for r in f.reasons), spec.fixed
+    enc = [p for p in spec.shapes if ".protein_encoder." in p and p.endswith("intermediate.dense.weight")]
+    assert enc and all(any(t.groups() for t in spec.axes_of(p)) for p in enc)
+    assert pg.verify(model, spec, promote_float32=True, tolerance=1e-10).ok

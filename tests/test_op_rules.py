@@ -341,6 +341,11 @@ SHAPE_CASES = [
     net("narrow", aten.narrow, lambda m, h, g: aten.narrow.default(h, 1, 1, 2)),
     net("slice-strided-pairs", aten.slice, lambda m, h, g: aten.slice.Tensor(h, -1, 1, None, 2) * h[..., ::2],
         width=3, sizes=(3,)),
+    net("as_strided-overlapping-windows", aten.as_strided,  # windows of 2 positions: the hidden axis walks alone
+        lambda m, h, g: aten.as_strided.default(h, [B, T - 1, 2, H], [T * H, H, H, 1]).sum(2)),
+    net("as_strided-of-a-transposed-input", aten.as_strided,  # (B, H, T) non-contiguous, as in Longformer
+        lambda m, h, g: aten.as_strided.default(h.transpose(1, 2), [B, H, T - 1, 2], [T * H, 1, H, H])
+        .sum(-1).transpose(1, 2)),
     net("repeat_interleave-sequence", (aten.repeat_interleave, aten.sum),
         lambda m, h, g: aten.repeat_interleave.self_int(h, 2, 1).sum(1, keepdim=True)),
     net("repeat_interleave-hidden", aten.repeat_interleave,
@@ -1000,6 +1005,15 @@ def test_strided_slice_is_sound():
     _assert_sound(lambda m, h, g: aten.slice.Tensor(h, -1, 0, None, 2), width=3)
     _assert_sound(lambda m, h, g: aten.slice.Tensor(h, -1, 0, 5, 2), width=3)  # not a whole stride pattern
     _assert_sound(lambda m, h, g: aten.slice.Tensor(h, -1, 0, None, 4), width=2)  # 6 is not a multiple of 4
+
+
+def test_as_strided_that_mixes_or_shifts_positions_is_sound():
+    # overlapping pairs along the hidden axis: the hidden axis is fixed
+    _assert_sound(lambda m, h, g: aten.as_strided.default(h, [B, T, H - 1, 2], [T * H, H, 1, 1]).sum(-1), width=H - 1)
+    # same sizes and strides, but shifted by one element: the last unit of a row reads the next row
+    _assert_sound(lambda m, h, g: aten.as_strided.default(h, [B, T - 1, H], [T * H, H, 1], 1))
+    # the sequence axis read with the hidden stride: no dim of the input is walked alone
+    _assert_sound(lambda m, h, g: aten.as_strided.default(h, [B, H, H], [T * H, 1, 1]).sum(1), width=H)
 
 
 @pytest.mark.parametrize("op", ["topk", "diff"])

@@ -414,3 +414,72 @@ def view_as_real(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     t = list(a.t("self"))
     cx.set_uniform(set(cx.uniform_dims(a["self"])))
     return t + cx.fresh((2,), "real and imaginary parts (view_as_real)")
+
+
+@register(aten.as_strided)
+def as_strided(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """A strided view of the input's memory (Longformer's overlapping chunks). An output dim keeps an
+    input dim's atom when it walks that dim alone: same size and stride, and every other output dim
+    (and the offset) only moves whole blocks of it or stays below one step of it, so the input index
+    along that dim is the output index. Every other input and output axis is fixed; an input that is
+    not dense in its memory, or a view that reads outside it, fixes every axis."""
+    t = a.t("self")
+    why = "as_strided view that overlaps or reorders positions"
+    carried = _strided_carry(a["self"].meta.get("val"), a["size"], a["stride"], a.get("storage_offset"))
+    if t is None or carried is None:
+        cx.fix_all(t, why)
+        return cx.fresh(cx.out_shape(), why)
+    out = []
+    for dim, n in enumerate(cx.out_shape()):
+        k = carried.get(dim)
+        out.append(t[k] if k is not None else cx.store.new(n, Reason(why, cx.where) if n > 1 else None))
+    kept = set(carried.values())
+    for k, x in enumerate(t):
+        if k not in kept and cx.store.size(x) > 1:
+            cx.fix(x, why)
+    return out
+
+
+def _strided_carry(val: object, size: list, stride: list, offset: object) -> dict[int, int] | None:
+    """Output dim -> the input dim whose index it is, for ``as_strided(val, size, stride, offset)``.
+
+    The input's dims (size > 1), ordered by stride, must tile its memory exactly (strides 1, n1,
+    n1 * n2, ...): a memory position is then a mixed-radix number whose digit ``k`` is the index
+    along input dim ``k``. The output reads position ``off + sum_l j_l * t_l``. Output dim ``l``
+    carries input dim ``k`` when ``t_l = s_k``, ``n_l = n_k``, and the rest of the sum is a multiple
+    of ``s_k * n_k`` plus less than ``s_k`` for every value of the other indices: then digit ``k`` is
+    ``j_l`` and no other digit depends on ``j_l``. None when the layout is not such (fix everything).
+    """
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        in_size = [int(s) for s in val.shape]
+        in_stride = [int(s) for s in val.stride()]
+        base = int(val.storage_offset())
+        size = [int(s) for s in size]
+        stride = [int(s) for s in stride]
+        off = base if offset is None else int(offset)
+    except Exception:  # noqa: BLE001 - sizes or strides known only at run time
+        return None
+    if len(size) != len(stride) or min(in_size + size, default=1) < 1 or min(stride, default=0) < 0:
+        return None
+    dims = sorted((k for k in range(len(in_size)) if in_size[k] > 1), key=lambda k: in_stride[k])
+    numel = 1
+    for k in dims:  # dense: each stride is the product of the sizes below it
+        if in_stride[k] != numel:
+            return None
+        numel *= in_size[k]
+    rel = off - base
+    if rel < 0 or rel + sum((n - 1) * s for n, s in zip(size, stride)) >= numel:
+        return None  # reads memory outside the input
+    carried: dict[int, int] = {}
+    for dim, (n, s) in enumerate(zip(size, stride)):
+        k = next((k for k in dims if in_stride[k] == s and in_size[k] == n), None)
+        if n == 1 or k is None:
+            continue
+        block = s * n
+        low = rel % block + sum((m - 1) * u for d, (m, u) in enumerate(zip(size, stride))
+                                if d != dim and m > 1 and u % block)
+        if low < s:
+            carried[dim] = k
+    return carried
