@@ -133,7 +133,7 @@ def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int
                 got = model(**out, **extra)
         except Exception:  # noqa: BLE001 - the forward needs more than these to read the stream
             continue
-        if not _same_outputs(want, got):
+        if not _same_outputs(want, got, unknown=False):  # on meta: kept (unused ones are harmless)
             out.update(extra)
 
 
@@ -155,7 +155,7 @@ def _with_encoder_states(model: nn.Module, out: dict[str, Any], batch: int, seed
             got = model(**out, encoder_hidden_states=states)
     except Exception:  # noqa: BLE001 - the forward does not take them (another width, no cross-attention)
         return
-    if not _same_outputs(want, got):
+    if not _same_outputs(want, got, unknown=False):  # on meta: kept (unused ones are harmless)
         out["encoder_hidden_states"] = states
 
 
@@ -355,16 +355,21 @@ def _with_vision_precomputed(model: nn.Module, out: dict[str, Any]) -> None:
             got = model(**out, **extra)
     except Exception:  # noqa: BLE001 - the forward does not take them
         return
-    if _same_outputs(want, got):
+    if _same_outputs(want, got, unknown=True):  # on meta: the model's own results for these inputs
         out.update(extra)
 
 
-def _same_outputs(a: Any, b: Any) -> bool:
-    """Whether two forwards' outputs hold equal tensors (leaves of torch's pytree of the outputs)."""
+def _same_outputs(a: Any, b: Any, unknown: bool) -> bool:
+    """Whether two forwards' outputs hold equal tensors (leaves of torch's pytree of the outputs);
+    ``unknown`` where equal shapes hold no values to compare (a model on the meta device)."""
     from torch.utils._pytree import tree_leaves  # noqa: PLC2701 - torch's pytree API
 
     xs, ys = ([t for t in tree_leaves(o) if isinstance(t, torch.Tensor)] for o in (a, b))
-    return len(xs) == len(ys) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(xs, ys))
+    if len(xs) != len(ys) or any(x.shape != y.shape for x, y in zip(xs, ys)):
+        return False
+    if any(x.is_meta or y.is_meta for x, y in zip(xs, ys)):
+        return unknown
+    return all(torch.equal(x, y) for x, y in zip(xs, ys))
 
 
 def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
