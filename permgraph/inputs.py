@@ -80,6 +80,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
             and _with_image_tokens(model, out, batch, gen):
         _with_rope_positions(model, out)
         _with_vision_precomputed(model, out)
+    if "pixel_values_videos" in params and "input_ids" in out and not text_only:  # a tower of its own for videos
+        _with_video_tokens(model, out, batch, gen)
     if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
             and _token_id(cfg, "audio") is not None and not text_only):  # audio-language models: tower in the forward
         _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
@@ -183,6 +185,58 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
             yield {"pixel_values": torch.randn(batch, n, ch, size, size, generator=gen).to(dev, dtype),
                    "image_sizes": [[size, size]] * batch}
     yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)}
+
+
+def _video_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Candidate video inputs: ``frames`` images per sample ``(batch, frames, C, S, S)`` in the vision
+    config's image layout (Video-LLaVA's ``pixel_values_videos``)."""
+    vcfg = getattr(model.config, "vision_config", None) or model.config
+    ch = getattr(vcfg, "num_channels", None) or 3
+    size = getattr(vcfg, "image_size", None)
+    size = size if isinstance(size, int) or size is None else size[0]
+    if size is None:
+        return
+    for frames in (2, 1):
+        yield {"pixel_values_videos": torch.randn(batch, frames, ch, size, size, generator=gen)
+               .to(model_device(model), model_dtype(model))}
+
+
+def _params_run(model: nn.Module, inputs: dict[str, Any]) -> set[str]:
+    """The parameters of the modules that one eager forward on ``inputs`` calls."""
+    names = {m: n for n, m in model.named_modules()}
+    seen: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: seen.add(names[mod]))
+             for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {f"{m}.{p}" if m else p for m in seen for p, _ in model.get_submodule(m).named_parameters(recurse=False)}
+
+
+def _with_video_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator) -> bool:
+    """Video inputs with as many video tokens in ``input_ids`` as ``get_video_features`` yields, kept
+    only where the forward accepts them and they bring parameters into the forward that the other
+    inputs leave out (a video tower of its own: Video-LLaVA); videos read by the image tower add
+    nothing to the spec and are left out. Whether ``out`` changed."""
+    get = next((m.get_video_features for m in model.modules() if callable(getattr(m, "get_video_features", None))),
+               None)
+    if get is None or _token_id(model.config, "video") is None:
+        return False
+    trial = dict(out)
+    keep = {t for k in ("image", "audio") if (t := _token_id(model.config, k)) is not None}
+    if not _with_modality_tokens(model, trial, batch, "video", get, _video_inputs(model, batch, gen),
+                                 check_forward=True, keep=keep):
+        return False
+    try:
+        if not _params_run(model, trial) - _params_run(model, out):
+            return False
+    except Exception:  # noqa: BLE001 - the forward does not run with the inputs as they were: keep them
+        return False
+    out.update(trial)
+    return True
 
 
 def _feature_count(feats: Any) -> int:
@@ -374,12 +428,13 @@ _FORWARD_TRIALS = 4  # candidate audio inputs run through the whole forward befo
 
 def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kind: str, get: Any,
                           candidates: Iterator[dict[str, Any]], check_forward: bool = False,
-                          mask: str | None = None) -> bool:
+                          mask: str | None = None, keep: set[int] = frozenset()) -> bool:
     """The first candidate input whose features ``get`` computes, with that many ``kind`` tokens
     per sample spliced into ``input_ids`` (other special tokens in the random text replaced);
     with ``mask``, plain text tokens there instead, marked 1 in the forward's input ``mask``;
     with ``check_forward``, the first whose result the model's forward accepts (at most
-    ``_FORWARD_TRIALS`` forwards run). Whether ``out`` changed."""
+    ``_FORWARD_TRIALS`` forwards run). Token ids in ``keep`` (placeholders of a modality spliced in
+    before) stay where they are. Whether ``out`` changed."""
     if get is None:
         return False
     cfg = model.config
@@ -399,9 +454,11 @@ def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kin
             continue
         text = out["input_ids"]
         special = {v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool)
-                   and (k.endswith("token_id") or k.endswith("token_index")) and k != "pad_token_id"}
-        safe = next(i for i in range(int(text.max()) + len(special) + 2) if i not in special)
-        text = torch.where(torch.isin(text, torch.tensor(sorted(special), device=text.device)), safe, text)
+                   and (k.endswith("token_id") or k.endswith("token_index")) and k != "pad_token_id"} - set(keep)
+        safe = next(i for i in range(int(text.max()) + len(special) + len(keep) + 2)
+                    if i not in special and i not in keep)
+        text = torch.where(torch.isin(text, torch.tensor(sorted(special), dtype=text.dtype, device=text.device)),
+                           safe, text)
         placeholders = torch.full((batch, n // batch), safe if tok is None else tok, dtype=text.dtype,
                                   device=text.device)
         trial = {**out, "input_ids": torch.cat([text[:, :1], placeholders, text[:, 1:]], dim=1), **cand}
