@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -40,11 +40,16 @@ def model_device(model: nn.Module) -> torch.device:
 _OFF_WHILE_TRACING = ("use_cache", "use_mems")
 
 
+# the modalities derived inputs may add to the text, in the order they are added
+MODALITIES = ("image", "video", "audio")
+
+
 def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0,
-                           modalities: bool = True) -> dict[str, torch.Tensor]:
+                           modalities: bool | Collection[str] = True) -> dict[str, torch.Tensor]:
     """Inputs derived from a transformers model's config (no tokenizer or hub needed). A
-    vision/audio-language model gets images/audio with their placeholder tokens; with
-    ``modalities=False``, text only (its towers then are not in the traced forward)."""
+    vision/audio-language model gets images, videos and audio with their placeholder tokens; with
+    ``modalities=False``, text only (its towers then are not in the traced forward); with a
+    collection of ``MODALITIES``, those only."""
     if not is_transformers_model(model):
         raise TraceError(
             f"{type(model).__name__} is not a transformers model, so permgraph cannot guess its inputs. "
@@ -66,9 +71,10 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if "input_ids" in params and (model.main_input_name != "pixel_values" or _text_vocab(cfg) is not None):
         vocab = _text_vocab(cfg) or getattr(cfg, "vocab_size", None) or 100
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
-    text_only = not modalities and "input_ids" in out
+    mods = set(MODALITIES if modalities is True else modalities or ())
+    no_image = "image" not in mods and "input_ids" in out
     placed = _token_id(cfg, "image") is not None or _image_position_mask(params) is not None
-    if "pixel_values" in params and not (text_only and placed):
+    if "pixel_values" in params and not (no_image and placed):
         vcfg = sub("vision_config")
         size = getattr(vcfg, "image_size", 32)
         size = size if isinstance(size, int) else size[0]
@@ -76,16 +82,18 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         out["pixel_values"] = torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)
     if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
-    if ("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed and not text_only \
-            and _with_image_tokens(model, out, batch, gen):
+    images = (("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed
+              and not no_image and _with_image_tokens(model, out, batch, gen))
+    if "pixel_values_videos" in params and "input_ids" in out and "video" in mods:  # a tower of its own for videos
+        images = _with_video_tokens(model, out, batch, gen) or images
+    if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
+            and _token_id(cfg, "audio") is not None and "audio" in mods):  # audio-language models: tower in the forward
+        _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
+                              _audio_inputs(model, batch, gen), check_forward=True,
+                              keep={t for k in ("image", "video") if (t := _token_id(cfg, k)) is not None})
+    if images:  # computed from every placeholder in the text (images, videos, audio)
         _with_rope_positions(model, out)
         _with_vision_precomputed(model, out)
-    if "pixel_values_videos" in params and "input_ids" in out and not text_only:  # a tower of its own for videos
-        _with_video_tokens(model, out, batch, gen)
-    if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
-            and _token_id(cfg, "audio") is not None and not text_only):  # audio-language models: tower in the forward
-        _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
-                              _audio_inputs(model, batch, gen), check_forward=True)
     if "input_values" in params and model.main_input_name == "input_values":  # raw audio
         out["input_values"] = torch.randn(batch, 1024, generator=gen).to(dev, dtype)
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames

@@ -55,3 +55,25 @@ def test_videos_read_by_the_image_tower_are_left_out():
     inputs = default_example_inputs(model)
     assert "pixel_values" in inputs and "pixel_values_videos" not in inputs
     assert (inputs["input_ids"] == 100).sum() > 0
+
+
+def test_a_modality_that_cannot_be_traced_is_dropped_before_the_others():
+    """When the derived inputs with videos cannot be traced, ``compile`` drops the videos (the last
+    modality added) and keeps the images, not the text alone; ``verify`` uses the same inputs."""
+    model = _tiny_video_llava()
+    tower = model.model.video_tower
+    plain = tower.forward
+
+    def untraceable(*args, **kwargs):
+        if torch.compiler.is_exporting():
+            raise RuntimeError("a video tower export cannot trace")
+        return plain(*args, **kwargs)
+
+    tower.forward = untraceable
+    spec = pg.compile(model)
+    assert spec.info["modalities"] == ["image"]
+    assert "video" in spec.info["dropped_inputs"] and "text_only_inputs" not in spec.info
+    assert all(_moves(spec, p) for p in spec.shapes if ".image_tower." in p and p.endswith("fc1.weight"))
+    assert not any(_moves(spec, p) for p in spec.shapes if ".video_tower." in p)
+    assert "video" in pg.explain(spec)
+    assert pg.verify(model, spec, promote_float32=True).ok
