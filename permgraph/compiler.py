@@ -11,7 +11,7 @@ from permgraph.axes import Reason
 from permgraph.build import build_spec
 from permgraph.errors import FormatError, InputError, InternalError, PermgraphError, TraceError
 from permgraph.infer import infer
-from permgraph.inputs import ExampleInputs, default_example_inputs, is_transformers_model
+from permgraph.inputs import MODALITIES, ExampleInputs, default_example_inputs, is_transformers_model
 from permgraph.rewrites import residual_sites
 from permgraph.spec import PermSpec, check_spec
 from permgraph.trace import quiet_export_logs, trace
@@ -64,28 +64,45 @@ def default_outputs(names: Sequence[str]) -> list[str] | None:
 def _compile(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequence[str] | None,
              with_nodes: bool = False):
     """Trace, infer, build. Derived inputs of a vision/audio-language model that cannot be traced
-    or inferred (a tower's data-dependent loop) fall back to text only: its towers stay fixed
-    ("unused in the traced forward"), ``spec.info["text_only_inputs"]`` says why, and ``verify``
-    uses the same inputs."""
+    or inferred (a tower's data-dependent loop) fall back to fewer modalities, the last added
+    dropped first (audio, then videos), then to text only: the towers left out stay fixed ("unused
+    in the traced forward"), ``spec.info["dropped_inputs"]`` (with ``["modalities"]``, the ones kept)
+    or ``spec.info["text_only_inputs"]`` says why, and ``verify`` uses the same inputs."""
     try:
         return _compile_once(model, example_inputs, outputs, with_nodes)
     except (TraceError, InternalError) as e:
-        text = _text_only(model) if example_inputs is None else None
-        if text is None:
+        if example_inputs is not None or not is_transformers_model(model):
             raise
-        res = _compile_once(model, text, outputs, with_nodes)
         first = str(e).splitlines()[0]
-        res[0].info["text_only_inputs"] = (f"traced with text-only inputs: with the derived image/audio inputs, "
-                                           f"{type(e).__name__}: {first[:200]}")
-        return res
+        tried = [set(default_example_inputs(model))]
+        text = set(default_example_inputs(model, modalities=False))
+        for kept in _fewer_modalities():
+            inputs = default_example_inputs(model, modalities=kept)
+            if set(inputs) in tried:
+                continue
+            tried.append(set(inputs))
+            kept = kept if set(inputs) != text else ()
+            try:
+                res = _compile_once(model, inputs, outputs, with_nodes)
+            except (TraceError, InternalError):
+                if kept:
+                    continue
+                raise
+            if kept:
+                res[0].info["modalities"] = list(kept)
+                res[0].info["dropped_inputs"] = (
+                    f"traced with the derived {'/'.join(kept)} inputs only: with the "
+                    f"{'/'.join(m for m in MODALITIES if m not in kept)} inputs too, {type(e).__name__}: {first[:200]}")
+            else:
+                res[0].info["text_only_inputs"] = (f"traced with text-only inputs: with the derived image/audio "
+                                                   f"inputs, {type(e).__name__}: {first[:200]}")
+            return res
+        raise
 
 
-def _text_only(model: nn.Module) -> dict | None:
-    """Text-only derived inputs, when they differ from the derived ones."""
-    if not is_transformers_model(model):
-        return None
-    text = default_example_inputs(model, modalities=False)
-    return text if set(text) != set(default_example_inputs(model)) else None
+def _fewer_modalities() -> list[tuple[str, ...]]:
+    """Modality sets to fall back to, the last added dropped first, ending with none (text only)."""
+    return [MODALITIES[:i] for i in range(len(MODALITIES) - 1, -1, -1)]
 
 
 def _compile_once(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequence[str] | None,

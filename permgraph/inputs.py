@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -40,11 +40,16 @@ def model_device(model: nn.Module) -> torch.device:
 _OFF_WHILE_TRACING = ("use_cache", "use_mems")
 
 
+# the modalities derived inputs may add to the text, in the order they are added
+MODALITIES = ("image", "video", "audio")
+
+
 def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0,
-                           modalities: bool = True) -> dict[str, torch.Tensor]:
+                           modalities: bool | Collection[str] = True) -> dict[str, torch.Tensor]:
     """Inputs derived from a transformers model's config (no tokenizer or hub needed). A
-    vision/audio-language model gets images/audio with their placeholder tokens; with
-    ``modalities=False``, text only (its towers then are not in the traced forward)."""
+    vision/audio-language model gets images, videos and audio with their placeholder tokens; with
+    ``modalities=False``, text only (its towers then are not in the traced forward); with a
+    collection of ``MODALITIES``, those only."""
     if not is_transformers_model(model):
         raise TraceError(
             f"{type(model).__name__} is not a transformers model, so permgraph cannot guess its inputs. "
@@ -66,9 +71,10 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if "input_ids" in params and (model.main_input_name != "pixel_values" or _text_vocab(cfg) is not None):
         vocab = _text_vocab(cfg) or getattr(cfg, "vocab_size", None) or 100
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
-    text_only = not modalities and "input_ids" in out
+    mods = set(MODALITIES if modalities is True else modalities or ())
+    no_image = "image" not in mods and "input_ids" in out
     placed = _token_id(cfg, "image") is not None or _image_position_mask(params) is not None
-    if "pixel_values" in params and not (text_only and placed):
+    if "pixel_values" in params and not (no_image and placed):
         vcfg = sub("vision_config")
         size = getattr(vcfg, "image_size", 32)
         size = size if isinstance(size, int) else size[0]
@@ -76,14 +82,18 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         out["pixel_values"] = torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)
     if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
-    if ("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed and not text_only \
-            and _with_image_tokens(model, out, batch, gen):
+    images = (("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed
+              and not no_image and _with_image_tokens(model, out, batch, gen))
+    if "pixel_values_videos" in params and "input_ids" in out and "video" in mods:  # a tower of its own for videos
+        images = _with_video_tokens(model, out, batch, gen) or images
+    if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
+            and _token_id(cfg, "audio") is not None and "audio" in mods):  # audio-language models: tower in the forward
+        _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
+                              _audio_inputs(model, batch, gen), check_forward=True,
+                              keep={t for k in ("image", "video") if (t := _token_id(cfg, k)) is not None})
+    if images:  # computed from every placeholder in the text (images, videos, audio)
         _with_rope_positions(model, out)
         _with_vision_precomputed(model, out)
-    if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
-            and _token_id(cfg, "audio") is not None and not text_only):  # audio-language models: tower in the forward
-        _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
-                              _audio_inputs(model, batch, gen), check_forward=True)
     if "input_values" in params and model.main_input_name == "input_values":  # raw audio
         out["input_values"] = torch.randn(batch, 1024, generator=gen).to(dev, dtype)
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
@@ -241,6 +251,58 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
             yield {"pixel_values": torch.randn(batch, n, ch, size, size, generator=gen).to(dev, dtype),
                    "image_sizes": [[size, size]] * batch}
     yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)}
+
+
+def _video_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Candidate video inputs: ``frames`` images per sample ``(batch, frames, C, S, S)`` in the vision
+    config's image layout (Video-LLaVA's ``pixel_values_videos``)."""
+    vcfg = getattr(model.config, "vision_config", None) or model.config
+    ch = getattr(vcfg, "num_channels", None) or 3
+    size = getattr(vcfg, "image_size", None)
+    size = size if isinstance(size, int) or size is None else size[0]
+    if size is None:
+        return
+    for frames in (2, 1):
+        yield {"pixel_values_videos": torch.randn(batch, frames, ch, size, size, generator=gen)
+               .to(model_device(model), model_dtype(model))}
+
+
+def _params_run(model: nn.Module, inputs: dict[str, Any]) -> set[str]:
+    """The parameters of the modules that one eager forward on ``inputs`` calls."""
+    names = {m: n for n, m in model.named_modules()}
+    seen: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: seen.add(names[mod]))
+             for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {f"{m}.{p}" if m else p for m in seen for p, _ in model.get_submodule(m).named_parameters(recurse=False)}
+
+
+def _with_video_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator) -> bool:
+    """Video inputs with as many video tokens in ``input_ids`` as ``get_video_features`` yields, kept
+    only where the forward accepts them and they bring parameters into the forward that the other
+    inputs leave out (a video tower of its own: Video-LLaVA); videos read by the image tower add
+    nothing to the spec and are left out. Whether ``out`` changed."""
+    get = next((m.get_video_features for m in model.modules() if callable(getattr(m, "get_video_features", None))),
+               None)
+    if get is None or _token_id(model.config, "video") is None:
+        return False
+    trial = dict(out)
+    keep = {t for k in ("image", "audio") if (t := _token_id(model.config, k)) is not None}
+    if not _with_modality_tokens(model, trial, batch, "video", get, _video_inputs(model, batch, gen),
+                                 check_forward=True, keep=keep):
+        return False
+    try:
+        if not _params_run(model, trial) - _params_run(model, out):
+            return False
+    except Exception:  # noqa: BLE001 - the forward does not run with the inputs as they were: keep them
+        return False
+    out.update(trial)
+    return True
 
 
 def _feature_count(feats: Any) -> int:
@@ -437,12 +499,13 @@ _FORWARD_TRIALS = 4  # candidate audio inputs run through the whole forward befo
 
 def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kind: str, get: Any,
                           candidates: Iterator[dict[str, Any]], check_forward: bool = False,
-                          mask: str | None = None) -> bool:
+                          mask: str | None = None, keep: set[int] = frozenset()) -> bool:
     """The first candidate input whose features ``get`` computes, with that many ``kind`` tokens
     per sample spliced into ``input_ids`` (other special tokens in the random text replaced);
     with ``mask``, plain text tokens there instead, marked 1 in the forward's input ``mask``;
     with ``check_forward``, the first whose result the model's forward accepts (at most
-    ``_FORWARD_TRIALS`` forwards run). Whether ``out`` changed."""
+    ``_FORWARD_TRIALS`` forwards run). Token ids in ``keep`` (placeholders of a modality spliced in
+    before) stay where they are. Whether ``out`` changed."""
     if get is None:
         return False
     cfg = model.config
@@ -462,9 +525,11 @@ def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kin
             continue
         text = out["input_ids"]
         special = {v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool)
-                   and (k.endswith("token_id") or k.endswith("token_index")) and k != "pad_token_id"}
-        safe = next(i for i in range(int(text.max()) + len(special) + 2) if i not in special)
-        text = torch.where(torch.isin(text, torch.tensor(sorted(special), device=text.device)), safe, text)
+                   and (k.endswith("token_id") or k.endswith("token_index")) and k != "pad_token_id"} - set(keep)
+        safe = next(i for i in range(int(text.max()) + len(special) + len(keep) + 2)
+                    if i not in special and i not in keep)
+        text = torch.where(torch.isin(text, torch.tensor(sorted(special), dtype=text.dtype, device=text.device)),
+                           safe, text)
         placeholders = torch.full((batch, n // batch), safe if tok is None else tok, dtype=text.dtype,
                                   device=text.device)
         trial = {**out, "input_ids": torch.cat([text[:, :1], placeholders, text[:, 1:]], dim=1), **cand}

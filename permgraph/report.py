@@ -112,7 +112,8 @@ def explain_spec(spec: "PermSpec", max_rows: int = 40) -> str:
                      "one per residual addend; for task vectors, not function-preserving for pi(A)")
     elif "residual_sites_missing" in spec.info:
         lines.append(f"untied residual: not available ({spec.info['residual_sites_missing']})")
-    for key in ("text_only_inputs", "inputs", "experts", "attention", "draft"):  # how it was traced, where not plainly
+    # how it was traced, where not plainly
+    for key in ("text_only_inputs", "dropped_inputs", "inputs", "experts", "attention", "draft"):
         if spec.info.get(key):
             lines.append(spec.info[key])
     return "\n".join(lines)

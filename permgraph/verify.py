@@ -113,6 +113,8 @@ def verify(model: nn.Module, spec: PermSpec | None = None, example_inputs: Examp
         spec = compile_spec(model, example_inputs)
     if example_inputs is None and spec.info.get("text_only_inputs"):  # the inputs it was compiled with
         example_inputs = default_example_inputs(model, modalities=False)
+    elif example_inputs is None and spec.info.get("modalities") is not None:
+        example_inputs = default_example_inputs(model, modalities=spec.info["modalities"])
     if any(p.is_meta for p in model.parameters()):
         raise InputError("verify needs real weights; this model is on the meta device")
     args, kwargs = resolve_inputs(model, example_inputs)

@@ -1,0 +1,79 @@
+"""Derived inputs of vision-language models with more than one modality: every tower is in the traced
+forward and moves."""
+from __future__ import annotations
+
+import torch
+
+import permgraph as pg
+from permgraph.inputs import default_example_inputs
+from permgraph.testing.zoo import TINY_TEXT
+
+TINY_CLIP_VISION = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 48,
+                    "num_hidden_layers": 1, "num_attention_heads": 4, "image_size": 16, "patch_size": 8}
+
+
+def _moves(spec: pg.PermSpec, param: str) -> bool:
+    return any(t.groups() for t in spec.axes_of(param))
+
+
+def _tiny_video_llava():
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    cfg = VideoLlavaConfig(image_token_index=100, video_token_index=101, vision_feature_layer=-1,
+                           text_config={**TINY_TEXT, "model_type": "llama"}, vision_config=dict(TINY_CLIP_VISION))
+    torch.manual_seed(0)
+    return VideoLlavaForConditionalGeneration(cfg).eval()
+
+
+def test_video_llava_gets_videos_for_its_video_tower_and_keeps_the_image_tokens():
+    """Video-LLaVA reads videos with a tower of its own: derived inputs add ``pixel_values_videos``
+    with one video token per frame feature, after the images, whose tokens stay in ``input_ids``."""
+    model = _tiny_video_llava()
+    inputs = default_example_inputs(model)
+    assert inputs["pixel_values_videos"].shape == (2, 2, 3, 16, 16)
+    ids = inputs["input_ids"]
+    assert (ids == 100).sum() == 2 * 4  # (16 / 8)^2 patches per image, the class token cropped
+    assert (ids == 101).sum() == 2 * 2 * 5  # 2 frames of 4 patches and the class token
+    spec = pg.compile(model)
+    towers = [p for p in spec.shapes if (".video_tower." in p or ".image_tower." in p) and "layers." in p
+              and p.endswith(("fc1.weight", "fc2.weight"))]
+    assert any(".video_tower." in p for p in towers) and all(_moves(spec, p) for p in towers)
+    assert spec.info.get("text_only_inputs") is None
+    assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_videos_read_by_the_image_tower_are_left_out():
+    """LLaVA-NeXT-Video reads videos with its image tower: videos would add no parameter to the
+    forward, so the derived inputs stay images and text."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    cfg = LlavaNextVideoConfig(image_token_index=100, video_token_index=101, vision_feature_layer=-1,
+                               image_grid_pinpoints=[[16, 16]],
+                               text_config={**TINY_TEXT, "model_type": "llama"}, vision_config=dict(TINY_CLIP_VISION))
+    torch.manual_seed(0)
+    model = LlavaNextVideoForConditionalGeneration(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert "pixel_values" in inputs and "pixel_values_videos" not in inputs
+    assert (inputs["input_ids"] == 100).sum() > 0
+
+
+def test_a_modality_that_cannot_be_traced_is_dropped_before_the_others():
+    """When the derived inputs with videos cannot be traced, ``compile`` drops the videos (the last
+    modality added) and keeps the images, not the text alone; ``verify`` uses the same inputs."""
+    model = _tiny_video_llava()
+    tower = model.model.video_tower
+    plain = tower.forward
+
+    def untraceable(*args, **kwargs):
+        if torch.compiler.is_exporting():
+            raise RuntimeError("a video tower export cannot trace")
+        return plain(*args, **kwargs)
+
+    tower.forward = untraceable
+    spec = pg.compile(model)
+    assert spec.info["modalities"] == ["image"]
+    assert "video" in spec.info["dropped_inputs"] and "text_only_inputs" not in spec.info
+    assert all(_moves(spec, p) for p in spec.shapes if ".image_tower." in p and p.endswith("fc1.weight"))
+    assert not any(_moves(spec, p) for p in spec.shapes if ".video_tower." in p)
+    assert "video" in pg.explain(spec)
+    assert pg.verify(model, spec, promote_float32=True).ok
