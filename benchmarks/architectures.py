@@ -249,7 +249,7 @@ def configs(model_type: str):
         c = copy.deepcopy(base)
         _shrink(c, layers_only)
         _consistent(c, model_type)
-        if c.to_dict().get("backbone_config", {}).get("model_type") == "resnet" and timm is not None \
+        if getattr(getattr(c, "backbone_config", None), "model_type", None) == "resnet" \
                 and getattr(timm, "model_type", None) == "timm_backbone" and not layers_only:  # its stages small
             _set(c.backbone_config, "depths", [1] * len(c.backbone_config.depths))
             _set(c.backbone_config, "hidden_sizes", [32 * 2 ** i for i in range(len(c.backbone_config.depths))])
