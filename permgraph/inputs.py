@@ -73,7 +73,9 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         size = getattr(vcfg, "image_size", 32)
         size = size if isinstance(size, int) else size[0]
         ch = getattr(vcfg, "num_channels", 3)
-        out["pixel_values"] = torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)
+        frames = getattr(vcfg, "num_frames", None)  # a video model's clip (VideoMAE, ViViT, X-CLIP): frames first
+        clip = (frames,) if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 else ()
+        out["pixel_values"] = torch.randn(batch, *clip, ch, size, size, generator=gen).to(dev, dtype)
     if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
     if ("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed and not text_only \
