@@ -67,6 +67,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         vocab = _text_vocab(cfg) or getattr(cfg, "vocab_size", None) or 100
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
     text_only = not modalities and "input_ids" in out
+    layout = None
     placed = _token_id(cfg, "image") is not None or _image_position_mask(params) is not None
     if "pixel_values" in params and not (text_only and placed):
         vcfg = sub("vision_config")
@@ -89,18 +90,55 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if "input_values" in params and model.main_input_name == "input_values":  # raw audio
         out["input_values"] = torch.randn(batch, 1024, generator=gen).to(dev, dtype)
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
-        mels = getattr(cfg, "num_mel_bins", None) or getattr(cfg, "feature_size", None) or 80
-        frames = 2 * getattr(cfg, "max_source_positions", 0) or 64
+        acfg = next((c for c in (cfg, getattr(cfg, "encoder_config", None), getattr(cfg, "audio_config", None))
+                     if getattr(c, "num_mel_bins", None) or getattr(c, "feature_size", None)), cfg)  # a CTC or
+        mels = getattr(acfg, "num_mel_bins", None) or getattr(acfg, "feature_size", None) or 80  # seq2seq head's
+        frames = 2 * getattr(cfg, "max_source_positions", 0) or 64  # tower's sub-config (LASR's, Canary's)
         out["input_features"] = torch.randn(batch, mels, frames, generator=gen).to(dev, dtype)
+        stacked = getattr(acfg, "num_stacked_frames", None)  # frames stacked into one vector (FunASR's LFR)
+        layout = _spectrogram_layout(model, out["input_features"], mels * (stacked if isinstance(stacked, int)
+                                                                          and stacked > 0 else 1), gen)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         vocab = getattr(cfg, "vocab_size", None) or _text_vocab(cfg) or 100
         out["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq // 2), generator=gen).to(dev)
     for flag in _OFF_WHILE_TRACING:
         if flag in params:
             out[flag] = False
+    if layout is not None:  # the spectrogram's layout, now that the other inputs are there
+        layout(out)
     if not out:
         raise TraceError(f"cannot derive example inputs for {type(model).__name__}: pass example_inputs")
     return out
+
+
+# a spectrogram model's frame mask that its forward requires (FunASR's, Qwen3-ASR's encoders)
+_FRAME_MASKS = ("input_features_mask", "feature_attention_mask")
+
+
+def _spectrogram_layout(model: nn.Module, first: torch.Tensor, mels: int, gen: torch.Generator) -> Any:
+    """A spectrogram model's ``input_features`` are ``first``, ``(batch, mels, frames)`` (Whisper), unless the
+    forward refuses them and takes ``(batch, frames, mels)`` (conformer encoders: Parakeet, LASR, Speech2Text),
+    each with an all-ones frame mask where the forward requires one. The choice needs the whole input: what
+    this returns sets them in the finished inputs (the first layout when neither runs)."""
+    params = inspect.signature(model.forward).parameters
+    mask = next((m for m in _FRAME_MASKS if m in params and params[m].default is params[m].empty), None)
+    frames_first = torch.randn(first.shape[0], 64, mels, generator=gen).to(first.device, first.dtype)
+
+    def choose(inputs: dict[str, Any]) -> None:
+        for feats in (first, frames_first):
+            trial = {**inputs, "input_features": feats}
+            if mask is not None:
+                trial[mask] = torch.ones(feats.shape[0], feats.shape[1 if feats is frames_first else 2],
+                                         dtype=torch.long, device=feats.device)
+            try:
+                with torch.no_grad():
+                    model(**trial)
+            except Exception:  # noqa: BLE001 - the other layout
+                continue
+            inputs.update(trial)
+            return
+
+    return choose
 
 
 def _token_id(cfg: Any, kind: str) -> int | None:

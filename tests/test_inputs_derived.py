@@ -21,3 +21,37 @@ def test_video_model_gets_a_clip_of_its_frames():
                          num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
     inputs = _runs(VideoMAEModel(cfg).eval())
     assert inputs["pixel_values"].shape == (2, 4, 3, 32, 32)
+
+
+def test_conformer_encoder_gets_frames_first_features():
+    """Parakeet's encoder reads ``(batch, frames, mels)``: the Whisper layout fails its forward, so the
+    frames-first one is kept."""
+    from transformers import ParakeetEncoder, ParakeetEncoderConfig
+
+    cfg = ParakeetEncoderConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                                num_mel_bins=16, subsampling_conv_channels=8)
+    inputs = _runs(ParakeetEncoder(cfg).eval())
+    assert inputs["input_features"].shape == (2, 64, 16)
+
+
+def test_ctc_head_reads_mel_bins_from_its_encoder_config():
+    """LASR's CTC model keeps ``num_mel_bins`` on its ``encoder_config``, not on the outer config."""
+    from transformers import LasrCTCConfig, LasrForCTC
+
+    cfg = LasrCTCConfig(vocab_size=32, encoder_config={"hidden_size": 32, "num_hidden_layers": 1,
+                                                       "num_attention_heads": 2, "intermediate_size": 48,
+                                                       "num_mel_bins": 24, "subsampling_conv_channels": 8})
+    inputs = _runs(LasrForCTC(cfg).eval())
+    assert inputs["input_features"].shape == (2, 64, 24)
+
+
+def test_whisper_keeps_mels_first_features():
+    """Whisper's layout, ``(batch, mels, 2 x max_source_positions)``, runs its forward and stays."""
+    from transformers import WhisperConfig, WhisperModel
+
+    cfg = WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=16,
+                        max_source_positions=20, max_target_positions=32, vocab_size=64,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    inputs = _runs(WhisperModel(cfg).eval())
+    assert inputs["input_features"].shape == (2, 16, 40)
