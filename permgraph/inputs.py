@@ -223,6 +223,8 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
             yield {"pixel_values": torch.randn(batch, n, ch, size, size, generator=gen).to(dev, dtype),
                    "image_sizes": [[size, size]] * batch}
     yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)}
+    # images per sample (Idefics2/3, SmolVLM: ``(batch, images, C, S, S)``), one each
+    yield {"pixel_values": torch.randn(batch, 1, ch, size, size, generator=gen).to(dev, dtype)}
 
 
 def _feature_count(feats: Any) -> int:

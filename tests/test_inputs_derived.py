@@ -55,3 +55,21 @@ def test_whisper_keeps_mels_first_features():
                         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
     inputs = _runs(WhisperModel(cfg).eval())
     assert inputs["input_features"].shape == (2, 16, 40)
+
+
+def test_multi_image_vlm_gets_images_per_sample():
+    """Idefics2 reads ``(batch, images, C, S, S)``: one image per sample, its tokens in the text."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    cfg = Idefics2Config(
+        image_token_id=60,
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 48,
+                       "image_size": 32, "patch_size": 8},
+        perceiver_config={"hidden_size": 32, "resampler_n_latents": 4, "resampler_depth": 1, "resampler_n_heads": 2,
+                          "resampler_head_dim": 8, "num_key_value_heads": 1},
+        text_config={"model_type": "mistral", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "intermediate_size": 48, "vocab_size": 64})
+    torch.manual_seed(0)
+    inputs = _runs(Idefics2ForConditionalGeneration(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 1, 3, 32, 32)
+    assert (inputs["input_ids"] == 60).sum() == 2 * 4  # the perceiver's latents per image
