@@ -196,6 +196,11 @@ def _consistent(cfg, model_type: str) -> None:
     if isinstance(getattr(vision, "deepstack_visual_indexes", None), (list, tuple)) and depth:
         _set(vision, "deepstack_visual_indexes", [i for i in vision.deepstack_visual_indexes if i < depth]
              or [depth - 1])
+    scale, size, patch = (getattr(cfg, "scale_factor", None), getattr(vision, "image_size", None),
+                          getattr(vision, "patch_size", None))
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (scale, size, patch)) \
+            and (size // patch) % scale and size // patch >= scale:  # a pixel shuffle by scale_factor (Idefics3,
+        _set(vision, "image_size", patch * scale * (size // patch // scale))  # SmolVLM) needs whole blocks of patches
     tokens, size, patch = (getattr(cfg, "mm_tokens_per_image", None), getattr(vision, "image_size", None),
                            getattr(vision, "patch_size", None))
     if isinstance(tokens, int) and isinstance(size, int) and isinstance(patch, int):
