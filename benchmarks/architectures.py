@@ -150,6 +150,13 @@ def _consistent(cfg, model_type: str) -> None:
         free = (i for i in range(vocab - 1, -1, -1) if i not in taken)
         for k in ids:
             _set(cfg, k, next(free))
+    for c in [cfg, *_subconfigs(cfg)]:  # a partial rotary's width inside the (shrunk) head (CodeGen, GPT-J);
+        # a config with its own head_dim sizes heads apart from the width
+        width, heads = (next((getattr(c, k) for k in keys if isinstance(getattr(c, k, None), int)), None)
+                        for keys in (HIDDEN, HEADS))
+        rot = getattr(c, "rotary_dim", None)
+        if isinstance(rot, int) and width and heads and not hasattr(c, "head_dim") and rot > width // heads:
+            _set(c, "rotary_dim", width // heads)
     audio = getattr(cfg, "audio_config", None)
     hidden = getattr(text, "hidden_size", None) if text is not None else None
     if isinstance(getattr(audio, "output_dim", None), int) and isinstance(hidden, int) and audio.output_dim != hidden:
@@ -160,6 +167,22 @@ def _consistent(cfg, model_type: str) -> None:
         # Q-Former; BLIP's text decoder)
         if isinstance(width, int) and sub is not tower and isinstance(getattr(sub, "encoder_hidden_size", None), int):
             _set(sub, "encoder_hidden_size", width)
+    if text is None and "text_config" not in vars(cfg) and "rope_parameters" in vars(cfg) \
+            and getattr(cfg, "head_dim", None) is None:  # a VLM's text model on its own (Qwen2-VL's, GLM-4V's),
+        _mrope(cfg, model_type)  # heads the width over the heads: its M-RoPE sections the shrunk rotary width
+    for c in (cfg, text):
+        if model_type in _HEAD_DIM_UNSET and c is not None and getattr(c, "head_dim", 0) is None:
+            _set(c, "head_dim", c.hidden_size // c.num_attention_heads)
+    attn = getattr(cfg, "attn_config", None)  # DBRX: its attention reads rope_theta from attn_config, which the
+    if attn is not None and not hasattr(attn, "rope_theta") and isinstance(getattr(cfg, "rope_parameters", None), dict):
+        _set(attn, "rope_theta", cfg.rope_parameters.get("rope_theta"))  # config keeps in rope_parameters
+        if getattr(attn, "clip_qkv", 0) is None:  # and clamps to None, which torch refuses: the checkpoints' 8
+            _set(attn, "clip_qkv", 8.0)
+    kinds = getattr(text, "layer_types", None)  # a hybrid VLM's text keeps an attention layer (Qwen3.5's: linear
+    if isinstance(kinds, list) and kinds and set(kinds) == {"linear_attention"} \
+            and getattr(text, "model_type", None) == f"{model_type}_text" \
+            and "full_attention" in (getattr(type(text)(), "layer_types", None) or ()):  # ones first; the VLM's
+        _set(text, "layer_types", [*kinds[:-1], "full_attention"])  # forward reads an attention layer's cache)
     if text is None or vision is None:
         return
     mm = [v for v in _token_ids(cfg) if not isinstance(v, bool)]  # ids left outside (lists): a larger vocabulary
@@ -168,6 +191,33 @@ def _consistent(cfg, model_type: str) -> None:
     hidden = getattr(text, "hidden_size", None)
     if isinstance(getattr(vision, "out_hidden_size", None), int) and hidden:
         _set(vision, "out_hidden_size", hidden)
+    _mrope(text, model_type)
+    depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", None)
+    if isinstance(getattr(vision, "deepstack_visual_indexes", None), (list, tuple)) and depth:
+        _set(vision, "deepstack_visual_indexes", [i for i in vision.deepstack_visual_indexes if i < depth]
+             or [depth - 1])
+    scale, size, patch = (getattr(cfg, "scale_factor", None), getattr(vision, "image_size", None),
+                          getattr(vision, "patch_size", None))
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (scale, size, patch)) \
+            and (size // patch) % scale and size // patch >= scale:  # a pixel shuffle by scale_factor (Idefics3,
+        _set(vision, "image_size", patch * scale * (size // patch // scale))  # SmolVLM) needs whole blocks of patches
+    tokens, size, patch = (getattr(cfg, "mm_tokens_per_image", None), getattr(vision, "image_size", None),
+                           getattr(vision, "patch_size", None))
+    if isinstance(tokens, int) and isinstance(size, int) and isinstance(patch, int):
+        side = size // patch
+        if side % math.isqrt(tokens) or math.isqrt(tokens) > side:
+            per = next(d for d in range(side // 2, 0, -1) if side % d == 0)
+            _set(cfg, "mm_tokens_per_image", per * per)
+
+
+# config classes that leave head_dim None while their attention reads it (their checkpoints set it):
+# the width over the heads, as elsewhere
+_HEAD_DIM_UNSET = ("hunyuan_v1_dense", "hunyuan_v1_moe", "hunyuan_vl", "hunyuan_vl_text", "ministral")
+
+
+def _mrope(text, model_type: str) -> None:
+    """M-RoPE sections (a VLM's text config) that split the (shrunk) rotary width."""
+    hidden = getattr(text, "hidden_size", None)
     rope = getattr(text, "rope_parameters", None)
     heads = getattr(text, "num_attention_heads", None)
     mrope = "mrope_section" in rope or "mrope_section" in getattr(type(text), "ignore_keys_at_rope_validation", ()) \
@@ -176,17 +226,6 @@ def _consistent(cfg, model_type: str) -> None:
         rotary = int((getattr(text, "head_dim", None) or hidden // heads) * rope.get("partial_rotary_factor", 1.0))
         half = rotary // 2  # the sections split the rotary frequencies (a partial rotary's only)
         rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
-    depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", None)
-    if isinstance(getattr(vision, "deepstack_visual_indexes", None), (list, tuple)) and depth:
-        _set(vision, "deepstack_visual_indexes", [i for i in vision.deepstack_visual_indexes if i < depth]
-             or [depth - 1])
-    tokens, size, patch = (getattr(cfg, "mm_tokens_per_image", None), getattr(vision, "image_size", None),
-                           getattr(vision, "patch_size", None))
-    if isinstance(tokens, int) and isinstance(size, int) and isinstance(patch, int):
-        side = size // patch
-        if side % math.isqrt(tokens) or math.isqrt(tokens) > side:
-            per = next(d for d in range(side // 2, 0, -1) if side % d == 0)
-            _set(cfg, "mm_tokens_per_image", per * per)
 
 
 def _audio_tower(cfg) -> bool:
@@ -202,13 +241,24 @@ def configs(model_type: str):
     import copy
 
     from transformers import CONFIG_MAPPING
+    from transformers.utils import is_timm_available
 
     base = CONFIG_MAPPING[model_type]()
+    timm = getattr(base, "backbone_config", None)
+    if getattr(timm, "model_type", None) == "timm_backbone" and not is_timm_available():  # DETR's family: the
+        base = CONFIG_MAPPING[model_type](use_timm_backbone=False)  # transformers backbone, at timm's stages
+        if isinstance(getattr(timm, "out_indices", None), (list, tuple)):
+            _set(base.backbone_config, "out_indices", list(timm.out_indices))
     out = []
     for layers_only in (False, True):
         c = copy.deepcopy(base)
         _shrink(c, layers_only)
         _consistent(c, model_type)
+        if getattr(getattr(c, "backbone_config", None), "model_type", None) == "resnet" \
+                and getattr(timm, "model_type", None) == "timm_backbone" and not layers_only:  # its stages small
+            _set(c.backbone_config, "depths", [1] * len(c.backbone_config.depths))
+            _set(c.backbone_config, "hidden_sizes", [32 * 2 ** i for i in range(len(c.backbone_config.depths))])
+            _set(c.backbone_config, "embedding_size", 16)
         out.append(("small" if not layers_only else "layers", c))
     out.append(("default", base))
     return out
@@ -242,31 +292,52 @@ TASK_MAPPINGS = (  # the first task head a type has; the base model otherwise
 )
 
 
-def model_class(model_type: str):
+def model_classes(model_type: str) -> list:
+    """The first task class; where its config class is not the type's (Llama 4's, Qwen3.5's causal LM takes
+    the text sub-config), then the next task class that takes the type's config."""
     import transformers
+    from transformers import CONFIG_MAPPING
     from transformers.models.auto import modeling_auto
 
+    out = []
     for m in TASK_MAPPINGS:
         name = getattr(modeling_auto, m, {}).get(model_type)
         if isinstance(name, (list, tuple)):
             name = name[0]
         cls = getattr(transformers, name, None) if name else None
-        if cls is not None:
-            return cls
-    raise BuildError("no model class")
+        if cls is None or cls in out:
+            continue
+        if not out:
+            out.append(cls)
+            if getattr(cls, "config_class", None) in (None, CONFIG_MAPPING[model_type]):
+                return out
+        elif getattr(cls, "config_class", None) is CONFIG_MAPPING[model_type]:
+            return out + [cls]
+    if not out:
+        raise BuildError("no model class")
+    return out
 
 
 _DECODER_ONLY_HEAD = ("reformer",)  # the first task class asserts is_decoder=True
 
 
 def build_model(model_type: str):
-    """(model, config label, size) for the first config that builds and runs forward on derived inputs."""
+    """(model, config label, size) for the first config that builds and runs forward on derived inputs
+    (with the next task class where the first's config class is not the type's and none builds)."""
+    errors: list[str] = []
+    for i, cls in enumerate(model_classes(model_type)):
+        try:
+            return _build(model_type, cls, errors, f"{cls.__name__} " if i else "")
+        except BuildError:
+            pass
+    raise BuildError("; ".join(errors))
+
+
+def _build(model_type: str, cls, errors: list[str], prefix: str = ""):
     import torch
 
     from permgraph.inputs import default_example_inputs
 
-    cls = model_class(model_type)
-    errors = []
     for label, cfg in configs(model_type):
         if model_type in _DECODER_ONLY_HEAD:
             cfg.is_decoder = True
@@ -274,7 +345,7 @@ def build_model(model_type: str):
             with torch.device("meta"):
                 n = sum(p.numel() for p in cls._from_config(cfg).parameters())
             if n > 40_000_000:
-                errors.append(f"{label}: too large ({n / 1e6:.0f}M parameters)")
+                errors.append(f"{prefix}{label}: too large ({n / 1e6:.0f}M parameters)")
                 continue
             torch.manual_seed(0)
             model = cls._from_config(cfg).eval()
@@ -293,7 +364,7 @@ def build_model(model_type: str):
                 raise ValueError("the forward gives NaN or inf outputs with this config")
             return model, label, n
         except Exception as e:  # noqa: BLE001 - any failure: try the next config
-            errors.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            errors.append(f"{prefix}{label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     raise BuildError("; ".join(errors))
 
 

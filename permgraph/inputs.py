@@ -73,13 +73,10 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
     mods = set(MODALITIES if modalities is True else modalities or ())
     no_image = "image" not in mods and "input_ids" in out
+    layout = None
     placed = _token_id(cfg, "image") is not None or _image_position_mask(params) is not None
     if "pixel_values" in params and not (no_image and placed):
-        vcfg = sub("vision_config")
-        size = getattr(vcfg, "image_size", 32)
-        size = size if isinstance(size, int) else size[0]
-        ch = getattr(vcfg, "num_channels", 3)
-        out["pixel_values"] = torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)
+        out["pixel_values"] = _pixel_values(sub("vision_config"), batch, gen).to(dev, dtype)
     if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
     images = (("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed
@@ -97,22 +94,47 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if "input_values" in params and model.main_input_name == "input_values":  # raw audio
         out["input_values"] = torch.randn(batch, 1024, generator=gen).to(dev, dtype)
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
-        mels = getattr(cfg, "num_mel_bins", None) or getattr(cfg, "feature_size", None) or 80
-        frames = 2 * getattr(cfg, "max_source_positions", 0) or 64
-        out["input_features"] = torch.randn(batch, mels, frames, generator=gen).to(dev, dtype)
+        layout = _spectrogram(model, out, batch, gen)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         vocab = getattr(cfg, "vocab_size", None) or _text_vocab(cfg) or 100
         out["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq // 2), generator=gen).to(dev)
     for flag in _OFF_WHILE_TRACING:
         if flag in params:
             out[flag] = False
+    if layout is not None:  # the spectrogram's layout, now that the other inputs are there
+        layout(out)
     if not out:
         raise TraceError(f"cannot derive example inputs for {type(model).__name__}: pass example_inputs")
-    if "encoder_hidden_states" in params and "input_ids" in out and not getattr(cfg, "is_encoder_decoder", False):
+    if "input_ids" in out:  # inputs read by parts the ones above leave out (probed: kept if they matter)
         _with_encoder_states(model, out, batch, seed)
-    if "input_ids" in out:
         _with_second_token_streams(model, out, batch, seq, seed)
     return out
+
+
+def _pixel_values(vcfg: Any, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """Images of the vision config's size; a video model's clip (VideoMAE, ViViT, X-CLIP: its config
+    has ``num_frames``) is ``(batch, frames, C, S, S)``."""
+    size = getattr(vcfg, "image_size", 32)
+    size = size if isinstance(size, int) else size[0]
+    ch = getattr(vcfg, "num_channels", 3)
+    frames = getattr(vcfg, "num_frames", None)
+    clip = (frames,) if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 else ()
+    return torch.randn(batch, *clip, ch, size, size, generator=gen)
+
+
+def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator):
+    """``out["input_features"]``: spectrogram frames, mel bins from the config or, for a CTC or seq2seq
+    head, its tower's sub-config (LASR's, Canary's); returns the layout chooser to run once the other
+    inputs are there (``_spectrogram_layout``)."""
+    cfg = model.config
+    acfg = next((c for c in (cfg, getattr(cfg, "encoder_config", None), getattr(cfg, "audio_config", None))
+                 if getattr(c, "num_mel_bins", None) or getattr(c, "feature_size", None)), cfg)
+    mels = getattr(acfg, "num_mel_bins", None) or getattr(acfg, "feature_size", None) or 80
+    frames = 2 * getattr(cfg, "max_source_positions", 0) or 64
+    out["input_features"] = torch.randn(batch, mels, frames, generator=gen).to(model_device(model), model_dtype(model))
+    stacked = getattr(acfg, "num_stacked_frames", None)  # frames stacked into one vector (FunASR's LFR)
+    return _spectrogram_layout(model, out["input_features"],
+                               mels * (stacked if isinstance(stacked, int) and stacked > 0 else 1), gen)
 
 
 def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int) -> None:
@@ -153,6 +175,9 @@ def _with_encoder_states(model: nn.Module, out: dict[str, Any], batch: int, seed
     it stays fixed as unused). Kept only if the forward takes them and its outputs change with them;
     drawn from a generator of their own, so the other derived inputs are the same either way."""
     cfg = model.config
+    if "encoder_hidden_states" not in inspect.signature(model.forward).parameters or getattr(
+            cfg, "is_encoder_decoder", False):
+        return
     width = getattr(cfg, "cross_attention_hidden_size", None) or next(
         (getattr(cfg, k) for k in ("hidden_size", "d_model", "n_embd") if isinstance(getattr(cfg, k, None), int)), None)
     if not isinstance(width, int) or width < 1:
@@ -167,6 +192,36 @@ def _with_encoder_states(model: nn.Module, out: dict[str, Any], batch: int, seed
         return
     if not _same_outputs(want, got, unknown=False):  # on meta: kept (unused ones are harmless)
         out["encoder_hidden_states"] = states
+
+
+# a spectrogram model's frame mask that its forward requires (FunASR's, Qwen3-ASR's encoders)
+_FRAME_MASKS = ("input_features_mask", "feature_attention_mask")
+
+
+def _spectrogram_layout(model: nn.Module, first: torch.Tensor, mels: int, gen: torch.Generator) -> Any:
+    """A spectrogram model's ``input_features`` are ``first``, ``(batch, mels, frames)`` (Whisper), unless the
+    forward refuses them and takes ``(batch, frames, mels)`` (conformer encoders: Parakeet, LASR, Speech2Text),
+    each with an all-ones frame mask where the forward requires one. The choice needs the whole input: what
+    this returns sets them in the finished inputs (the first layout when neither runs)."""
+    params = inspect.signature(model.forward).parameters
+    mask = next((m for m in _FRAME_MASKS if m in params and params[m].default is params[m].empty), None)
+    frames_first = torch.randn(first.shape[0], 64, mels, generator=gen).to(first.device, first.dtype)
+
+    def choose(inputs: dict[str, Any]) -> None:
+        for feats in (first, frames_first):
+            trial = {**inputs, "input_features": feats}
+            if mask is not None:
+                trial[mask] = torch.ones(feats.shape[0], feats.shape[1 if feats is frames_first else 2],
+                                         dtype=torch.long, device=feats.device)
+            try:
+                with torch.no_grad():
+                    model(**trial)
+            except Exception:  # noqa: BLE001 - the other layout
+                continue
+            inputs.update(trial)
+            return
+
+    return choose
 
 
 def _token_id(cfg: Any, kind: str) -> int | None:
@@ -251,6 +306,8 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
             yield {"pixel_values": torch.randn(batch, n, ch, size, size, generator=gen).to(dev, dtype),
                    "image_sizes": [[size, size]] * batch}
     yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)}
+    # images per sample (Idefics2/3, SmolVLM: ``(batch, images, C, S, S)``), one each
+    yield {"pixel_values": torch.randn(batch, 1, ch, size, size, generator=gen).to(dev, dtype)}
 
 
 def _video_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:

@@ -1,0 +1,75 @@
+"""Derived inputs of single-modality models whose layout is not the common one: each runs the forward."""
+from __future__ import annotations
+
+import torch
+
+from permgraph.inputs import default_example_inputs
+
+
+def _runs(model: torch.nn.Module) -> dict:
+    inputs = default_example_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+    return inputs
+
+
+def test_video_model_gets_a_clip_of_its_frames():
+    """VideoMAE reads ``(batch, frames, channels, height, width)``: the config's ``num_frames`` frames."""
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+    cfg = VideoMAEConfig(image_size=32, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
+    inputs = _runs(VideoMAEModel(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 4, 3, 32, 32)
+
+
+def test_conformer_encoder_gets_frames_first_features():
+    """Parakeet's encoder reads ``(batch, frames, mels)``: the Whisper layout fails its forward, so the
+    frames-first one is kept."""
+    from transformers import ParakeetEncoder, ParakeetEncoderConfig
+
+    cfg = ParakeetEncoderConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                                num_mel_bins=16, subsampling_conv_channels=8)
+    inputs = _runs(ParakeetEncoder(cfg).eval())
+    assert inputs["input_features"].shape == (2, 64, 16)
+
+
+def test_ctc_head_reads_mel_bins_from_its_encoder_config():
+    """LASR's CTC model keeps ``num_mel_bins`` on its ``encoder_config``, not on the outer config."""
+    from transformers import LasrCTCConfig, LasrForCTC
+
+    cfg = LasrCTCConfig(vocab_size=32, encoder_config={"hidden_size": 32, "num_hidden_layers": 1,
+                                                       "num_attention_heads": 2, "intermediate_size": 48,
+                                                       "num_mel_bins": 24, "subsampling_conv_channels": 8})
+    inputs = _runs(LasrForCTC(cfg).eval())
+    assert inputs["input_features"].shape == (2, 64, 24)
+
+
+def test_whisper_keeps_mels_first_features():
+    """Whisper's layout, ``(batch, mels, 2 x max_source_positions)``, runs its forward and stays."""
+    from transformers import WhisperConfig, WhisperModel
+
+    cfg = WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=16,
+                        max_source_positions=20, max_target_positions=32, vocab_size=64,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    inputs = _runs(WhisperModel(cfg).eval())
+    assert inputs["input_features"].shape == (2, 16, 40)
+
+
+def test_multi_image_vlm_gets_images_per_sample():
+    """Idefics2 reads ``(batch, images, C, S, S)``: one image per sample, its tokens in the text."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    cfg = Idefics2Config(
+        image_token_id=60,
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 48,
+                       "image_size": 32, "patch_size": 8},
+        perceiver_config={"hidden_size": 32, "resampler_n_latents": 4, "resampler_depth": 1, "resampler_n_heads": 2,
+                          "resampler_head_dim": 8, "num_key_value_heads": 1},
+        text_config={"model_type": "mistral", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "intermediate_size": 48, "vocab_size": 64})
+    torch.manual_seed(0)
+    inputs = _runs(Idefics2ForConditionalGeneration(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 1, 3, 32, 32)
+    assert (inputs["input_ids"] == 60).sum() == 2 * 4  # the perceiver's latents per image
