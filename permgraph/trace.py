@@ -201,8 +201,9 @@ def _looped_experts(m: nn.Module) -> str | None:
     """Which of transformers' eager expert loops ``m`` runs (``for expert in nonzero(hit): ...
     index_add_``, data-dependent sizes), by its forward's parameters and its weights: "bank" (stacked
     ``gate_up_proj (E', 2I, H)``, ``down_proj (E, H, I)``, top-k indices and weights; ids past the
-    banks are zero-compute identity experts where the module declares ``zero_expert_num``), "dict"
-    (``expert_0 ... expert_{E-1}`` modules and a ``(tokens, 1, E)`` dispatch mask); else None."""
+    banks are zero-compute identity experts where the module declares ``zero_expert_num``), "glu"
+    (DBRX: ``mlp.w1``, ``mlp.v1``, ``mlp.w2`` flat ``(E * I, H)``), "dict" (``expert_0 ... expert_{E-1}``
+    modules and a ``(tokens, 1, E)`` dispatch mask); else None."""
     forward = getattr(type(m), "forward", None)
     try:
         source = inspect.getsource(forward)
@@ -211,6 +212,8 @@ def _looped_experts(m: nn.Module) -> str | None:
         return None
     if "nonzero(" not in source or "index_add_" not in source or "has_gate" in vars(m):
         return None
+    if names[:3] == ["hidden_states", "top_k_index", "top_k_weights"] and _glu_bank(m):
+        return "glu"
     if names[:3] == ["hidden_states", "top_k_index", "top_k_weights"]:
         gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
         if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == down.dim() == 3
@@ -242,6 +245,30 @@ def _dense_bank(self, hidden_states, top_k_index, top_k_weights):
     return y.view(hidden_states.shape[0], k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
+def _glu_bank(m: nn.Module) -> bool:
+    """DBRX's experts: ``m.mlp`` holds ``w1``, ``v1``, ``w2``, each ``(E * I, H)`` (expert-major), and
+    ``act(x w1_e^T) * (x v1_e^T)) w2_e`` is expert ``e``."""
+    mlp = getattr(m, "mlp", None)
+    e, i, h = (getattr(m, k, None) for k in ("num_experts", "ffn_hidden_size", "hidden_size"))
+    ws = [getattr(mlp, k, None) for k in ("w1", "v1", "w2")]
+    return (all(isinstance(v, int) for v in (e, i, h)) and callable(getattr(mlp, "activation_fn", None))
+            and all(isinstance(w, torch.Tensor) and tuple(w.shape) == (e * i, h) for w in ws))
+
+
+def _dense_glu(self, hidden_states, top_k_index, top_k_weights):
+    """The "glu" loop (DBRX) as batched experts: each token-slot gathers its expert's rows of the
+    three ``(E, I, H)`` views; the same function without data-dependent sizes."""
+    shape = (-1, self.ffn_hidden_size, self.hidden_size)
+    x = hidden_states.reshape(-1, self.hidden_size)
+    k = top_k_index.shape[-1]
+    ids = top_k_index.reshape(-1)
+    xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)
+    w1, v1, w2 = (getattr(self.mlp, n).view(shape)[ids] for n in ("w1", "v1", "w2"))
+    h = self.mlp.activation_fn(torch.bmm(w1, xs).squeeze(-1)) * torch.bmm(v1, xs).squeeze(-1)
+    y = torch.bmm(h.unsqueeze(1), w2).squeeze(1) * top_k_weights.reshape(-1, 1)
+    return y.view(x.shape[0], k, -1).sum(dim=1).view(hidden_states.shape[0], -1, self.hidden_size)
+
+
 def _dense_dict(self, hidden_states, selected_experts, routing_weights):
     """The "dict" loop densely: every expert on every token, weighted where the mask selects it."""
     out = torch.zeros_like(hidden_states)
@@ -261,7 +288,7 @@ def _dense_experts(model: nn.Module):
         yield False
         return
     for m, kind in found:
-        m.forward = (_dense_bank if kind == "bank" else _dense_dict).__get__(m)
+        m.forward = {"bank": _dense_bank, "glu": _dense_glu, "dict": _dense_dict}[kind].__get__(m)
     try:
         yield ", ".join(sorted({f"{type(m).__name__}: {kind}" for m, kind in found}))
     finally:

@@ -216,6 +216,26 @@ def test_longcat_bank_experts_with_identity_experts_are_traced_densely():
         assert pg.verify(model, spec, seed=seed, promote_float32=True).ok
 
 
+def test_dbrx_flat_glu_experts_are_traced_densely_with_experts_and_their_units():
+    """DBRX's experts keep w1, v1, w2 flat, (E * I, H), and loop over ``nonzero``; traced as batched
+    experts (each token-slot gathers its expert's rows), so the experts are a group and each expert
+    permutes its own hidden units (was: export failed)."""
+    from transformers import DbrxConfig, DbrxForCausalLM
+
+    cfg = DbrxConfig(d_model=32, n_heads=4, n_layers=1, max_seq_len=64, vocab_size=64,
+                     attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                     ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))
+    torch.manual_seed(0)
+    model = _perturbed(DbrxForCausalLM(cfg))
+    spec = pg.compile(model)
+    assert "DbrxExperts: glu" in spec.info["experts"] and "draft" not in spec.info
+    roles = {g.role for g in spec.groups.values()}
+    assert {"experts", "units"} <= roles, spec.groups
+    assert spec.covered_fraction() > 0.99
+    for seed in (0, 1):
+        assert pg.verify(model, spec, seed=seed, promote_float32=True).ok
+
+
 def test_vilt_visual_embed_failure_names_the_construct_and_the_input_to_pass():
     """ViLT sizes each image's position table from pixel_mask's values and samples patches with
     torch.multinomial: no export traces it; the message says so and names ``image_embeds``, which
