@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Collection, Iterator
 from typing import Any
 
@@ -77,6 +78,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     placed = _token_id(cfg, "image") is not None or _image_position_mask(params) is not None
     if "pixel_values" in params and not (no_image and placed):
         out["pixel_values"] = _pixel_values(sub("vision_config"), batch, gen).to(dev, dtype)
+        if "spatial_shapes" in params and "pixel_attention_mask" in params and not placed:  # NaFlex (SigLIP 2)
+            out.update(_patchified(sub("vision_config"), batch, gen, dev, dtype))
     if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
     images = (("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed
@@ -120,6 +123,20 @@ def _pixel_values(vcfg: Any, batch: int, gen: torch.Generator) -> torch.Tensor:
     frames = getattr(vcfg, "num_frames", None)
     clip = (frames,) if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 else ()
     return torch.randn(batch, *clip, ch, size, size, generator=gen)
+
+
+def _patchified(vcfg: Any, batch: int, gen: torch.Generator, dev: torch.device,
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """NaFlex images (SigLIP 2): already patchified ``pixel_values`` ``(batch, patches, C * P * P)``,
+    the grid each image's patches form (``spatial_shapes``, ``(batch, 2)``) and which patches are real
+    (``pixel_attention_mask``, all of them); the grid is the config's ``num_patches`` as a square."""
+    patch = getattr(vcfg, "patch_size", None) or 16
+    patch = patch if isinstance(patch, int) else patch[0]
+    ch = getattr(vcfg, "num_channels", None) or 3
+    side = math.isqrt(getattr(vcfg, "num_patches", None) or 16)
+    return {"pixel_values": torch.randn(batch, side * side, ch * patch * patch, generator=gen).to(dev, dtype),
+            "pixel_attention_mask": torch.ones(batch, side * side, dtype=torch.long, device=dev),
+            "spatial_shapes": torch.tensor([[side, side]] * batch, dtype=torch.long, device=dev)}
 
 
 def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator):

@@ -73,3 +73,16 @@ def test_multi_image_vlm_gets_images_per_sample():
     inputs = _runs(Idefics2ForConditionalGeneration(cfg).eval())
     assert inputs["pixel_values"].shape == (2, 1, 3, 32, 32)
     assert (inputs["input_ids"] == 60).sum() == 2 * 4  # the perceiver's latents per image
+
+
+def test_naflex_vision_model_gets_patchified_images():
+    """SigLIP 2 reads already patchified images ``(batch, patches, C * P * P)`` with the grid they form
+    (``spatial_shapes``) and a mask of the real patches: ``num_patches`` as a square grid."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    cfg = Siglip2VisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                              num_patches=16, patch_size=4)
+    inputs = _runs(Siglip2VisionModel(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 16, 3 * 4 * 4)
+    assert inputs["spatial_shapes"].tolist() == [[4, 4], [4, 4]]
+    assert inputs["pixel_attention_mask"].shape == (2, 16) and bool(inputs["pixel_attention_mask"].all())
