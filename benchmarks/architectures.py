@@ -167,6 +167,11 @@ def _consistent(cfg, model_type: str) -> None:
         # Q-Former; BLIP's text decoder)
         if isinstance(width, int) and sub is not tower and isinstance(getattr(sub, "encoder_hidden_size", None), int):
             _set(sub, "encoder_hidden_size", width)
+    enc = getattr(cfg, "encoder", None)  # an encoder-decoder of two sub-configs (T5Gemma): the decoder's
+    dec = getattr(cfg, "decoder", None)  # cross-attention reads the (shrunk) encoder's width
+    if isinstance(getattr(dec, "cross_attention_hidden_size", None), int) \
+            and isinstance(getattr(enc, "hidden_size", None), int):
+        _set(dec, "cross_attention_hidden_size", enc.hidden_size)
     if text is None and "text_config" not in vars(cfg) and "rope_parameters" in vars(cfg) \
             and getattr(cfg, "head_dim", None) is None:  # a VLM's text model on its own (Qwen2-VL's, GLM-4V's),
         _mrope(cfg, model_type)  # heads the width over the heads: its M-RoPE sections the shrunk rotary width
