@@ -76,7 +76,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     no_image = "image" not in mods and "input_ids" in out
     layout = None
     placed = _token_id(cfg, "image") is not None or _image_position_mask(params) is not None
-    if "pixel_values" in params and not (no_image and placed):
+    towerless = "vision_config" in vars(cfg) and cfg.vision_config is None  # built without its vision tower (Gemma 4's
+    if "pixel_values" in params and not (no_image and placed) and not towerless:  # default config): text only
         out["pixel_values"] = _pixel_values(sub("vision_config"), batch, gen).to(dev, dtype)
         if "spatial_shapes" in params and "pixel_attention_mask" in params and not placed:  # NaFlex (SigLIP 2)
             out.update(_patchified(sub("vision_config"), batch, gen, dev, dtype))

@@ -86,3 +86,16 @@ def test_naflex_vision_model_gets_patchified_images():
     assert inputs["pixel_values"].shape == (2, 16, 3 * 4 * 4)
     assert inputs["spatial_shapes"].tolist() == [[4, 4], [4, 4]]
     assert inputs["pixel_attention_mask"].shape == (2, 16) and bool(inputs["pixel_attention_mask"].all())
+
+
+def test_vlm_built_without_its_vision_tower_gets_text_only():
+    """Gemma 4's default config has no vision tower (``vision_config=None``): no pixel_values, text runs."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    cfg = Gemma4Config(text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 48,
+                                    "vocab_size": 64, "vocab_size_per_layer_input": 64,
+                                    "hidden_size_per_layer_input": 8, "layer_types": ["full_attention"]})
+    assert cfg.vision_config is None
+    inputs = _runs(Gemma4ForConditionalGeneration(cfg).eval())
+    assert "pixel_values" not in inputs and inputs["input_ids"].shape == (2, 8)
