@@ -79,8 +79,9 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     towerless = "vision_config" in vars(cfg) and cfg.vision_config is None  # built without its vision tower (Gemma 4's
     if "pixel_values" in params and not (no_image and placed) and not towerless:  # default config): text only
         out["pixel_values"] = _pixel_values(sub("vision_config"), batch, gen).to(dev, dtype)
-        if "spatial_shapes" in params and "pixel_attention_mask" in params and not placed:  # NaFlex (SigLIP 2)
-            out.update(_patchified(sub("vision_config"), batch, gen, dev, dtype))
+        if not placed and ("spatial_shapes" in params and "pixel_attention_mask" in params  # NaFlex (SigLIP 2)
+                           or "pixel_position_ids" in params):  # patches with their positions (Gemma 4's tower)
+            out.update(_patchified(sub("vision_config"), batch, gen, dev, dtype, params))
     if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
     images = (("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed
@@ -126,18 +127,27 @@ def _pixel_values(vcfg: Any, batch: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(batch, *clip, ch, size, size, generator=gen)
 
 
-def _patchified(vcfg: Any, batch: int, gen: torch.Generator, dev: torch.device,
-                dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """NaFlex images (SigLIP 2): already patchified ``pixel_values`` ``(batch, patches, C * P * P)``,
-    the grid each image's patches form (``spatial_shapes``, ``(batch, 2)``) and which patches are real
-    (``pixel_attention_mask``, all of them); the grid is the config's ``num_patches`` as a square."""
+def _patchified(vcfg: Any, batch: int, gen: torch.Generator, dev: torch.device, dtype: torch.dtype,
+                params: Any) -> dict[str, torch.Tensor]:
+    """Already patchified images ``(batch, patches, C * P * P)`` on a square grid of patches, row by row.
+    NaFlex (SigLIP 2): the grid each image's patches form (``spatial_shapes``, ``(batch, 2)``) and which
+    patches are real (``pixel_attention_mask``, all of them); the grid is the config's ``num_patches``.
+    Gemma 4's tower: each patch's (column, row) in ``pixel_position_ids`` ``(batch, patches, 2)`` (-1 is
+    padding, none here); the grid two pooling kernels a side (pooled into 2 x 2 tokens)."""
     patch = getattr(vcfg, "patch_size", None) or 16
     patch = patch if isinstance(patch, int) else patch[0]
     ch = getattr(vcfg, "num_channels", None) or 3
-    side = math.isqrt(getattr(vcfg, "num_patches", None) or 16)
-    return {"pixel_values": torch.randn(batch, side * side, ch * patch * patch, generator=gen).to(dev, dtype),
-            "pixel_attention_mask": torch.ones(batch, side * side, dtype=torch.long, device=dev),
-            "spatial_shapes": torch.tensor([[side, side]] * batch, dtype=torch.long, device=dev)}
+    out: dict[str, torch.Tensor] = {}
+    if "pixel_position_ids" in params:
+        side = 2 * (getattr(vcfg, "pooling_kernel_size", None) or 2)
+        i = torch.arange(side * side)
+        out["pixel_position_ids"] = torch.stack([i % side, i // side], -1).expand(batch, -1, -1).to(dev)
+    else:
+        side = math.isqrt(getattr(vcfg, "num_patches", None) or 16)
+        out["pixel_attention_mask"] = torch.ones(batch, side * side, dtype=torch.long, device=dev)
+        out["spatial_shapes"] = torch.tensor([[side, side]] * batch, dtype=torch.long, device=dev)
+    out["pixel_values"] = torch.randn(batch, side * side, ch * patch * patch, generator=gen).to(dev, dtype)
+    return out
 
 
 def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator):

@@ -99,3 +99,16 @@ def test_vlm_built_without_its_vision_tower_gets_text_only():
     assert cfg.vision_config is None
     inputs = _runs(Gemma4ForConditionalGeneration(cfg).eval())
     assert "pixel_values" not in inputs and inputs["input_ids"].shape == (2, 8)
+
+
+def test_vision_tower_gets_patches_with_their_positions():
+    """Gemma 4's vision tower reads patchified images with each patch's (column, row): a grid two pooling
+    kernels a side, pooled into 2 x 2 tokens per image."""
+    from transformers import Gemma4VisionConfig, Gemma4VisionModel
+
+    cfg = Gemma4VisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                             head_dim=16, intermediate_size=48, patch_size=4, pooling_kernel_size=2,
+                             position_embedding_size=16)
+    inputs = _runs(Gemma4VisionModel(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 16, 3 * 4 * 4)
+    assert inputs["pixel_position_ids"][0, :5].tolist() == [[0, 0], [1, 0], [2, 0], [3, 0], [0, 1]]
