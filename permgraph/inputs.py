@@ -64,9 +64,6 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     params = inspect.signature(model.forward).parameters
     out: dict[str, torch.Tensor] = {}
 
-    def sub(name: str):
-        return getattr(cfg, name, None) or cfg
-
     # token ids where the forward reads text: a vision-main model (Kosmos-2, BLIP) too when its config
     # has a text vocabulary (plain vision models' forwards take no input_ids)
     if "input_ids" in params and (model.main_input_name != "pixel_values" or _text_vocab(cfg) is not None):
@@ -76,12 +73,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     no_image = "image" not in mods and "input_ids" in out
     layout = None
     placed = _token_id(cfg, "image") is not None or _image_position_mask(params) is not None
-    towerless = "vision_config" in vars(cfg) and cfg.vision_config is None  # built without its vision tower (Gemma 4's
-    if "pixel_values" in params and not (no_image and placed) and not towerless:  # default config): text only
-        out["pixel_values"] = _pixel_values(sub("vision_config"), batch, gen).to(dev, dtype)
-        if not placed and ("spatial_shapes" in params and "pixel_attention_mask" in params  # NaFlex (SigLIP 2)
-                           or "pixel_position_ids" in params):  # patches with their positions (Gemma 4's tower)
-            out.update(_patchified(sub("vision_config"), batch, gen, dev, dtype, params))
+    if "pixel_values" in params and not (no_image and placed):
+        out.update(_plain_images(model, params, placed, batch, gen))
     if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
     images = (("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed
@@ -125,6 +118,22 @@ def _pixel_values(vcfg: Any, batch: int, gen: torch.Generator) -> torch.Tensor:
     frames = getattr(vcfg, "num_frames", None)
     clip = (frames,) if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 else ()
     return torch.randn(batch, *clip, ch, size, size, generator=gen)
+
+
+def _plain_images(model: nn.Module, params: Any, placed: bool, batch: int, gen: torch.Generator) -> dict[str, Any]:
+    """``pixel_values`` of the vision config's size; patchified where the forward reads patches (a tower
+    without placeholder tokens: ``_patchified``); none where the model was built without its vision
+    tower (``vision_config`` None: Gemma 4's default config), which then runs its text only."""
+    cfg = model.config
+    if "vision_config" in vars(cfg) and cfg.vision_config is None:
+        return {}
+    vcfg = getattr(cfg, "vision_config", None) or cfg
+    dev, dtype = model_device(model), model_dtype(model)
+    out = {"pixel_values": _pixel_values(vcfg, batch, gen).to(dev, dtype)}
+    if not placed and ("spatial_shapes" in params and "pixel_attention_mask" in params  # NaFlex (SigLIP 2)
+                       or "pixel_position_ids" in params):  # patches with their positions (Gemma 4's tower)
+        out.update(_patchified(vcfg, batch, gen, dev, dtype, params))
+    return out
 
 
 def _patchified(vcfg: Any, batch: int, gen: torch.Generator, dev: torch.device, dtype: torch.dtype,
