@@ -201,6 +201,12 @@ def _consistent(cfg, model_type: str) -> None:
     if isinstance(getattr(vision, "deepstack_visual_indexes", None), (list, tuple)) and depth:
         _set(vision, "deepstack_visual_indexes", [i for i in vision.deepstack_visual_indexes if i < depth]
              or [depth - 1])
+    ratio, width = getattr(vision, "pixel_shuffle_ratio", None), getattr(vision, "hidden_size", None)
+    if isinstance(ratio, float) and isinstance(width, int) and isinstance(getattr(vision, "projector_input_dim", None),
+                                                                           int):  # Llama 4: the pixel shuffle's
+        _set(vision, "intermediate_size", int(width / ratio ** 2))  # MLP reads the width over ratio^2 (the tower's
+        for k in ("projector_input_dim", "projector_output_dim", "vision_output_dim"):  # MLP's width too), its
+            _set(vision, k, width)  # projector the shrunk width, which the VLM's projector reads
     scale, size, patch = (getattr(cfg, "scale_factor", None), getattr(vision, "image_size", None),
                           getattr(vision, "patch_size", None))
     if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (scale, size, patch)) \
