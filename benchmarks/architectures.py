@@ -52,6 +52,7 @@ SMALL = {
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "expert_intermediate_size": 32,
     "max_position_embeddings": 128, "n_positions": 128, "vocab_size": 256, "vocab_size_per_layer_input": 256,
     "hidden_size_per_layer_input": 16, "latent_query_num": 8,  # a resampler's queries: image tokens (Kosmos-2)
+    "entity_vocab_size": 256, "encoder_hash_byte_group_vocab": 256,  # LUKE's entities, BLT's hashed n-grams
 }
 
 
@@ -93,6 +94,11 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
             setattr(cfg, k, small)
         except Exception:  # noqa: BLE001 - read-only properties
             pass
+    for k in ("width_coefficient", "depth_coefficient"):  # EfficientNet's compound scaling (B7's 2.0, 3.1): B0's
+        if isinstance(getattr(cfg, k, None), float) and getattr(cfg, k) > 1 and not layers_only:
+            _set(cfg, k, 1.0)
+            if k == "width_coefficient" and isinstance(getattr(cfg, "hidden_dim", None), int):
+                _set(cfg, "hidden_dim", 1280)  # the top conv's width at B0's scale, which its norm reads
     if isinstance(getattr(cfg, "qk_rope_head_dim", None), int) and not layers_only:  # multi-head latent attention
         for k, v in (("qk_rope_head_dim", 8), ("qk_nope_head_dim", 16), ("v_head_dim", 16), ("kv_lora_rank", 32),
                      ("q_lora_rank", 48), ("head_dim", 8), ("qk_head_dim", 24)):
@@ -167,6 +173,19 @@ def _consistent(cfg, model_type: str) -> None:
         # Q-Former; BLIP's text decoder)
         if isinstance(width, int) and sub is not tower and isinstance(getattr(sub, "encoder_hidden_size", None), int):
             _set(sub, "encoder_hidden_size", width)
+    glob, local = getattr(cfg, "global_config", None), getattr(cfg, "encoder_config", None)  # BLT: the global
+    if isinstance(getattr(local, "hidden_size_global", None), int) and isinstance(getattr(glob, "hidden_size", None),
+                                                                                   int):  # transformer reads the
+        _set(glob, "hidden_size", local.hidden_size * (getattr(local, "cross_attn_k", None) or 1))  # local encoder's
+        if isinstance(getattr(glob, "head_dim", None), int):  # (its attention's heads: the width over the heads)
+            _set(glob, "head_dim", glob.hidden_size // glob.num_attention_heads)
+        for c in _subconfigs(cfg):  # patches (cross_attn_k per patch), the local ones its width
+            if isinstance(getattr(c, "hidden_size_global", None), int):
+                _set(c, "hidden_size_global", glob.hidden_size)
+    vis_width = getattr(vision, "width_coefficient", None)  # ALIGN: its contrastive width is the EfficientNet's last
+    if vis_width == 1.0 and isinstance(getattr(cfg, "projection_dim", None), int) \
+            and isinstance(getattr(vision, "out_channels", None), (list, tuple)):  # stage's (at B0's scale when shrunk)
+        _set(cfg, "projection_dim", vision.out_channels[-1])
     enc = getattr(cfg, "encoder", None)  # an encoder-decoder of two sub-configs (T5Gemma): the decoder's
     dec = getattr(cfg, "decoder", None)  # cross-attention reads the (shrunk) encoder's width
     if isinstance(getattr(dec, "cross_attention_hidden_size", None), int) \
