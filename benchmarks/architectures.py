@@ -53,6 +53,8 @@ SMALL = {
     "max_position_embeddings": 128, "n_positions": 128, "vocab_size": 256, "vocab_size_per_layer_input": 256,
     "hidden_size_per_layer_input": 16, "latent_query_num": 8,  # a resampler's queries: image tokens (Kosmos-2)
     "entity_vocab_size": 256, "encoder_hash_byte_group_vocab": 256,  # LUKE's entities, BLT's hashed n-grams
+    "d_latents": 64, "num_self_attends_per_block": 2,  # Perceiver's latent width and self-attention layers
+    "output_embedding_size": 64,  # RemBERT's decoupled output embedding
 }
 
 
@@ -89,6 +91,8 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
         if layers_only and k not in LAYERS and k not in EXPERTS:
             continue
         if k.startswith("vocab_size") and any(t >= small for t in ids):
+            if v >= 200_000 and max(ids) < v // 2:  # a multilingual vocabulary (RemBERT's 250k) down to its
+                _set(cfg, k, max(ids) + 1)  # special tokens (which the forward may read)
             continue
         try:
             setattr(cfg, k, small)
