@@ -1212,3 +1212,39 @@ def test_grouped_mm_keeps_the_contracted_and_unit_axes_free():
     assert pg.verify(model, spec, (x,), permutation=_reversed(spec), dtype=torch.float32, tolerance=1e-5).ok
     for seed in (0, 1):
         assert pg.verify(model, spec, (x,), seed=seed, dtype=torch.float32, tolerance=1e-5).ok
+
+
+class _RunTimeResize(nn.Module):
+    """SigLIP 2's position table resized to a grid read from a tensor (sizes known only at run
+    time), then ``(1, H, h, w) -> (H, h * w)``; ``mixed`` reshapes it to ``(h * w, H)`` instead,
+    which mixes channels with positions (everything the sum meets is then fixed)."""
+
+    def __init__(self, mixed: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, H), nn.Linear(H, O)
+        self.pos = nn.Parameter(torch.randn(H, 4, 4))
+        self.mixed = mixed
+
+    def forward(self, x: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+        h, w = hw.tolist()
+        torch._check(h > 1)
+        torch._check(w > 1)
+        p = F.interpolate(self.pos[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        p = p.reshape(h * w, H) if self.mixed else p.reshape(H, h * w).transpose(0, 1)
+        return self.b(self.a(x) + p.mean(0))
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_resize_and_reshape_with_sizes_known_at_run_time_keep_the_known_head(mixed: bool):
+    """The resize's channels pass (its output sizes are known only at run time: was an op without a
+    rule); the reshape's known leading 64 (here H) is the outer block of the flat index on both
+    sides and moves (was fixed with every axis); a reshape that mixes it with positions fixes it."""
+    model, x, hw = _RunTimeResize(mixed).double(), _x().double(), torch.tensor([3, 2])
+    spec = pg.compile(model, (x, hw))
+    assert not spec.unknown_ops, spec.unknown_ops
+    assert bool(spec.axes_of("pos")[0].groups()) is not mixed, spec.fixed
+    assert sorted(g.size for g in spec.groups.values()) == ([H] if not mixed else []), spec.groups
+    if not mixed:
+        assert pg.verify(model, spec, (x, hw), permutation=_reversed(spec), tolerance=1e-12).ok
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x, hw), seed=seed, tolerance=1e-12).ok

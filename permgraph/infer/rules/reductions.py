@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 from permgraph.axes import Reason
-from permgraph.infer.context import Args, RuleContext, TType, norm_dim
+from permgraph.infer.context import Args, RuleContext, TType, concrete, norm_dim
 from permgraph.infer.registry import family, register
 
 aten = torch.ops.aten
@@ -154,7 +154,7 @@ def spatial(cx: RuleContext, node: fx.Node, a: Args) -> Any:
     outs = list(val) if isinstance(val, (list, tuple)) else [val]
     res = []
     for v in outs:
-        shape = tuple(int(s) for s in v.shape)
+        shape = tuple(concrete(s) for s in v.shape)  # sizes known only at run time too (SigLIP 2's resize)
         res.append(list(t[: len(t) - k]) + cx.fresh(shape[len(t) - k:], f"spatial positions ({name})"))
     return res if isinstance(val, (list, tuple)) else res[0]
 

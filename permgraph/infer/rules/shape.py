@@ -28,6 +28,8 @@ def reshape_type(cx: RuleContext, src: TType, out: tuple[int, ...]) -> TType:
         return _reshape_runs(cx, src, out)
     except _NoRuns:
         res = _reshape_known_tail(cx, src, out)
+        if res is None:
+            res = _reshape_known_head(cx, src, out)
         if res is not None:
             return res
         cx.fix_all(src, "reshape of sizes known only at run time")
@@ -63,6 +65,36 @@ def _reshape_known_tail(cx: RuleContext, src: TType, out: tuple[int, ...]) -> TT
         if cx.store.size(outer) > 1:
             cx.fix(outer, why)
     cx.unify(a_inner, b_inner)
+    return res
+
+
+def _reshape_known_head(cx: RuleContext, src: TType, out: tuple[int, ...]) -> TType | None:
+    """A reshape whose leading sizes are known and whose trailing ones are known only at run time
+    (SigLIP 2's resized position table: ``(1, 64, h, w) -> (64, h * w)``). With ``N`` elements and
+    known heads of products ``Pa`` and ``Pb``, for ``g = gcd(Pa, Pb)`` the flat index divided by
+    ``N / g`` is the outer ``g``-digit of both heads: that block unifies, the rest is fixed. None
+    when there is no such block (no known head on a side, or ``g`` is 1)."""
+    sizes = [cx.store.size(x) for x in src]
+
+    def head(ss: list[int] | tuple[int, ...]) -> int:  # where the known head ends
+        return next((k for k, x in enumerate(ss) if x > RUN_TIME), len(ss))
+
+    ia, ib = head(sizes), head(out)
+    if ia == len(sizes) or ib == len(out):  # no size known only at run time on a side: not this case
+        return None
+    pa, pb = math.prod(sizes[:ia]), math.prod(out[:ib])
+    g = math.gcd(pa, pb)
+    if g == 1 or not pa or not pb:
+        return None
+    why = "reshape of sizes known only at run time"
+    cx.fix_all(src[ia:], why)
+    res = [cx.store.new(s) for s in out[:ib]] + cx.fresh(out[ib:], why)
+    a_outer, a_inner = cx.store.split(cx.store.make("prod", src[:ia]), "prod", [g, pa // g], cx.where)
+    b_outer, b_inner = cx.store.split(cx.store.make("prod", res[:ib]), "prod", [g, pb // g], cx.where)
+    for inner in (a_inner, b_inner):
+        if cx.store.size(inner) > 1:
+            cx.fix(inner, why)
+    cx.unify(a_outer, b_outer)
     return res
 
 
