@@ -146,7 +146,8 @@ def _switched(model: nn.Module, kind: str, value: str, can: Any):
 def _batched_experts(model: nn.Module):
     """A transformers MoE's experts (eager, grouped_mm, ...) as ``batched_mm`` for the block."""
     can = getattr(model, "_can_set_experts_implementation", None)
-    return _switched(model, "experts", "batched_mm", lambda m: callable(can) and can())
+    return _switched(model, "experts", "batched_mm", lambda m: callable(can) and can() and any(
+        "has_gate" in vars(e) and "is_concatenated" in vars(e) for e in m.modules()))  # experts present
 
 
 class _ConvertsItself(Exception):

@@ -262,3 +262,16 @@ def test_vilt_visual_embed_failure_names_the_construct_and_the_input_to_pass():
     inputs = {"input_ids": ex["input_ids"], "image_embeds": embeds, "pixel_mask": masks}
     spec = pg.compile(model, inputs)
     assert spec.groups and pg.verify(model, spec, inputs, promote_float32=True).ok
+
+
+def test_a_model_without_experts_is_not_traced_as_batched_experts():
+    """Gemma 4's vision tower comes from a modeling file with MoE experts (so transformers lets it set
+    an experts implementation) but has none: it is traced plainly, and no experts note is made."""
+    from transformers import Gemma4VisionConfig, Gemma4VisionModel
+
+    cfg = Gemma4VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=16)
+    model = Gemma4VisionModel(cfg)
+    assert model._can_set_experts_implementation()
+    spec = pg.compile(model)
+    assert "experts" not in spec.info and spec.groups
