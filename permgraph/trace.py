@@ -86,7 +86,8 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
             strict = False
             ep, info["draft"] = _draft_export(model, args, kwargs)
             if ep is None:
-                hint = next((h for e in errors if (h := _skippable_hint(model, kwargs, e))), None)
+                hint = next((h for e in errors if (h := _skippable_hint(model, kwargs, e))), None) \
+                    or _sdpa_only_hint(model, args, kwargs)
                 raise TraceError(
                     f"torch.export could not trace {type(model).__name__} (non-strict, strict and draft all "
                     f"failed).\n  {_failure_summary(errors[0])}\n" + (hint or
@@ -432,6 +433,38 @@ def _skippable_hint(model: nn.Module, given: dict, e: Exception) -> str | None:
                 f"  what to do: pass `{name}` in example_inputs (computed once eagerly, e.g. with the model's "
                 f"own `{inner.name}`); the layers that compute it are then left fixed as unused.")
     return None
+
+
+def _sdpa_only_hint(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """For a transformers model whose eager forward runs with SDPA but fails with eager attention: the
+    forward runs only on eager SDPA's path that skips a mask attending everywhere, which transformers
+    never takes under export (it builds the mask there). Nemotron3's audio encoders with fewer key/value
+    heads than query heads: ``v_proj`` has a head per query head, and only SDPA's ``enable_gqa`` (no mask)
+    broadcasts key and value heads separately; ``repeat_kv`` repeats both by one factor. None otherwise."""
+    if not is_transformers_model(model):
+        return None
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the forward fails as it is: not this kind of failure
+        return None
+    failure = None
+    with _eager_attention(model) as applies:
+        if not applies:
+            return None
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - what is reported
+            failure = e
+    if failure is None:
+        return None
+    return ("  why: the forward runs eagerly with SDPA attention but fails with transformers' eager attention "
+            f"({_failure_summary(failure)}): it runs only where eager SDPA skips a mask that attends everywhere; "
+            "under torch.export transformers always builds the mask, and attention with a mask takes the path "
+            "that fails. The config's attention is one transformers supports on that one path only (e.g. key and "
+            "value projections of different head counts: Nemotron3's audio encoders with fewer key/value heads).\n"
+            "  what to do: use a config that its eager attention runs (as the checkpoints' do).")
 
 
 def _enclosing_function(lines: list[str], lineno: int) -> str:
