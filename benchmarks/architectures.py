@@ -492,7 +492,7 @@ def _top_reasons(spec, k: int = 3) -> list[str]:
 # how a graph was traced where not by the plain export (spec.info keys, docs/design.md)
 TRACED = (("text_only_inputs", "text-only inputs"), ("dropped_inputs", "fewer modalities"),
           ("experts", "batched experts"), ("attention", "eager attention"),
-          ("draft", "draft export"))
+          ("specialised", "recorded helpers"), ("draft", "draft export"))
 
 
 def _traced_label(info: dict, key: str, label: str) -> str:
