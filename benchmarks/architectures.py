@@ -18,6 +18,7 @@ one JSON line per type as they come (so a long run can be read while it goes on)
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -396,10 +397,76 @@ def _build(model_type: str, cls, errors: list[str], prefix: str = ""):
                     out = model(**default_example_inputs(model))
             if not all(bool(torch.isfinite(x).all()) for x in _float_leaves(out)):
                 raise ValueError("the forward gives NaN or inf outputs with this config")
+            if _kv_heads_refused(model, cfg, cls):
+                return _build_mha(cls, cfg, label)
             return model, label, n
         except Exception as e:  # noqa: BLE001 - any failure: try the next config
             errors.append(f"{prefix}{label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     raise BuildError("; ".join(errors))
+
+
+def _kv_heads_refused(model, cfg, cls) -> bool:
+    """Whether the shrunk key/value heads (``KV_HEADS``: fewer than the query heads) are ones the model's
+    attention supports only on eager SDPA's mask-skipping path: its eager attention fails on them while
+    the same model with a key/value head per query head runs it. Nemotron3's audio encoders size
+    ``v_proj`` by the query heads and ``k_proj`` by the key/value heads (the checkpoints have as many of
+    each): eager SDPA with no mask broadcasts each to the query heads (``enable_gqa``), but with a mask
+    (always built under export) or with eager attention ``repeat_kv`` repeats both by one factor."""
+    import torch
+
+    from permgraph.inputs import default_example_inputs
+
+    if not _fewer_kv_heads(cfg) or not callable(getattr(model, "set_attn_implementation", None)):
+        return False
+
+    def eager_runs(m) -> bool:
+        old = m.config._attn_implementation
+        try:
+            m.set_attn_implementation("eager")
+            with torch.no_grad():
+                m(**default_example_inputs(m))
+            return True
+        except Exception:  # noqa: BLE001 - refused: the question is whether MHA is too
+            return False
+        finally:
+            m.set_attn_implementation(old)
+
+    if eager_runs(model):
+        return False
+    mha = copy.deepcopy(cfg)
+    _one_kv_head_per_head(mha)
+    torch.manual_seed(0)
+    return eager_runs(cls._from_config(mha).eval().double())
+
+
+def _fewer_kv_heads(cfg) -> bool:
+    return any(isinstance(getattr(c, k, None), int) and isinstance(getattr(c, "num_attention_heads", None), int)
+               and getattr(c, k) < c.num_attention_heads for c in (cfg, *_subconfigs(cfg)) for k in KV_HEADS)
+
+
+def _one_kv_head_per_head(cfg) -> None:
+    for c in (cfg, *_subconfigs(cfg)):
+        heads = getattr(c, "num_attention_heads", None)
+        for k in KV_HEADS:
+            if isinstance(getattr(c, k, None), int) and isinstance(heads, int) and getattr(c, k) < heads:
+                _set(c, k, heads)
+
+
+def _build_mha(cls, cfg, label: str):
+    """The model of ``cfg`` with one key/value head per query head (``_kv_heads_refused``)."""
+    import torch
+
+    from permgraph.inputs import default_example_inputs
+
+    mha = copy.deepcopy(cfg)
+    _one_kv_head_per_head(mha)
+    torch.manual_seed(0)
+    model = cls._from_config(mha).eval()
+    perturb(model)
+    model = model.double()
+    with torch.no_grad():
+        model(**default_example_inputs(model))
+    return model, f"{label}, kv heads = heads", sum(p.numel() for p in model.parameters())
 
 
 def _float_leaves(out) -> list:
@@ -459,7 +526,7 @@ def _top_reasons(spec, k: int = 3) -> list[str]:
 # how a graph was traced where not by the plain export (spec.info keys, docs/design.md)
 TRACED = (("text_only_inputs", "text-only inputs"), ("dropped_inputs", "fewer modalities"),
           ("experts", "batched experts"), ("attention", "eager attention"),
-          ("draft", "draft export"))
+          ("specialised", "recorded helpers"), ("draft", "draft export"))
 
 
 def _traced_label(info: dict, key: str, label: str) -> str:

@@ -113,7 +113,7 @@ def explain_spec(spec: "PermSpec", max_rows: int = 40) -> str:
     elif "residual_sites_missing" in spec.info:
         lines.append(f"untied residual: not available ({spec.info['residual_sites_missing']})")
     # how it was traced, where not plainly
-    for key in ("text_only_inputs", "dropped_inputs", "inputs", "experts", "attention", "draft"):
+    for key in ("text_only_inputs", "dropped_inputs", "inputs", "experts", "attention", "specialised", "draft"):
         if spec.info.get(key):
             lines.append(spec.info[key])
     return "\n".join(lines)

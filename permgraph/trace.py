@@ -51,9 +51,14 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     try:
         ep = None
         masked = with_all_ones_mask(model, kwargs) if is_transformers_model(model) else None
+
+        def replayed(m: nn.Module):
+            return _replayed_helpers(m, args, kwargs)
+
         for strict, setup, kw in ((False, _batched_experts, kwargs), (False, None, kwargs), (True, None, kwargs),
                                   (False, _eager_attention, kwargs), (False, None, masked),
-                                  (False, _dense_experts, kwargs), (False, _dense_experts, masked)):
+                                  (False, _dense_experts, kwargs), (False, _dense_experts, masked),
+                                  (False, replayed, kwargs)):
             if kw is None:
                 continue
             printed = io.StringIO()  # torch prints the partial graph of a failed export to stderr
@@ -66,10 +71,21 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
                 except Exception as e:  # noqa: BLE001 - any tracing failure is reported below
                     errors.append(e)
                     continue
+            if setup is replayed and not _reproduces(ep, model, args, kw):  # the model's own helpers again
+                errors.append(TraceError(f"the graph with {applies} as recorded does not give the model's outputs "
+                                         "on the example inputs"))
+                ep = None
+                continue
             sys.stderr.write(printed.getvalue())
             if setup is _eager_attention:
                 info["attention"] = ("traced with eager attention, the same function as the model's "
                                      f"{applies!r} attention (whose per-image chunks have data-dependent sizes)")
+            elif setup is replayed:
+                info["specialised"] = (f"traced with {applies} as recorded in one eager forward on the example "
+                                       "inputs (constants of the graph: the helpers compute sizes from the inputs' "
+                                       "values with Python loops), and eager attention; kept because the graph gives "
+                                       "the model's outputs on them: the spec holds for inputs whose helpers give the "
+                                       "same results")
             elif setup is _dense_experts:
                 info["experts"] = (f"traced with dense experts ({applies}): every expert on every token, weighted by "
                                    "its routing weight (zero where not routed), the same function as the eager loop "
@@ -86,7 +102,8 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
             strict = False
             ep, info["draft"] = _draft_export(model, args, kwargs)
             if ep is None:
-                hint = next((h for e in errors if (h := _skippable_hint(model, kwargs, e))), None)
+                hint = next((h for e in errors if (h := _skippable_hint(model, kwargs, e))), None) \
+                    or _sdpa_only_hint(model, args, kwargs)
                 raise TraceError(
                     f"torch.export could not trace {type(model).__name__} (non-strict, strict and draft all "
                     f"failed).\n  {_failure_summary(errors[0])}\n" + (hint or
@@ -297,6 +314,78 @@ def _dense_experts(model: nn.Module):
             del m.forward
 
 
+# transformers' helpers that compute sizes from an input's values with Python loops (``cu_seqlens`` of
+# Qwen3-ASR's attention windows from the frame mask) and that the forward calls with no way to pass their
+# results in (``get_audio_features`` is called without the forward's keyword arguments)
+_REPLAYED_HELPERS = ("get_audio_cu_seqlens",)
+
+
+@contextlib.contextmanager
+def _replayed_helpers(model: nn.Module, args: tuple, kwargs: dict):
+    """The helpers of ``_REPLAYED_HELPERS`` that the model's modeling modules call, recorded in one eager
+    forward on the example inputs and replaced by their results (in call order) for the block, with
+    eager attention (SDPA decides ``is_causal`` from each window's length); yields what was replaced, or
+    False where no such helper runs. The graph is specialised to those results: the caller keeps it only
+    if it gives the model's outputs on the example inputs (``_reproduces``)."""
+    names = {type(m).__module__ for m in model.modules()}
+    spaces = [vars(mod) for name in names if (mod := sys.modules.get(name)) is not None]
+    found = [(space, name, fn) for space in spaces for name in _REPLAYED_HELPERS
+             if callable(fn := space.get(name)) and getattr(fn, "__module__", None) in names]
+    if not found or not is_transformers_model(model):
+        yield False
+        return
+    calls: dict[str, list] = {}
+
+    def recorder(name: str, fn: Any) -> Any:
+        def record(*a: Any, **k: Any) -> Any:
+            res = fn(*a, **k)
+            calls.setdefault(name, []).append(res)
+            return res
+        return record
+
+    def replay(name: str) -> Any:
+        results = iter(calls[name])
+
+        def again(*_a: Any, **_k: Any) -> Any:
+            res = next(results, None)
+            if res is None:
+                raise TraceError(f"{name} called more often than in the eager forward")
+            return res
+        return again
+
+    try:
+        for space, name, fn in found:
+            space[name] = recorder(name, fn)
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - the forward does not run on these inputs: nothing to replay
+            calls.clear()
+        for space, name, fn in found:
+            space[name] = replay(name) if name in calls else fn
+        if not calls:
+            yield False
+            return
+        with _eager_attention(model):
+            yield ", ".join(f"{name} ({len(v)} call{'s' * (len(v) > 1)})" for name, v in sorted(calls.items()))
+    finally:
+        for space, name, fn in found:
+            space[name] = fn
+
+
+def _reproduces(ep, model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether an exported program gives the model's outputs on the inputs (float tolerance: the graph
+    may use another attention implementation, the same function)."""
+    try:
+        with torch.no_grad():
+            got = [t for _, t in named_outputs(ep.module()(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+            want = [t for _, t in named_outputs(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    except Exception:  # noqa: BLE001 - it does not run: not the model's function
+        return False
+    return len(got) == len(want) and all(
+        a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True) for a, b in zip(got, want))
+
+
 def _eager_attention(model: nn.Module):
     """A transformers model's attention as ``eager`` for the block (the same function; SDPA decides
     ``is_causal`` from each chunk's length, data-dependent in a vision tower that attends per image)."""
@@ -433,6 +522,38 @@ def _skippable_hint(model: nn.Module, given: dict, e: Exception) -> str | None:
                 f"  what to do: pass `{name}` in example_inputs (computed once eagerly, e.g. with the model's "
                 f"own `{inner.name}`); the layers that compute it are then left fixed as unused.")
     return None
+
+
+def _sdpa_only_hint(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """For a transformers model whose eager forward runs with SDPA but fails with eager attention: the
+    forward runs only on eager SDPA's path that skips a mask attending everywhere, which transformers
+    never takes under export (it builds the mask there). Nemotron3's audio encoders with fewer key/value
+    heads than query heads: ``v_proj`` has a head per query head, and only SDPA's ``enable_gqa`` (no mask)
+    broadcasts key and value heads separately; ``repeat_kv`` repeats both by one factor. None otherwise."""
+    if not is_transformers_model(model):
+        return None
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the forward fails as it is: not this kind of failure
+        return None
+    failure = None
+    with _eager_attention(model) as applies:
+        if not applies:
+            return None
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - what is reported
+            failure = e
+    if failure is None:
+        return None
+    return ("  why: the forward runs eagerly with SDPA attention but fails with transformers' eager attention "
+            f"({_failure_summary(failure)}): it runs only where eager SDPA skips a mask that attends everywhere; "
+            "under torch.export transformers always builds the mask, and attention with a mask takes the path "
+            "that fails. The config's attention is one transformers supports on that one path only (e.g. key and "
+            "value projections of different head counts: Nemotron3's audio encoders with fewer key/value heads).\n"
+            "  what to do: use a config that its eager attention runs (as the checkpoints' do).")
 
 
 def _enclosing_function(lines: list[str], lineno: int) -> str:

@@ -80,3 +80,31 @@ def test_kosmos_2_5_gets_flattened_patches_and_the_image_position_mask():
     tower = [p for p in spec.shapes if p.startswith("vision_model.") and p.endswith(".weight")]
     assert tower and all(_moves(spec, p) for p in tower if "layers." in p)
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def _tiny_qwen3_asr() -> torch.nn.Module:
+    from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration
+
+    cfg = Qwen3ASRConfig(
+        audio_token_id=100, text_config={**TINY_TEXT, "model_type": "qwen3", "head_dim": 8},
+        audio_config={"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 4, "encoder_ffn_dim": 48,
+                      "num_mel_bins": 16, "downsample_hidden_size": 8, "output_dim": 32})
+    torch.manual_seed(0)
+    return Qwen3ASRForConditionalGeneration(cfg).eval()
+
+
+def test_qwen3_asr_audio_tower_traced_with_its_recorded_attention_windows():
+    """Qwen3-ASR's tower computes its attention windows (``cu_seqlens``) from the frame mask's values
+    with a Python loop, in ``get_audio_cu_seqlens``, which takes them precomputed only from keyword
+    arguments that the forward never hands to ``get_audio_features``. The helper's result recorded in
+    one eager forward stands in for it while exporting (with eager attention): the tower is traced
+    (was: text-only inputs), the spec says what it is specialised to, and it is exact."""
+    model = _tiny_qwen3_asr()
+    inputs = default_example_inputs(model)
+    assert inputs["input_features"].shape == (2, 16, 400) and (inputs["input_ids"] == 100).any()
+    spec = pg.compile(model)
+    assert "text_only_inputs" not in spec.info and "dropped_inputs" not in spec.info
+    assert "get_audio_cu_seqlens (1 call)" in spec.info["specialised"]
+    tower = [p for p in spec.shapes if ".audio_tower.layers." in p and p.endswith(("fc1.weight", "fc2.weight"))]
+    assert tower and all(_moves(spec, p) for p in tower)
+    assert pg.verify(model, spec, promote_float32=True).ok

@@ -275,3 +275,32 @@ def test_a_model_without_experts_is_not_traced_as_batched_experts():
     assert model._can_set_experts_implementation()
     spec = pg.compile(model)
     assert "experts" not in spec.info and spec.groups
+
+
+def _nemotron3_diarization_encoder(kv_heads: int):
+    from transformers import Nemotron3DiarizationAudioConfig, Nemotron3DiarizationAudioModel
+
+    cfg = Nemotron3DiarizationAudioConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=kv_heads, num_mel_bins=16,
+                                          subsampling_factor=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return _perturbed(Nemotron3DiarizationAudioModel(cfg)).double()
+
+
+def test_attention_that_runs_only_on_sdpas_mask_skipping_path_names_the_construct():
+    """Nemotron3's diarization encoder sizes v_proj by the query heads and k_proj by the key/value
+    heads: eager SDPA with no mask broadcasts each to the query heads, but under export transformers
+    builds the mask, and then repeats both by one factor (as eager attention always does), so export
+    fails in sdpa_attention_forward. The message says that; with a key/value head per head it compiles."""
+    import pytest
+
+    from permgraph.errors import TraceError
+
+    with pytest.raises(TraceError) as err:
+        pg.compile(_nemotron3_diarization_encoder(kv_heads=2))
+    msg = str(err.value)
+    assert "fails with transformers' eager attention" in msg and "skips a mask" in msg, msg
+    model = _nemotron3_diarization_encoder(kv_heads=4)
+    spec = pg.compile(model)
+    assert any(t.groups() for t in spec.axes_of("layers.0.self_attn.v_proj.weight"))
+    assert pg.verify(model, spec, promote_float32=True).ok
