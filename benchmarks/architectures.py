@@ -342,11 +342,15 @@ def model_classes(model_type: str) -> list:
         cls = getattr(transformers, name, None) if name else None
         if cls is None or cls in out:
             continue
+        try:
+            config_class = getattr(cls, "config_class", None)
+        except ImportError as e:  # a class that needs a package not installed (torchaudio)
+            raise BuildError(f"ImportError: {str(e).strip().splitlines()[0]}") from None
         if not out:
             out.append(cls)
-            if getattr(cls, "config_class", None) in (None, CONFIG_MAPPING[model_type]):
+            if config_class in (None, CONFIG_MAPPING[model_type]):
                 return out
-        elif getattr(cls, "config_class", None) is CONFIG_MAPPING[model_type]:
+        elif config_class is CONFIG_MAPPING[model_type]:
             return out + [cls]
     if not out:
         raise BuildError("no model class")
