@@ -506,13 +506,17 @@ def _with_vision_precomputed(model: nn.Module, out: dict[str, Any]) -> None:
             extra.update({k: v for k, v in zip(_VISION_PRECOMPUTED[name], vals) if v is not None})
     if not extra:
         return
-    try:
-        with torch.no_grad():
-            got = model(**out, **extra)
-    except Exception:  # noqa: BLE001 - the forward does not take them
-        return
-    if _same_outputs(want, got, unknown=True):  # on meta: the model's own results for these inputs
-        out.update(extra)
+    # unprefixed, or with the image prefix that transformers' ``accepts_precomputed_kwargs`` strips for the
+    # vision tower alone (Qwen3.5: an unprefixed ``cu_seqlens`` also reaches its linear attention)
+    for names in (extra, {f"image_{k}": v for k, v in extra.items()}):
+        try:
+            with torch.no_grad():
+                got = model(**out, **names)
+        except Exception:  # noqa: BLE001 - the forward does not take them
+            continue
+        if _same_outputs(want, got, unknown=True):  # on meta: the model's own results for these inputs
+            out.update(names)
+            return
 
 
 def _same_outputs(a: Any, b: Any, unknown: bool) -> bool:

@@ -86,6 +86,36 @@ def test_qwen3_vl_vision_tower_traced_with_precomputed_helpers_and_eager_attenti
     assert pg.verify(model, spec, promote_float32=True).ok
 
 
+def test_qwen3_5_vision_helpers_precomputed_under_the_image_prefix():
+    """Qwen3.5's vision helpers take their results precomputed too, but an unprefixed ``cu_seqlens``
+    also reaches its text model's linear attention (packed sequences: the forward fails); transformers
+    strips an ``image_`` prefix for the vision tower alone, so derived inputs pass them prefixed.
+    Before: text-only inputs, the vision tower fixed as unused (coverage 0.75)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from permgraph.inputs import default_example_inputs
+
+    cfg = Qwen3_5Config(
+        image_token_id=255, video_token_id=254, vision_start_token_id=253, vision_end_token_id=252,
+        text_config={"vocab_size": 256, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                     "layer_types": ["linear_attention", "full_attention"], "linear_num_value_heads": 4,
+                     "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                         "mrope_section": [1, 1, 0]}},
+        vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 16,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 32,
+                       "num_position_embeddings": 64})
+    torch.manual_seed(0)
+    model = Qwen3_5ForConditionalGeneration(cfg).eval().double()
+    inputs = default_example_inputs(model)
+    assert {"image_interp_indices", "image_cu_seqlens"} <= set(inputs) and "cu_seqlens" not in inputs
+    spec = pg.compile(model)
+    assert "text_only_inputs" not in spec.info and spec.covered_fraction() > 0.99
+    assert all(not isinstance(t, pg.ir.Fixed) for t in spec.axes_of("model.visual.blocks.0.mlp.linear_fc1.weight"))
+    assert pg.verify(model, spec, promote_float32=True).ok
+
+
 def test_moe_with_eager_experts_is_traced_with_batched_experts_and_left_eager():
     """Eager experts loop over ``torch.where`` (data-dependent sizes); the batched experts compute
     the same function without them. The model is handed back with its eager experts."""
