@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import logging
 import sys
@@ -12,6 +11,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from permgraph.diagnose import failure_summary, sdpa_only_hint, skippable_hint
+from permgraph.equivalents import (
+    ConvertsItself,
+    batched_experts,
+    cache_off,
+    dense_experts,
+    eager_attention,
+    replayed_helpers,
+    unchanged_to,
+    with_all_ones_mask,
+)
 from permgraph.errors import TraceError
 from permgraph.infer.engine import GraphInput
 from permgraph.inputs import ExampleInputs, is_transformers_model, resolve_inputs
@@ -30,22 +40,22 @@ class Traced:
 
 
 def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
-    """Export ``model`` (eval, no grad): a transformers MoE first with its experts switched to
-    ``batched_mm`` (the same function; the eager experts loop over ``torch.where``, the grouped ones
-    sort tokens by expert into an opaque grouped matmul); then non-strict, then strict, then with
-    eager attention (``info["attention"]``: SDPA reads per-image chunk lengths); last
-    ``draft_export``, which runs the example inputs for real to get past data-dependent guards (an
-    image grid's values deciding a loop): its graph is specialised to the decisions those values
-    take, so it is kept only if it reproduces the model's outputs on them (``info["draft"]``). Before the draft, a
-    transformers model given no ``attention_mask`` is tried with an all-ones one (``info["inputs"]``).
-    The model is left as it was (mode, cache flags, experts implementation)."""
+    """Export ``model`` (eval, no grad), trying in turn (``permgraph.equivalents`` for the forms that
+    compute the same function): a transformers MoE with ``batched_mm`` experts (``info["experts"]``);
+    non-strict; strict; eager attention (``info["attention"]``: SDPA reads per-image chunk lengths);
+    an all-ones ``attention_mask`` where none was given (``info["inputs"]``); transformers' looped
+    experts computed densely; helpers that compute sizes from values replayed as recorded in one
+    eager forward (``info["specialised"]``, kept only if the graph reproduces the model's outputs);
+    last ``draft_export``, which runs the example inputs for real to get past data-dependent guards,
+    kept on the same condition (``info["draft"]``). A failure names the construct
+    (``permgraph.diagnose``). The model is left as it was (mode, cache flags, experts implementation)."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = resolve_inputs(model, example_inputs)
     was_training = model.training
     model.eval()
     errors = []
-    caches = _cache_off(model)
+    caches = cache_off(model)
     info: dict[str, Any] = {}
     converted: list[str] = []
     try:
@@ -53,11 +63,11 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
         masked = with_all_ones_mask(model, kwargs) if is_transformers_model(model) else None
 
         def replayed(m: nn.Module):
-            return _replayed_helpers(m, args, kwargs)
+            return replayed_helpers(m, args, kwargs)
 
-        for strict, setup, kw in ((False, _batched_experts, kwargs), (False, None, kwargs), (True, None, kwargs),
-                                  (False, _eager_attention, kwargs), (False, None, masked),
-                                  (False, _dense_experts, kwargs), (False, _dense_experts, masked),
+        for strict, setup, kw in ((False, batched_experts, kwargs), (False, None, kwargs), (True, None, kwargs),
+                                  (False, eager_attention, kwargs), (False, None, masked),
+                                  (False, dense_experts, kwargs), (False, dense_experts, masked),
                                   (False, replayed, kwargs)):
             if kw is None:
                 continue
@@ -77,7 +87,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
                 ep = None
                 continue
             sys.stderr.write(printed.getvalue())
-            if setup is _eager_attention:
+            if setup is eager_attention:
                 info["attention"] = ("traced with eager attention, the same function as the model's "
                                      f"{applies!r} attention (whose per-image chunks have data-dependent sizes)")
             elif setup is replayed:
@@ -86,7 +96,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
                                        "values with Python loops), and eager attention; kept because the graph gives "
                                        "the model's outputs on them: the spec holds for inputs whose helpers give the "
                                        "same results")
-            elif setup is _dense_experts:
+            elif setup is dense_experts:
                 info["experts"] = (f"traced with dense experts ({applies}): every expert on every token, weighted by "
                                    "its routing weight (zero where not routed), the same function as the eager loop "
                                    "over the experts hit (data-dependent)")
@@ -102,11 +112,11 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
             strict = False
             ep, info["draft"] = _draft_export(model, args, kwargs)
             if ep is None:
-                hint = next((h for e in errors if (h := _skippable_hint(model, kwargs, e))), None) \
-                    or _sdpa_only_hint(model, args, kwargs)
+                hint = next((h for e in errors if (h := skippable_hint(model, kwargs, e))), None) \
+                    or sdpa_only_hint(model, args, kwargs)
                 raise TraceError(
                     f"torch.export could not trace {type(model).__name__} (non-strict, strict and draft all "
-                    f"failed).\n  {_failure_summary(errors[0])}\n" + (hint or
+                    f"failed).\n  {failure_summary(errors[0])}\n" + (hint or
                     "  what to try: check that example_inputs match forward()'s signature; remove "
                     "data-dependent Python control flow or make it static; for transformers models try "
                     "attn_implementation='sdpa' or 'eager'.")) from errors[0]
@@ -123,254 +133,21 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     return traced
 
 
-def with_all_ones_mask(model: nn.Module, kwargs: dict) -> dict | None:
-    """The inputs plus an all-ones ``attention_mask``, what a transformers model assumes when it gets
-    none: some build that default only outside ``torch.compile``/export (LongT5's block split then
-    reads a None mask)."""
-    ids = kwargs.get("input_ids")
-    if (not isinstance(ids, torch.Tensor) or kwargs.get("attention_mask") is not None
-            or "attention_mask" not in inspect.signature(model.forward).parameters):
-        return None
-    return {**kwargs, "attention_mask": torch.ones_like(ids)}
-
-
-@contextlib.contextmanager
-def _switched(model: nn.Module, kind: str, value: str, can: Any):
-    """A transformers model's ``kind`` implementation ("attn", "experts") switched to ``value`` for
-    the block (``model.set_<kind>_implementation``) when ``can(model)``; yields the one it replaced,
-    or False when it does not apply. Every (sub)config is restored as it was: a composite model may
-    mix implementations."""
-    attr = f"_{kind}_implementation"
-    old = getattr(getattr(model, "config", None), attr, None)
-    switch = getattr(model, f"set{attr}", None)
-    if old in (None, value) or switch is None or not can(model):
-        yield False
-        return
-    configs = {id(c): (c, getattr(c, attr)) for m in model.modules()
-               if (c := getattr(m, "config", None)) is not None and hasattr(c, attr + "_internal")}
-    try:
-        switch(value)
-    except Exception:  # noqa: BLE001 - not supported by this model
-        yield False
-        return
-    try:
-        yield old if getattr(model.config, attr) == value else False
-    finally:
-        for c, v in configs.values():
-            setattr(c, attr + "_internal", v)
-
-
-def _batched_experts(model: nn.Module):
-    """A transformers MoE's experts (eager, grouped_mm, ...) as ``batched_mm`` for the block."""
-    can = getattr(model, "_can_set_experts_implementation", None)
-    return _switched(model, "experts", "batched_mm", lambda m: callable(can) and can() and any(
-        "has_gate" in vars(e) and "is_concatenated" in vars(e) for e in m.modules()))  # experts present
-
-
-class _ConvertsItself(Exception):
-    """Raised from ``Module.to`` inside an export when the call would convert real parameters."""
-
-    def __init__(self, module: nn.Module, args: tuple, kwargs: dict):
-        super().__init__(f"{type(module).__name__}.to{args!r} inside forward")
-        self.module, self.args, self.kwargs = module, args, kwargs
-
-
 def _export(model: nn.Module, args: tuple, kwargs: dict, strict: bool, converted: list[str]):
-    """``torch.export.export`` under ``_unchanged_to``. A forward that converts a submodule of its own
+    """``torch.export.export`` under ``unchanged_to``. A forward that converts a submodule of its own
     (Switch Transformers' router: ``self.classifier = self.classifier.to(float32)`` on every call)
     has the conversion done first, as the model's first call would (``converted`` says which); under
     export it would swap fake parameters and fail. Once converted, the call is a no-op."""
     names = {id(m): n for n, m in model.named_modules()}
     for _ in range(64):
         try:
-            with _unchanged_to():
+            with unchanged_to():
                 return torch.export.export(model, args, kwargs, strict=strict)
-        except _ConvertsItself as e:
+        except ConvertsItself as e:
             e.module.to(*e.args, **e.kwargs)
             converted.append(f"{names.get(id(e.module), type(e.module).__name__) or 'model'}.to"
                              f"({', '.join(map(str, e.args))})")
     raise TraceError("the forward converts its own modules again on every call; cannot trace it")
-
-
-@contextlib.contextmanager
-def _unchanged_to():
-    """``Module.to`` that returns the module when nothing would change, and raises
-    ``_ConvertsItself`` when something would (real parameters cannot be converted under export)."""
-    original = nn.Module.to
-
-    def to(self, *args, **kwargs):
-        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-        tensors = [*self.parameters(), *self.buffers()]
-        if memory_format is None and all(
-                (device is None or t.device == torch.device(device))
-                and (dtype is None or t.dtype == dtype or not (t.is_floating_point() or t.is_complex()))
-                for t in tensors):
-            return self
-        raise _ConvertsItself(self, args, kwargs)
-
-    nn.Module.to = to
-    try:
-        yield
-    finally:
-        nn.Module.to = original
-
-
-def _looped_experts(m: nn.Module) -> str | None:
-    """Which of transformers' eager expert loops ``m`` runs (``for expert in nonzero(hit): ...
-    index_add_``, data-dependent sizes), by its forward's parameters and its weights: "bank" (stacked
-    ``gate_up_proj (E', 2I, H)``, ``down_proj (E, H, I)``, top-k indices and weights; ids past the
-    banks are zero-compute identity experts where the module declares ``zero_expert_num``), "glu"
-    (DBRX: ``mlp.w1``, ``mlp.v1``, ``mlp.w2`` flat ``(E * I, H)``), "dict" (``expert_0 ... expert_{E-1}``
-    modules and a ``(tokens, 1, E)`` dispatch mask); else None."""
-    forward = getattr(type(m), "forward", None)
-    try:
-        source = inspect.getsource(forward)
-        names = list(inspect.signature(forward).parameters)[1:]
-    except (OSError, TypeError, ValueError):
-        return None
-    if "nonzero(" not in source or "index_add_" not in source or "has_gate" in vars(m):
-        return None
-    if names[:3] == ["hidden_states", "top_k_index", "top_k_weights"] and _glu_bank(m):
-        return "glu"
-    if names[:3] == ["hidden_states", "top_k_index", "top_k_weights"]:
-        gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
-        if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == down.dim() == 3
-                and gu.shape[0] >= down.shape[0] and gu.shape[1] == 2 * down.shape[2]
-                and gu.shape[2] == down.shape[1] and callable(getattr(m, "act_fn", None))):
-            return None
-        zero = getattr(m, "zero_expert_num", 0) or 0
-        total = getattr(m, "total_experts", down.shape[0])
-        return "bank" if total == down.shape[0] + zero else None
-    if names[:3] == ["hidden_states", "selected_experts", "routing_weights"] and isinstance(m, nn.ModuleDict):
-        n = len(m)
-        return "dict" if n and all(f"expert_{i}" in m for i in range(n)) else None
-    return None
-
-
-def _dense_bank(self, hidden_states, top_k_index, top_k_weights):
-    """The "bank" loop as transformers' batched experts (each token-slot gathers its expert's rows),
-    with ids past the banks as identity experts: the same function without data-dependent sizes."""
-    n = self.down_proj.shape[0]
-    k = top_k_index.shape[-1]
-    ids = top_k_index.reshape(-1)
-    weights = top_k_weights.reshape(-1, 1)
-    routed = ids < n
-    safe = torch.where(routed, ids, torch.zeros_like(ids))
-    x = hidden_states.repeat_interleave(k, dim=0)
-    gate, up = torch.bmm(self.gate_up_proj[:n][safe], x.unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
-    y = torch.bmm(self.down_proj[safe], (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
-    y = torch.where(routed.unsqueeze(-1), y, x) * weights
-    return y.view(hidden_states.shape[0], k, -1).sum(dim=1).to(hidden_states.dtype)
-
-
-def _glu_bank(m: nn.Module) -> bool:
-    """DBRX's experts: ``m.mlp`` holds ``w1``, ``v1``, ``w2``, each ``(E * I, H)`` (expert-major), and
-    ``act(x w1_e^T) * (x v1_e^T)) w2_e`` is expert ``e``."""
-    mlp = getattr(m, "mlp", None)
-    e, i, h = (getattr(m, k, None) for k in ("num_experts", "ffn_hidden_size", "hidden_size"))
-    ws = [getattr(mlp, k, None) for k in ("w1", "v1", "w2")]
-    return (all(isinstance(v, int) for v in (e, i, h)) and callable(getattr(mlp, "activation_fn", None))
-            and all(isinstance(w, torch.Tensor) and tuple(w.shape) == (e * i, h) for w in ws))
-
-
-def _dense_glu(self, hidden_states, top_k_index, top_k_weights):
-    """The "glu" loop (DBRX) as batched experts: each token-slot gathers its expert's rows of the
-    three ``(E, I, H)`` views; the same function without data-dependent sizes."""
-    shape = (-1, self.ffn_hidden_size, self.hidden_size)
-    x = hidden_states.reshape(-1, self.hidden_size)
-    k = top_k_index.shape[-1]
-    ids = top_k_index.reshape(-1)
-    xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)
-    w1, v1, w2 = (getattr(self.mlp, n).view(shape)[ids] for n in ("w1", "v1", "w2"))
-    h = self.mlp.activation_fn(torch.bmm(w1, xs).squeeze(-1)) * torch.bmm(v1, xs).squeeze(-1)
-    y = torch.bmm(h.unsqueeze(1), w2).squeeze(1) * top_k_weights.reshape(-1, 1)
-    return y.view(x.shape[0], k, -1).sum(dim=1).view(hidden_states.shape[0], -1, self.hidden_size)
-
-
-def _dense_dict(self, hidden_states, selected_experts, routing_weights):
-    """The "dict" loop densely: every expert on every token, weighted where the mask selects it."""
-    out = torch.zeros_like(hidden_states)
-    for i in range(len(self)):
-        picked = selected_experts[:, :, i] != 0  # (tokens, slots)
-        w = torch.where(picked, routing_weights, torch.zeros_like(routing_weights)).sum(dim=1, keepdim=True)
-        out = out + (self[f"expert_{i}"](hidden_states) * w).to(hidden_states.dtype)
-    return out
-
-
-@contextlib.contextmanager
-def _dense_experts(model: nn.Module):
-    """transformers' eager expert loops (``_looped_experts``) computed densely for the block; yields
-    the kinds replaced, or False where the model has none."""
-    found = [(m, kind) for m in model.modules() if (kind := _looped_experts(m))]
-    if not found:
-        yield False
-        return
-    for m, kind in found:
-        m.forward = {"bank": _dense_bank, "glu": _dense_glu, "dict": _dense_dict}[kind].__get__(m)
-    try:
-        yield ", ".join(sorted({f"{type(m).__name__}: {kind}" for m, kind in found}))
-    finally:
-        for m, _ in found:
-            del m.forward
-
-
-# transformers' helpers that compute sizes from an input's values with Python loops (``cu_seqlens`` of
-# Qwen3-ASR's attention windows from the frame mask) and that the forward calls with no way to pass their
-# results in (``get_audio_features`` is called without the forward's keyword arguments)
-_REPLAYED_HELPERS = ("get_audio_cu_seqlens",)
-
-
-@contextlib.contextmanager
-def _replayed_helpers(model: nn.Module, args: tuple, kwargs: dict):
-    """The helpers of ``_REPLAYED_HELPERS`` that the model's modeling modules call, recorded in one eager
-    forward on the example inputs and replaced by their results (in call order) for the block, with
-    eager attention (SDPA decides ``is_causal`` from each window's length); yields what was replaced, or
-    False where no such helper runs. The graph is specialised to those results: the caller keeps it only
-    if it gives the model's outputs on the example inputs (``_reproduces``)."""
-    names = {type(m).__module__ for m in model.modules()}
-    spaces = [vars(mod) for name in names if (mod := sys.modules.get(name)) is not None]
-    found = [(space, name, fn) for space in spaces for name in _REPLAYED_HELPERS
-             if callable(fn := space.get(name)) and getattr(fn, "__module__", None) in names]
-    if not found or not is_transformers_model(model):
-        yield False
-        return
-    calls: dict[str, list] = {}
-
-    def recorder(name: str, fn: Any) -> Any:
-        def record(*a: Any, **k: Any) -> Any:
-            res = fn(*a, **k)
-            calls.setdefault(name, []).append(res)
-            return res
-        return record
-
-    def replay(name: str) -> Any:
-        results = iter(calls[name])
-
-        def again(*_a: Any, **_k: Any) -> Any:
-            res = next(results, None)
-            if res is None:
-                raise TraceError(f"{name} called more often than in the eager forward")
-            return res
-        return again
-
-    try:
-        for space, name, fn in found:
-            space[name] = recorder(name, fn)
-        try:
-            with torch.no_grad():
-                model(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - the forward does not run on these inputs: nothing to replay
-            calls.clear()
-        for space, name, fn in found:
-            space[name] = replay(name) if name in calls else fn
-        if not calls:
-            yield False
-            return
-        with _eager_attention(model):
-            yield ", ".join(f"{name} ({len(v)} call{'s' * (len(v) > 1)})" for name, v in sorted(calls.items()))
-    finally:
-        for space, name, fn in found:
-            space[name] = fn
 
 
 def _reproduces(ep, model: nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -384,12 +161,6 @@ def _reproduces(ep, model: nn.Module, args: tuple, kwargs: dict) -> bool:
         return False
     return len(got) == len(want) and all(
         a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True) for a, b in zip(got, want))
-
-
-def _eager_attention(model: nn.Module):
-    """A transformers model's attention as ``eager`` for the block (the same function; SDPA decides
-    ``is_causal`` from each chunk's length, data-dependent in a vision tower that attends per image)."""
-    return _switched(model, "attn", "eager", is_transformers_model)
 
 
 def _draft_export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str | None]:
@@ -429,140 +200,6 @@ def quiet_export_logs():
     finally:
         for lg, lv in zip(quiet, levels):
             lg.setLevel(lv)
-
-
-def _cache_off(model: nn.Module) -> list:
-    """Turn ``config.use_cache`` off (and in sub-configs and submodules' configs) while tracing: a
-    returned KV cache is not a tensor output export can handle. Returns what to restore."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not is_transformers_model(model):
-        return []
-    out = []
-    configs = [cfg] + [v for v in vars(cfg).values() if hasattr(v, "use_cache") and hasattr(v, "to_dict")]
-    configs += [c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")
-                and hasattr(c, "to_dict")]  # a copy of its own (Switch Transformers' decoder)
-    for c in {id(c): c for c in configs}.values():
-        if getattr(c, "use_cache", False):
-            out.append((c, c.use_cache))
-            try:
-                c.use_cache = False
-            except Exception:  # noqa: BLE001 - frozen configs
-                out.pop()
-    return out
-
-
-def _failure_summary(e: Exception) -> str:
-    """The error's first line and the user's call that raised it: the one torch names, else the
-    innermost frame of the traceback outside torch and permgraph."""
-    import traceback
-
-    lines = [ln for ln in str(e).splitlines()]
-    first = next((ln.strip() for ln in lines if ln.strip()), "")
-    out = f"{type(e).__name__}: {first[:300]}"
-    for i, ln in enumerate(lines):
-        if "The following call raised this error" in ln:
-            call = " | ".join(x.strip() for x in lines[i + 1:i + 3] if x.strip())
-            return out + f"\n  failing call: {call}"
-    ours = ("/torch/", "/permgraph/", "<frozen", "/contextlib.py")
-    for fr in reversed(traceback.extract_tb(e.__traceback__)):
-        if not any(m in fr.filename for m in ours):
-            return out + f"\n  failing call: File \"{fr.filename}\", line {fr.lineno}, in {fr.name} | {fr.line}"
-    return out
-
-
-_SAMPLING = ("torch.multinomial(", "torch.randperm(", "torch.randint(", "torch.rand(", "torch.randn(")
-
-
-def _skippable_hint(model: nn.Module, given: dict, e: Exception) -> str | None:
-    """For a data-dependent failure inside code that the forward runs only because an optional input
-    is missing (ViLT: ``if image_embeds is None: ... self.visual_embed(pixel_values, pixel_mask)``,
-    whose position-table sizes come from ``pixel_mask``'s values): the construct, and that input as
-    the thing to pass. None where the failure is not of that kind."""
-    import linecache
-    import re
-    import traceback
-
-    if "data-dependent" not in str(e) and "DataDependent" not in type(e).__name__:
-        return None
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    ours = ("/torch/", "/permgraph/", "<frozen", "/contextlib.py")
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if not any(m in f.filename for m in ours)]
-    inner = next((f for f in reversed(frames) if not f.name.startswith("<")), None)
-    for fr in frames:
-        lines = linecache.getlines(fr.filename)
-        if not lines or not fr.lineno:
-            continue
-        depth = len(lines[fr.lineno - 1]) - len(lines[fr.lineno - 1].lstrip())
-        for ln in reversed(lines[:fr.lineno - 1]):
-            if not ln.strip() or len(ln) - len(ln.lstrip()) >= depth:
-                continue
-            depth = len(ln) - len(ln.lstrip())
-            m = re.match(r"\s*if (\w+) is None:", ln)
-            if m and m.group(1) in params and given.get(m.group(1)) is None:
-                name = m.group(1)
-                break
-            if ln.lstrip().startswith("def "):
-                name = None
-                break
-        else:
-            name = None
-        if name is None or inner is None:
-            continue
-        fn = _enclosing_function(linecache.getlines(inner.filename), inner.lineno)
-        samples = [c.rstrip("(") for c in _SAMPLING if c in fn]
-        where = f"{inner.filename.rsplit('/', 1)[-1]}:{inner.lineno}"
-        return (f"  why: `{inner.name}` ({where}) takes sizes or a loop from the values of its inputs (a "
-                "data-dependent shape: torch.export cannot trace it for all inputs)"
-                + (f" and samples with {', '.join(samples)} (its outputs differ between calls, so draft "
-                   "export cannot reproduce them)" if samples else "")
-                + f"; the forward runs it only because `{name}` is not given.\n"
-                f"  what to do: pass `{name}` in example_inputs (computed once eagerly, e.g. with the model's "
-                f"own `{inner.name}`); the layers that compute it are then left fixed as unused.")
-    return None
-
-
-def _sdpa_only_hint(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
-    """For a transformers model whose eager forward runs with SDPA but fails with eager attention: the
-    forward runs only on eager SDPA's path that skips a mask attending everywhere, which transformers
-    never takes under export (it builds the mask there). Nemotron3's audio encoders with fewer key/value
-    heads than query heads: ``v_proj`` has a head per query head, and only SDPA's ``enable_gqa`` (no mask)
-    broadcasts key and value heads separately; ``repeat_kv`` repeats both by one factor. None otherwise."""
-    if not is_transformers_model(model):
-        return None
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - the forward fails as it is: not this kind of failure
-        return None
-    failure = None
-    with _eager_attention(model) as applies:
-        if not applies:
-            return None
-        try:
-            with torch.no_grad():
-                model(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - what is reported
-            failure = e
-    if failure is None:
-        return None
-    return ("  why: the forward runs eagerly with SDPA attention but fails with transformers' eager attention "
-            f"({_failure_summary(failure)}): it runs only where eager SDPA skips a mask that attends everywhere; "
-            "under torch.export transformers always builds the mask, and attention with a mask takes the path "
-            "that fails. The config's attention is one transformers supports on that one path only (e.g. key and "
-            "value projections of different head counts: Nemotron3's audio encoders with fewer key/value heads).\n"
-            "  what to do: use a config that its eager attention runs (as the checkpoints' do).")
-
-
-def _enclosing_function(lines: list[str], lineno: int) -> str:
-    """The source of the ``def`` around line ``lineno`` (1-based) of ``lines``."""
-    start = next((i for i in range(lineno - 1, -1, -1) if lines[i].lstrip().startswith("def ")), 0)
-    indent = len(lines[start]) - len(lines[start].lstrip())
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip()
-                and len(lines[i]) - len(lines[i].lstrip()) <= indent), len(lines))
-    return "".join(lines[start:end])
 
 
 def _collect(model: nn.Module, ep, strict: bool) -> Traced:

@@ -24,6 +24,7 @@ import torch.nn as nn
 from permgraph.alignment import Alignment
 from permgraph.backends import get_backend
 from permgraph.compiler import compile_graph
+from permgraph.equivalents import with_all_ones_mask
 from permgraph.errors import InputError
 from permgraph.inputs import resolve_inputs
 from permgraph.ir import Prod
@@ -31,7 +32,6 @@ from permgraph.solvers.base import SolverOptions
 from permgraph.solvers.common import PermState, brute_heads, check_heads, spectral_heads, unit_index
 from permgraph.solvers.weight_matching import WeightCosts
 from permgraph.spec import PermSpec
-from permgraph.trace import with_all_ones_mask
 
 
 @dataclass
