@@ -814,10 +814,33 @@ BATCH_CASES = [
 ]
 
 
+def _with_final_state(r: tuple) -> torch.Tensor:
+    """The output plus every layer's final hidden state (summed over layers): the states are read."""
+    return r[0] + r[1][0].sum(0)[:, None, :]
+
+
+RECURRENT_CASES = [
+    net("lstm-two-layers-bidirectional", aten.lstm, lambda m, h, g: m.mods["r"](h)[0], width=2 * K,
+        mods={"r": nn.LSTM(H, K, num_layers=2, bidirectional=True, batch_first=True)}, sizes=(H, K, K, K, K),
+        moved=("mods.r.weight_ih_l0", "mods.r.weight_hh_l1_reverse", "mods.r.bias_ih_l1")),
+    net("lstm-final-state-read-shares-the-layers", aten.lstm, lambda m, h, g: _with_final_state(m.mods["r"](h)),
+        width=K, mods={"r": nn.LSTM(H, K, num_layers=2, batch_first=True)}, sizes=(H, K)),
+    net("gru", aten.gru, lambda m, h, g: m.mods["r"](h)[0], width=K,
+        mods={"r": nn.GRU(H, K, num_layers=2, batch_first=True)}, sizes=(H, K, K), moved=("mods.r.weight_hh_l1",)),
+    net("rnn_tanh-time-first", aten.rnn_tanh, lambda m, h, g: m.mods["r"](h.transpose(0, 1))[0].transpose(0, 1),
+        width=K, mods={"r": nn.RNN(H, K, bias=False)}, sizes=(H, K)),
+    net("rnn_relu", aten.rnn_relu, lambda m, h, g: m.mods["r"](h)[0], width=K,
+        mods={"r": nn.RNN(H, K, nonlinearity="relu", batch_first=True)}, sizes=(H, K)),
+    net("glu-halves-share-their-units", aten.glu, lambda m, h, g: aten.glu.default(h, -1), width=H // 2,
+        sizes=(H // 2,), moved=("inp.weight",)),
+]
+
+
 # -- the table ------------------------------------------------------------------------------------
 
 CASES = (ELEMENTWISE_CASES + OTHER_POINTWISE_CASES + FACTORY_CASES + SHAPE_CASES + INDEX_CASES
-         + REDUCTION_CASES + LINALG_CASES + CONV_CASES + NORM_CASES + ATTENTION_CASES + WRITE_CASES + BATCH_CASES)
+         + REDUCTION_CASES + LINALG_CASES + CONV_CASES + NORM_CASES + ATTENTION_CASES + WRITE_CASES + BATCH_CASES
+         + RECURRENT_CASES)
 DYNAMIC_OPS = (aten.sym_size, aten._assert_async, aten._assert_tensor_metadata)
 BF16_OPS = (aten._grouped_mm,)  # traceable in bfloat16 only: tested below, verified in float32
 HAND_BUILT_OPS = (aten.sym_numel, aten.sym_stride, aten.sym_constrain_range, aten.sym_constrain_range_for_size,
@@ -920,16 +943,16 @@ def test_symbolic_size_ops_export_never_emits_constrain_nothing():
     result = infer(graph, inputs)
     assert not result.unknown_ops
     assert not result.store.reasons(result.param_axes["w1"][0])  # the hidden axis stays free
-    graph, inputs = _hand_built([(aten.glu.default, ("h",), {})])  # control: an op without a rule
+    graph, inputs = _hand_built([(aten.logcumsumexp.default, ("h", 0), {})])  # control: an op without a rule
     result = infer(graph, inputs)
     assert result.unknown_ops and result.store.reasons(result.param_axes["w1"][0])
 
 
 # -- ops without a rule, in-place ops, roles -------------------------------------------------------
 
-@pytest.mark.parametrize("body", [lambda h: aten.glu.default(h.repeat(1, 1, 2), -1),
+@pytest.mark.parametrize("body", [lambda h: aten.renorm.default(h, 2, 2, 1.0),
                                   lambda h: aten.glu_jvp.default(h, h.repeat(1, 1, 2), h.repeat(1, 1, 2), -1)],
-                         ids=["glu", "glu_jvp"])
+                         ids=["renorm", "glu_jvp"])
 def test_op_without_rule_is_reported_and_fixes_axes(body):
     model = Net(lambda m, h, g: body(h))
     spec = pg.compile(model, (_x(),))

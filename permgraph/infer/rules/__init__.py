@@ -18,6 +18,7 @@ from permgraph.infer.rules import (  # noqa: F401  (imported to register their r
     indexing,
     linalg,
     norm,
+    recurrent,
     reductions,
     shape,
 )

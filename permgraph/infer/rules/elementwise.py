@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from permgraph.infer.context import Args, RuleContext, TType
+from permgraph.infer.context import Args, RuleContext, TType, norm_dim
 from permgraph.infer.registry import family, passes_values, register
 from permgraph.infer.rules.indexing import positions_of_true
 
@@ -106,3 +106,15 @@ def copy_into(cx: RuleContext, node: fx.Node, a: Args) -> TType:
         if j not in uni and cx.store.size(x) == cx.store.size(dst[j + off]) and cx.store.size(x) != 1:
             cx.unify(x, dst[j + off])
     return list(dst)
+
+
+@register(aten.glu)
+def glu(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``a * sigmoid(b)`` for the halves ``a | b`` of ``dim`` (conformers' convolution module): the
+    axis is ``Cat(u, u)``, one permutation of the units for both halves, and the result's axis is ``u``."""
+    t = list(a.t("self"))
+    dim = norm_dim(a.get("dim", -1), len(t))
+    half = cx.store.new(cx.store.size(t[dim]) // 2)
+    cx.unify(t[dim], cx.store.make("cat", [half, half]))
+    t[dim] = half
+    return t
