@@ -161,6 +161,9 @@ PREDICATES = {  # op -> predicate(h, g); the result selects between h and g
     aten.bitwise_not: lambda h, g: aten.bitwise_not.default(h > g),
     aten.__and__: lambda h, g: aten.__and__.Tensor(h > 0, g > 0),
     aten.__or__: lambda h, g: aten.__or__.Tensor(h > 0, g > 0),
+    aten.__iand__: lambda h, g: aten.__iand__.Tensor(h > 0, g > 0),
+    aten.__ior__: lambda h, g: aten.__ior__.Tensor(h > 0, g > 0),
+    aten.__ixor__: lambda h, g: aten.__ixor__.Tensor(h > 0, g > 0),
     aten.__xor__: lambda h, g: aten.__xor__.Tensor(h > 0, g > 0),
     aten.isnan: lambda h, g: aten.isnan.default(h.log()),
     aten.isinf: lambda h, g: aten.isinf.default(1 / h.round()),
@@ -814,6 +817,19 @@ BATCH_CASES = [
 ]
 
 
+def _product(r: list) -> torch.Tensor:
+    return r[0] * r[1]
+
+
+BROADCAST_CASES = [
+    net("broadcast_tensors", aten.broadcast_tensors,
+        lambda m, h, g: _product(aten.broadcast_tensors.default([h, m.p["p"]])), params={"p": (H,)}, moved=("p.p",)),
+    net("unfold-windows-along-the-sequence", aten.unfold, lambda m, h, g: aten.unfold.default(h, 1, 2, 1).mean(-1)),
+    net("unfold-along-the-hidden-axis-fixes-it", aten.unfold,
+        lambda m, h, g: aten.unfold.default(h, 2, 2, 2).flatten(-2), sizes=()),
+]
+
+
 def _with_final_state(r: tuple) -> torch.Tensor:
     """The output plus every layer's final hidden state (summed over layers): the states are read."""
     return r[0] + r[1][0].sum(0)[:, None, :]
@@ -840,7 +856,7 @@ RECURRENT_CASES = [
 
 CASES = (ELEMENTWISE_CASES + OTHER_POINTWISE_CASES + FACTORY_CASES + SHAPE_CASES + INDEX_CASES
          + REDUCTION_CASES + LINALG_CASES + CONV_CASES + NORM_CASES + ATTENTION_CASES + WRITE_CASES + BATCH_CASES
-         + RECURRENT_CASES)
+         + RECURRENT_CASES + BROADCAST_CASES)
 DYNAMIC_OPS = (aten.sym_size, aten._assert_async, aten._assert_tensor_metadata)
 BF16_OPS = (aten._grouped_mm,)  # traceable in bfloat16 only: tested below, verified in float32
 HAND_BUILT_OPS = (aten.sym_numel, aten.sym_stride, aten.sym_constrain_range, aten.sym_constrain_range_for_size,

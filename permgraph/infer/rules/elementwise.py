@@ -52,6 +52,7 @@ def_elementwise(  # arithmetic and comparisons
     aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge,
     aten.logical_and, aten.logical_or, aten.logical_not, aten.logical_xor,
     aten.bitwise_and, aten.bitwise_or, aten.bitwise_not, aten.bitwise_xor, aten.__and__, aten.__or__, aten.__xor__,
+    aten.__iand__, aten.__ior__, aten.__ixor__,  # in place (``mask |= other``), packets of their own
     aten.clamp, aten.clamp_min, aten.clamp_max, aten.clip, aten.lerp, aten.addcmul, aten.addcdiv,
     aten.copysign, aten.atan2, aten.hypot,
 )

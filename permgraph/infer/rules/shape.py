@@ -195,6 +195,32 @@ def squeeze(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 
 
 @passes_values
+@register(aten.broadcast_tensors)
+def broadcast_tensors(cx: RuleContext, node: fx.Node, a: Args) -> list[TType]:
+    """Each result is its operand broadcast to the common shape (an ``expand`` each): an axis the
+    operand has passes, a broadcast one is fresh; the results share no axes through this op."""
+    res = []
+    for i, x in enumerate(a["tensors"]):
+        t, out = cx.t(x) or [], cx.out_shape(i)
+        off = len(out) - len(t)
+        res.append([t[k - off] if k >= off and cx.store.size(t[k - off]) == n else cx.store.new(n)
+                    for k, n in enumerate(out)])
+    return res
+
+
+@register(aten.unfold)
+def unfold(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Sliding windows along ``dimension`` (overlapping: the windows and the positions within them
+    are fixed, and so is the axis they slide along); every other axis passes."""
+    t, out = list(a.t("self")), cx.out_shape()
+    why = "sliding windows (unfold)"
+    d = norm_dim(a["dimension"], len(t)) if t else 0
+    if t:
+        cx.fix(t[d], why)
+        t[d] = cx.store.new(out[d], Reason(why, cx.where))
+    return t + [cx.store.new(out[-1], Reason(why, cx.where))]
+
+
 @register(aten.expand, aten.expand_as, aten.broadcast_to)
 def expand(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Broadcast axes (size 1 -> n) are constant along n: fresh, free atoms."""
