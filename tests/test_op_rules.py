@@ -452,6 +452,24 @@ def _sorted_boundaries() -> tuple[nn.Module, tuple]:
 INDEX_CASES.append(Case("bucketize-fixes-the-boundaries", _sorted_boundaries, (aten.bucketize,), (H,)))
 
 
+def _searched() -> tuple[nn.Module, tuple]:
+    """``h * searchsorted(b, h)`` with a sorted sequence ``b`` (a parameter)."""
+    model = Net(lambda m, h, g: h * aten.searchsorted.Tensor(m.p["b"], h).to(h.dtype), params={"b": (K,)})
+    with torch.no_grad():
+        model.p["b"].copy_(torch.linspace(-1.0, 1.0, K))
+    return model, (_x(),)
+
+
+INDEX_CASES.append(Case("searchsorted-fixes-the-sequence", _searched, (aten.searchsorted,), (H,)))
+INDEX_CASES += [
+    net(f"{name}-fixes-its-input", op, lambda m, h, g, f=f: h * f(h.round()).sum(), sizes=())
+    for name, op, f in (
+        ("unique_consecutive", aten.unique_consecutive, lambda x: aten.unique_consecutive.default(x, False, True)[2]),
+        ("unique_dim", aten.unique_dim, lambda x: aten.unique_dim.default(x, 2)[0]),
+        ("_unique2", aten._unique2, lambda x: aten._unique2.default(x)[0]))
+]
+
+
 # -- reductions and order-dependent ops ------------------------------------------------------
 
 REDUCTIONS = {  # op -> reduction of h over the hidden axis, kept as a unit axis
@@ -1287,3 +1305,26 @@ def test_resize_and_reshape_with_sizes_known_at_run_time_keep_the_known_head(mix
         assert pg.verify(model, spec, (x, hw), permutation=_reversed(spec), tolerance=1e-12).ok
     for seed in (0, 1):
         assert pg.verify(model, spec, (x, hw), seed=seed, tolerance=1e-12).ok
+
+
+class _RunTimeCumsum(nn.Module):
+    """A cumulative sum over rows whose count is known only at run time (the rows a mask keeps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, H), nn.Linear(H, O)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.a(x)[x[..., 0] > -10]  # every row, as far as export knows a data-dependent count
+        return self.b(rows.cumsum(0)).sum(0)
+
+
+def test_order_dependent_op_over_sizes_known_at_run_time_keeps_the_other_axes():
+    """cumsum along the run-time row axis: that axis is fixed, the hidden axis passes (was: an op
+    without a rule, every axis fixed)."""
+    model, x = _RunTimeCumsum().double(), _x().double()
+    spec = pg.compile(model, (x,))
+    assert not spec.unknown_ops, spec.unknown_ops
+    assert sorted(g.size for g in spec.groups.values()) == [H], spec.fixed
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-12).ok

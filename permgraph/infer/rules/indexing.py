@@ -239,17 +239,31 @@ def _unify_or_fix(cx: RuleContext, x: int, y: int, reason: str) -> None:
         cx.fix(y, reason)
 
 
-@register(aten.bucketize)
+@register(aten.bucketize, aten.searchsorted)
 def bucketize(cx: RuleContext, node: fx.Node, a: Args) -> TType:
-    """Each element of ``self`` is replaced by its position in the sorted ``boundaries``: elementwise
-    over ``self`` (its axes pass, constant where it is), while the result's values depend on the
-    order of ``boundaries``, whose axis is fixed."""
-    cx.fix_all(a.t("boundaries"), "sorted boundaries (bucketize)")
+    """Each element of ``self`` is replaced by its position in the sorted ``boundaries``
+    (``searchsorted``: ``sorted_sequence``): elementwise over ``self`` (its axes pass, constant where
+    it is), while the result's values depend on the order of the boundaries, whose axes are fixed;
+    ``searchsorted``'s N-D sequence searches row by row, so ``self``'s leading axes are fixed too."""
+    bounds = a.t("boundaries" if "boundaries" in a else "sorted_sequence")
+    cx.fix_all(bounds, f"sorted boundaries ({node.target.overloadpacket.__name__})")
+    cx.fix_all(a.t("sorter"), f"sorted boundaries ({node.target.overloadpacket.__name__})")
     t = a.t("self")
-    if t is None:  # bucketize.Scalar: a 0-d result
+    if t is None:  # a Scalar overload: a 0-d result
         return []
+    for x in t[: max(len(bounds or []) - 1, 0)]:
+        cx.fix(x, f"rows searched in order ({node.target.overloadpacket.__name__})")
     cx.set_uniform(cx.uniform_dims(a["self"]))
     return list(t)
+
+
+@register(aten.unique_consecutive, aten.unique_dim, aten._unique2)
+def unique(cx: RuleContext, node: fx.Node, a: Args) -> list[TType]:
+    """Distinct values (and where each element went, and how often): results of sizes known only at
+    run time, every axis of ``self`` fixed (which values repeat depends on their order)."""
+    why = f"unique values ({node.target.overloadpacket.__name__})"
+    cx.fix_all(a.t("self"), why)
+    return [cx.fresh(cx.out_shape(i), why) for i in range(len(node.meta["val"]))]
 
 
 @reads_values

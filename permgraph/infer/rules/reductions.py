@@ -71,7 +71,7 @@ def _order_dims(dim: Any, ndim: int) -> list[int]:
 
 def _results(cx: RuleContext, node: fx.Node, t: TType, dims: list[int], keep_dim_axis: bool) -> Any:
     val = node.meta["val"]
-    res = [_order_result(cx, t, dims, tuple(int(s) for s in v.shape), keep_dim_axis)
+    res = [_order_result(cx, t, dims, tuple(concrete(s) for s in v.shape), keep_dim_axis)
            for v in (val if isinstance(val, (list, tuple)) else [val])]
     return res if isinstance(val, (list, tuple)) else res[0]
 
