@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import sys
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from permgraph.errors import TraceError
-from permgraph.inputs import is_transformers_model
+from permgraph.inputs import is_transformers_model, modeling_helpers, recorded
 
 
 def with_all_ones_mask(model: nn.Module, kwargs: dict) -> dict | None:
@@ -206,21 +205,11 @@ def replayed_helpers(model: nn.Module, args: tuple, kwargs: dict):
     eager attention (SDPA decides ``is_causal`` from each window's length); yields what was replaced, or
     False where no such helper runs. The graph is specialised to those results: the caller keeps it only
     if it gives the model's outputs on the example inputs (``_reproduces``)."""
-    names = {type(m).__module__ for m in model.modules()}
-    spaces = [vars(mod) for name in names if (mod := sys.modules.get(name)) is not None]
-    found = [(space, name, fn) for space in spaces for name in _REPLAYED_HELPERS
-             if callable(fn := space.get(name)) and getattr(fn, "__module__", None) in names]
+    found = modeling_helpers(model, _REPLAYED_HELPERS)
     if not found or not is_transformers_model(model):
         yield False
         return
     calls: dict[str, list] = {}
-
-    def recorder(name: str, fn: Any) -> Any:
-        def record(*a: Any, **k: Any) -> Any:
-            res = fn(*a, **k)
-            calls.setdefault(name, []).append(res)
-            return res
-        return record
 
     def replay(name: str) -> Any:
         results = iter(calls[name])
@@ -233,13 +222,11 @@ def replayed_helpers(model: nn.Module, args: tuple, kwargs: dict):
         return again
 
     try:
-        for space, name, fn in found:
-            space[name] = recorder(name, fn)
         try:
-            with torch.no_grad():
+            with recorded(found) as calls, torch.no_grad():
                 model(*args, **kwargs)
         except Exception:  # noqa: BLE001 - the forward does not run on these inputs: nothing to replay
-            calls.clear()
+            calls = {}
         for space, name, fn in found:
             space[name] = replay(name) if name in calls else fn
         if not calls:

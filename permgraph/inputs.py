@@ -1,6 +1,7 @@
 """Example inputs: the user's, or derived from a transformers model's config (no tokenizer or hub)."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Collection, Iterator
@@ -196,14 +197,7 @@ def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int
         extra = {name: torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)}
         if f"{prefix}_attention_mask" in params:
             extra[f"{prefix}_attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=dev)
-        try:
-            with torch.no_grad():
-                want = model(**out)
-                got = model(**out, **extra)
-        except Exception:  # noqa: BLE001 - the forward needs more than these to read the stream
-            continue
-        if not _same_outputs(want, got, unknown=False):  # on meta: kept (unused ones are harmless)
-            out.update(extra)
+        _add_if_read(model, out, extra)
 
 
 def _with_encoder_states(model: nn.Module, out: dict[str, Any], batch: int, seed: int) -> None:
@@ -221,14 +215,20 @@ def _with_encoder_states(model: nn.Module, out: dict[str, Any], batch: int, seed
         return
     gen = torch.Generator().manual_seed(seed + 1)
     states = torch.randn(batch, 4, width, generator=gen).to(model_device(model), model_dtype(model))
+    _add_if_read(model, out, {"encoder_hidden_states": states})
+
+
+def _add_if_read(model: nn.Module, out: dict[str, Any], extra: dict[str, Any]) -> None:
+    """``out`` plus ``extra`` where the forward runs with them and its outputs change (on the meta device,
+    where there are no values to compare, they are kept: unused inputs are harmless)."""
     try:
         with torch.no_grad():
             want = model(**out)
-            got = model(**out, encoder_hidden_states=states)
-    except Exception:  # noqa: BLE001 - the forward does not take them (another width, no cross-attention)
+            got = model(**out, **extra)
+    except Exception:  # noqa: BLE001 - the forward does not take them (another width, more inputs needed)
         return
-    if not _same_outputs(want, got, unknown=False):  # on meta: kept (unused ones are harmless)
-        out["encoder_hidden_states"] = states
+    if not _same_outputs(want, got, unknown=False):
+        out.update(extra)
 
 
 # a spectrogram model's frame mask that its forward requires (FunASR's, Qwen3-ASR's encoders)
@@ -464,17 +464,23 @@ _VISION_PRECOMPUTED = {"get_vision_interpolation_indices_and_weights": ("interp_
                        "get_vision_attention_seqlens": ("cu_seqlens", "max_seqlen")}
 
 
-def _with_vision_precomputed(model: nn.Module, out: dict[str, Any]) -> None:
-    """The results of transformers' vision helpers, computed here in eager mode by the model's own calls
-    (recorded in one forward) and passed as the keyword arguments they accept precomputed: the helpers
-    derive sizes from the image grid's values, which export cannot trace. Kept only if the forward
-    accepts them and gives the same outputs; a helper called more than once is left to the forward."""
+def modeling_helpers(model: nn.Module, names: Collection[str], origins: Collection[str] | None = None) -> list:
+    """``(namespace, name, function)`` for each helper ``name`` that the model's modeling modules hold,
+    defined in one of ``origins`` (module names; default: those modeling modules themselves)."""
     import sys
 
-    import_names = {type(m).__module__ for m in model.modules()}
-    spaces = [vars(mod) for name in import_names if (mod := sys.modules.get(name)) is not None]
+    modules = {type(m).__module__ for m in model.modules()}
+    origins = modules if origins is None else set(origins)
+    spaces = [vars(mod) for name in modules if (mod := sys.modules.get(name)) is not None]
+    return [(space, name, fn) for space in spaces for name in names
+            if callable(fn := space.get(name)) and getattr(fn, "__module__", None) in origins]
+
+
+@contextlib.contextmanager
+def recorded(found: list) -> Iterator[dict[str, list]]:
+    """The helpers ``found`` (``modeling_helpers``) wrapped for the block so that each call's result is
+    recorded; yields ``name -> results in call order``; the helpers are restored afterwards."""
     calls: dict[str, list] = {}
-    patched = []
 
     def recorder(name: str, fn: Any) -> Any:
         def record(*args: Any, **kwargs: Any) -> Any:
@@ -483,22 +489,28 @@ def _with_vision_precomputed(model: nn.Module, out: dict[str, Any]) -> None:
             return res
         return record
 
-    for space in spaces:
-        for name in _VISION_PRECOMPUTED:
-            fn = space.get(name)
-            if callable(fn) and getattr(fn, "__module__", "") == "transformers.vision_utils":
-                patched.append((space, name, fn))
-                space[name] = recorder(name, fn)
-    if not patched:
+    try:
+        for space, name, fn in found:
+            space[name] = recorder(name, fn)
+        yield calls
+    finally:
+        for space, name, fn in found:
+            space[name] = fn
+
+
+def _with_vision_precomputed(model: nn.Module, out: dict[str, Any]) -> None:
+    """The results of transformers' vision helpers, computed here in eager mode by the model's own calls
+    (recorded in one forward) and passed as the keyword arguments they accept precomputed: the helpers
+    derive sizes from the image grid's values, which export cannot trace. Kept only if the forward
+    accepts them and gives the same outputs; a helper called more than once is left to the forward."""
+    found = modeling_helpers(model, _VISION_PRECOMPUTED, {"transformers.vision_utils"})
+    if not found:
         return
     try:
-        with torch.no_grad():
+        with recorded(found) as calls, torch.no_grad():
             want = model(**out)
     except Exception:  # noqa: BLE001 - the forward does not run with these inputs: nothing to add
         return
-    finally:
-        for space, name, fn in patched:
-            space[name] = fn
     extra = {}
     for name, results in calls.items():
         if len(results) == 1:

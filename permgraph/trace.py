@@ -170,13 +170,9 @@ def _draft_export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str
     try:
         with torch.no_grad(), quiet_export_logs():
             ep = torch.export.draft_export(model, args, kwargs, strict=False)
-            got = [t for _, t in named_outputs(ep.module()(*args, **kwargs)) if isinstance(t, torch.Tensor)]
-            want = [t for _, t in named_outputs(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
     except Exception:  # noqa: BLE001 - the first error is the one to report
         return None, None
-    if len(got) != len(want) or not all(
-            a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
-            for a, b in zip(got, want)):
+    if not _reproduces(ep, model, args, kwargs):
         return None, None
     report = getattr(ep, "_report", None)
     n = len(getattr(report, "failures", []) or [])
