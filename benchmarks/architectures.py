@@ -323,8 +323,15 @@ TASK_MAPPINGS = (  # the first task head a type has; the base model otherwise
     "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
     "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_CTC_MAPPING_NAMES",
     "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    # heads whose outputs are task outputs, not hidden states (a base model's hidden-state outputs fix its
+    # residual stream); where such a head does not build, the base model is tried next
+    "MODEL_FOR_VIDEO_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES",
+    "MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES", "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES",
+    "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+    "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "MODEL_FOR_TEXT_TO_WAVEFORM_MAPPING_NAMES",
     "MODEL_MAPPING_NAMES",
 )
+_WITH_BASE_FALLBACK = TASK_MAPPINGS.index("MODEL_FOR_VIDEO_CLASSIFICATION_MAPPING_NAMES")
 
 
 def model_classes(model_type: str) -> list:
@@ -335,7 +342,7 @@ def model_classes(model_type: str) -> list:
     from transformers.models.auto import modeling_auto
 
     out = []
-    for m in TASK_MAPPINGS:
+    for i, m in enumerate(TASK_MAPPINGS):
         name = getattr(modeling_auto, m, {}).get(model_type)
         if isinstance(name, (list, tuple)):
             name = name[0]
@@ -349,6 +356,10 @@ def model_classes(model_type: str) -> list:
         if not out:
             out.append(cls)
             if config_class in (None, CONFIG_MAPPING[model_type]):
+                if i >= _WITH_BASE_FALLBACK and m != "MODEL_MAPPING_NAMES":
+                    base = modeling_auto.MODEL_MAPPING_NAMES.get(model_type)
+                    base = getattr(transformers, str(base[0] if isinstance(base, (list, tuple)) else base), None)
+                    return out + [base] if base is not None and base is not cls else out
                 return out
         elif config_class is CONFIG_MAPPING[model_type]:
             return out + [cls]

@@ -74,7 +74,13 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     no_image = "image" not in mods and "input_ids" in out
     layout = None
     placed = _token_id(cfg, "image") is not None or _image_position_mask(params) is not None
-    if "pixel_values" in params and not (no_image and placed):
+    grid = next((g for g in _GRID_PARAMS if g in params), None)
+    if grid and "input_ids" not in out:  # a vision tower on its own that reads flattened patches (Qwen-VL's)
+        pixels = next((k for k in ("hidden_states", "pixel_values") if k in params), None)
+        if pixels is not None:
+            out.update(_first_that_runs(model, _grid_patches(model, batch, gen, grid, pixels)))
+            _with_vision_precomputed(model, out)
+    if "pixel_values" in params and "pixel_values" not in out and not (no_image and placed):
         out.update(_plain_images(model, params, placed, batch, gen))
     if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
@@ -308,6 +314,47 @@ def _flattened_patches(model: nn.Module, batch: int, gen: torch.Generator) -> It
         yield {"flattened_patches": torch.cat([idx, pixels], dim=-1).to(dev, dtype)}
 
 
+# the forward's parameter that holds each image's grid of patches (temporal, height, width) in Qwen-VL's layout
+_GRID_PARAMS = ("image_grid_thw", "grid_thw")
+
+
+def _grid_patches(model: nn.Module, batch: int, gen: torch.Generator, grid: str = "image_grid_thw",
+                  pixels: str = "pixel_values") -> Iterator[dict[str, Any]]:
+    """Candidate flattened patches in Qwen-VL's layout: ``batch`` images of ``s x s`` patches (``s`` two
+    merge windows) as rows ``(batch * s^2, C * T * P * P)``, ``T`` the config's temporal patch (then 2, 1),
+    or ``(batch * s^2, C, P, P)`` where the patch embedding takes them unflattened (Kimi-K2.5); ``grid`` is
+    ``[[1, s, s]] * batch``, and ``merge_sizes`` ``[merge] * batch`` where the forward takes it
+    (VideoLLaMA 3)."""
+    vcfg = getattr(model.config, "vision_config", None) or model.config
+    dev, dtype = model_device(model), model_dtype(model)
+    patch = getattr(vcfg, "patch_size", None) or 14
+    patch = patch if isinstance(patch, int) else patch[0]
+    ch = getattr(vcfg, "in_channels", None) or getattr(vcfg, "num_channels", None) or 3
+    merge = getattr(vcfg, "spatial_merge_size", None) or getattr(vcfg, "merge_kernel_size", None) or 1
+    merge = merge if isinstance(merge, int) else merge[0]
+    side = 2 * merge
+    n = batch * side * side
+    extra = {grid: torch.tensor([[1, side, side]] * batch, device=dev)}
+    if "merge_sizes" in inspect.signature(model.forward).parameters:
+        extra["merge_sizes"] = torch.tensor([merge] * batch, device=dev)
+    shapes = [(n, ch * tp * patch * patch) for tp in dict.fromkeys((getattr(vcfg, "temporal_patch_size", None) or 1,
+                                                                     2, 1))]
+    for shape in (*shapes, (n, ch, patch, patch)):
+        yield {pixels: torch.randn(*shape, generator=gen).to(dev, dtype), **extra}
+
+
+def _first_that_runs(model: nn.Module, candidates: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """The first of ``candidates`` the forward runs on (none: ``{}``)."""
+    for inputs in candidates:
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        except Exception:  # noqa: BLE001 - the next layout
+            continue
+        return inputs
+    return {}
+
+
 def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """Candidate image inputs of a vision-language model, most common layout first: one image per
     sample ``(batch, C, S, S)``; anyres tiles with ``image_sizes`` (LLaVA-NeXT); flattened patches with
@@ -325,11 +372,7 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     patch = getattr(vcfg, "patch_size", None)
     patch = patch if isinstance(patch, int) or patch is None else patch[0]
     if "image_grid_thw" in params and patch:
-        merge = getattr(vcfg, "spatial_merge_size", 1) or 1
-        tp = getattr(vcfg, "temporal_patch_size", 1) or 1
-        side = 2 * merge
-        yield {"pixel_values": torch.randn(batch * side * side, ch * tp * patch * patch, generator=gen).to(dev, dtype),
-               "image_grid_thw": torch.tensor([[1, side, side]] * batch, device=dev)}
+        yield from _grid_patches(model, batch, gen)
         return
     if size is None:
         return

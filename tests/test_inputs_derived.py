@@ -112,3 +112,38 @@ def test_vision_tower_gets_patches_with_their_positions():
     inputs = _runs(Gemma4VisionModel(cfg).eval())
     assert inputs["pixel_values"].shape == (2, 16, 3 * 4 * 4)
     assert inputs["pixel_position_ids"][0, :5].tolist() == [[0, 0], [1, 0], [2, 0], [3, 0], [0, 1]]
+
+
+def test_vision_tower_on_its_own_gets_flattened_patches_with_their_grid():
+    """Qwen2.5-VL's vision tower reads flattened patches ``(images * s^2, C * T * P * P)`` with each image's
+    grid ``grid_thw`` (``s`` two merge windows): it compiles from the plain call, its blocks and merger
+    move, and the spec is sound."""
+    import permgraph as pg
+    from transformers import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    cfg = Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4,
+                                 spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=24,
+                                 fullatt_block_indexes=[1], window_size=16)
+    torch.manual_seed(0)
+    model = Qwen2_5_VisionTransformerPretrainedModel._from_config(cfg).eval().double()
+    inputs = _runs(model)
+    assert inputs["hidden_states"].shape == (2 * 16, 3 * 2 * 4 * 4)
+    assert inputs["grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
+    spec = pg.compile(model)
+    moving = {p for p in spec.shapes if any(t.groups() for t in spec.axes_of(p))}
+    assert any(p.startswith("merger.mlp.") for p in moving) and any(".mlp.up_proj." in p for p in moving)
+    assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_vision_tower_with_an_unflattened_patch_embedding_gets_its_layout():
+    """Kimi-K2.5's tower embeds patches with a convolution: its flattened patches are ``(n, C, P, P)``,
+    the layout the forward runs on after the flat rows fail."""
+    from transformers import Kimi_K25VisionConfig, Kimi_K25VisionModel
+
+    cfg = Kimi_K25VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                               patch_size=4)
+    torch.manual_seed(0)
+    inputs = _runs(Kimi_K25VisionModel._from_config(cfg).eval())
+    assert inputs["pixel_values"].shape[1:] == (3, 4, 4)
+    assert inputs["pixel_values"].shape[0] == int(inputs["grid_thw"].prod(-1).sum())
