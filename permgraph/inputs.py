@@ -74,12 +74,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     no_image = "image" not in mods and "input_ids" in out
     layout = None
     placed = _token_id(cfg, "image") is not None or _image_position_mask(params) is not None
-    grid = next((g for g in _GRID_PARAMS if g in params), None)
-    if grid and "input_ids" not in out:  # a vision tower on its own that reads flattened patches (Qwen-VL's)
-        pixels = next((k for k in ("hidden_states", "pixel_values") if k in params), None)
-        if pixels is not None:
-            out.update(_first_that_runs(model, _grid_patches(model, batch, gen, grid, pixels)))
-            _with_vision_precomputed(model, out)
+    if "input_ids" not in out:  # a vision tower on its own that reads flattened patches (Qwen-VL's)
+        out.update(_tower_grid_patches(model, params, batch, gen))
     if "pixel_values" in params and "pixel_values" not in out and not (no_image and placed):
         out.update(_plain_images(model, params, placed, batch, gen))
     if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
@@ -341,6 +337,20 @@ def _grid_patches(model: nn.Module, batch: int, gen: torch.Generator, grid: str 
                                                                      2, 1))]
     for shape in (*shapes, (n, ch, patch, patch)):
         yield {pixels: torch.randn(*shape, generator=gen).to(dev, dtype), **extra}
+
+
+def _tower_grid_patches(model: nn.Module, params: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
+    """A vision tower's own inputs where its forward takes an image grid (``_GRID_PARAMS``) with the patches
+    (``hidden_states`` or ``pixel_values``): the first of ``_grid_patches`` it runs on, with the vision
+    helpers' results precomputed (``_with_vision_precomputed``); ``{}`` otherwise."""
+    grid = next((g for g in _GRID_PARAMS if g in params), None)
+    pixels = next((k for k in ("hidden_states", "pixel_values") if k in params), None)
+    if grid is None or pixels is None:
+        return {}
+    out = _first_that_runs(model, _grid_patches(model, batch, gen, grid, pixels))
+    if out:
+        _with_vision_precomputed(model, out)
+    return out
 
 
 def _first_that_runs(model: nn.Module, candidates: Iterator[dict[str, Any]]) -> dict[str, Any]:

@@ -118,9 +118,10 @@ def test_vision_tower_on_its_own_gets_flattened_patches_with_their_grid():
     """Qwen2.5-VL's vision tower reads flattened patches ``(images * s^2, C * T * P * P)`` with each image's
     grid ``grid_thw`` (``s`` two merge windows): it compiles from the plain call, its blocks and merger
     move, and the spec is sound."""
-    import permgraph as pg
     from transformers import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    import permgraph as pg
 
     cfg = Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4,
                                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=24,
