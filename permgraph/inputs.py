@@ -60,7 +60,6 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
             "'module:function' that returns (model, example_inputs).")
     cfg = model.config
     dev = model_device(model)
-    dtype = model_dtype(model)
     gen = torch.Generator().manual_seed(seed)
     params = inspect.signature(model.forward).parameters
     out: dict[str, torch.Tensor] = {}
@@ -92,8 +91,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if images:  # computed from every placeholder in the text (images, videos, audio)
         _with_rope_positions(model, out)
         _with_vision_precomputed(model, out)
-    if "input_values" in params and model.main_input_name == "input_values":  # raw audio
-        out["input_values"] = torch.randn(batch, 1024, generator=gen).to(dev, dtype)
+    if model.main_input_name in _OTHER_MAIN_INPUTS and model.main_input_name in params:  # raw audio, clips, ...
+        out.update(_first_that_runs(model, _OTHER_MAIN_INPUTS[model.main_input_name](model, batch, seq, gen)))
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
         layout = _spectrogram(model, out, batch, gen)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
@@ -113,12 +112,12 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
 
 
 def _pixel_values(vcfg: Any, batch: int, gen: torch.Generator) -> torch.Tensor:
-    """Images of the vision config's size; a video model's clip (VideoMAE, ViViT, X-CLIP: its config
-    has ``num_frames``) is ``(batch, frames, C, S, S)``."""
-    size = getattr(vcfg, "image_size", 32)
+    """Images of the vision config's size (``image_size`` or ``crop_size``); a video model's clip (VideoMAE,
+    ViViT, X-CLIP: its config has ``num_frames``; V-JEPA 2: ``frames_per_clip``) is ``(batch, frames, C, S, S)``."""
+    size = getattr(vcfg, "image_size", None) or getattr(vcfg, "crop_size", None) or 32
     size = size if isinstance(size, int) else size[0]
-    ch = getattr(vcfg, "num_channels", 3)
-    frames = getattr(vcfg, "num_frames", None)
+    ch = getattr(vcfg, "num_channels", None) or getattr(vcfg, "in_chans", None) or 3
+    frames = getattr(vcfg, "num_frames", None) or getattr(vcfg, "frames_per_clip", None)
     clip = (frames,) if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 else ()
     return torch.randn(batch, *clip, ch, size, size, generator=gen)
 
@@ -160,6 +159,59 @@ def _patchified(vcfg: Any, batch: int, gen: torch.Generator, dev: torch.device, 
         out["spatial_shapes"] = torch.tensor([[side, side]] * batch, dtype=torch.long, device=dev)
     out["pixel_values"] = torch.randn(batch, side * side, ch * patch * patch, generator=gen).to(dev, dtype)
     return out
+
+
+def _video_clips(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """A video classifier's ``pixel_values_videos`` (V-JEPA 2, VideoPrism): a clip, ``_pixel_values``."""
+    vcfg = getattr(model.config, "vision_config", None) or model.config
+    yield {"pixel_values_videos": _pixel_values(vcfg, batch, gen).to(model_device(model), model_dtype(model))}
+
+
+def _embeddings(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """A forward whose main input is ``inputs_embeds`` ``(batch, seq, hidden)`` (no embedding table)."""
+    width = next((v for k in ("hidden_size", "d_model") if isinstance(v := getattr(model.config, k, None), int)), None)
+    if width:
+        yield {"inputs_embeds": torch.randn(batch, seq, width, generator=gen).to(model_device(model),
+                                                                                 model_dtype(model))}
+
+
+def _raw_audio(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Raw audio ``input_values`` ``(batch, 1024)`` (wav2vec 2.0, HuBERT)."""
+    yield {"input_values": torch.randn(batch, 1024, generator=gen).to(model_device(model), model_dtype(model))}
+
+
+def _past_values(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """A time-series forecaster's history ``past_values``: ``(batch, context, channels)`` (PatchTST,
+    PatchTSMixer), else ``(batch, context)`` with no padding (``past_values_padding`` zeros) and frequency
+    class 0 ``(batch, 1)`` where the forward requires them (TimesFM); ``context`` the config's ``context_length``."""
+    cfg = model.config
+    dev, dtype = model_device(model), model_dtype(model)
+    ctx = getattr(cfg, "context_length", None) or 4 * (getattr(cfg, "patch_length", None) or 8)
+    params = inspect.signature(model.forward).parameters
+    extra: dict[str, Any] = {}
+    if "past_values_padding" in params:
+        extra["past_values_padding"] = torch.zeros(batch, ctx, dtype=torch.long, device=dev)
+    if "freq" in params and params["freq"].default is params["freq"].empty:
+        extra["freq"] = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+    channels = getattr(cfg, "num_input_channels", None) or 1
+    yield {"past_values": torch.randn(batch, ctx, channels, generator=gen).to(dev, dtype)}
+    yield {"past_values": torch.randn(batch, ctx, generator=gen).to(dev, dtype), **extra}
+
+
+def _audio_mel(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Gemma 3n's audio encoder: mel frames ``(batch, frames, mels)`` and ``audio_mel_mask`` (True is
+    padding: none here)."""
+    cfg = model.config
+    mels = getattr(cfg, "input_feat_size", None) or getattr(cfg, "num_mel_bins", None) or 80
+    dev = model_device(model)
+    yield {"audio_mel": torch.randn(batch, 64, mels, generator=gen).to(dev, model_dtype(model)),
+           "audio_mel_mask": torch.zeros(batch, 64, dtype=torch.bool, device=dev)}
+
+
+# a forward's main input (``main_input_name``) that is not text, images or spectrograms: candidate inputs,
+# the first that the forward runs on kept
+_OTHER_MAIN_INPUTS = {"input_values": _raw_audio, "pixel_values_videos": _video_clips, "inputs_embeds": _embeddings,
+                      "past_values": _past_values, "audio_mel": _audio_mel}
 
 
 def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator):
@@ -354,15 +406,18 @@ def _tower_grid_patches(model: nn.Module, params: Any, batch: int, gen: torch.Ge
 
 
 def _first_that_runs(model: nn.Module, candidates: Iterator[dict[str, Any]]) -> dict[str, Any]:
-    """The first of ``candidates`` the forward runs on (none: ``{}``)."""
+    """The first of ``candidates`` the forward runs on by themselves; else the first (the forward may need
+    inputs derived after these, an encoder-decoder's ``decoder_input_ids``); ``{}`` when there are none."""
+    first = None
     for inputs in candidates:
+        first = inputs if first is None else first
         try:
             with torch.no_grad():
                 model(**inputs)
         except Exception:  # noqa: BLE001 - the next layout
             continue
         return inputs
-    return {}
+    return first or {}
 
 
 def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:

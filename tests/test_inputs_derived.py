@@ -148,3 +148,46 @@ def test_vision_tower_with_an_unflattened_patch_embedding_gets_its_layout():
     inputs = _runs(Kimi_K25VisionModel._from_config(cfg).eval())
     assert inputs["pixel_values"].shape[1:] == (3, 4, 4)
     assert inputs["pixel_values"].shape[0] == int(inputs["grid_thw"].prod(-1).sum())
+
+
+def test_video_classifier_gets_a_clip_of_its_frames_per_clip():
+    """V-JEPA 2 reads ``pixel_values_videos`` (its main input) of ``frames_per_clip`` frames of ``crop_size``."""
+    from transformers import VJEPA2Config, VJEPA2ForVideoClassification
+
+    cfg = VJEPA2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2.0, crop_size=16,
+                       patch_size=8, frames_per_clip=4, tubelet_size=2, pred_hidden_size=16,
+                       pred_num_hidden_layers=1, pred_num_attention_heads=2, num_labels=3)
+    inputs = _runs(VJEPA2ForVideoClassification(cfg).eval())
+    assert inputs["pixel_values_videos"].shape == (2, 4, 3, 16, 16)
+
+
+def test_time_series_models_get_their_history_in_the_layout_they_read():
+    """PatchTST reads ``past_values`` ``(batch, context, channels)`` and compiles soundly; TimesFM reads
+    ``(batch, context)`` with its padding and frequency class, which its forward requires."""
+    from transformers import PatchTSTConfig, PatchTSTModel, TimesFmConfig, TimesFmModel
+
+    import permgraph as pg
+
+    cfg = PatchTSTConfig(num_input_channels=3, context_length=32, patch_length=8, patch_stride=8, d_model=16,
+                         num_attention_heads=2, num_hidden_layers=1, ffn_dim=24)
+    torch.manual_seed(0)
+    model = PatchTSTModel(cfg).eval().double()
+    assert _runs(model)["past_values"].shape == (2, 32, 3)
+    spec = pg.compile(model)
+    assert any(t.groups() for p in spec.shapes for t in spec.axes_of(p))
+    assert pg.verify(model, spec, promote_float32=True).ok
+    cfg = TimesFmConfig(patch_length=8, context_length=32, horizon_length=8, hidden_size=16, intermediate_size=24,
+                        num_hidden_layers=1, num_attention_heads=2, head_dim=8)
+    inputs = _runs(TimesFmModel(cfg).eval())
+    assert inputs["past_values"].shape == (2, 32) and inputs["freq"].shape == (2, 1)
+    assert not inputs["past_values_padding"].any()
+
+
+def test_audio_encoder_reading_mel_frames_gets_them_with_an_empty_padding_mask():
+    """Gemma 3n's audio encoder: ``audio_mel`` ``(batch, frames, mels)``; ``audio_mel_mask`` True is padding."""
+    from transformers import Gemma3nAudioConfig, Gemma3nAudioEncoder
+
+    cfg = Gemma3nAudioConfig(hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=1,
+                             input_feat_size=16, sscp_conv_channel_size=[8, 8])
+    inputs = _runs(Gemma3nAudioEncoder(cfg).eval())
+    assert inputs["audio_mel"].shape == (2, 64, 16) and not inputs["audio_mel_mask"].any()
