@@ -8,7 +8,9 @@ not apply); everything is restored afterwards. ``permgraph.trace`` tries them in
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -243,6 +245,34 @@ def eager_attention(model: nn.Module):
     """A transformers model's attention as ``eager`` for the block (the same function; SDPA decides
     ``is_causal`` from each chunk's length, data-dependent in a vision tower that attends per image)."""
     return switched(model, "attn", "eager", is_transformers_model)
+
+
+@contextlib.contextmanager
+def returned_caches_dropped(model: nn.Module) -> Iterator[None]:
+    """The forward's returned KV caches (transformers ``Cache`` objects in its ``ModelOutput``) left out
+    for the block: state that export cannot flatten, not an output of the function (a forward whose
+    encoder hands its decoder a cache returns it whatever ``use_cache`` says: ``cache_off``)."""
+    from transformers.cache_utils import Cache
+    from transformers.utils import ModelOutput
+
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def without_caches(*args: Any, **kwargs: Any) -> Any:
+        out = forward(*args, **kwargs)
+        if isinstance(out, ModelOutput) and any(isinstance(v, Cache) for v in out.values()):
+            return type(out)(**{k: v for k, v in out.items() if not isinstance(v, Cache)})
+        return out
+
+    had = "forward" in vars(model)
+    model.forward = without_caches
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = forward
+        else:
+            del model.forward
 
 
 def cache_off(model: nn.Module) -> list:

@@ -176,8 +176,17 @@ def _embeddings(model: nn.Module, batch: int, seq: int, gen: torch.Generator) ->
 
 
 def _raw_audio(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
-    """Raw audio ``input_values`` ``(batch, 1024)`` (wav2vec 2.0, HuBERT)."""
-    yield {"input_values": torch.randn(batch, 1024, generator=gen).to(model_device(model), model_dtype(model))}
+    """``input_values``: raw audio ``(batch, 1024)`` (wav2vec 2.0, HuBERT); with its channels
+    ``(batch, channels, 1024)`` (codecs: EnCodec, Mimi, X-Codec; ``audio_channels`` or mono); a spectrogram
+    ``(batch, max_length, num_mel_bins)`` (Audio Spectrogram Transformer)."""
+    cfg = model.config
+    dev, dtype = model_device(model), model_dtype(model)
+    yield {"input_values": torch.randn(batch, 1024, generator=gen).to(dev, dtype)}
+    channels = getattr(cfg, "audio_channels", None) or 1
+    yield {"input_values": torch.randn(batch, channels, 1024, generator=gen).to(dev, dtype)}
+    frames, mels = getattr(cfg, "max_length", None), getattr(cfg, "num_mel_bins", None)
+    if isinstance(frames, int) and isinstance(mels, int):
+        yield {"input_values": torch.randn(batch, frames, mels, generator=gen).to(dev, dtype)}
 
 
 def _past_values(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
@@ -451,6 +460,10 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
             yield {"pixel_values": torch.randn(batch, n, ch, size, size, generator=gen).to(dev, dtype),
                    "image_sizes": [[size, size]] * batch}
     yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)}
+    if "image_sizes" in params:  # each image's size in pixels, which the forward requires (Mistral 3's patch
+        # merger): a list again, read in Python
+        yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype),
+               "image_sizes": [[size, size]] * batch}
     # images per sample (Idefics2/3, SmolVLM: ``(batch, images, C, S, S)``), one each
     yield {"pixel_values": torch.randn(batch, 1, ch, size, size, generator=gen).to(dev, dtype)}
 

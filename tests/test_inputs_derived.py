@@ -191,3 +191,16 @@ def test_audio_encoder_reading_mel_frames_gets_them_with_an_empty_padding_mask()
                              input_feat_size=16, sscp_conv_channel_size=[8, 8])
     inputs = _runs(Gemma3nAudioEncoder(cfg).eval())
     assert inputs["audio_mel"].shape == (2, 64, 16) and not inputs["audio_mel_mask"].any()
+
+
+def test_audio_models_get_input_values_in_the_layout_they_read():
+    """``input_values`` is raw audio ``(batch, samples)`` for wav2vec 2.0, ``(batch, channels, samples)``
+    for codecs (DAC) and a spectrogram ``(batch, max_length, mels)`` for the Audio Spectrogram Transformer."""
+    from transformers import ASTConfig, ASTForAudioClassification, DacConfig, DacModel
+
+    ast = ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, max_length=64,
+                    num_mel_bins=16, patch_size=8, frequency_stride=8, time_stride=8)
+    assert _runs(ASTForAudioClassification(ast).eval())["input_values"].shape == (2, 64, 16)
+    dac = DacConfig(encoder_hidden_size=8, downsampling_ratios=[2, 2], decoder_hidden_size=16, hidden_size=16,
+                    n_codebooks=2, codebook_size=16, codebook_dim=4)
+    assert _runs(DacModel(dac).eval())["input_values"].shape == (2, 1, 1024)
