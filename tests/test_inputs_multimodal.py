@@ -77,3 +77,25 @@ def test_a_modality_that_cannot_be_traced_is_dropped_before_the_others():
     assert not any(_moves(spec, p) for p in spec.shapes if ".video_tower." in p)
     assert "video" in pg.explain(spec)
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_vlm_whose_forward_requires_image_sizes_gets_them_as_a_list():
+    """Mistral 3's patch merger reads each image's size in pixels (``image_sizes``, required with images): the
+    derived inputs pass them as a list (read in Python), with one image token per merged patch, and its
+    Pixtral tower moves."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    cfg = Mistral3Config(image_token_index=100, spatial_merge_size=2, vision_feature_layer=-1,
+                         text_config={**TINY_TEXT, "model_type": "mistral"},
+                         vision_config={"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 48,
+                                        "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32,
+                                        "patch_size": 8, "head_dim": 16})
+    torch.manual_seed(0)
+    model = Mistral3ForConditionalGeneration(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["image_sizes"] == [[32, 32], [32, 32]]
+    assert (inputs["input_ids"] == 100).sum() == 2 * (32 // 8 // 2) ** 2
+    spec = pg.compile(model)
+    tower = [p for p in spec.shapes if ".vision_tower." in p and p.endswith("feed_forward.up_proj.weight")]
+    assert tower and all(_moves(spec, p) for p in tower)
+    assert pg.verify(model, spec, promote_float32=True).ok

@@ -334,3 +334,30 @@ def test_attention_that_runs_only_on_sdpas_mask_skipping_path_names_the_construc
     spec = pg.compile(model)
     assert any(t.groups() for t in spec.axes_of("layers.0.self_attn.v_proj.weight"))
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_a_kv_cache_the_forward_returns_whatever_use_cache_says_is_left_out():
+    """A forward that returns a KV cache with its outputs (DiffusionGemma's encoder hands its decoder one)
+    cannot be exported as it is: the cache is left out of the outputs, the rest traced and sound."""
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.cache_utils import DynamicCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class CacheReturning(PreTrainedModel):
+        config_class = PretrainedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return CausalLMOutputWithPast(logits=self.down(torch.relu(self.up(x))), past_key_values=DynamicCache())
+
+    torch.manual_seed(0)
+    model = CacheReturning(PretrainedConfig()).eval()
+    x = torch.randn(2, 8)
+    spec = pg.compile(model, (x,))
+    assert spec.info["outputs"] == ["logits"]
+    assert any(t.groups() for t in spec.axes_of("up.weight"))
+    assert pg.verify(model, spec, (x,)).ok
+    assert "forward" not in vars(model)  # the forward as it was
