@@ -440,17 +440,19 @@ def stack(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 @register(aten.pad, aten.constant_pad_nd)
 def pad(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Constant padding makes an axis ``cat(pad, axis, pad)`` (a constant segment permutes freely);
-    cropping (negative pads) and reflect/replicate/circular padding fix the padded axes."""
+    cropping (negative pads), reflect/replicate/circular padding and pads known only at run time (a
+    causal convolution's, from the input's length) fix the padded axes."""
     t = list(a.t("self"))
     pads = list(a["pad"])
     mode = a.get("mode") or "constant"
     for k in range(len(pads) // 2):
         d = len(t) - 1 - k
         lo, hi = pads[2 * k], pads[2 * k + 1]
-        if lo == 0 and hi == 0:
+        if isinstance(lo, int) and isinstance(hi, int) and lo == 0 and hi == 0:
             continue
-        if mode != "constant" or lo < 0 or hi < 0:
-            cx.fix(t[d], f"{mode} padding" if mode != "constant" else "cropped by a negative pad")
+        if not (isinstance(lo, int) and isinstance(hi, int)) or mode != "constant" or lo < 0 or hi < 0:
+            cx.fix(t[d], f"{mode} padding" if mode != "constant" else "cropped by a negative pad"
+                   if isinstance(lo, int) and isinstance(hi, int) else "padded by an amount known at run time")
             t[d] = cx.store.new(cx.out_shape()[d], Reason("padded axis", cx.where))
             continue
         t[d] = cx.store.make("cat", [x for x in (cx.store.new(lo), t[d], cx.store.new(hi)) if cx.store.size(x)])
