@@ -222,8 +222,13 @@ def _consistent(cfg, model_type: str) -> None:
     if mm and isinstance(getattr(text, "vocab_size", None), int) and max(mm) >= text.vocab_size:
         _set(text, "vocab_size", max(mm) + 1)
     hidden = getattr(text, "hidden_size", None)
-    if isinstance(getattr(vision, "out_hidden_size", None), int) and hidden:
-        _set(vision, "out_hidden_size", hidden)
+    for k in ("out_hidden_size", "text_hidden_size"):  # the tower's output width (HunYuan-VL's text_hidden_size)
+        if isinstance(getattr(vision, k, None), int) and hidden:
+            _set(vision, k, hidden)
+    if hidden and any(_token_id_set(cfg, k) for k in ("image_token_id", "image_token_index")):  # a VLM's
+        for c in (cfg, vision):  # projector into the text (PaliGemma's projection_dim): the shrunk text width
+            if isinstance(getattr(c, "projection_dim", None), int) and c.projection_dim != hidden:
+                _set(c, "projection_dim", hidden)
     _mrope(text, model_type)
     depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", None)
     if isinstance(getattr(vision, "deepstack_visual_indexes", None), (list, tuple)) and depth:
@@ -252,6 +257,11 @@ def _consistent(cfg, model_type: str) -> None:
 # config classes that leave head_dim None while their attention reads it (their checkpoints set it):
 # the width over the heads, as elsewhere
 _HEAD_DIM_UNSET = ("hunyuan_v1_dense", "hunyuan_v1_moe", "hunyuan_vl", "hunyuan_vl_text", "ministral")
+
+
+def _token_id_set(cfg, k: str) -> bool:
+    v = getattr(cfg, k, None)
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _mrope(text, model_type: str) -> None:
