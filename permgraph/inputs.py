@@ -96,7 +96,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
         layout = _spectrogram(model, out, batch, gen)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
-        vocab = getattr(cfg, "vocab_size", None) or _text_vocab(cfg) or 100
+        vocab = (getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "decoder", None), "vocab_size", None)
+                 or _text_vocab(cfg) or 100)  # a vision encoder-decoder's: its decoder's
         out["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq // 2), generator=gen).to(dev)
     for flag in _OFF_WHILE_TRACING:
         if flag in params:
@@ -108,18 +109,30 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if "input_ids" in out:  # inputs read by parts the ones above leave out (probed: kept if they matter)
         _with_encoder_states(model, out, batch, seed)
         _with_second_token_streams(model, out, batch, seq, seed)
+        _with_boxes(model, out, batch, seq, seed)
     return out
 
 
 def _pixel_values(vcfg: Any, batch: int, gen: torch.Generator) -> torch.Tensor:
-    """Images of the vision config's size (``image_size`` or ``crop_size``); a video model's clip (VideoMAE,
-    ViViT, X-CLIP: its config has ``num_frames``; V-JEPA 2: ``frames_per_clip``) is ``(batch, frames, C, S, S)``."""
+    """Images of the vision config's size (``image_size``, square or ``(height, width)``, or ``crop_size``); a
+    video model's clip (VideoMAE, ViViT, X-CLIP: its config has ``num_frames``; V-JEPA 2: ``frames_per_clip``)
+    is ``(batch, frames, C, H, W)``."""
     size = getattr(vcfg, "image_size", None) or getattr(vcfg, "crop_size", None) or 32
-    size = size if isinstance(size, int) else size[0]
+    height, width = (size, size) if isinstance(size, int) else tuple(size[:2])  # MGP-STR's (32, 128)
     ch = getattr(vcfg, "num_channels", None) or getattr(vcfg, "in_chans", None) or 3
     frames = getattr(vcfg, "num_frames", None) or getattr(vcfg, "frames_per_clip", None)
     clip = (frames,) if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 else ()
-    return torch.randn(batch, *clip, ch, size, size, generator=gen)
+    return torch.randn(batch, *clip, ch, height, width, generator=gen)
+
+
+def _vision_config(cfg: Any) -> Any:
+    """The config that sizes a model's images: ``vision_config``, FLAVA's ``image_config``, a vision
+    encoder-decoder's ``encoder`` (one with an ``image_size``); else the config itself."""
+    for key in ("vision_config", "image_config", "encoder"):
+        sub = getattr(cfg, key, None)
+        if sub is not None and (key != "encoder" or getattr(sub, "image_size", None) is not None):
+            return sub
+    return cfg
 
 
 def _plain_images(model: nn.Module, params: Any, placed: bool, batch: int, gen: torch.Generator) -> dict[str, Any]:
@@ -129,7 +142,7 @@ def _plain_images(model: nn.Module, params: Any, placed: bool, batch: int, gen: 
     cfg = model.config
     if "vision_config" in vars(cfg) and cfg.vision_config is None:
         return {}
-    vcfg = getattr(cfg, "vision_config", None) or cfg
+    vcfg = _vision_config(cfg)
     dev, dtype = model_device(model), model_dtype(model)
     out = {"pixel_values": _pixel_values(vcfg, batch, gen).to(dev, dtype)}
     if not placed and ("spatial_shapes" in params and "pixel_attention_mask" in params  # NaFlex (SigLIP 2)
@@ -163,7 +176,7 @@ def _patchified(vcfg: Any, batch: int, gen: torch.Generator, dev: torch.device, 
 
 def _video_clips(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """A video classifier's ``pixel_values_videos`` (V-JEPA 2, VideoPrism): a clip, ``_pixel_values``."""
-    vcfg = getattr(model.config, "vision_config", None) or model.config
+    vcfg = _vision_config(model.config)
     yield {"pixel_values_videos": _pixel_values(vcfg, batch, gen).to(model_device(model), model_dtype(model))}
 
 
@@ -282,16 +295,33 @@ def _with_encoder_states(model: nn.Module, out: dict[str, Any], batch: int, seed
 
 
 def _add_if_read(model: nn.Module, out: dict[str, Any], extra: dict[str, Any]) -> None:
-    """``out`` plus ``extra`` where the forward runs with them and its outputs change (on the meta device,
-    where there are no values to compare, they are kept: unused inputs are harmless)."""
+    """``out`` plus ``extra`` where the forward runs with them and its outputs change, or it runs only with
+    them (on the meta device, where there are no values to compare, they are kept: unused inputs are
+    harmless)."""
     try:
         with torch.no_grad():
-            want = model(**out)
             got = model(**out, **extra)
     except Exception:  # noqa: BLE001 - the forward does not take them (another width, more inputs needed)
         return
-    if not _same_outputs(want, got, unknown=False):
+    try:
+        with torch.no_grad():
+            want = model(**out)
+    except Exception:  # noqa: BLE001 - the forward needs them (BROS's bbox)
+        want = None
+    if want is None or not _same_outputs(want, got, unknown=False):
         out.update(extra)
+
+
+def _with_boxes(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int) -> None:
+    """A layout model's word boxes ``bbox`` ``(batch, seq, 4)``: ``(x0, y0, x1, y1)`` with ``x0 <= x1`` and
+    ``y0 <= y1`` on the 0-1000 page grid (LayoutLM, BROS), kept where the forward reads or needs them."""
+    if "bbox" not in inspect.signature(model.forward).parameters:
+        return
+    gen = torch.Generator().manual_seed(seed + 3)
+    start = torch.randint(0, 500, (batch, seq, 2), generator=gen)
+    end = start + torch.randint(0, 500, (batch, seq, 2), generator=gen)
+    box = torch.stack([start[..., 0], start[..., 1], end[..., 0], end[..., 1]], -1)
+    _add_if_read(model, out, {"bbox": box.to(model_device(model))})
 
 
 # a spectrogram model's frame mask that its forward requires (FunASR's, Qwen3-ASR's encoders)
@@ -354,7 +384,7 @@ def _flattened_patches(model: nn.Module, batch: int, gen: torch.Generator) -> It
     """Pix2Struct-layout images ``(batch, patches, 2 + patch_dim)``: a 1-based row and column index in
     the first two columns (0 is padding), then the patch pixels; ``patch_dim`` is the vision config's
     ``patch_embed_hidden_size`` (or channels x patch area)."""
-    vcfg = getattr(model.config, "vision_config", None) or model.config
+    vcfg = _vision_config(model.config)
     dev, dtype = model_device(model), model_dtype(model)
     dim = getattr(vcfg, "patch_embed_hidden_size", None)
     patch = getattr(vcfg, "patch_size", None)
@@ -382,7 +412,7 @@ def _grid_patches(model: nn.Module, batch: int, gen: torch.Generator, grid: str 
     or ``(batch * s^2, C, P, P)`` where the patch embedding takes them unflattened (Kimi-K2.5); ``grid`` is
     ``[[1, s, s]] * batch``, and ``merge_sizes`` ``[merge] * batch`` where the forward takes it
     (VideoLLaMA 3)."""
-    vcfg = getattr(model.config, "vision_config", None) or model.config
+    vcfg = _vision_config(model.config)
     dev, dtype = model_device(model), model_dtype(model)
     patch = getattr(vcfg, "patch_size", None) or 14
     patch = patch if isinstance(patch, int) else patch[0]
@@ -434,7 +464,7 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     sample ``(batch, C, S, S)``; anyres tiles with ``image_sizes`` (LLaVA-NeXT); flattened patches with
     ``image_grid_thw`` (Qwen-VL); Pix2Struct-layout ``flattened_patches`` (Kosmos-2.5)."""
     cfg = model.config
-    vcfg = getattr(cfg, "vision_config", None) or cfg
+    vcfg = _vision_config(cfg)
     dev, dtype = model_device(model), model_dtype(model)
     params = inspect.signature(model.forward).parameters
     if "flattened_patches" in params:
@@ -471,7 +501,7 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
 def _video_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """Candidate video inputs: ``frames`` images per sample ``(batch, frames, C, S, S)`` in the vision
     config's image layout (Video-LLaVA's ``pixel_values_videos``)."""
-    vcfg = getattr(model.config, "vision_config", None) or model.config
+    vcfg = _vision_config(model.config)
     ch = getattr(vcfg, "num_channels", None) or 3
     size = getattr(vcfg, "image_size", None)
     size = size if isinstance(size, int) or size is None else size[0]

@@ -204,3 +204,46 @@ def test_audio_models_get_input_values_in_the_layout_they_read():
     dac = DacConfig(encoder_hidden_size=8, downsampling_ratios=[2, 2], decoder_hidden_size=16, hidden_size=16,
                     n_codebooks=2, codebook_size=16, codebook_dim=4)
     assert _runs(DacModel(dac).eval())["input_values"].shape == (2, 1, 1024)
+
+
+def test_layout_model_gets_word_boxes_and_its_box_embeddings_move():
+    """LayoutLM reads word boxes ``bbox`` ``(batch, seq, 4)`` on the 0-1000 page grid: derived inputs give
+    valid ones (``x0 <= x1``, ``y0 <= y1``), so its box embeddings are in the traced forward and move with
+    the residual stream."""
+    from transformers import LayoutLMConfig, LayoutLMForMaskedLM
+
+    import permgraph as pg
+
+    cfg = LayoutLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=48, max_2d_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = LayoutLMForMaskedLM(cfg).eval().double()
+    box = _runs(model)["bbox"]
+    assert box.shape == (2, 8, 4) and bool((box[..., 2:] >= box[..., :2]).all()) and int(box.max()) <= 1000
+    spec = pg.compile(model)
+    assert any(t.groups() for t in spec.axes_of("layoutlm.embeddings.x_position_embeddings.weight"))
+    assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_images_sized_by_an_encoder_sub_config_and_non_square_images():
+    """A vision encoder-decoder's images are sized by its ``encoder`` config (ViT's 32 x 32); MGP-STR's
+    ``image_size`` is ``(height, width)``: its images are not square."""
+    from transformers import (
+        BertConfig,
+        MgpstrConfig,
+        MgpstrForSceneTextRecognition,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+    )
+
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                    image_size=32, patch_size=8)
+    bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=48, is_decoder=True, add_cross_attention=True)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, bert)
+    cfg.decoder_start_token_id, cfg.pad_token_id = 1, 0
+    assert _runs(VisionEncoderDecoderModel(cfg).eval())["pixel_values"].shape == (2, 3, 32, 32)
+    mgp = MgpstrConfig(image_size=[16, 32], patch_size=8, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, max_token_length=8)
+    assert _runs(MgpstrForSceneTextRecognition(mgp).eval())["pixel_values"].shape == (2, 3, 16, 32)
