@@ -312,22 +312,47 @@ def configs(model_type: str):
     out.append(("default", base))
     filled = copy.deepcopy(out[0][1])  # last: the shrunk config with the sizes its class leaves None set
     if _fill_unset(filled):  # (DeepSeek-like MoE's expert counts, ESM's vocabulary, Nemotron's kv heads)
-        out.append(("small, unset sizes set", filled))
+        out.append(("small, sizes completed", filled))
     return out
 
 
-_UNSET = {**SMALL, "top_k_experts": 2, "n_shared_experts": 1}
+_UNSET = {**SMALL, "top_k_experts": 2, "n_shared_experts": 1, "mask_token_id": 4, "pad_token_id": 1}  # ESM's tokens
 
 
 def _fill_unset(cfg) -> bool:
-    """Set the sizes (``SMALL``'s keys) that ``cfg`` and its sub-configs hold as None; whether any was."""
+    """Set the sizes (``SMALL``'s keys) that ``cfg`` and its sub-configs hold as None, None per-layer kinds to
+    a short-convolution layer then attention ones (LFM2-MoE's), Mamba-2 heads to tile the shrunk expanded
+    width, a DETR's queries to fewer than the small image's tokens; whether any was set."""
     changed = False
     for c in (cfg, *_subconfigs(cfg)):
         for k, v in _UNSET.items():
             if k in vars(c) and getattr(c, k) is None:
                 _set(c, k, v)
                 changed = True
+        n = getattr(c, "num_hidden_layers", None)
+        if "layer_types" in vars(c) and c.layer_types is None and isinstance(n, int):
+            _set(c, "layer_types", ["conv"] + ["full_attention"] * (n - 1))
+            changed = True
+        kinds = getattr(c, "layer_types", None)  # a hybrid of linear attention only (Granite-4's default):
+        if isinstance(kinds, list) and kinds and set(kinds) == {"linear_attention"}:  # one attention layer,
+            _set(c, "layer_types", [*kinds[:-1], "full_attention"])  # whose cache the forward reads
+            changed = True
+        if isinstance(getattr(c, "num_queries", None), int) and c.num_queries > 16:  # a DETR's queries (top-k of
+            _set(c, "num_queries", 16)  # the small image's tokens: RT-DETR, D-FINE)
+            changed = True
+        width = getattr(c, "hidden_size", None)
+        for heads, dim, expand in _SSM_HEADS:  # Mamba-2 heads that tile the expanded width (heads x head dim)
+            h, d, e = (getattr(c, k, None) for k in (heads, dim, expand))
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in (h, d, e, width)) and h * d != e * width:
+                _set(c, dim, 16)
+                _set(c, heads, e * width // 16)
+                changed = True
     return changed
+
+
+# (heads, head dim, expansion) of Mamba-2 mixers: Mamba2, Bamba and Granite-4 hybrids, Zamba2
+_SSM_HEADS = (("num_heads", "head_dim", "expand"), ("mamba_n_heads", "mamba_d_head", "mamba_expand"),
+              ("n_mamba_heads", "mamba_headdim", "mamba_expand"))
 
 
 def perturb(model, seed: int = 0) -> None:

@@ -542,6 +542,8 @@ def _einsum_attention(h: torch.Tensor, w: torch.Tensor, o: torch.Tensor) -> torc
 
 LINALG_CASES = [
     net("linear", aten.linear, lambda m, h, g: h),
+    net("linear-vector-weight", aten.linear,  # a score per row (D-FINE): x @ v, the width contracted
+        lambda m, h, g: aten.linear.default(h, m.p["v"]).unsqueeze(-1) * h, params={"v": (H,)}, moved=("p.v",)),
     net("addmm", aten.addmm, lambda m, h, g: aten.addmm.default(m.p["b"], _flat(h), _w(m)).view(B, T, K),
         width=K, params={"w": (H, K), "b": (K,)}, sizes=(H, K), moved=("p.w", "p.b")),
     net("mm", aten.mm, lambda m, h, g: aten.mm.default(_flat(h), _w(m)).view(B, T, K),

@@ -13,9 +13,12 @@ aten = torch.ops.aten
 
 @register(aten.linear)
 def linear(cx: RuleContext, node: fx.Node, a: Args) -> TType:
-    """W's in axis is x's last axis; W's out axis (and the bias) is the output's."""
+    """W's in axis is x's last axis; W's out axis (and the bias) is the output's. A vector ``W`` ``(in,)``
+    contracts x's last axis away (a scalar score per row: D-FINE's); its scalar bias has no axis."""
     x, w, b = a.t("input"), a.t("weight"), a.t("bias")
-    cx.unify(x[-1], w[1])
+    cx.unify(x[-1], w[-1])
+    if len(w) == 1:
+        return list(x[:-1])
     if b is not None:
         cx.unify(b[0], w[0])
     return list(x[:-1]) + [w[0]]
