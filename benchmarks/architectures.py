@@ -337,6 +337,18 @@ def _fill_unset(cfg) -> bool:
         if isinstance(kinds, list) and kinds and set(kinds) == {"linear_attention"}:  # one attention layer,
             _set(c, "layer_types", [*kinds[:-1], "full_attention"])  # whose cache the forward reads
             changed = True
+        vocab = getattr(getattr(c, "text_config", None), "vocab_size", None)  # a VLM's image placeholder the class
+        if isinstance(vocab, int) and getattr(c, "vision_config", None) is not None:  # leaves None (BLIP-2's)
+            for k in ("image_token_id", "image_token_index"):
+                if k in vars(c) and getattr(c, k) is None:
+                    taken = set(_token_ids(c) + _token_ids(c.text_config))
+                    _set(c, k, next(i for i in range(vocab - 1, -1, -1) if i not in taken))
+                    changed = True
+        width = getattr(c, "hidden_size", None)
+        if isinstance(getattr(c, "word_embed_proj_dim", None), int) and isinstance(width, int) \
+                and c.word_embed_proj_dim != width:  # OPT's embedding width, which BLIP-2's projector writes
+            _set(c, "word_embed_proj_dim", width)
+            changed = True
         if isinstance(getattr(c, "num_queries", None), int) and c.num_queries > 16:  # a DETR's queries (top-k of
             _set(c, "num_queries", 16)  # the small image's tokens: RT-DETR, D-FINE)
             changed = True
