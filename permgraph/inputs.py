@@ -230,10 +230,21 @@ def _audio_mel(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> 
            "audio_mel_mask": torch.zeros(batch, 64, dtype=torch.bool, device=dev)}
 
 
+def _encoder_main_input(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """A speech encoder-decoder's ``inputs``: its encoder's main input as derived for the encoder (raw audio
+    for wav2vec 2.0, spectrogram frames for Whisper's encoder)."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None or not is_transformers_model(encoder) or encoder.main_input_name == "inputs":
+        return
+    derived = default_example_inputs(encoder, batch=batch, seq=seq, seed=int(gen.initial_seed()))
+    if encoder.main_input_name in derived:
+        yield {"inputs": derived[encoder.main_input_name]}
+
+
 # a forward's main input (``main_input_name``) that is not text, images or spectrograms: candidate inputs,
 # the first that the forward runs on kept
 _OTHER_MAIN_INPUTS = {"input_values": _raw_audio, "pixel_values_videos": _video_clips, "inputs_embeds": _embeddings,
-                      "past_values": _past_values, "audio_mel": _audio_mel}
+                      "past_values": _past_values, "audio_mel": _audio_mel, "inputs": _encoder_main_input}
 
 
 def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator):

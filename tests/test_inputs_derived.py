@@ -247,3 +247,26 @@ def test_images_sized_by_an_encoder_sub_config_and_non_square_images():
     mgp = MgpstrConfig(image_size=[16, 32], patch_size=8, hidden_size=32, num_hidden_layers=1,
                        num_attention_heads=2, max_token_length=8)
     assert _runs(MgpstrForSceneTextRecognition(mgp).eval())["pixel_values"].shape == (2, 3, 16, 32)
+
+
+def test_speech_encoder_decoder_gets_its_encoders_input_as_inputs():
+    """SpeechEncoderDecoder's main input is ``inputs``: its encoder's (wav2vec 2.0's raw audio), with decoder
+    ids from its decoder's vocabulary; the spec is sound and the encoder's feed-forward units move."""
+    from transformers import BertConfig, SpeechEncoderDecoderConfig, SpeechEncoderDecoderModel, Wav2Vec2Config
+
+    import permgraph as pg
+
+    w2v = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                         conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=8,
+                         num_conv_pos_embedding_groups=2, vocab_size=16)
+    bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=48, is_decoder=True, add_cross_attention=True)
+    cfg = SpeechEncoderDecoderConfig.from_encoder_decoder_configs(w2v, bert)
+    cfg.decoder_start_token_id, cfg.pad_token_id = 1, 0
+    torch.manual_seed(0)
+    model = SpeechEncoderDecoderModel(cfg).eval().double()
+    inputs = _runs(model)
+    assert inputs["inputs"].shape == (2, 1024) and int(inputs["decoder_input_ids"].max()) < 64
+    spec = pg.compile(model)
+    assert any(t.groups() for t in spec.axes_of("encoder.encoder.layers.0.feed_forward.intermediate_dense.weight"))
+    assert pg.verify(model, spec, promote_float32=True).ok
