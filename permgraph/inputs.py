@@ -236,7 +236,10 @@ def _encoder_main_input(model: nn.Module, batch: int, seq: int, gen: torch.Gener
     encoder = getattr(model, "encoder", None)
     if encoder is None or not is_transformers_model(encoder) or encoder.main_input_name == "inputs":
         return
-    derived = default_example_inputs(encoder, batch=batch, seq=seq, seed=int(gen.initial_seed()))
+    try:
+        derived = default_example_inputs(encoder, batch=batch, seq=seq, seed=int(gen.initial_seed()))
+    except TraceError:  # none for the encoder either: the model's own message says so
+        return
     if encoder.main_input_name in derived:
         yield {"inputs": derived[encoder.main_input_name]}
 
