@@ -322,7 +322,8 @@ _UNSET = {**SMALL, "top_k_experts": 2, "n_shared_experts": 1, "mask_token_id": 4
 def _fill_unset(cfg) -> bool:
     """Set the sizes (``SMALL``'s keys) that ``cfg`` and its sub-configs hold as None, None per-layer kinds to
     a short-convolution layer then attention ones (LFM2-MoE's), Mamba-2 heads to tile the shrunk expanded
-    width, a DETR's queries to fewer than the small image's tokens; whether any was set."""
+    width, a DETR's queries to fewer than the small image's tokens, Mimi's upsampling groups to its width;
+    whether any was set."""
     changed = False
     for c in (cfg, *_subconfigs(cfg)):
         for k, v in _UNSET.items():
@@ -345,6 +346,10 @@ def _fill_unset(cfg) -> bool:
                     _set(c, k, next(i for i in range(vocab - 1, -1, -1) if i not in taken))
                     changed = True
         width = getattr(c, "hidden_size", None)
+        if isinstance(getattr(c, "upsample_groups", None), int) and isinstance(width, int) \
+                and width % c.upsample_groups:  # Mimi's depthwise upsampling: one group per channel
+            _set(c, "upsample_groups", width)
+            changed = True
         if isinstance(getattr(c, "word_embed_proj_dim", None), int) and isinstance(width, int) \
                 and c.word_embed_proj_dim != width:  # OPT's embedding width, which BLIP-2's projector writes
             _set(c, "word_embed_proj_dim", width)
