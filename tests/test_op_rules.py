@@ -306,6 +306,7 @@ SHAPE_CASES = [
     net("t", aten.t, lambda m, h, g: aten.t.default(aten.t.default(_flat(h))).view(B, T, H)),
     net("numpy_T", aten.numpy_T, lambda m, h, g: aten.numpy_T.default(aten.numpy_T.default(h))),
     net("permute", aten.permute, lambda m, h, g: aten.permute.default(aten.permute.default(h, [2, 0, 1]), [1, 2, 0])),
+    net("movedim", aten.movedim, lambda m, h, g: aten.movedim.int(aten.movedim.int(h, -1, 0), 0, 2)),
     net("complex-rotation", (aten.view_as_complex, aten.polar, aten.view_as_real, aten.mul),
         lambda m, h, g: aten.view_as_real.default(aten.view_as_complex.default(h.view(B, T, 3, 2)) * _turns())
         .view(B, T, H), sizes=(3,)),
@@ -542,6 +543,9 @@ def _einsum_attention(h: torch.Tensor, w: torch.Tensor, o: torch.Tensor) -> torc
 
 LINALG_CASES = [
     net("linear", aten.linear, lambda m, h, g: h),
+    net("cdist-to-a-codebook", aten.cdist,  # a quantizer's distances (Mimi's): features compared, rows pass
+        lambda m, h, g: torch.cdist(h, m.p["c"].expand(B, K, H)), width=K, params={"c": (1, K, H)},
+        sizes=(H, K), moved=("p.c",)),
     net("linear-vector-weight", aten.linear,  # a score per row (D-FINE): x @ v, the width contracted
         lambda m, h, g: aten.linear.default(h, m.p["v"]).unsqueeze(-1) * h, params={"v": (H,)}, moved=("p.v",)),
     net("addmm", aten.addmm, lambda m, h, g: aten.addmm.default(m.p["b"], _flat(h), _w(m)).view(B, T, K),
@@ -817,6 +821,8 @@ POOLS = {  # op -> f(h) on (B, H, 6, 6)
 }
 STATS = ("mods.n.weight", "mods.n.bias", "mods.n.running_mean", "mods.n.running_var")
 BATCH_CASES = [
+    batch_case("prelu-per-channel", aten.prelu, lambda m, h: aten.prelu.default(h, m.mods["a"].weight),
+               {"a": nn.PReLU(H)}, moved=("mods.a.weight",)),
     batch_case("batch_norm", aten.batch_norm, lambda m, h: _bn(m)(h), {"n": nn.BatchNorm2d(H)}, moved=STATS),
     batch_case("_native_batch_norm_legit_no_training", (aten._native_batch_norm_legit_no_training, operator.getitem),
                lambda m, h: aten._native_batch_norm_legit_no_training.default(

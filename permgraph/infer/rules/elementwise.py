@@ -64,6 +64,7 @@ def_elementwise(  # unary math and activations
     aten.hardtanh, aten.hardsigmoid, aten.hardswish, aten.softplus, aten.erf, aten.erfc, aten.erfinv,
     aten.logit, aten.isnan, aten.isinf, aten.isfinite, aten.nan_to_num,
     aten.floor, aten.ceil, aten.round, aten.trunc, aten.frac, aten.threshold, aten.log_sigmoid,
+    aten._prelu_kernel,  # PReLU with its slopes already shaped to broadcast
 )
 def_elementwise(  # complex numbers (RoPE as complex rotations: Llama 4, DeepSeek-V2)
     aten.polar, aten.complex, aten.real, aten.imag, aten.conj, aten.conj_physical, aten.angle,
@@ -107,6 +108,16 @@ def copy_into(cx: RuleContext, node: fx.Node, a: Args) -> TType:
         if j not in uni and cx.store.size(x) == cx.store.size(dst[j + off]) and cx.store.size(x) != 1:
             cx.unify(x, dst[j + off])
     return list(dst)
+
+
+@register(aten.prelu)
+def prelu(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``max(0, x) + w * min(0, x)`` with one slope per channel (dim 1; dim 0 of a vector), or one for all:
+    the slopes move with the channel axis, the others pass."""
+    t, w = list(a.t("self")), a.t("weight")
+    if len(w) == 1 and cx.store.size(w[0]) > 1:
+        cx.unify(w[0], t[1 if len(t) > 1 else 0])
+    return t
 
 
 @register(aten.glu)

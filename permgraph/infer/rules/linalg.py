@@ -150,6 +150,16 @@ def einsum_labels(equation: str, ndims: list[int]) -> tuple[list[list[str]], lis
     return ins, out
 
 
+@register(aten.cdist, aten._cdist_forward)
+def cdist(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Pairwise p-norm distances ``(..., P, M), (..., R, M) -> (..., P, R)`` (a quantizer's distances to its
+    codebook): the compared features are one axis (a permutation of it leaves every distance), the rows of
+    each operand pass, batch axes broadcast."""
+    x, y = a.t("x1"), a.t("x2")
+    cx.unify(x[-1], y[-1])
+    return _batch_axes(cx, list(x[:-2]), list(y[:-2])) + [x[-2], y[-2]]
+
+
 def matmul_type(cx: RuleContext, x: TType, y: TType) -> TType:
     """Batched matrix product: batch axes broadcast, the contracted axes unify."""
     xv, yv = len(x) == 1, len(y) == 1

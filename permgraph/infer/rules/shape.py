@@ -177,6 +177,24 @@ def permute(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 
 
 @passes_values
+@register(aten.movedim)
+def movedim(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Axes ``source`` moved to ``destination`` (one dim or lists), the others in order: a permute."""
+    t = a.t("self")
+    src, dst = a["source"], a["destination"]
+    src = [norm_dim(d, len(t)) for d in (src if isinstance(src, (list, tuple)) else [src])]
+    dst = [norm_dim(d, len(t)) for d in (dst if isinstance(dst, (list, tuple)) else [dst])]
+    order: list[int | None] = [None] * len(t)
+    for s_, d_ in zip(src, dst):
+        order[d_] = s_
+    rest = iter(d for d in range(len(t)) if d not in src)
+    dims = [d if d is not None else next(rest) for d in order]
+    uni = cx.uniform_dims(a["self"])
+    cx.set_uniform({i for i, d in enumerate(dims) if d in uni})
+    return [t[d] for d in dims]
+
+
+@passes_values
 @register(aten.unsqueeze)
 def unsqueeze(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """A new unit axis."""
