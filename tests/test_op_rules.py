@@ -546,6 +546,9 @@ LINALG_CASES = [
     net("cdist-to-a-codebook", aten.cdist,  # a quantizer's distances (Mimi's): features compared, rows pass
         lambda m, h, g: torch.cdist(h, m.p["c"].expand(B, K, H)), width=K, params={"c": (1, K, H)},
         sizes=(H, K), moved=("p.c",)),
+    net("_cdist_forward", aten._cdist_forward,
+        lambda m, h, g: aten._cdist_forward.default(h, m.p["c"].expand(B, K, H), 2.0, None), width=K,
+        params={"c": (1, K, H)}, sizes=(H, K), moved=("p.c",)),
     net("linear-vector-weight", aten.linear,  # a score per row (D-FINE): x @ v, the width contracted
         lambda m, h, g: aten.linear.default(h, m.p["v"]).unsqueeze(-1) * h, params={"v": (H,)}, moved=("p.v",)),
     net("addmm", aten.addmm, lambda m, h, g: aten.addmm.default(m.p["b"], _flat(h), _w(m)).view(B, T, K),
@@ -822,6 +825,9 @@ POOLS = {  # op -> f(h) on (B, H, 6, 6)
 STATS = ("mods.n.weight", "mods.n.bias", "mods.n.running_mean", "mods.n.running_var")
 BATCH_CASES = [
     batch_case("prelu-per-channel", aten.prelu, lambda m, h: aten.prelu.default(h, m.mods["a"].weight),
+               {"a": nn.PReLU(H)}, moved=("mods.a.weight",)),
+    batch_case("_prelu_kernel", aten._prelu_kernel,  # the slopes already shaped to broadcast
+               lambda m, h: aten._prelu_kernel.default(h, m.mods["a"].weight.view(H, 1, 1)),
                {"a": nn.PReLU(H)}, moved=("mods.a.weight",)),
     batch_case("batch_norm", aten.batch_norm, lambda m, h: _bn(m)(h), {"n": nn.BatchNorm2d(H)}, moved=STATS),
     batch_case("_native_batch_norm_legit_no_training", (aten._native_batch_norm_legit_no_training, operator.getitem),
