@@ -442,6 +442,33 @@ INDEX_CASES.append(Case("embedding", lambda: (EmbeddingNet(), (torch.arange(B * 
                         (aten.embedding,), (H,), ("emb.weight",)))
 
 
+class EmbeddingBagNet(nn.Module):
+    """Weighted bags of table rows (Kimi-K2.5's resampled position table): the rows of 2-D indices, ``offsets``
+    bags of a flat index, or the latter through ``aten._embedding_bag`` itself."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.table, self.out, self.form = nn.Parameter(torch.randn(11, H)), nn.Linear(H, O), form
+
+    def forward(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        offsets = torch.arange(0, B * T, T)
+        if self.form == "rows":
+            bags = torch.nn.functional.embedding_bag(ids, self.table, per_sample_weights=w, mode="sum")
+        elif self.form == "offsets":
+            bags = torch.nn.functional.embedding_bag(ids.flatten(), self.table, offsets, per_sample_weights=w.flatten(),
+                                                     mode="sum")
+        else:
+            bags = aten._embedding_bag.default(self.table, ids.flatten(), offsets, False, 0, False, w.flatten())[0]
+        return self.out(bags)
+
+
+for _form, _op in (("rows", aten.embedding_bag), ("offsets", aten.embedding_bag), ("direct", aten._embedding_bag)):
+    INDEX_CASES.append(Case(f"embedding_bag-{_form}",
+                            lambda form=_form: (EmbeddingBagNet(form), (torch.arange(B * T).view(B, T) % 11,
+                                                                       torch.rand(B, T))),
+                            (_op,), (H,), ("table",)))
+
+
 def _sorted_boundaries() -> tuple[nn.Module, tuple]:
     """``h * bucketize(h, b)`` with sorted boundaries ``b`` (a parameter: moving it would unsort it)."""
     model = Net(lambda m, h, g: h * aten.bucketize.Tensor(h, m.p["b"]).to(h.dtype), params={"b": (K,)})

@@ -102,6 +102,22 @@ def embedding(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     return list(idx) + [w[1]]
 
 
+@register(aten.embedding_bag, aten._embedding_bag)
+def embedding_bag(cx: RuleContext, node: fx.Node, a: Args) -> list[TType]:
+    """Bags of table rows summed, averaged or maxed (weighted per index: Kimi-K2.5's resampled position
+    table): the vocabulary is looked up (fixed), the features pass; the bags are the index rows of 2-D
+    indices, else (offsets) an axis of their own, fixed; the bookkeeping results are fixed."""
+    w, idx = a.t("weight"), a.t("indices")
+    cx.index_with(a["indices"], w[0], "embedding lookup (vocabulary / positions)")
+    weights = a.t("per_sample_weights")  # one weight per index: its axes are the indices'
+    if weights is not None and len(weights) == len(idx):
+        for x, y in zip(weights, idx):
+            cx.unify(x, y)
+    bags = idx[0] if len(idx) == 2 else cx.fresh(cx.out_shape(0)[:1], "bags of an embedding_bag (offsets)")[0]
+    rest = [cx.fresh(cx.out_shape(i), "embedding_bag bookkeeping") for i in (1, 2, 3)]
+    return [[bags, w[1]], *rest]
+
+
 @reads_values
 @register(aten.one_hot)
 def one_hot(cx: RuleContext, node: fx.Node, a: Args) -> TType:
