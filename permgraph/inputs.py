@@ -259,6 +259,9 @@ def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.G
                  if getattr(c, "num_mel_bins", None) or getattr(c, "feature_size", None)), cfg)
     mels = getattr(acfg, "num_mel_bins", None) or getattr(acfg, "feature_size", None) or 80
     frames = 2 * getattr(cfg, "max_source_positions", 0) or 64
+    window = getattr(acfg, "n_window", None)  # chunked attention over whole windows of 2 * n_window frames
+    if isinstance(window, int) and not isinstance(window, bool) and window > 0:  # (Qwen3-ASR's encoder)
+        frames = 2 * window * math.ceil(frames / (2 * window))
     out["input_features"] = torch.randn(batch, mels, frames, generator=gen).to(model_device(model), model_dtype(model))
     stacked = getattr(acfg, "num_stacked_frames", None)  # frames stacked into one vector (FunASR's LFR)
     return _spectrogram_layout(model, out["input_features"],

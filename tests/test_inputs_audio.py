@@ -108,3 +108,22 @@ def test_qwen3_asr_audio_tower_traced_with_its_recorded_attention_windows():
     tower = [p for p in spec.shapes if ".audio_tower.layers." in p and p.endswith(("fc1.weight", "fc2.weight"))]
     assert tower and all(_moves(spec, p) for p in tower)
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_chunked_audio_encoder_gets_whole_windows_of_frames_with_its_mask():
+    """Qwen3-ASR's encoder attends within windows of ``2 * n_window`` frames and requires its frame mask:
+    the derived spectrogram's length is a multiple of the window, with an all-ones ``input_features_mask``."""
+    import torch
+    from transformers.models.qwen3_asr.configuration_qwen3_asr import Qwen3ASREncoderConfig
+    from transformers.models.qwen3_asr.modeling_qwen3_asr import Qwen3ASREncoder
+
+    from permgraph.inputs import default_example_inputs
+
+    cfg = Qwen3ASREncoderConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=48,
+                                num_mel_bins=16, output_dim=24, downsample_hidden_size=16, n_window=50)
+    model = Qwen3ASREncoder(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["input_features"].shape[:2] == (2, 16) and inputs["input_features"].shape[2] % 100 == 0
+    assert bool(inputs["input_features_mask"].all())
+    with torch.no_grad():
+        model(**inputs)
