@@ -60,6 +60,12 @@ SMALL = {
 }
 
 
+def _free_ids(cfg, text, vocab: int):
+    """Ids of ``vocab`` that neither ``cfg`` nor its text config uses as a special token, the top ones first."""
+    taken = {v for v in _token_ids(cfg) + _token_ids(text) if isinstance(v, int)}
+    return (i for i in range(vocab - 1, -1, -1) if i not in taken)
+
+
 def _token_ids(cfg) -> list[int]:
     out = []
     for k, v in vars(cfg).items():
@@ -158,8 +164,7 @@ def _consistent(cfg, model_type: str) -> None:
                if (k.endswith("token_id") or k.endswith("token_index"))
                and (v is None and k in ("audio_token_id", "audio_token_index") and _audio_tower(cfg)
                     or isinstance(v, int) and not isinstance(v, bool) and v >= vocab)}
-        taken = {v for v in _token_ids(cfg) + _token_ids(text) if isinstance(v, int)}
-        free = (i for i in range(vocab - 1, -1, -1) if i not in taken)
+        free = _free_ids(cfg, text, vocab)
         for k in ids:
             _set(cfg, k, next(free))
     for c in [cfg, *_subconfigs(cfg)]:  # a partial rotary's width inside the (shrunk) head (CodeGen, GPT-J);
@@ -225,8 +230,8 @@ def _consistent(cfg, model_type: str) -> None:
     for k in ("out_hidden_size", "text_hidden_size"):  # the tower's output width (HunYuan-VL's text_hidden_size)
         if isinstance(getattr(vision, k, None), int) and hidden:
             _set(vision, k, hidden)
-    if hidden and any(_token_id_set(cfg, k) for k in ("image_token_id", "image_token_index")):  # a VLM's
-        for c in (cfg, vision):  # projector into the text (PaliGemma's projection_dim): the shrunk text width
+    if hidden and any(isinstance(getattr(cfg, k, None), int) for k in ("image_token_id", "image_token_index")):
+        for c in (cfg, vision):  # a VLM's projector into the text (PaliGemma's projection_dim): the text width
             if isinstance(getattr(c, "projection_dim", None), int) and c.projection_dim != hidden:
                 _set(c, "projection_dim", hidden)
     _mrope(text, model_type)
@@ -257,11 +262,6 @@ def _consistent(cfg, model_type: str) -> None:
 # config classes that leave head_dim None while their attention reads it (their checkpoints set it):
 # the width over the heads, as elsewhere
 _HEAD_DIM_UNSET = ("hunyuan_v1_dense", "hunyuan_v1_moe", "hunyuan_vl", "hunyuan_vl_text", "ministral")
-
-
-def _token_id_set(cfg, k: str) -> bool:
-    v = getattr(cfg, k, None)
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _mrope(text, model_type: str) -> None:
@@ -340,10 +340,10 @@ def _fill_unset(cfg) -> bool:
             changed = True
         vocab = getattr(getattr(c, "text_config", None), "vocab_size", None)  # a VLM's image placeholder the class
         if isinstance(vocab, int) and getattr(c, "vision_config", None) is not None:  # leaves None (BLIP-2's)
+            free = _free_ids(c, c.text_config, vocab)
             for k in ("image_token_id", "image_token_index"):
                 if k in vars(c) and getattr(c, k) is None:
-                    taken = set(_token_ids(c) + _token_ids(c.text_config))
-                    _set(c, k, next(i for i in range(vocab - 1, -1, -1) if i not in taken))
+                    _set(c, k, next(free))
                     changed = True
         width = getattr(c, "hidden_size", None)
         if isinstance(getattr(c, "upsample_groups", None), int) and isinstance(width, int) \
@@ -357,7 +357,6 @@ def _fill_unset(cfg) -> bool:
         if isinstance(getattr(c, "num_queries", None), int) and c.num_queries > 16:  # a DETR's queries (top-k of
             _set(c, "num_queries", 16)  # the small image's tokens: RT-DETR, D-FINE)
             changed = True
-        width = getattr(c, "hidden_size", None)
         for heads, dim, expand in _SSM_HEADS:  # Mamba-2 heads that tile the expanded width (heads x head dim)
             h, d, e = (getattr(c, k, None) for k in (heads, dim, expand))
             if all(isinstance(v, int) and not isinstance(v, bool) for v in (h, d, e, width)) and h * d != e * width:
@@ -458,7 +457,6 @@ def build_model(model_type: str):
 
 def _build(model_type: str, cls, errors: list[str], prefix: str = ""):
     import torch
-
 
     for label, cfg in configs(model_type):
         if model_type in _DECODER_ONLY_HEAD:

@@ -140,15 +140,15 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, strict: bool, converted
     has the conversion done first, as the model's first call would (``converted`` says which); under
     export it would swap fake parameters and fail. Once converted, the call is a no-op."""
     names = {id(m): n for n, m in model.named_modules()}
+    drop_caches = False
     for _ in range(64):
         try:
-            with unchanged_to():
+            with unchanged_to(), returned_caches_dropped(model) if drop_caches else contextlib.nullcontext():
                 return torch.export.export(model, args, kwargs, strict=strict)
         except RuntimeError as e:  # a KV cache among the outputs (which export cannot flatten): left out
-            if not ("Cache" in str(e) and "not a known type" in str(e) and is_transformers_model(model)):
+            if drop_caches or not ("Cache" in str(e) and "not a known type" in str(e) and is_transformers_model(model)):
                 raise
-            with unchanged_to(), returned_caches_dropped(model):
-                return torch.export.export(model, args, kwargs, strict=strict)
+            drop_caches = True
         except ConvertsItself as e:
             e.module.to(*e.args, **e.kwargs)
             converted.append(f"{names.get(id(e.module), type(e.module).__name__) or 'model'}.to"

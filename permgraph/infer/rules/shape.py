@@ -169,11 +169,14 @@ def t_(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 @register(aten.permute)
 def permute(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Axes reordered."""
-    t = a.t("self")
-    dims = [norm_dim(d, len(t)) for d in a["dims"]]
+    return _reordered(cx, a, [norm_dim(d, len(a.t("self"))) for d in a["dims"]])
+
+
+def _reordered(cx: RuleContext, a: Args, dims: list[int]) -> TType:
+    """``self``'s axes in the order ``dims`` (uniform ones stay uniform)."""
     uni = cx.uniform_dims(a["self"])
     cx.set_uniform({i for i, d in enumerate(dims) if d in uni})
-    return [t[d] for d in dims]
+    return [a.t("self")[d] for d in dims]
 
 
 @passes_values
@@ -188,10 +191,7 @@ def movedim(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     for s_, d_ in zip(src, dst):
         order[d_] = s_
     rest = iter(d for d in range(len(t)) if d not in src)
-    dims = [d if d is not None else next(rest) for d in order]
-    uni = cx.uniform_dims(a["self"])
-    cx.set_uniform({i for i, d in enumerate(dims) if d in uni})
-    return [t[d] for d in dims]
+    return _reordered(cx, a, [d if d is not None else next(rest) for d in order])
 
 
 @passes_values
@@ -466,11 +466,12 @@ def pad(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     for k in range(len(pads) // 2):
         d = len(t) - 1 - k
         lo, hi = pads[2 * k], pads[2 * k + 1]
-        if isinstance(lo, int) and isinstance(hi, int) and lo == 0 and hi == 0:
+        known = isinstance(lo, int) and isinstance(hi, int)
+        if known and lo == hi == 0:
             continue
-        if not (isinstance(lo, int) and isinstance(hi, int)) or mode != "constant" or lo < 0 or hi < 0:
-            cx.fix(t[d], f"{mode} padding" if mode != "constant" else "cropped by a negative pad"
-                   if isinstance(lo, int) and isinstance(hi, int) else "padded by an amount known at run time")
+        if mode != "constant" or not known or lo < 0 or hi < 0:
+            cx.fix(t[d], f"{mode} padding" if mode != "constant" else
+                   "padded by an amount known at run time" if not known else "cropped by a negative pad")
             t[d] = cx.store.new(cx.out_shape()[d], Reason("padded axis", cx.where))
             continue
         t[d] = cx.store.make("cat", [x for x in (cx.store.new(lo), t[d], cx.store.new(hi)) if cx.store.size(x)])
