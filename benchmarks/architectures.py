@@ -125,6 +125,9 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
     if isinstance(getattr(cfg, "first_k_dense_replace", None), int) and isinstance(n_layers, int) \
             and cfg.first_k_dense_replace >= n_layers:  # DeepSeek-V3, GLM-4.5: keep one MoE layer
         _set(cfg, "first_k_dense_replace", n_layers - 1)
+    if isinstance(getattr(cfg, "insert_layer_id", None), int) and isinstance(n_layers, int) \
+            and cfg.insert_layer_id >= n_layers:  # MiniCPM-V's window-attention merger: inside the shrunk tower
+        _set(cfg, "insert_layer_id", 0)
     if isinstance(getattr(cfg, "n_group", None), int) and not layers_only:  # group-limited routing: groups
         _set(cfg, "n_group", 2)  # must divide the (shrunk) experts
         _set(cfg, "topk_group", 1)
@@ -158,11 +161,11 @@ def _consistent(cfg, model_type: str) -> None:
     vocab = getattr(text, "vocab_size", None) if text is not None else None
     if isinstance(vocab, int):  # the outer config's special tokens (image, video, audio placeholders, their
         # start/end markers) in the vocabulary, the top ids of the shrunk one; a placeholder id the class
-        # leaves unset (Voxtral's audio: None) given one, as every checkpoint does (not an image's: MiniCPM-V's
-        # None keeps its forward off the vision tower, which would want target_sizes)
+        # leaves unset (Voxtral's audio, MiniCPM-V's image and video: None) given one, as every checkpoint does
         ids = {k: v for k, v in vars(cfg).items()
                if (k.endswith("token_id") or k.endswith("token_index"))
                and (v is None and k in ("audio_token_id", "audio_token_index") and _audio_tower(cfg)
+                    or v is None and k in _VISION_PLACEHOLDERS and vision is not None
                     or isinstance(v, int) and not isinstance(v, bool) and v >= vocab)}
         free = _free_ids(cfg, text, vocab)
         for k in ids:
@@ -258,6 +261,8 @@ def _consistent(cfg, model_type: str) -> None:
             per = next(d for d in range(side // 2, 0, -1) if side % d == 0)
             _set(cfg, "mm_tokens_per_image", per * per)
 
+
+_VISION_PLACEHOLDERS = ("image_token_id", "video_token_id")  # BLIP-2's image_token_index: "sizes completed"
 
 # config classes that leave head_dim None while their attention reads it (their checkpoints set it):
 # the width over the heads, as elsewhere

@@ -195,9 +195,11 @@ def dense_experts(model: nn.Module):
 
 
 # transformers' helpers that compute sizes from an input's values with Python loops (``cu_seqlens`` of
-# Qwen3-ASR's attention windows from the frame mask) and that the forward calls with no way to pass their
-# results in (``get_audio_features`` is called without the forward's keyword arguments)
-_REPLAYED_HELPERS = ("get_audio_cu_seqlens",)
+# Qwen3-ASR's attention windows from the frame mask; ``transformers.vision_utils``' windows, positions and
+# merged shapes from the image grid, MiniCPM-V's) and that the forward calls with no way to pass their
+# results in (``get_audio_features``/``get_image_features`` are called without the forward's keyword arguments)
+_REPLAYED_HELPERS = ("get_audio_cu_seqlens", *(f"get_vision_{h}" for h in (
+    "window_index", "merged_shape", "nearest_position_ids", "cu_seqlens", "attention_seqlens", "position_ids")))
 
 
 @contextlib.contextmanager
@@ -207,7 +209,8 @@ def replayed_helpers(model: nn.Module, args: tuple, kwargs: dict):
     eager attention (SDPA decides ``is_causal`` from each window's length); yields what was replaced, or
     False where no such helper runs. The graph is specialised to those results: the caller keeps it only
     if it gives the model's outputs on the example inputs (``_reproduces``)."""
-    found = modeling_helpers(model, _REPLAYED_HELPERS)
+    found = modeling_helpers(model, _REPLAYED_HELPERS,
+                             {type(m).__module__ for m in model.modules()} | {"transformers.vision_utils"})
     if not found or not is_transformers_model(model):
         yield False
         return

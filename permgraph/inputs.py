@@ -69,6 +69,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if "input_ids" in params and (model.main_input_name != "pixel_values" or _text_vocab(cfg) is not None):
         vocab = _text_vocab(cfg) or getattr(cfg, "vocab_size", None) or 100
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
+    # caches off before the probes below run the forward (a hybrid cache fails a forward without attention)
+    out.update({flag: False for flag in _OFF_WHILE_TRACING if flag in params})
     mods = set(MODALITIES if modalities is True else modalities or ())
     no_image = "image" not in mods and "input_ids" in out
     layout = None
@@ -99,12 +101,9 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         vocab = (getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "decoder", None), "vocab_size", None)
                  or _text_vocab(cfg) or 100)  # a vision encoder-decoder's: its decoder's
         out["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq // 2), generator=gen).to(dev)
-    for flag in _OFF_WHILE_TRACING:
-        if flag in params:
-            out[flag] = False
     if layout is not None:  # the spectrogram's layout, now that the other inputs are there
         layout(out)
-    if not out:
+    if not set(out) - set(_OFF_WHILE_TRACING):
         raise TraceError(f"cannot derive example inputs for {type(model).__name__}: pass example_inputs")
     if "input_ids" in out:  # inputs read by parts the ones above leave out (probed: kept if they matter)
         _with_encoder_states(model, out, batch, seed)
@@ -479,7 +478,8 @@ def _first_that_runs(model: nn.Module, candidates: Iterator[dict[str, Any]]) -> 
 def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """Candidate image inputs of a vision-language model, most common layout first: one image per
     sample ``(batch, C, S, S)``; anyres tiles with ``image_sizes`` (LLaVA-NeXT); flattened patches with
-    ``image_grid_thw`` (Qwen-VL); Pix2Struct-layout ``flattened_patches`` (Kosmos-2.5)."""
+    ``image_grid_thw`` (Qwen-VL); NaViT-packed patches with ``target_sizes`` (MiniCPM-V); Pix2Struct-layout
+    ``flattened_patches`` (Kosmos-2.5)."""
     cfg = model.config
     vcfg = _vision_config(cfg)
     dev, dtype = model_device(model), model_dtype(model)
@@ -494,6 +494,13 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     patch = patch if isinstance(patch, int) or patch is None else patch[0]
     if "image_grid_thw" in params and patch:
         yield from _grid_patches(model, batch, gen)
+        return
+    if "target_sizes" in params and patch:  # NaViT packing (MiniCPM-V): one image's patches in a row
+        for side in (4, 8, 16):  # ``(1, C, P, s^2 * P)``, its grid ``[[s, s]]``, in the first sample's text
+            yield {"pixel_values": torch.randn(1, ch, patch, side * side * patch, generator=gen)  # (one image:
+                   .to(dev, dtype),  # the tower's loop over images slices at offsets of the grid's values,
+                   "target_sizes": torch.tensor([[side, side]], dtype=torch.int32, device=dev),  # which export
+                   _FIRST_SAMPLE_ONLY: True}  # cannot trace)
         return
     if size is None:
         return
@@ -772,6 +779,9 @@ def _audio_token_count(model: nn.Module) -> Any:
     return count
 
 
+# a candidate input's marker (popped before use): all its placeholders go in the first sample's text, the
+# other samples get plain text instead (one NaViT-packed image for the whole batch)
+_FIRST_SAMPLE_ONLY = "__first_sample_only__"
 _FORWARD_TRIALS = 4  # candidate audio inputs run through the whole forward before giving up
 
 
@@ -794,12 +804,13 @@ def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kin
     takes_all = any(p.kind == p.VAR_KEYWORD for p in accepts.values())
     tried = 0
     for cand in candidates:
+        first_only = bool(cand.pop(_FIRST_SAMPLE_ONLY, False))
         try:
             with torch.no_grad():
                 n = _feature_count(get(**{k: v for k, v in cand.items() if takes_all or k in accepts}))
         except Exception:  # noqa: BLE001 - this layout does not fit the model: try the next
             continue
-        if n % batch:
+        if n % batch and not first_only:
             continue
         text = out["input_ids"]
         special = {v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool)
@@ -808,12 +819,14 @@ def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kin
                     if i not in special and i not in keep)
         text = torch.where(torch.isin(text, torch.tensor(sorted(special), dtype=text.dtype, device=text.device)),
                            safe, text)
-        placeholders = torch.full((batch, n // batch), safe if tok is None else tok, dtype=text.dtype,
-                                  device=text.device)
+        per = n if first_only else n // batch
+        placeholders = torch.full((batch, per), safe if tok is None else tok, dtype=text.dtype, device=text.device)
+        if first_only:  # the other samples: plain text where the first has the placeholders
+            placeholders[1:] = safe
         trial = {**out, "input_ids": torch.cat([text[:, :1], placeholders, text[:, 1:]], dim=1), **cand}
         if mask is not None:
             marks = torch.zeros(trial["input_ids"].shape, dtype=torch.long, device=text.device)
-            marks[:, 1:1 + n // batch] = 1
+            marks[:1 if first_only else batch, 1:1 + per] = 1
             trial[mask] = marks
         if check_forward:  # audio towers differ in layout and in how they count tokens: keep what the
             try:  # forward accepts

@@ -99,3 +99,28 @@ def test_vlm_whose_forward_requires_image_sizes_gets_them_as_a_list():
     tower = [p for p in spec.shapes if ".vision_tower." in p and p.endswith("feed_forward.up_proj.weight")]
     assert tower and all(_moves(spec, p) for p in tower)
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_navit_packed_images_with_their_grid_trace_the_whole_tower():
+    """MiniCPM-V packs images' patches side by side in one row and reads each image's grid from
+    ``target_sizes``: one image ``(1, C, P, s^2 * P)`` with its placeholders in the first sample's text;
+    the tower's window merger computes its windows from the grid's values, replayed as recorded, and
+    the spec holds (float64, float32 casts promoted)."""
+    from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 4, "insert_layer_id": 0}
+    cfg = MiniCPMV4_6Config(image_token_id=100, insert_layer_id=0, text_config=dict(TINY_TEXT),
+                            vision_config=vision)
+    torch.manual_seed(0)
+    model = MiniCPMV4_6ForConditionalGeneration(cfg).eval()
+    inputs = default_example_inputs(model)
+    pv, sizes, ids = inputs["pixel_values"], inputs["target_sizes"], inputs["input_ids"]
+    side = int(sizes[0, 0])
+    assert sizes.tolist() == [[side, side]] and pv.shape == (1, 3, 4, side * side * 4)
+    assert (ids[0] == 100).sum() > 0 and (ids[1] == 100).sum() == 0
+    spec = pg.compile(model)
+    assert spec.info.get("text_only_inputs") is None and "get_vision_window_index" in spec.info["specialised"]
+    tower = [p for p in spec.shapes if ".vision_tower." in p and p.endswith(("fc1.weight", "linear_1.weight"))]
+    assert any(".vit_merger." in p for p in tower) and all(_moves(spec, p) for p in tower)
+    assert pg.verify(model, spec, promote_float32=True).ok

@@ -73,6 +73,30 @@ def test_shortcuts_are_additions_through_a_layer():
     assert len(found) == 1 and list(found)[0] is adds[-1]
 
 
+def test_additions_of_data_dependent_sizes_keep_the_residual_sites():
+    """Rows picked by a mask have a size known only at run time; an addition that broadcasts a
+    one-row branch over them is compared by the sizes' expressions, not guarded on their values
+    (MiniCPM-V's packed images: inference of the sites used to fail there)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 4)
+
+        def forward(self, x, keep):
+            h = x[keep]                                                  # (u0, 8)
+            h = h + self.b(torch.relu(self.a(x.mean(0, keepdim=True))))  # (u0, 8) + (1, 8)
+            return self.out(h).sum(0)
+
+    torch.manual_seed(0)
+    model, x = Net().double(), torch.randn(6, 8, dtype=torch.float64)
+    keep = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    spec = pg.compile(model, (x, keep))
+    assert "residual_sites_missing" not in spec.info
+    (hidden,) = spec.axes["a.weight"][0].groups()  # the branch's hidden units move together
+    assert spec.axes["b.weight"][1].groups() == [hidden]
+    assert pg.verify(model, spec, (x, keep)).ok
+
+
 def test_spec_json_keeps_sites_and_validates_them(zoo_compiled):
     _, spec = zoo_compiled("llama")
     back = PermSpec.from_json(spec.to_json())

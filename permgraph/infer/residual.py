@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from permgraph.infer.context import concrete
+
 aten = torch.ops.aten
 
 _ADDS = {aten.add.Tensor}
@@ -49,8 +51,12 @@ def residual_shortcuts(graph: fx.Graph) -> dict[fx.Node, int]:
 
 
 def _same_shape(node: fx.Node, *args: fx.Node) -> bool:
+    """Equal shapes, data-dependent sizes compared by their expression (no guard on their values)."""
     shapes = [getattr(n.meta.get("val"), "shape", None) for n in (node, *args)]
-    return shapes[0] is not None and all(s == shapes[0] for s in shapes)
+    if any(s is None for s in shapes):
+        return False
+    sizes = [tuple(concrete(d) for d in s) for s in shapes]
+    return all(s == sizes[0] for s in sizes)
 
 
 def _through_contraction(src: fx.Node, dst: fx.Node, order: dict[fx.Node, int]) -> bool:
