@@ -368,7 +368,33 @@ def _fill_unset(cfg) -> bool:
                 _set(c, dim, 16)
                 _set(c, heads, e * width // 16)
                 changed = True
+        changed = _widths_follow(c) or changed
     return changed
+
+
+def _widths_follow(c) -> bool:
+    """Sizes that equal a default width where it is shrunk, the config's own ``hidden_size`` or a direct
+    sub-config's (a ViT's ``pooler_output_size``, read by a dual encoder's projection; Kimi-K2.5's
+    ``projection_hidden_size``, the vision tower's): the shrunk width (a default width two parts share with
+    different shrunk widths is left alone); whether any was set."""
+    from transformers import PretrainedConfig
+
+    try:
+        default = type(c)()
+    except Exception:  # noqa: BLE001 - a config that needs arguments: nothing to compare with
+        return False
+    pairs = [(default, c)] + [(getattr(default, k, None), v) for k, v in vars(c).items()
+                              if isinstance(v, PretrainedConfig)]
+    widths: dict[int, set[int]] = {}
+    for d, now in pairs:
+        old, new = getattr(d, "hidden_size", None), getattr(now, "hidden_size", None)
+        if type(old) is int and type(new) is int and old != new:
+            widths.setdefault(old, set()).add(new)
+    follow = {k: news.pop() for k, v in vars(c).items() if type(v) is int and (news := set(widths.get(v, ())))
+              and len(news) == 1 and k not in _UNSET and k != "hidden_size" and getattr(default, k, None) == v}
+    for k, v in follow.items():
+        _set(c, k, v)
+    return bool(follow)
 
 
 # (heads, head dim, expansion) of Mamba-2 mixers: Mamba2, Bamba and Granite-4 hybrids, Zamba2
@@ -478,12 +504,15 @@ def _build(model_type: str, cls, errors: list[str], prefix: str = ""):
             try:
                 out = _forward(model := model.double())
             except (RuntimeError, ValueError) as e:  # float32 tensors of the model's own: the model in float32
-                if not _FLOAT32_ONLY.search(str(e)):
-                    raise
-                torch.manual_seed(0)
+                torch.manual_seed(0)  # (also where derived inputs hid that error: no input layout they tried ran)
                 model = cls._from_config(cfg).eval()
                 perturb(model)
-                out, label = _forward(model), f"{label} float32"
+                try:
+                    out, label = _forward(model), f"{label} float32"
+                except Exception:  # noqa: BLE001 - not a float64 problem: the float64 error says what is
+                    if _FLOAT32_ONLY.search(str(e)):
+                        raise
+                    raise e from None
             if not all(bool(torch.isfinite(x).all()) for x in _float_leaves(out)):
                 raise ValueError("the forward gives NaN or inf outputs with this config")
             if _kv_heads_refused(model, cfg, cls):

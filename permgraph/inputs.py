@@ -256,15 +256,16 @@ def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.G
     cfg = model.config
     acfg = next((c for c in (cfg, getattr(cfg, "encoder_config", None), getattr(cfg, "audio_config", None))
                  if getattr(c, "num_mel_bins", None) or getattr(c, "feature_size", None)), cfg)
-    mels = getattr(acfg, "num_mel_bins", None) or getattr(acfg, "feature_size", None) or 80
+    given = getattr(acfg, "num_mel_bins", None) or getattr(acfg, "feature_size", None)
+    mels = given or 80  # a config without a mel count: 80 (Whisper's), then 128 (Gemma 4's audio tower)
     frames = 2 * getattr(cfg, "max_source_positions", 0) or 64
     window = getattr(acfg, "n_window", None)  # chunked attention over whole windows of 2 * n_window frames
     if isinstance(window, int) and not isinstance(window, bool) and window > 0:  # (Qwen3-ASR's encoder)
         frames = 2 * window * math.ceil(frames / (2 * window))
     out["input_features"] = torch.randn(batch, mels, frames, generator=gen).to(model_device(model), model_dtype(model))
     stacked = getattr(acfg, "num_stacked_frames", None)  # frames stacked into one vector (FunASR's LFR)
-    return _spectrogram_layout(model, out["input_features"],
-                               mels * (stacked if isinstance(stacked, int) and stacked > 0 else 1), gen)
+    stack = stacked if isinstance(stacked, int) and stacked > 0 else 1
+    return _spectrogram_layout(model, out["input_features"], mels * stack, gen, () if given else (128 * stack,))
 
 
 def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int) -> None:
@@ -344,21 +345,27 @@ def _with_boxes(model: nn.Module, out: dict[str, Any], batch: int, seq: int, see
 _FRAME_MASKS = ("input_features_mask", "feature_attention_mask")
 
 
-def _spectrogram_layout(model: nn.Module, first: torch.Tensor, mels: int, gen: torch.Generator) -> Any:
+def _spectrogram_layout(model: nn.Module, first: torch.Tensor, mels: int, gen: torch.Generator,
+                        other_mels: tuple[int, ...] = ()) -> Any:
     """A spectrogram model's ``input_features`` are ``first``, ``(batch, mels, frames)`` (Whisper), unless the
     forward refuses them and takes ``(batch, frames, mels)`` (conformer encoders: Parakeet, LASR, Speech2Text),
-    each with an all-ones frame mask where the forward requires one. The choice needs the whole input: what
-    this returns sets them in the finished inputs (the first layout when neither runs)."""
+    each with an all-ones frame mask where the forward requires one; then the same two layouts with each of
+    ``other_mels`` bins. The choice needs the whole input: what this returns sets them in the finished inputs
+    (the first layout when none runs)."""
     params = inspect.signature(model.forward).parameters
     mask = next((m for m in _FRAME_MASKS if m in params and params[m].default is params[m].empty), None)
-    frames_first = torch.randn(first.shape[0], 64, mels, generator=gen).to(first.device, first.dtype)
+    b, frames = first.shape[0], first.shape[2]
+    layouts = [(first, 2), (torch.randn(b, 64, mels, generator=gen).to(first.device, first.dtype), 1)]
+    for n in other_mels:
+        layouts += [(torch.randn(b, n, frames, generator=gen).to(first.device, first.dtype), 2),
+                    (torch.randn(b, 64, n, generator=gen).to(first.device, first.dtype), 1)]
 
     def choose(inputs: dict[str, Any]) -> None:
-        for feats in (first, frames_first):
+        for feats, time_dim in layouts:
             trial = {**inputs, "input_features": feats}
             if mask is not None:
-                trial[mask] = torch.ones(feats.shape[0], feats.shape[1 if feats is frames_first else 2],
-                                         dtype=torch.long, device=feats.device)
+                trial[mask] = torch.ones(feats.shape[0], feats.shape[time_dim], dtype=torch.long,
+                                         device=feats.device)
             try:
                 with torch.no_grad():
                     model(**trial)
@@ -426,8 +433,8 @@ def _grid_patches(model: nn.Module, batch: int, gen: torch.Generator, grid: str 
     """Candidate flattened patches in Qwen-VL's layout: ``batch`` images of ``s x s`` patches (``s`` two
     merge windows) as rows ``(batch * s^2, C * T * P * P)``, ``T`` the config's temporal patch (then 2, 1),
     or ``(batch * s^2, C, P, P)`` where the patch embedding takes them unflattened (Kimi-K2.5); ``grid`` is
-    ``[[1, s, s]] * batch``, and ``merge_sizes`` ``[merge] * batch`` where the forward takes it
-    (VideoLLaMA 3)."""
+    ``[[1, s, s]] * batch``, and ``merge_sizes`` (``image_merge_sizes``) ``[merge] * batch`` where the
+    forward takes it (VideoLLaMA 3)."""
     vcfg = _vision_config(model.config)
     dev, dtype = model_device(model), model_dtype(model)
     patch = getattr(vcfg, "patch_size", None) or 14
@@ -438,23 +445,42 @@ def _grid_patches(model: nn.Module, batch: int, gen: torch.Generator, grid: str 
     side = 2 * merge
     n = batch * side * side
     extra = {grid: torch.tensor([[1, side, side]] * batch, device=dev)}
-    if "merge_sizes" in inspect.signature(model.forward).parameters:
-        extra["merge_sizes"] = torch.tensor([merge] * batch, device=dev)
+    params = inspect.signature(model.forward).parameters
+    for name in ("merge_sizes", "image_merge_sizes"):  # VideoLLaMA 3's tower, its VLM
+        if name in params:
+            extra[name] = torch.tensor([merge] * batch, device=dev)
     shapes = [(n, ch * tp * patch * patch) for tp in dict.fromkeys((getattr(vcfg, "temporal_patch_size", None) or 1,
                                                                      2, 1))]
     for shape in (*shapes, (n, ch, patch, patch)):
         yield {pixels: torch.randn(*shape, generator=gen).to(dev, dtype), **extra}
 
 
+def _navit_packed(vcfg: Any, gen: torch.Generator, dev: torch.device, dtype: torch.dtype) -> Iterator[dict[str, Any]]:
+    """Candidate NaViT-packed images (MiniCPM-V): one image of ``s x s`` patches in a row ``(1, C, P, s^2 * P)``
+    with its grid ``target_sizes = [[s, s]]``, ``s`` 4, 8 or 16 (one image: the tower's loop over images slices
+    the row at offsets computed from the grid's values, which export cannot trace)."""
+    patch = getattr(vcfg, "patch_size", None) or 14
+    patch = patch if isinstance(patch, int) else patch[0]
+    ch = getattr(vcfg, "num_channels", None) or getattr(vcfg, "in_channels", None) or 3
+    for side in (4, 8, 16):
+        yield {"pixel_values": torch.randn(1, ch, patch, side * side * patch, generator=gen).to(dev, dtype),
+               "target_sizes": torch.tensor([[side, side]], dtype=torch.int32, device=dev)}
+
+
 def _tower_grid_patches(model: nn.Module, params: Any, batch: int, gen: torch.Generator) -> dict[str, Any]:
     """A vision tower's own inputs where its forward takes an image grid (``_GRID_PARAMS``) with the patches
-    (``hidden_states`` or ``pixel_values``): the first of ``_grid_patches`` it runs on, with the vision
-    helpers' results precomputed (``_with_vision_precomputed``); ``{}`` otherwise."""
+    (``hidden_states`` or ``pixel_values``): the first of ``_grid_patches`` it runs on, or NaViT-packed images
+    where it takes ``target_sizes`` (``_navit_packed``), with the vision helpers' results precomputed
+    (``_with_vision_precomputed``); ``{}`` otherwise."""
     grid = next((g for g in _GRID_PARAMS if g in params), None)
     pixels = next((k for k in ("hidden_states", "pixel_values") if k in params), None)
-    if grid is None or pixels is None:
+    if "target_sizes" in params and "pixel_values" in params:
+        candidates = _navit_packed(_vision_config(model.config), gen, model_device(model), model_dtype(model))
+    elif grid is None or pixels is None:
         return {}
-    out = _first_that_runs(model, _grid_patches(model, batch, gen, grid, pixels))
+    else:
+        candidates = _grid_patches(model, batch, gen, grid, pixels)
+    out = _first_that_runs(model, candidates)
     if out:
         _with_vision_precomputed(model, out)
     return out
@@ -495,12 +521,8 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     if "image_grid_thw" in params and patch:
         yield from _grid_patches(model, batch, gen)
         return
-    if "target_sizes" in params and patch:  # NaViT packing (MiniCPM-V): one image's patches in a row
-        for side in (4, 8, 16):  # ``(1, C, P, s^2 * P)``, its grid ``[[s, s]]``, in the first sample's text
-            yield {"pixel_values": torch.randn(1, ch, patch, side * side * patch, generator=gen)  # (one image:
-                   .to(dev, dtype),  # the tower's loop over images slices at offsets of the grid's values,
-                   "target_sizes": torch.tensor([[side, side]], dtype=torch.int32, device=dev),  # which export
-                   _FIRST_SAMPLE_ONLY: True}  # cannot trace)
+    if "target_sizes" in params and patch:  # NaViT packing (MiniCPM-V), its placeholders in the first sample
+        yield from ({**c, _FIRST_SAMPLE_ONLY: True} for c in _navit_packed(vcfg, gen, dev, dtype))
         return
     if size is None:
         return

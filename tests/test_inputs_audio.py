@@ -127,3 +127,18 @@ def test_chunked_audio_encoder_gets_whole_windows_of_frames_with_its_mask():
     assert bool(inputs["input_features_mask"].all())
     with torch.no_grad():
         model(**inputs)
+
+
+def test_spectrogram_without_a_mel_count_in_the_config_tries_128_bins():
+    """Gemma 4's audio tower sizes its projection for 128 mel bins (its subsampling's first width), which
+    its config does not name: after 80 bins in both layouts, 128 bins are tried, and the tower traces."""
+    from transformers import Gemma4AudioConfig, Gemma4AudioModel
+
+    torch.manual_seed(0)
+    model = Gemma4AudioModel(Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4)).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["input_features"].shape == (2, 64, 128)  # (batch, frames, mels)
+    spec = pg.compile(model)
+    assert _moves(spec, "subsample_conv_projection.input_proj_linear.weight")
+    assert _moves(spec, "layers.0.feed_forward1.ffw_layer_1.linear.weight")
+    assert pg.verify(model, spec, dtype=torch.float32).ok

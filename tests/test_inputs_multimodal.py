@@ -124,3 +124,37 @@ def test_navit_packed_images_with_their_grid_trace_the_whole_tower():
     tower = [p for p in spec.shapes if ".vision_tower." in p and p.endswith(("fc1.weight", "linear_1.weight"))]
     assert any(".vit_merger." in p for p in tower) and all(_moves(spec, p) for p in tower)
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_navit_vision_tower_alone_gets_packed_images_with_their_grid():
+    """MiniCPM-V's vision tower on its own (no text): the same packed images and ``target_sizes``."""
+    from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6VisionConfig, MiniCPMV4_6VisionModel
+
+    cfg = MiniCPMV4_6VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=4, insert_layer_id=0)
+    torch.manual_seed(0)
+    model = MiniCPMV4_6VisionModel(cfg).eval()
+    inputs = default_example_inputs(model)
+    side = int(inputs["target_sizes"][0, 0])
+    assert inputs["pixel_values"].shape == (1, 3, 4, side * side * 4)
+    spec = pg.compile(model)
+    assert _moves(spec, "encoder.layers.0.mlp.fc1.weight") and _moves(spec, "vit_merger.linear_1.weight")
+    assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_grid_patches_with_the_vlms_image_merge_sizes():
+    """VideoLLaMA 3's VLM takes each image's merge size as ``image_merge_sizes`` (its tower: ``merge_sizes``)."""
+    from transformers import VideoLlama3Config, VideoLlama3ForConditionalGeneration
+
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "patch_size": 4}
+    cfg = VideoLlama3Config(image_token_id=100, video_token_id=101, text_config=dict(TINY_TEXT),
+                            vision_config=vision)
+    torch.manual_seed(0)
+    model = VideoLlama3ForConditionalGeneration(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["image_merge_sizes"].tolist() == [1, 1] and (inputs["input_ids"] == 100).sum() > 0
+    spec = pg.compile(model)
+    tower = [p for p in spec.shapes if ".vision_model." in p and p.endswith("fc1.weight")]
+    assert tower and all(_moves(spec, p) for p in tower)
+    assert pg.verify(model, spec, promote_float32=True).ok
