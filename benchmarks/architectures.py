@@ -125,6 +125,9 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
     if isinstance(getattr(cfg, "first_k_dense_replace", None), int) and isinstance(n_layers, int) \
             and cfg.first_k_dense_replace >= n_layers:  # DeepSeek-V3, GLM-4.5: keep one MoE layer
         _set(cfg, "first_k_dense_replace", n_layers - 1)
+    if isinstance(getattr(cfg, "num_kv_shared_layers", None), int) and isinstance(n_layers, int) \
+            and cfg.num_kv_shared_layers >= n_layers:  # Gemma 3n: the last layers reuse an earlier one's cache
+        _set(cfg, "num_kv_shared_layers", n_layers // 2)
     if isinstance(getattr(cfg, "insert_layer_id", None), int) and isinstance(n_layers, int) \
             and cfg.insert_layer_id >= n_layers:  # MiniCPM-V's window-attention merger: inside the shrunk tower
         _set(cfg, "insert_layer_id", 0)
@@ -321,7 +324,8 @@ def configs(model_type: str):
     return out
 
 
-_UNSET = {**SMALL, "top_k_experts": 2, "n_shared_experts": 1, "mask_token_id": 4, "pad_token_id": 1}  # ESM's tokens
+_UNSET = {**SMALL, "top_k_experts": 2, "n_shared_experts": 1, "mask_token_id": 4, "pad_token_id": 1,  # ESM's tokens
+          "prediction_length": 4, "context_length": 4}  # a lagged forecaster's horizon and history (TST)
 
 
 def _fill_unset(cfg) -> bool:

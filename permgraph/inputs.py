@@ -214,9 +214,33 @@ def _past_values(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -
         extra["past_values_padding"] = torch.zeros(batch, ctx, dtype=torch.long, device=dev)
     if "freq" in params and params["freq"].default is params["freq"].empty:
         extra["freq"] = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+    if "past_time_features" in params:  # lagged forecasters (Time Series Transformer, Informer, Autoformer)
+        yield from _lagged_history(cfg, ctx, batch, gen, dev, dtype)
+        return
     channels = getattr(cfg, "num_input_channels", None) or 1
     yield {"past_values": torch.randn(batch, ctx, channels, generator=gen).to(dev, dtype)}
     yield {"past_values": torch.randn(batch, ctx, generator=gen).to(dev, dtype), **extra}
+
+
+def _lagged_history(cfg: Any, ctx: int, batch: int, gen: torch.Generator, dev: torch.device,
+                    dtype: torch.dtype) -> Iterator[dict[str, Any]]:
+    """A lagged forecaster's inputs: ``context + max(lags)`` steps of ``past_values`` (the lags look back
+    that far), their time features ``(batch, steps, time + dynamic real features)`` and an all-ones
+    ``past_observed_mask``, with the ``prediction_length`` future values and time features its decoder
+    reads (then the past alone)."""
+    lags = getattr(cfg, "lags_sequence", None) or [1]
+    past, ahead = ctx + max(lags), getattr(cfg, "prediction_length", None) or 1
+    feats = (getattr(cfg, "num_time_features", 0) or 0) + (getattr(cfg, "num_dynamic_real_features", 0) or 0)
+    size = getattr(cfg, "input_size", 1) or 1
+    per_step = () if size == 1 else (size,)
+
+    def steps(n: int, *shape: int) -> torch.Tensor:
+        return torch.randn(batch, n, *shape, generator=gen).to(dev, dtype)
+
+    history = {"past_values": steps(past, *per_step), "past_time_features": steps(past, feats),
+               "past_observed_mask": torch.ones(batch, past, *per_step, device=dev, dtype=dtype)}
+    yield {**history, "future_values": steps(ahead, *per_step), "future_time_features": steps(ahead, feats)}
+    yield history
 
 
 def _audio_mel(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:

@@ -183,6 +183,28 @@ def test_time_series_models_get_their_history_in_the_layout_they_read():
     assert not inputs["past_values_padding"].any()
 
 
+
+def test_lagged_forecaster_gets_its_lagged_history_and_future():
+    """The Time Series Transformer looks back ``max(lags)`` steps before its context: ``past_values`` of
+    ``context + max(lags)`` steps with their time features and observed mask; its decoder reads the
+    ``prediction_length`` future steps; the encoder's and decoder's MLP units move."""
+    from transformers import TimeSeriesTransformerConfig, TimeSeriesTransformerModel
+
+    import permgraph as pg
+
+    cfg = TimeSeriesTransformerConfig(prediction_length=4, context_length=6, lags_sequence=[1, 2, 3],
+                                      num_time_features=2, d_model=16, encoder_layers=1, decoder_layers=1,
+                                      encoder_ffn_dim=24, decoder_ffn_dim=24, encoder_attention_heads=2,
+                                      decoder_attention_heads=2)
+    torch.manual_seed(0)
+    model = TimeSeriesTransformerModel(cfg).eval().double()
+    inputs = _runs(model)
+    assert inputs["past_values"].shape == (2, 9) and inputs["past_time_features"].shape == (2, 9, 2)
+    assert inputs["future_time_features"].shape == (2, 4, 2)
+    spec = pg.compile(model)
+    assert all(any(t.groups() for t in spec.axes_of(f"{part}.layers.0.fc1.weight")) for part in ("encoder", "decoder"))
+    assert pg.verify(model, spec, promote_float32=True).ok
+
 def test_audio_encoder_reading_mel_frames_gets_them_with_an_empty_padding_mask():
     """Gemma 3n's audio encoder: ``audio_mel`` ``(batch, frames, mels)``; ``audio_mel_mask`` True is padding."""
     from transformers import Gemma3nAudioConfig, Gemma3nAudioEncoder
