@@ -121,6 +121,10 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
                     pass
         if isinstance(getattr(cfg, "num_key_value_heads", None), int):  # latent attention: one kv head per head
             _set(cfg, "num_key_value_heads", cfg.num_attention_heads)
+        rope = getattr(cfg, "rope_parameters", None)  # a partial rotary over head_dim that is the rope part
+        part = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None  # (Mistral 4's half)
+        if isinstance(part, float) and 0 < part < 1 and getattr(cfg, "head_dim", None) is not None:
+            _set(cfg, "head_dim", int(cfg.qk_rope_head_dim / part))
     n_layers = getattr(cfg, "num_hidden_layers", None)
     if isinstance(getattr(cfg, "first_k_dense_replace", None), int) and isinstance(n_layers, int) \
             and cfg.first_k_dense_replace >= n_layers:  # DeepSeek-V3, GLM-4.5: keep one MoE layer
@@ -321,6 +325,9 @@ def configs(model_type: str):
     filled = copy.deepcopy(out[0][1])  # last: the shrunk config with the sizes its class leaves None set
     if _fill_unset(filled):  # (DeepSeek-like MoE's expert counts, ESM's vocabulary, Nemotron's kv heads)
         out.append(("small, sizes completed", filled))
+    mha = copy.deepcopy(out[0][1])  # then a key/value head per query head (ESM C's norms take the query width)
+    if _one_kv_head_per_head(mha):
+        out.append(("small, kv heads = heads", mha))
     return out
 
 
@@ -591,12 +598,16 @@ def _fewer_kv_heads(cfg) -> bool:
                and getattr(c, k) < c.num_attention_heads for c in (cfg, *_subconfigs(cfg)) for k in KV_HEADS)
 
 
-def _one_kv_head_per_head(cfg) -> None:
+def _one_kv_head_per_head(cfg) -> bool:
+    """Key/value heads as many as the query heads, in ``cfg`` and its sub-configs; whether any changed."""
+    changed = False
     for c in (cfg, *_subconfigs(cfg)):
         heads = getattr(c, "num_attention_heads", None)
         for k in KV_HEADS:
             if isinstance(getattr(c, k, None), int) and isinstance(heads, int) and getattr(c, k) < heads:
                 _set(c, k, heads)
+                changed = True
+    return changed
 
 
 def _build_mha(cls, cfg, label: str):
