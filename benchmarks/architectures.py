@@ -129,6 +129,10 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
     if isinstance(getattr(cfg, "first_k_dense_replace", None), int) and isinstance(n_layers, int) \
             and cfg.first_k_dense_replace >= n_layers:  # DeepSeek-V3, GLM-4.5: keep one MoE layer
         _set(cfg, "first_k_dense_replace", n_layers - 1)
+    heads, dim = getattr(cfg, "num_heads", None), getattr(cfg, "embed_dim", None)  # a Swin's stages double the
+    if isinstance(heads, (list, tuple)) and isinstance(dim, int) and not layers_only \
+            and any(not isinstance(h, int) or h <= 0 or (dim << i) % h for i, h in enumerate(heads)):  # width: heads
+        _set(cfg, "num_heads", [2 << i for i in range(len(heads))])  # that divide each stage's shrunk width
     if isinstance(getattr(cfg, "num_kv_shared_layers", None), int) and isinstance(n_layers, int) \
             and cfg.num_kv_shared_layers >= n_layers:  # Gemma 3n: the last layers reuse an earlier one's cache
         _set(cfg, "num_kv_shared_layers", n_layers // 2)
