@@ -329,6 +329,9 @@ def configs(model_type: str):
     filled = copy.deepcopy(out[0][1])  # last: the shrunk config with the sizes its class leaves None set
     if _fill_unset(filled):  # (DeepSeek-like MoE's expert counts, ESM's vocabulary, Nemotron's kv heads)
         out.append(("small, sizes completed", filled))
+    widths = copy.deepcopy(filled)  # then sizes that followed a default width follow the shrunk one
+    if any([_widths_follow(c) for c in (widths, *_subconfigs(widths))]):
+        out.append(("small, widths follow", widths))
     mha = copy.deepcopy(out[0][1])  # then a key/value head per query head (ESM C's norms take the query width)
     if _one_kv_head_per_head(mha):
         out.append(("small, kv heads = heads", mha))
@@ -383,7 +386,6 @@ def _fill_unset(cfg) -> bool:
                 _set(c, dim, 16)
                 _set(c, heads, e * width // 16)
                 changed = True
-        changed = _widths_follow(c) or changed
     return changed
 
 
