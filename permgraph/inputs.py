@@ -639,8 +639,8 @@ def _feature_count(feats: Any) -> int:
 def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator) -> bool:
     """Image inputs for a vision-language model, with as many image tokens in ``input_ids`` as the
     vision tower yields features, so that the vision tower is in the traced forward. Without
-    ``get_image_features`` the count is the config's (``latent_query_num``...), and the forward must
-    accept the result; placeholders without a token id of their own are marked by the forward's image
+    ``get_image_features`` the count is the config's (``latent_query_num``...) or that of a submodule's
+    ``get_image_features`` (a task head over a VLM), and the forward must accept the result; placeholders without a token id of their own are marked by the forward's image
     position mask (Kosmos-2). Leaves ``out`` as it is when no candidate layout works; whether it changed."""
     cfg = model.config
     tok = _token_id(cfg, "image")
@@ -649,7 +649,9 @@ def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: t
     if get is None:
         per = next((v for v in (getattr(cfg, k, None) for k in _IMAGE_TOKEN_COUNTS)
                     if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
-        get = None if per is None else (lambda **_: per * batch)
+        get = (lambda **_: per * batch) if per is not None else next(  # else a task head's base model's
+            (m.get_image_features for m in model.modules() if callable(getattr(m, "get_image_features", None))),
+            None)  # (ModernVBERT's masked LM), the forward checked
     mask = _image_position_mask(inspect.signature(model.forward).parameters)
     if not _with_modality_tokens(model, out, batch, "image", get, _image_inputs(model, batch, gen),
                                  check_forward=check, mask=mask if tok is None else None):

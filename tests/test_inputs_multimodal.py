@@ -158,3 +158,23 @@ def test_grid_patches_with_the_vlms_image_merge_sizes():
     tower = [p for p in spec.shapes if ".vision_model." in p and p.endswith("fc1.weight")]
     assert tower and all(_moves(spec, p) for p in tower)
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_task_head_without_get_image_features_counts_image_tokens_with_its_base_models():
+    """ModernVBERT's masked LM has no ``get_image_features`` of its own: the image tokens are counted with
+    its base model's, so the vision tower is in the traced forward and moves."""
+    from transformers import ModernVBertConfig, ModernVBertForMaskedLM
+
+    text = {"model_type": "modernbert", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "pad_token_id": 0, "bos_token_id": 1,
+            "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2}
+    cfg = ModernVBertConfig(image_token_id=100, pixel_shuffle_factor=2, text_config=text,
+                            vision_config={**TINY_CLIP_VISION, "model_type": "siglip_vision_model", "patch_size": 4})
+    torch.manual_seed(0)
+    model = ModernVBertForMaskedLM(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["pixel_values"].shape == (2, 1, 3, 16, 16) and (inputs["input_ids"] == 100).sum() == 2 * 4
+    spec = pg.compile(model)
+    tower = [p for p in spec.shapes if ".vision_model.encoder." in p and p.endswith("fc1.weight")]
+    assert tower and all(_moves(spec, p) for p in tower)
+    assert pg.verify(model, spec, promote_float32=True).ok
