@@ -640,8 +640,9 @@ def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: t
     """Image inputs for a vision-language model, with as many image tokens in ``input_ids`` as the
     vision tower yields features, so that the vision tower is in the traced forward. Without
     ``get_image_features`` the count is the config's (``latent_query_num``...) or that of a submodule's
-    ``get_image_features`` (a task head over a VLM), and the forward must accept the result; placeholders without a token id of their own are marked by the forward's image
-    position mask (Kosmos-2). Leaves ``out`` as it is when no candidate layout works; whether it changed."""
+    ``get_image_features`` (a task head over a VLM), and the forward must accept the result; placeholders
+    without a token id of their own are marked by the forward's image position mask (Kosmos-2). Leaves
+    ``out`` as it is when no candidate layout works; whether it changed."""
     cfg = model.config
     tok = _token_id(cfg, "image")
     get = getattr(model, "get_image_features", None)
