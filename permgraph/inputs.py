@@ -374,10 +374,12 @@ def _spectrogram_layout(model: nn.Module, first: torch.Tensor, mels: int, gen: t
     """A spectrogram model's ``input_features`` are ``first``, ``(batch, mels, frames)`` (Whisper), unless the
     forward refuses them and takes ``(batch, frames, mels)`` (conformer encoders: Parakeet, LASR, Speech2Text),
     each with an all-ones frame mask where the forward requires one; then the same two layouts with each of
-    ``other_mels`` bins. The choice needs the whole input: what this returns sets them in the finished inputs
-    (the first layout when none runs)."""
+    ``other_mels`` bins; then all of them with the all-ones mask the forward takes as optional but reads
+    (AudioFlamingo 3's encoder). The choice needs the whole input: what this returns sets them in the
+    finished inputs (the first layout when none runs)."""
     params = inspect.signature(model.forward).parameters
-    mask = next((m for m in _FRAME_MASKS if m in params and params[m].default is params[m].empty), None)
+    required = next((m for m in _FRAME_MASKS if m in params and params[m].default is params[m].empty), None)
+    optional = next((m for m in _FRAME_MASKS if m in params), None) if required is None else None
     b, frames = first.shape[0], first.shape[2]
     layouts = [(first, 2), (torch.randn(b, 64, mels, generator=gen).to(first.device, first.dtype), 1)]
     for n in other_mels:
@@ -385,7 +387,8 @@ def _spectrogram_layout(model: nn.Module, first: torch.Tensor, mels: int, gen: t
                     (torch.randn(b, 64, n, generator=gen).to(first.device, first.dtype), 1)]
 
     def choose(inputs: dict[str, Any]) -> None:
-        for feats, time_dim in layouts:
+        for mask, (feats, time_dim) in [(required, x) for x in layouts] + [(optional, x) for x in layouts
+                                                                          if optional is not None]:
             trial = {**inputs, "input_features": feats}
             if mask is not None:
                 trial[mask] = torch.ones(feats.shape[0], feats.shape[time_dim], dtype=torch.long,

@@ -205,6 +205,25 @@ def test_lagged_forecaster_gets_its_lagged_history_and_future():
     assert all(any(t.groups() for t in spec.axes_of(f"{part}.layers.0.fc1.weight")) for part in ("encoder", "decoder"))
     assert pg.verify(model, spec, promote_float32=True).ok
 
+def test_spectrogram_encoder_that_reads_its_optional_frame_mask_gets_one():
+    """AudioFlamingo 3's encoder declares ``input_features_mask`` optional but reads it: with no layout
+    running without it, the layouts are tried again with an all-ones mask."""
+    from transformers import AudioFlamingo3Encoder, AudioFlamingo3EncoderConfig
+
+    import permgraph as pg
+
+    cfg = AudioFlamingo3EncoderConfig(d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=48,
+                                      num_mel_bins=16, max_source_positions=20)
+    torch.manual_seed(0)
+    model = AudioFlamingo3Encoder(cfg).eval()
+    inputs = _runs(model)
+    assert inputs["input_features"].shape == (2, 16, 40) and inputs["input_features_mask"].shape == (2, 40)
+    assert inputs["input_features_mask"].all()
+    spec = pg.compile(model)
+    assert any(t.groups() for t in spec.axes_of("layers.0.fc1.weight"))
+    assert pg.verify(model, spec, promote_float32=True).ok
+
+
 def test_audio_encoder_reading_mel_frames_gets_them_with_an_empty_padding_mask():
     """Gemma 3n's audio encoder: ``audio_mel`` ``(batch, frames, mels)``; ``audio_mel_mask`` True is padding."""
     from transformers import Gemma3nAudioConfig, Gemma3nAudioEncoder
