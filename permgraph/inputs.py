@@ -567,8 +567,11 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
         # merger): a list again, read in Python
         yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype),
                "image_sizes": [[size, size]] * batch}
-    # images per sample (Idefics2/3, SmolVLM: ``(batch, images, C, S, S)``), one each
+    # images per sample (Idefics2/3, SmolVLM: ``(batch, images, C, S, S)``), one each; with the tiles' mask
     yield {"pixel_values": torch.randn(batch, 1, ch, size, size, generator=gen).to(dev, dtype)}
+    if "pixel_attention_mask" in params:  # where it marks real tiles ``(batch, tiles)`` (Granite Docling)
+        yield {"pixel_values": torch.randn(batch, 1, ch, size, size, generator=gen).to(dev, dtype),
+               "pixel_attention_mask": torch.ones(batch, 1, dtype=torch.bool, device=dev)}
 
 
 def _video_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:

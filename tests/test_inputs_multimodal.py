@@ -178,3 +178,24 @@ def test_task_head_without_get_image_features_counts_image_tokens_with_its_base_
     tower = [p for p in spec.shapes if ".vision_model.encoder." in p and p.endswith("fc1.weight")]
     assert tower and all(_moves(spec, p) for p in tower)
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_image_tiles_with_the_mask_of_real_tiles_the_model_requires():
+    """Granite Docling's ``get_image_features`` requires ``pixel_attention_mask`` marking real tiles
+    ``(batch, tiles)``: after the tiles alone fail, they come with an all-true mask, and the tower moves."""
+    from transformers import GraniteDoclingConfig, GraniteDoclingForConditionalGeneration
+
+    text = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0, "eos_token_id": 2}
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 4, "out_hidden_size": 32, "scale_factor": 2}
+    cfg = GraniteDoclingConfig(image_token_id=100, pad_token_id=0, text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    model = GraniteDoclingForConditionalGeneration(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["pixel_values"].shape == (2, 1, 3, 32, 32) and inputs["pixel_attention_mask"].all()
+    assert (inputs["input_ids"] == 100).sum() > 0
+    spec = pg.compile(model)
+    assert spec.info.get("text_only_inputs") is None
+    assert _moves(spec, "model.vision_model.encoder.layers.0.mlp.fc1.weight")
+    assert pg.verify(model, spec, promote_float32=True).ok
