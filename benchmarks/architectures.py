@@ -333,8 +333,9 @@ def configs(model_type: str):
     widths = copy.deepcopy(filled)  # then sizes that followed a default width follow the shrunk one
     if any([_widths_follow(c) for c in (widths, *_subconfigs(widths))]):
         out.append(("small, widths follow", widths))
-    mha = copy.deepcopy(out[0][1])  # then a key/value head per query head (ESM C's norms take the query width)
-    if _one_kv_head_per_head(mha):
+    if _fewer_kv_heads(out[0][1]):  # then a key/value head per query head (ESM C's norms take the query width)
+        mha = copy.deepcopy(out[0][1])
+        _one_kv_head_per_head(mha)
         out.append(("small, kv heads = heads", mha))
     return out
 
@@ -605,16 +606,12 @@ def _fewer_kv_heads(cfg) -> bool:
                and getattr(c, k) < c.num_attention_heads for c in (cfg, *_subconfigs(cfg)) for k in KV_HEADS)
 
 
-def _one_kv_head_per_head(cfg) -> bool:
-    """Key/value heads as many as the query heads, in ``cfg`` and its sub-configs; whether any changed."""
-    changed = False
+def _one_kv_head_per_head(cfg) -> None:
     for c in (cfg, *_subconfigs(cfg)):
         heads = getattr(c, "num_attention_heads", None)
         for k in KV_HEADS:
             if isinstance(getattr(c, k, None), int) and isinstance(heads, int) and getattr(c, k) < heads:
                 _set(c, k, heads)
-                changed = True
-    return changed
 
 
 def _build_mha(cls, cfg, label: str):

@@ -124,6 +124,12 @@ def _pixel_values(vcfg: Any, batch: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(batch, *clip, ch, height, width, generator=gen)
 
 
+def _patch_size(vcfg: Any, default: int | None = None) -> int | None:
+    """The vision config's patch side (the first of a ``(height, width)`` pair), else ``default``."""
+    patch = getattr(vcfg, "patch_size", None) or default
+    return patch if isinstance(patch, int) or patch is None else patch[0]
+
+
 def _vision_config(cfg: Any) -> Any:
     """The config that sizes a model's images: ``vision_config``, FLAVA's ``image_config``, a vision
     encoder-decoder's ``encoder`` (one with an ``image_size``); else the config itself."""
@@ -157,8 +163,7 @@ def _patchified(vcfg: Any, batch: int, gen: torch.Generator, dev: torch.device, 
     patches are real (``pixel_attention_mask``, all of them); the grid is the config's ``num_patches``.
     Gemma 4's tower: each patch's (column, row) in ``pixel_position_ids`` ``(batch, patches, 2)`` (-1 is
     padding, none here); the grid two pooling kernels a side (pooled into 2 x 2 tokens)."""
-    patch = getattr(vcfg, "patch_size", None) or 16
-    patch = patch if isinstance(patch, int) else patch[0]
+    patch = _patch_size(vcfg, 16)
     ch = getattr(vcfg, "num_channels", None) or 3
     out: dict[str, torch.Tensor] = {}
     if "pixel_position_ids" in params:
@@ -365,7 +370,8 @@ def _with_boxes(model: nn.Module, out: dict[str, Any], batch: int, seq: int, see
     _add_if_read(model, out, {"bbox": box.to(model_device(model))})
 
 
-# a spectrogram model's frame mask that its forward requires (FunASR's, Qwen3-ASR's encoders)
+# a spectrogram model's frame mask, which its forward requires (FunASR's, Qwen3-ASR's encoders) or takes as
+# optional but reads (AudioFlamingo 3's encoder)
 _FRAME_MASKS = ("input_features_mask", "feature_attention_mask")
 
 
@@ -386,9 +392,10 @@ def _spectrogram_layout(model: nn.Module, first: torch.Tensor, mels: int, gen: t
         layouts += [(torch.randn(b, n, frames, generator=gen).to(first.device, first.dtype), 2),
                     (torch.randn(b, 64, n, generator=gen).to(first.device, first.dtype), 1)]
 
+    masks = [required] if optional is None else [None, optional]
+
     def choose(inputs: dict[str, Any]) -> None:
-        for mask, (feats, time_dim) in [(required, x) for x in layouts] + [(optional, x) for x in layouts
-                                                                          if optional is not None]:
+        for mask, (feats, time_dim) in ((m, x) for m in masks for x in layouts):
             trial = {**inputs, "input_features": feats}
             if mask is not None:
                 trial[mask] = torch.ones(feats.shape[0], feats.shape[time_dim], dtype=torch.long,
@@ -437,8 +444,7 @@ def _flattened_patches(model: nn.Module, batch: int, gen: torch.Generator) -> It
     vcfg = _vision_config(model.config)
     dev, dtype = model_device(model), model_dtype(model)
     dim = getattr(vcfg, "patch_embed_hidden_size", None)
-    patch = getattr(vcfg, "patch_size", None)
-    patch = patch if isinstance(patch, int) or patch is None else patch[0]
+    patch = _patch_size(vcfg)
     if not isinstance(dim, int) and patch:
         dim = (getattr(vcfg, "num_channels", None) or 3) * patch * patch
     if not isinstance(dim, int):
@@ -464,8 +470,7 @@ def _grid_patches(model: nn.Module, batch: int, gen: torch.Generator, grid: str 
     forward takes it (VideoLLaMA 3)."""
     vcfg = _vision_config(model.config)
     dev, dtype = model_device(model), model_dtype(model)
-    patch = getattr(vcfg, "patch_size", None) or 14
-    patch = patch if isinstance(patch, int) else patch[0]
+    patch = _patch_size(vcfg, 14)
     ch = getattr(vcfg, "in_channels", None) or getattr(vcfg, "num_channels", None) or 3
     merge = getattr(vcfg, "spatial_merge_size", None) or getattr(vcfg, "merge_kernel_size", None) or 1
     merge = merge if isinstance(merge, int) else merge[0]
@@ -486,8 +491,7 @@ def _navit_packed(vcfg: Any, gen: torch.Generator, dev: torch.device, dtype: tor
     """Candidate NaViT-packed images (MiniCPM-V): one image of ``s x s`` patches in a row ``(1, C, P, s^2 * P)``
     with its grid ``target_sizes = [[s, s]]``, ``s`` 4, 8 or 16 (one image: the tower's loop over images slices
     the row at offsets computed from the grid's values, which export cannot trace)."""
-    patch = getattr(vcfg, "patch_size", None) or 14
-    patch = patch if isinstance(patch, int) else patch[0]
+    patch = _patch_size(vcfg, 14)
     ch = getattr(vcfg, "num_channels", None) or getattr(vcfg, "in_channels", None) or 3
     for side in (4, 8, 16):
         yield {"pixel_values": torch.randn(1, ch, patch, side * side * patch, generator=gen).to(dev, dtype),
@@ -543,8 +547,7 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     ch = getattr(vcfg, "num_channels", None) or getattr(vcfg, "in_channels", None) or 3
     size = getattr(vcfg, "image_size", None)
     size = size if isinstance(size, int) or size is None else size[0]
-    patch = getattr(vcfg, "patch_size", None)
-    patch = patch if isinstance(patch, int) or patch is None else patch[0]
+    patch = _patch_size(vcfg)
     if "image_grid_thw" in params and patch:
         yield from _grid_patches(model, batch, gen)
         return
