@@ -278,6 +278,29 @@ def returned_caches_dropped(model: nn.Module) -> Iterator[None]:
             del model.forward
 
 
+class BoolMasksAsIndices(torch.overrides.TorchFunctionMode):
+    """``x[mask]`` (and ``x[mask] = v``) with a boolean tensor among the indices computed as
+    ``x[nz[:, 0], ..., nz[:, k-1]]`` with ``nz = mask.nonzero()``, PyTorch's own definition of boolean
+    indexing, for the block. ``draft_export`` (torch 2.13) cannot bind the size of a boolean mask's
+    result (``PendingUnbackedSymbolNotFound``) but can that of ``nonzero``."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) >= 2:
+            items = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim() for i in items):
+                return func(args[0], tuple(_as_integer_indices(items)), *args[2:], **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _as_integer_indices(items: tuple) -> Iterator[Any]:
+    for i in items:
+        if isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim():
+            nz = i.nonzero()
+            yield from (nz[:, k] for k in range(i.dim()))
+        else:
+            yield i
+
+
 def cache_off(model: nn.Module) -> list:
     """Turn ``config.use_cache`` off (and in sub-configs and submodules' configs) while tracing: a
     returned KV cache is not a tensor output export can handle. Returns what to restore."""

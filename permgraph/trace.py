@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from permgraph.diagnose import failure_summary, sdpa_only_hint, skippable_hint
 from permgraph.equivalents import (
+    BoolMasksAsIndices,
     ConvertsItself,
     batched_experts,
     cache_off,
@@ -170,11 +171,12 @@ def _reproduces(ep, model: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 
 def _draft_export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str | None]:
-    """``torch.export.draft_export`` (non-strict, real tensors propagated), kept only if its graph
-    gives the model's outputs on the example inputs; ``(program, what it specialised)`` or
+    """``torch.export.draft_export`` (non-strict, real tensors propagated; boolean masks indexed
+    through ``nonzero``, the same function, whose size draft export can bind), kept only if its
+    graph gives the model's outputs on the example inputs; ``(program, what it specialised)`` or
     ``(None, None)``."""
     try:
-        with torch.no_grad(), quiet_export_logs():
+        with torch.no_grad(), quiet_export_logs(), BoolMasksAsIndices():
             ep = torch.export.draft_export(model, args, kwargs, strict=False)
     except Exception:  # noqa: BLE001 - the first error is the one to report
         return None, None

@@ -32,6 +32,42 @@ def test_data_dependent_branch_is_traced_by_draft_export_and_said_so():
         assert pg.verify(model, spec, (x, flag), seed=seed, tolerance=1e-12).ok
 
 
+class _MaskedCheck(torch.nn.Module):
+    """Rows picked by a boolean mask, their count checked against a length read from the data (a VLM's
+    placeholder check): only draft export gets past the check, and only with the mask's rows taken
+    through ``nonzero`` (torch 2.13's draft export cannot bind a boolean mask's size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 10), torch.nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        rows = x[mask]
+        if rows.shape[0] != sum(lengths.tolist()):
+            raise ValueError("rows and lengths differ")
+        out = x.clone()
+        out[mask] = rows * 2  # a boolean mask written through too
+        return self.b(torch.relu(self.a(out))).sum(0) + self.b(torch.relu(self.a(rows))).sum(0)
+
+
+def test_boolean_masks_are_traced_by_draft_export_through_nonzero():
+    from permgraph.equivalents import BoolMasksAsIndices
+
+    model = _MaskedCheck().double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    inputs = (x, mask, torch.tensor([3, 4]))
+    with torch.no_grad():
+        want = model(*inputs)
+        with BoolMasksAsIndices():  # the same function
+            assert torch.equal(model(*inputs), want)
+    spec = pg.compile(model, inputs)
+    assert "draft_export" in spec.info["draft"]
+    assert [g.size for g in spec.groups.values()] == [10]
+    for seed in (0, 1):
+        assert pg.verify(model, spec, inputs, seed=seed, tolerance=1e-12).ok
+
+
 def test_qwen2_vl_gets_mrope_positions_and_its_vision_tower_moves():
     """Qwen2-VL computes M-RoPE positions from the image grid's values in Python; derived inputs pass
     them precomputed (and cu_seqlens), and eager attention gets past the vision tower's per-image
