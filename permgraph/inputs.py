@@ -85,14 +85,16 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
               and not no_image and _with_image_tokens(model, out, batch, gen))
     if "pixel_values_videos" in params and "input_ids" in out and "video" in mods:  # a tower of its own for videos
         images = _with_video_tokens(model, out, batch, gen) or images
-    if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
-            and _token_id(cfg, "audio") is not None and "audio" in mods):  # audio-language models: tower in the forward
-        _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
-                              _audio_inputs(model, batch, gen), check_forward=True,
-                              keep={t for k in ("image", "video") if (t := _token_id(cfg, k)) is not None})
+    audio = ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
+             and _token_id(cfg, "audio") is not None and "audio" in mods  # audio-language models: tower in the forward
+             and _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
+                                       _audio_inputs(model, batch, gen), check_forward=True,
+                                       keep={t for k in ("image", "video") if (t := _token_id(cfg, k)) is not None}))
     if images:  # computed from every placeholder in the text (images, videos, audio)
         _with_rope_positions(model, out)
-        _with_vision_precomputed(model, out)
+        _with_precomputed(model, out)
+    if audio:
+        _with_precomputed(model, out, "audio")
     if model.main_input_name in _OTHER_MAIN_INPUTS and model.main_input_name in params:  # raw audio, clips, ...
         out.update(_first_that_runs(model, _OTHER_MAIN_INPUTS[model.main_input_name](model, batch, seq, gen)))
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
@@ -502,7 +504,7 @@ def _tower_grid_patches(model: nn.Module, params: Any, batch: int, gen: torch.Ge
     """A vision tower's own inputs where its forward takes an image grid (``_GRID_PARAMS``) with the patches
     (``hidden_states`` or ``pixel_values``): the first of ``_grid_patches`` it runs on, or NaViT-packed images
     where it takes ``target_sizes`` (``_navit_packed``), with the vision helpers' results precomputed
-    (``_with_vision_precomputed``); ``{}`` otherwise."""
+    (``_with_precomputed``); ``{}`` otherwise."""
     grid = next((g for g in _GRID_PARAMS if g in params), None)
     pixels = next((k for k in ("hidden_states", "pixel_values") if k in params), None)
     if "target_sizes" in params and "pixel_values" in params:
@@ -513,7 +515,7 @@ def _tower_grid_patches(model: nn.Module, params: Any, batch: int, gen: torch.Ge
         candidates = _grid_patches(model, batch, gen, grid, pixels)
     out = _first_that_runs(model, candidates)
     if out:
-        _with_vision_precomputed(model, out)
+        _with_precomputed(model, out)
     return out
 
 
@@ -691,10 +693,18 @@ def _with_rope_positions(model: nn.Module, out: dict[str, Any]) -> None:
     out.update(trial)
 
 
-# transformers' vision helpers (``transformers.vision_utils``) that compute from the image grid's values
-# (data-dependent sizes) and take their results precomputed from the forward's keyword arguments
+# transformers' helpers that compute from the inputs' values (data-dependent sizes) and take their results
+# precomputed from the forward's keyword arguments (``kwargs.pop(name)``), with where they are defined and
+# the prefixes the forward accepts them with (``accepts_precomputed_kwargs`` strips the modality's):
+# the vision helpers (``transformers.vision_utils``: from the image grid) and the audio towers' own (Qwen-Omni:
+# from the frame counts, chunking the frames and packing the chunks)
 _VISION_PRECOMPUTED = {"get_vision_interpolation_indices_and_weights": ("interp_indices", "interp_weights"),
                        "get_vision_attention_seqlens": ("cu_seqlens", "max_seqlen")}
+_AUDIO_PRECOMPUTED = {"chunk_and_pad_features": ("padded_feature", "chunk_lengths"),
+                      "get_valid_indices": ("valid_indices",), "get_pool_indices": ("pool_indices",),
+                      "get_audio_cu_seqlens": ("cu_seqlens",)}
+_PRECOMPUTED = {"image": (_VISION_PRECOMPUTED, {"transformers.vision_utils"}, ("", "image_")),
+                "audio": (_AUDIO_PRECOMPUTED, None, ("audio_",))}
 
 
 def modeling_helpers(model: nn.Module, names: Collection[str], origins: Collection[str] | None = None) -> list:
@@ -731,12 +741,14 @@ def recorded(found: list) -> Iterator[dict[str, list]]:
             space[name] = fn
 
 
-def _with_vision_precomputed(model: nn.Module, out: dict[str, Any]) -> None:
-    """The results of transformers' vision helpers, computed here in eager mode by the model's own calls
-    (recorded in one forward) and passed as the keyword arguments they accept precomputed: the helpers
-    derive sizes from the image grid's values, which export cannot trace. Kept only if the forward
-    accepts them and gives the same outputs; a helper called more than once is left to the forward."""
-    found = modeling_helpers(model, _VISION_PRECOMPUTED, {"transformers.vision_utils"})
+def _with_precomputed(model: nn.Module, out: dict[str, Any], modality: str = "image") -> None:
+    """The results of transformers' helpers of a modality (``_PRECOMPUTED``), computed here in eager mode
+    by the model's own calls (recorded in one forward) and passed as the keyword arguments they accept
+    precomputed: the helpers derive sizes from the inputs' values, which export cannot trace. Kept only
+    if the forward accepts them and gives the same outputs; a helper called more than once is left to
+    the forward."""
+    table, origins, prefixes = _PRECOMPUTED[modality]
+    found = modeling_helpers(model, table, origins)
     if not found:
         return
     try:
@@ -748,18 +760,20 @@ def _with_vision_precomputed(model: nn.Module, out: dict[str, Any]) -> None:
     for name, results in calls.items():
         if len(results) == 1:
             vals = results[0] if isinstance(results[0], tuple) else (results[0],)
-            extra.update({k: v for k, v in zip(_VISION_PRECOMPUTED[name], vals) if v is not None})
+            extra.update({k: v for k, v in zip(table[name], vals) if v is not None})
     if not extra:
         return
-    # unprefixed, or with the image prefix that transformers' ``accepts_precomputed_kwargs`` strips for the
-    # vision tower alone (Qwen3.5: an unprefixed ``cu_seqlens`` also reaches its linear attention)
-    for names in (extra, {f"image_{k}": v for k, v in extra.items()}):
+    # under the modality's prefixes in turn, which transformers' ``accepts_precomputed_kwargs`` strips for the
+    # tower (Qwen3.5's vision tower takes ``image_cu_seqlens``: an unprefixed one also reaches its linear attention)
+    for names in ({f"{p}{k}": v for k, v in extra.items()} for p in prefixes):
         try:
-            with torch.no_grad():
+            with recorded(found) as again, torch.no_grad():
                 got = model(**out, **names)
         except Exception:  # noqa: BLE001 - the forward does not take them
             continue
-        if _same_outputs(want, got, unknown=True):  # on meta: the model's own results for these inputs
+        taken = {id(v) for results in again.values() for r in results for v in (r if isinstance(r, tuple) else (r,))}
+        if (any(id(v) in taken for v in names.values())  # a helper returned one: not left unread in **kwargs
+                and _same_outputs(want, got, unknown=True)):  # on meta: the model's own results for these inputs
             out.update(names)
             return
 

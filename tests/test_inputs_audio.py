@@ -102,6 +102,7 @@ def test_qwen3_asr_audio_tower_traced_with_its_recorded_attention_windows():
     model = _tiny_qwen3_asr()
     inputs = default_example_inputs(model)
     assert inputs["input_features"].shape == (2, 16, 400) and (inputs["input_ids"] == 100).any()
+    assert not [k for k in inputs if k.startswith("audio_")]  # precomputed that no helper would read: left out
     spec = pg.compile(model)
     assert "text_only_inputs" not in spec.info and "dropped_inputs" not in spec.info
     assert "get_audio_cu_seqlens (1 call)" in spec.info["specialised"]
@@ -142,3 +143,42 @@ def test_spectrogram_without_a_mel_count_in_the_config_tries_128_bins():
     assert _moves(spec, "subsample_conv_projection.input_proj_linear.weight")
     assert _moves(spec, "layers.0.feed_forward1.ffw_layer_1.linear.weight")
     assert pg.verify(model, spec, dtype=torch.float32).ok
+
+
+def _tiny_qwen3_omni_thinker() -> torch.nn.Module:
+    import transformers
+
+    cfg = transformers.Qwen3OmniMoeThinkerConfig(
+        audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
+                          output_dim=32, downsample_hidden_size=4, max_source_positions=100, n_window=50,
+                          n_window_infer=200),
+        vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32,
+                           deepstack_visual_indexes=[0]),
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, moe_intermediate_size=16,
+                         num_experts=2, num_experts_per_tok=1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]}),
+        audio_token_id=100, image_token_id=101, video_token_id=102, audio_start_token_id=103, vision_start_token_id=104)
+    torch.manual_seed(0)
+    model = transformers.Qwen3OmniMoeThinkerForConditionalGeneration(cfg).double().eval()
+    model.set_experts_implementation("batched_mm")  # grouped_mm takes no float64 on CPU
+    return model
+
+
+def test_qwen3_omni_audio_tower_gets_its_chunked_frames_precomputed():
+    """Qwen3-Omni's audio tower chunks the frames and packs the chunks with helpers that compute sizes
+    from the frame counts' values (``chunk_and_pad_features``: ``split(lengths.tolist())``), which take
+    their results precomputed from ``audio_``-prefixed keyword arguments. Derived inputs pass them,
+    computed by the model's own calls in one eager forward: the tower is traced without draft export
+    or replayed constants, and it moves (was: dropped, the audio tower fixed as unused)."""
+    model = _tiny_qwen3_omni_thinker()
+    inputs = default_example_inputs(model, modalities=("audio",))
+    assert inputs["input_features"].shape == (2, 16, 200) and (inputs["input_ids"] == 100).any()
+    assert {"audio_padded_feature", "audio_chunk_lengths", "audio_valid_indices", "audio_cu_seqlens"} <= set(inputs)
+    assert inputs["audio_padded_feature"].shape == (4, 16, 100)  # 2 samples x 2 chunks of 2 * n_window frames
+    spec = pg.compile(model, inputs)
+    assert "draft" not in spec.info and "specialised" not in spec.info
+    tower = [p for p in spec.shapes if ".audio_tower." in p and p.endswith(("fc1.weight", "fc2.weight", "proj1.weight",
+                                                                             "conv2d2.weight"))]
+    assert len(tower) == 4 and all(_moves(spec, p) for p in tower)
+    assert pg.verify(model, spec, inputs, promote_float32=True).ok
