@@ -66,7 +66,9 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
 
     # token ids where the forward reads text: a vision-main model (Kosmos-2, BLIP) too when its config
     # has a text vocabulary (plain vision models' forwards take no input_ids)
-    if "input_ids" in params and (model.main_input_name != "pixel_values" or _text_vocab(cfg) is not None):
+    # (a text tower that inherits a vision model's main input name but takes no images: SAM 3's)
+    if "input_ids" in params and (model.main_input_name != "pixel_values" or _text_vocab(cfg) is not None
+                                  or "pixel_values" not in params):
         vocab = _text_vocab(cfg) or getattr(cfg, "vocab_size", None) or 100
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
     # caches off before the probes below run the forward (a hybrid cache fails a forward without attention)
@@ -103,10 +105,14 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         out["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq // 2), generator=gen).to(dev)
     if layout is not None:  # the spectrogram's layout, now that the other inputs are there
         layout(out)
+    embeds = next((k for k in _required(params) if k.endswith("_embeds") and k not in out), None)
+    if embeds is not None:  # a forward that requires embeddings (BLIP-2's Q-Former: its query_embeds)
+        found = next(_embeddings(model, batch, seq, gen), {})
+        out.update({embeds: found["inputs_embeds"]} if found else {})
     if not set(out) - set(_OFF_WHILE_TRACING):
         raise TraceError(f"cannot derive example inputs for {type(model).__name__}: pass example_inputs")
-    if "input_ids" in out:  # inputs read by parts the ones above leave out (probed: kept if they matter)
-        _with_encoder_states(model, out, batch, seed)
+    if "input_ids" in out or embeds in out:  # inputs read by parts the ones above leave out (probed: kept
+        _with_encoder_states(model, out, batch, seed)  # if they matter)
         _with_second_token_streams(model, out, batch, seq, seed)
         _with_boxes(model, out, batch, seq, seed)
     return out
@@ -192,6 +198,28 @@ def _embeddings(model: nn.Module, batch: int, seq: int, gen: torch.Generator) ->
                                                                                  model_dtype(model))}
 
 
+def _required(params: Any) -> list[str]:
+    """The forward's parameters that have no default (named ones: not ``*args``, ``**kwargs``)."""
+    return [k for k, p in params.items() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _trajectory(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """An offline-RL trajectory (Decision Transformer): ``states`` ``(batch, seq, state_dim)``, ``actions``
+    ``(batch, seq, act_dim)``, ``rewards`` and ``returns_to_go`` ``(batch, seq, 1)`` and ``timesteps`` below
+    ``max_ep_len``, each where the forward takes it."""
+    cfg = model.config
+    dev, dtype = model_device(model), model_dtype(model)
+    params = inspect.signature(model.forward).parameters
+    widths = {"states": getattr(cfg, "state_dim", None), "actions": getattr(cfg, "act_dim", None),
+              "rewards": 1, "returns_to_go": 1}
+    out = {k: torch.randn(batch, seq, w, generator=gen).to(dev, dtype) for k, w in widths.items()
+           if k in params and isinstance(w, int)}
+    if "timesteps" in params:
+        steps = getattr(cfg, "max_ep_len", None) or seq
+        out["timesteps"] = torch.randint(0, steps, (batch, seq), generator=gen).to(dev)
+    yield out
+
+
 def _raw_audio(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """``input_values``: raw audio ``(batch, 1024)`` (wav2vec 2.0, HuBERT); with its channels
     ``(batch, channels, 1024)`` (codecs: EnCodec, Mimi, X-Codec; ``audio_channels`` or mono); a spectrogram
@@ -275,7 +303,8 @@ def _encoder_main_input(model: nn.Module, batch: int, seq: int, gen: torch.Gener
 # a forward's main input (``main_input_name``) that is not text, images or spectrograms: candidate inputs,
 # the first that the forward runs on kept
 _OTHER_MAIN_INPUTS = {"input_values": _raw_audio, "pixel_values_videos": _video_clips, "inputs_embeds": _embeddings,
-                      "past_values": _past_values, "audio_mel": _audio_mel, "inputs": _encoder_main_input}
+                      "past_values": _past_values, "audio_mel": _audio_mel, "inputs": _encoder_main_input,
+                      "states": _trajectory}
 
 
 def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator):
@@ -331,7 +360,7 @@ def _with_encoder_states(model: nn.Module, out: dict[str, Any], batch: int, seed
     if "encoder_hidden_states" not in inspect.signature(model.forward).parameters or getattr(
             cfg, "is_encoder_decoder", False):
         return
-    width = getattr(cfg, "cross_attention_hidden_size", None) or next(
+    width = getattr(cfg, "cross_attention_hidden_size", None) or getattr(cfg, "encoder_hidden_size", None) or next(
         (getattr(cfg, k) for k in ("hidden_size", "d_model", "n_embd") if isinstance(getattr(cfg, k, None), int)), None)
     if not isinstance(width, int) or width < 1:
         return
