@@ -156,6 +156,9 @@ def _plain_images(model: nn.Module, params: Any, placed: bool, batch: int, gen: 
     vcfg = _vision_config(cfg)
     dev, dtype = model_device(model), model_dtype(model)
     out = {"pixel_values": _pixel_values(vcfg, batch, gen).to(dev, dtype)}
+    if not placed and model.main_input_name == "pixel_values":  # or a pair of images per sample, where the
+        pair = {"pixel_values": torch.stack([out["pixel_values"], torch.randn_like(out["pixel_values"])], 1)}
+        out = _first_that_runs(model, iter([out, pair]))  # forward refuses one (keypoint matchers: LightGlue)
     if not placed and ("spatial_shapes" in params and "pixel_attention_mask" in params  # NaFlex (SigLIP 2)
                        or "pixel_position_ids" in params):  # patches with their positions (Gemma 4's tower)
         out.update(_patchified(vcfg, batch, gen, dev, dtype, params))

@@ -344,3 +344,13 @@ def test_forward_requiring_embeddings_gets_them_and_encoder_states_of_the_encode
     inputs = _runs(Blip2QFormerModel(cfg).eval())
     assert inputs["query_embeds"].shape == (2, 8, 32)
     assert inputs["encoder_hidden_states"].shape[-1] == 24
+
+
+def test_image_matcher_gets_a_pair_of_images_per_sample():
+    """EfficientLoFTR matches two images: its forward refuses one image per sample and takes
+    ``(batch, 2, C, H, W)``."""
+    from transformers import EfficientLoFTRConfig, EfficientLoFTRModel
+
+    cfg = EfficientLoFTRConfig(stage_num_blocks=[1, 1, 1, 1], num_attention_layers=1)
+    inputs = _runs(EfficientLoFTRModel(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 2, 3, 32, 32)
