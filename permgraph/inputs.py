@@ -147,18 +147,24 @@ def _vision_config(cfg: Any) -> Any:
 
 
 def _plain_images(model: nn.Module, params: Any, placed: bool, batch: int, gen: torch.Generator) -> dict[str, Any]:
-    """``pixel_values`` of the vision config's size; patchified where the forward reads patches (a tower
-    without placeholder tokens: ``_patchified``); none where the model was built without its vision
-    tower (``vision_config`` None: Gemma 4's default config), which then runs its text only."""
+    """``pixel_values`` of the vision config's size, with the other images the forward requires; patchified
+    where the forward reads patches (a tower without placeholder tokens: ``_patchified``); none where the
+    model was built without its vision tower (``vision_config`` None: Gemma 4's default config), which then
+    runs its text only."""
     cfg = model.config
     if "vision_config" in vars(cfg) and cfg.vision_config is None:
         return {}
     vcfg = _vision_config(cfg)
     dev, dtype = model_device(model), model_dtype(model)
     out = {"pixel_values": _pixel_values(vcfg, batch, gen).to(dev, dtype)}
-    if not placed and model.main_input_name == "pixel_values":  # or a pair of images per sample, where the
-        pair = {"pixel_values": torch.stack([out["pixel_values"], torch.randn_like(out["pixel_values"])], 1)}
-        out = _first_that_runs(model, iter([out, pair]))  # forward refuses one (keypoint matchers: LightGlue)
+    others = [k for k in _required(params) if k != "pixel_values" and k.endswith(("pixel_values", "_masks"))]
+    if not placed and model.main_input_name == "pixel_values":  # candidates where the forward refuses these:
+        x = out["pixel_values"]  # with the other images it requires (SegGPT's prompt image and mask) of their
+        halves = x[..., : x.shape[-2] // 2, :]  # shape, or of half their height (stacked into the config's
+        out = _first_that_runs(model, iter([  # size), or a pair of images per sample (LightGlue)
+            {"pixel_values": x, **{k: torch.randn_like(x) for k in others}},
+            *([{"pixel_values": halves, **{k: torch.randn_like(halves) for k in others}}] if others else []),
+            {"pixel_values": torch.stack([x, torch.randn_like(x)], 1)}]))
     if not placed and ("spatial_shapes" in params and "pixel_attention_mask" in params  # NaFlex (SigLIP 2)
                        or "pixel_position_ids" in params):  # patches with their positions (Gemma 4's tower)
         out.update(_patchified(vcfg, batch, gen, dev, dtype, params))

@@ -354,3 +354,15 @@ def test_image_matcher_gets_a_pair_of_images_per_sample():
     cfg = EfficientLoFTRConfig(stage_num_blocks=[1, 1, 1, 1], num_attention_layers=1)
     inputs = _runs(EfficientLoFTRModel(cfg).eval())
     assert inputs["pixel_values"].shape == (2, 2, 3, 32, 32)
+
+
+def test_in_context_segmenter_gets_its_prompt_image_and_mask():
+    """SegGPT requires a prompt image and its mask beside the image, each half the config's height (the
+    forward stacks the two)."""
+    from transformers import SegGptConfig, SegGptModel
+
+    cfg = SegGptConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=48, image_size=[64, 32],
+                       patch_size=16, decoder_hidden_size=16, intermediate_hidden_state_indices=[0, 1],
+                       merge_index=0)
+    inputs = _runs(SegGptModel(cfg).eval())
+    assert inputs["pixel_values"].shape == inputs["prompt_masks"].shape == (2, 3, 32, 32)
