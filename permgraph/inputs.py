@@ -95,8 +95,10 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if images:  # computed from every placeholder in the text (images, videos, audio)
         _with_rope_positions(model, out)
         _with_vision_precomputed(model, out)
-    if model.main_input_name in _OTHER_MAIN_INPUTS and model.main_input_name in params:  # raw audio, clips, ...
-        out.update(_first_that_runs(model, _OTHER_MAIN_INPUTS[model.main_input_name](model, batch, seq, gen)))
+    for name in dict.fromkeys([model.main_input_name, *_required(params)]):  # raw audio, clips, ...: the main
+        if name in _OTHER_MAIN_INPUTS and name in params and name not in out:  # input, or one the forward
+            cands = _OTHER_MAIN_INPUTS[name](model, batch, seq, gen)  # requires beside text (PE Audio's)
+            out.update(_first_that_runs(model, ({**out, **c} for c in cands)))
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
         layout = _spectrogram(model, out, batch, gen)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
@@ -231,16 +233,37 @@ def _trajectory(model: nn.Module, batch: int, seq: int, gen: torch.Generator) ->
 
 def _raw_audio(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """``input_values``: raw audio ``(batch, 1024)`` (wav2vec 2.0, HuBERT); with its channels
-    ``(batch, channels, 1024)`` (codecs: EnCodec, Mimi, X-Codec; ``audio_channels`` or mono); a spectrogram
+    ``(batch, channels, 1024)`` (codecs: EnCodec, Mimi, X-Codec; ``audio_channels`` or mono); both four hops of
+    the config long (``_hops``: PE Audio's DAC, Muse Spark's 1920 samples per token); a spectrogram
     ``(batch, max_length, num_mel_bins)`` (Audio Spectrogram Transformer)."""
     cfg = model.config
     dev, dtype = model_device(model), model_dtype(model)
     yield {"input_values": torch.randn(batch, 1024, generator=gen).to(dev, dtype)}
     channels = getattr(cfg, "audio_channels", None) or 1
     yield {"input_values": torch.randn(batch, channels, 1024, generator=gen).to(dev, dtype)}
+    for hop in _hops(cfg):  # four of the frames the config's hop makes (longer than a codec's receptive
+        yield {"input_values": torch.randn(batch, 4 * hop, generator=gen).to(dev, dtype)}  # field; a
+        yield {"input_values": torch.randn(batch, channels, 4 * hop, generator=gen).to(dev, dtype)}  # whole one)
     frames, mels = getattr(cfg, "max_length", None), getattr(cfg, "num_mel_bins", None)
     if isinstance(frames, int) and isinstance(mels, int):
         yield {"input_values": torch.randn(batch, frames, mels, generator=gen).to(dev, dtype)}
+
+
+def _hops(cfg: Any) -> list[int]:
+    """Samples per audio frame that a config or its sub-configs declare: ``hop_length``, ``samples_per_token``
+    or the product of ``downsampling_ratios``."""
+    from transformers import PretrainedConfig
+
+    out, todo = [], [cfg]
+    while todo:
+        c = todo.pop(0)
+        todo += [v for v in vars(c).values() if isinstance(v, PretrainedConfig)]
+        ratios = getattr(c, "downsampling_ratios", None)
+        for v in (getattr(c, "hop_length", None), getattr(c, "samples_per_token", None),
+                  math.prod(ratios) if isinstance(ratios, (list, tuple)) and ratios else None):
+            if isinstance(v, int) and not isinstance(v, bool) and v > 1 and v not in out:
+                out.append(v)
+    return out
 
 
 def _past_values(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
