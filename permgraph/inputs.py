@@ -638,6 +638,18 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
                "pixel_attention_mask": torch.ones(batch, 1, dtype=torch.bool, device=dev)}
 
 
+def _second_resolution(model: nn.Module, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Images for each ``<name>_pixel_values`` the forward takes whose sub-config ``<name>_vision_config``
+    sizes them (DeepSeek-VL hybrid's ``high_res_pixel_values``: a second tower at its own resolution)."""
+    params = inspect.signature(model.forward).parameters
+    out = {}
+    for k in params:
+        sub = getattr(model.config, f"{k[: -len('_pixel_values')]}_vision_config", None)
+        if k.endswith("_pixel_values") and sub is not None:
+            out[k] = _pixel_values(sub, batch, gen).to(model_device(model), model_dtype(model))
+    return out
+
+
 def _video_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """Candidate video inputs: ``frames`` images per sample ``(batch, frames, C, S, S)`` in the vision
     config's image layout (Video-LLaVA's ``pixel_values_videos``)."""
@@ -724,7 +736,9 @@ def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: t
             (m.get_image_features for m in model.modules() if callable(getattr(m, "get_image_features", None))),
             None)  # (ModernVBERT's masked LM), the forward checked
     mask = _image_position_mask(inspect.signature(model.forward).parameters)
-    if not _with_modality_tokens(model, out, batch, "image", get, _image_inputs(model, batch, gen),
+    extra = _second_resolution(model, batch, gen)
+    cands = ({**c, **extra} for c in _image_inputs(model, batch, gen))
+    if not _with_modality_tokens(model, out, batch, "image", get, cands,
                                  check_forward=check, mask=mask if tok is None else None):
         return False
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
