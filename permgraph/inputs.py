@@ -117,6 +117,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         _with_encoder_states(model, out, batch, seed)  # if they matter)
         _with_second_token_streams(model, out, batch, seq, seed)
         _with_boxes(model, out, batch, seq, seed)
+        _with_sized_features(model, out, batch, seed)
     return out
 
 
@@ -399,6 +400,21 @@ def _with_encoder_states(model: nn.Module, out: dict[str, Any], batch: int, seed
     gen = torch.Generator().manual_seed(seed + 1)
     states = torch.randn(batch, 4, width, generator=gen).to(model_device(model), model_dtype(model))
     _add_if_read(model, out, {"encoder_hidden_states": states})
+
+
+def _with_sized_features(model: nn.Module, out: dict[str, Any], batch: int, seed: int) -> None:
+    """Float features ``(batch, 4, dim)`` for each input ``<name>`` the forward takes whose width the
+    config holds as ``<name>_dim`` (singular too: LXMERT's ``visual_feats`` of ``visual_feat_dim``,
+    ``visual_pos`` of ``visual_pos_dim``), kept where the forward reads or needs them."""
+    params = inspect.signature(model.forward).parameters
+    gen = torch.Generator().manual_seed(seed + 4)
+    extra = {}
+    for k in params:
+        dim = getattr(model.config, f"{k}_dim", None) or getattr(model.config, f"{k.removesuffix('s')}_dim", None)
+        if k not in out and isinstance(dim, int) and not isinstance(dim, bool) and dim > 0:
+            extra[k] = torch.randn(batch, 4, dim, generator=gen).to(model_device(model), model_dtype(model))
+    if extra:
+        _add_if_read(model, out, extra)
 
 
 def _add_if_read(model: nn.Module, out: dict[str, Any], extra: dict[str, Any]) -> None:

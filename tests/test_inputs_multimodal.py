@@ -219,3 +219,14 @@ def test_vlm_with_a_high_resolution_tower_gets_images_at_both_resolutions():
     with torch.no_grad():
         model(**inputs)
     assert inputs["high_res_pixel_values"].shape == (2, 3, 256, 256) and (inputs["input_ids"] == 63).any()
+
+
+def test_cross_modality_encoder_gets_region_features_of_the_configs_widths():
+    """LXMERT requires ``visual_feats`` and ``visual_pos`` beside the text, of its config's ``visual_feat_dim``
+    and ``visual_pos_dim``."""
+    from transformers import LxmertConfig, LxmertModel
+
+    cfg = LxmertConfig(vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=48, l_layers=1,
+                       x_layers=1, r_layers=1, visual_feat_dim=24, visual_pos_dim=4)
+    inputs = default_example_inputs(LxmertModel(cfg).eval())
+    assert inputs["visual_feats"].shape == (2, 4, 24) and inputs["visual_pos"].shape == (2, 4, 4)
