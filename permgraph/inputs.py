@@ -232,6 +232,15 @@ def _trajectory(model: nn.Module, batch: int, seq: int, gen: torch.Generator) ->
     yield out
 
 
+def _latents(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """A decoder of continuous latents (Mimi's): ``(batch, width, frames)`` channels first (a codec's
+    convolutions), then ``(batch, frames, width)``; the width the config's ``hidden_size`` (or ``d_model``)."""
+    width = next((v for k in ("hidden_size", "d_model") if isinstance(v := getattr(model.config, k, None), int)), None)
+    if width:
+        for shape in ((batch, width, seq), (batch, seq, width)):
+            yield {"latents": torch.randn(*shape, generator=gen).to(model_device(model), model_dtype(model))}
+
+
 def _raw_audio(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """``input_values``: raw audio ``(batch, 1024)`` (wav2vec 2.0, HuBERT); with its channels
     ``(batch, channels, 1024)`` (codecs: EnCodec, Mimi, X-Codec; ``audio_channels`` or mono); both four hops of
@@ -337,7 +346,7 @@ def _encoder_main_input(model: nn.Module, batch: int, seq: int, gen: torch.Gener
 # the first that the forward runs on kept
 _OTHER_MAIN_INPUTS = {"input_values": _raw_audio, "pixel_values_videos": _video_clips, "inputs_embeds": _embeddings,
                       "past_values": _past_values, "audio_mel": _audio_mel, "inputs": _encoder_main_input,
-                      "states": _trajectory}
+                      "states": _trajectory, "latents": _latents}
 
 
 def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator):

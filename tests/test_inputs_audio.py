@@ -174,3 +174,17 @@ def test_text_model_that_requires_raw_audio_beside_text_gets_both():
     with torch.no_grad():
         model(**inputs)
     assert set(inputs) >= {"input_ids", "input_values"}
+
+
+def test_latent_decoder_gets_channels_first_latents_of_its_width():
+    """Mimi's decoder reads continuous latents ``(batch, hidden_size, frames)``."""
+    from transformers import MimiDecoderConfig, MimiDecoderModel
+
+    cfg = MimiDecoderConfig(hidden_size=32, num_filters=8, upsampling_ratios=[2, 2], upsample_groups=32,
+                            num_hidden_layers=1, intermediate_size=48, num_attention_heads=2, num_key_value_heads=2,
+                            head_dim=16, codebook_dim=16, vector_quantization_hidden_dimension=16)
+    model = MimiDecoderModel(cfg).eval()
+    inputs = default_example_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert inputs["latents"].shape == (2, 32, 8)
