@@ -253,6 +253,10 @@ def _consistent(cfg, model_type: str) -> None:
     if isinstance(getattr(vision, "deepstack_visual_indexes", None), (list, tuple)) and depth:
         _set(vision, "deepstack_visual_indexes", [i for i in vision.deepstack_visual_indexes if i < depth]
              or [depth - 1])
+    high = getattr(cfg, "high_res_vision_config", None)  # a second, high-resolution tower (DeepSeek-VL hybrid):
+    n = getattr(high, "num_hidden_layers", None)  # the VLM reads its first global-attention layer's states
+    if isinstance(getattr(high, "global_attn_indexes", None), (list, tuple)) and isinstance(n, int):
+        _set(high, "global_attn_indexes", [i for i in high.global_attn_indexes if i < n] or [n - 1])
     ratio, width = getattr(vision, "pixel_shuffle_ratio", None), getattr(vision, "hidden_size", None)
     if isinstance(ratio, float) and isinstance(width, int) and isinstance(getattr(vision, "projector_input_dim", None),
                                                                            int):  # Llama 4: the pixel shuffle's

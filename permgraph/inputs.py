@@ -66,7 +66,9 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
 
     # token ids where the forward reads text: a vision-main model (Kosmos-2, BLIP) too when its config
     # has a text vocabulary (plain vision models' forwards take no input_ids)
-    if "input_ids" in params and (model.main_input_name != "pixel_values" or _text_vocab(cfg) is not None):
+    # (a text tower that inherits a vision model's main input name but takes no images: SAM 3's)
+    if "input_ids" in params and (model.main_input_name != "pixel_values" or _text_vocab(cfg) is not None
+                                  or "pixel_values" not in params):
         vocab = _text_vocab(cfg) or getattr(cfg, "vocab_size", None) or 100
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
     # caches off before the probes below run the forward (a hybrid cache fails a forward without attention)
@@ -95,8 +97,10 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         _with_precomputed(model, out)
     if audio:
         _with_precomputed(model, out, "audio")
-    if model.main_input_name in _OTHER_MAIN_INPUTS and model.main_input_name in params:  # raw audio, clips, ...
-        out.update(_first_that_runs(model, _OTHER_MAIN_INPUTS[model.main_input_name](model, batch, seq, gen)))
+    for name in dict.fromkeys([model.main_input_name, *_required(params)]):  # raw audio, clips, ...: the main
+        if name in _OTHER_MAIN_INPUTS and name in params and name not in out:  # input, or one the forward
+            cands = _OTHER_MAIN_INPUTS[name](model, batch, seq, gen)  # requires beside text (PE Audio's)
+            out.update(_first_that_runs(model, ({**out, **c} for c in cands)))
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
         layout = _spectrogram(model, out, batch, gen)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
@@ -105,12 +109,17 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         out["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq // 2), generator=gen).to(dev)
     if layout is not None:  # the spectrogram's layout, now that the other inputs are there
         layout(out)
+    embeds = next((k for k in _required(params) if k.endswith("_embeds") and k not in out), None)
+    if embeds is not None:  # a forward that requires embeddings (BLIP-2's Q-Former: its query_embeds)
+        found = next(_embeddings(model, batch, seq, gen), {})
+        out.update({embeds: found["inputs_embeds"]} if found else {})
     if not set(out) - set(_OFF_WHILE_TRACING):
         raise TraceError(f"cannot derive example inputs for {type(model).__name__}: pass example_inputs")
-    if "input_ids" in out:  # inputs read by parts the ones above leave out (probed: kept if they matter)
-        _with_encoder_states(model, out, batch, seed)
+    if "input_ids" in out or embeds in out:  # inputs read by parts the ones above leave out (probed: kept
+        _with_encoder_states(model, out, batch, seed)  # if they matter)
         _with_second_token_streams(model, out, batch, seq, seed)
         _with_boxes(model, out, batch, seq, seed)
+        _with_sized_features(model, out, batch, seed)
     return out
 
 
@@ -143,15 +152,24 @@ def _vision_config(cfg: Any) -> Any:
 
 
 def _plain_images(model: nn.Module, params: Any, placed: bool, batch: int, gen: torch.Generator) -> dict[str, Any]:
-    """``pixel_values`` of the vision config's size; patchified where the forward reads patches (a tower
-    without placeholder tokens: ``_patchified``); none where the model was built without its vision
-    tower (``vision_config`` None: Gemma 4's default config), which then runs its text only."""
+    """``pixel_values`` of the vision config's size, with the other images the forward requires; patchified
+    where the forward reads patches (a tower without placeholder tokens: ``_patchified``); none where the
+    model was built without its vision tower (``vision_config`` None: Gemma 4's default config), which then
+    runs its text only."""
     cfg = model.config
     if "vision_config" in vars(cfg) and cfg.vision_config is None:
         return {}
     vcfg = _vision_config(cfg)
     dev, dtype = model_device(model), model_dtype(model)
     out = {"pixel_values": _pixel_values(vcfg, batch, gen).to(dev, dtype)}
+    others = [k for k in _required(params) if k != "pixel_values" and k.endswith(("pixel_values", "_masks"))]
+    if not placed and model.main_input_name == "pixel_values":  # candidates where the forward refuses these:
+        x = out["pixel_values"]  # with the other images it requires (SegGPT's prompt image and mask) of their
+        halves = x[..., : x.shape[-2] // 2, :]  # shape, or of half their height (stacked into the config's
+        out = _first_that_runs(model, iter([  # size), or a pair of images per sample (LightGlue)
+            {"pixel_values": x, **{k: torch.randn_like(x) for k in others}},
+            *([{"pixel_values": halves, **{k: torch.randn_like(halves) for k in others}}] if others else []),
+            {"pixel_values": torch.stack([x, torch.randn_like(x)], 1)}]))
     if not placed and ("spatial_shapes" in params and "pixel_attention_mask" in params  # NaFlex (SigLIP 2)
                        or "pixel_position_ids" in params):  # patches with their positions (Gemma 4's tower)
         out.update(_patchified(vcfg, batch, gen, dev, dtype, params))
@@ -194,18 +212,70 @@ def _embeddings(model: nn.Module, batch: int, seq: int, gen: torch.Generator) ->
                                                                                  model_dtype(model))}
 
 
+def _required(params: Any) -> list[str]:
+    """The forward's parameters that have no default (named ones: not ``*args``, ``**kwargs``)."""
+    return [k for k, p in params.items() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _trajectory(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """An offline-RL trajectory (Decision Transformer): ``states`` ``(batch, seq, state_dim)``, ``actions``
+    ``(batch, seq, act_dim)``, ``rewards`` and ``returns_to_go`` ``(batch, seq, 1)`` and ``timesteps`` below
+    ``max_ep_len``, each where the forward takes it."""
+    cfg = model.config
+    dev, dtype = model_device(model), model_dtype(model)
+    params = inspect.signature(model.forward).parameters
+    widths = {"states": getattr(cfg, "state_dim", None), "actions": getattr(cfg, "act_dim", None),
+              "rewards": 1, "returns_to_go": 1}
+    out = {k: torch.randn(batch, seq, w, generator=gen).to(dev, dtype) for k, w in widths.items()
+           if k in params and isinstance(w, int)}
+    if "timesteps" in params:
+        steps = getattr(cfg, "max_ep_len", None) or seq
+        out["timesteps"] = torch.randint(0, steps, (batch, seq), generator=gen).to(dev)
+    yield out
+
+
+def _latents(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """A decoder of continuous latents (Mimi's): ``(batch, width, frames)`` channels first (a codec's
+    convolutions), then ``(batch, frames, width)``; the width the config's ``hidden_size`` (or ``d_model``)."""
+    width = next((v for k in ("hidden_size", "d_model") if isinstance(v := getattr(model.config, k, None), int)), None)
+    if width:
+        for shape in ((batch, width, seq), (batch, seq, width)):
+            yield {"latents": torch.randn(*shape, generator=gen).to(model_device(model), model_dtype(model))}
+
+
 def _raw_audio(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """``input_values``: raw audio ``(batch, 1024)`` (wav2vec 2.0, HuBERT); with its channels
-    ``(batch, channels, 1024)`` (codecs: EnCodec, Mimi, X-Codec; ``audio_channels`` or mono); a spectrogram
+    ``(batch, channels, 1024)`` (codecs: EnCodec, Mimi, X-Codec; ``audio_channels`` or mono); both four hops of
+    the config long (``_hops``: PE Audio's DAC, Muse Spark's 1920 samples per token); a spectrogram
     ``(batch, max_length, num_mel_bins)`` (Audio Spectrogram Transformer)."""
     cfg = model.config
     dev, dtype = model_device(model), model_dtype(model)
     yield {"input_values": torch.randn(batch, 1024, generator=gen).to(dev, dtype)}
     channels = getattr(cfg, "audio_channels", None) or 1
     yield {"input_values": torch.randn(batch, channels, 1024, generator=gen).to(dev, dtype)}
+    for hop in _hops(cfg):  # four of the frames the config's hop makes (longer than a codec's receptive
+        yield {"input_values": torch.randn(batch, 4 * hop, generator=gen).to(dev, dtype)}  # field; a
+        yield {"input_values": torch.randn(batch, channels, 4 * hop, generator=gen).to(dev, dtype)}  # whole one)
     frames, mels = getattr(cfg, "max_length", None), getattr(cfg, "num_mel_bins", None)
     if isinstance(frames, int) and isinstance(mels, int):
         yield {"input_values": torch.randn(batch, frames, mels, generator=gen).to(dev, dtype)}
+
+
+def _hops(cfg: Any) -> list[int]:
+    """Samples per audio frame that a config or its sub-configs declare: ``hop_length``, ``samples_per_token``
+    or the product of ``downsampling_ratios``."""
+    from transformers import PretrainedConfig
+
+    out, todo = [], [cfg]
+    while todo:
+        c = todo.pop(0)
+        todo += [v for v in vars(c).values() if isinstance(v, PretrainedConfig)]
+        ratios = getattr(c, "downsampling_ratios", None)
+        for v in (getattr(c, "hop_length", None), getattr(c, "samples_per_token", None),
+                  math.prod(ratios) if isinstance(ratios, (list, tuple)) and ratios else None):
+            if isinstance(v, int) and not isinstance(v, bool) and v > 1 and v not in out:
+                out.append(v)
+    return out
 
 
 def _past_values(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
@@ -277,7 +347,8 @@ def _encoder_main_input(model: nn.Module, batch: int, seq: int, gen: torch.Gener
 # a forward's main input (``main_input_name``) that is not text, images or spectrograms: candidate inputs,
 # the first that the forward runs on kept
 _OTHER_MAIN_INPUTS = {"input_values": _raw_audio, "pixel_values_videos": _video_clips, "inputs_embeds": _embeddings,
-                      "past_values": _past_values, "audio_mel": _audio_mel, "inputs": _encoder_main_input}
+                      "past_values": _past_values, "audio_mel": _audio_mel, "inputs": _encoder_main_input,
+                      "states": _trajectory, "latents": _latents}
 
 
 def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator):
@@ -333,13 +404,28 @@ def _with_encoder_states(model: nn.Module, out: dict[str, Any], batch: int, seed
     if "encoder_hidden_states" not in inspect.signature(model.forward).parameters or getattr(
             cfg, "is_encoder_decoder", False):
         return
-    width = getattr(cfg, "cross_attention_hidden_size", None) or next(
+    width = getattr(cfg, "cross_attention_hidden_size", None) or getattr(cfg, "encoder_hidden_size", None) or next(
         (getattr(cfg, k) for k in ("hidden_size", "d_model", "n_embd") if isinstance(getattr(cfg, k, None), int)), None)
     if not isinstance(width, int) or width < 1:
         return
     gen = torch.Generator().manual_seed(seed + 1)
     states = torch.randn(batch, 4, width, generator=gen).to(model_device(model), model_dtype(model))
     _add_if_read(model, out, {"encoder_hidden_states": states})
+
+
+def _with_sized_features(model: nn.Module, out: dict[str, Any], batch: int, seed: int) -> None:
+    """Float features ``(batch, 4, dim)`` for each input ``<name>`` the forward takes whose width the
+    config holds as ``<name>_dim`` (singular too: LXMERT's ``visual_feats`` of ``visual_feat_dim``,
+    ``visual_pos`` of ``visual_pos_dim``), kept where the forward reads or needs them."""
+    params = inspect.signature(model.forward).parameters
+    gen = torch.Generator().manual_seed(seed + 4)
+    extra = {}
+    for k in params:
+        dim = getattr(model.config, f"{k}_dim", None) or getattr(model.config, f"{k.removesuffix('s')}_dim", None)
+        if k not in out and isinstance(dim, int) and not isinstance(dim, bool) and dim > 0:
+            extra[k] = torch.randn(batch, 4, dim, generator=gen).to(model_device(model), model_dtype(model))
+    if extra:
+        _add_if_read(model, out, extra)
 
 
 def _add_if_read(model: nn.Module, out: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -579,6 +665,18 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
                "pixel_attention_mask": torch.ones(batch, 1, dtype=torch.bool, device=dev)}
 
 
+def _second_resolution(model: nn.Module, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Images for each ``<name>_pixel_values`` the forward takes whose sub-config ``<name>_vision_config``
+    sizes them (DeepSeek-VL hybrid's ``high_res_pixel_values``: a second tower at its own resolution)."""
+    params = inspect.signature(model.forward).parameters
+    out = {}
+    for k in params:
+        sub = getattr(model.config, f"{k[: -len('_pixel_values')]}_vision_config", None)
+        if k.endswith("_pixel_values") and sub is not None:
+            out[k] = _pixel_values(sub, batch, gen).to(model_device(model), model_dtype(model))
+    return out
+
+
 def _video_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """Candidate video inputs: ``frames`` images per sample ``(batch, frames, C, S, S)`` in the vision
     config's image layout (Video-LLaVA's ``pixel_values_videos``)."""
@@ -665,7 +763,9 @@ def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: t
             (m.get_image_features for m in model.modules() if callable(getattr(m, "get_image_features", None))),
             None)  # (ModernVBERT's masked LM), the forward checked
     mask = _image_position_mask(inspect.signature(model.forward).parameters)
-    if not _with_modality_tokens(model, out, batch, "image", get, _image_inputs(model, batch, gen),
+    extra = _second_resolution(model, batch, gen)
+    cands = ({**c, **extra} for c in _image_inputs(model, batch, gen))
+    if not _with_modality_tokens(model, out, batch, "image", get, cands,
                                  check_forward=check, mask=mask if tok is None else None):
         return False
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:

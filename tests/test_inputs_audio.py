@@ -182,3 +182,49 @@ def test_qwen3_omni_audio_tower_gets_its_chunked_frames_precomputed():
                                                                              "conv2d2.weight"))]
     assert len(tower) == 4 and all(_moves(spec, p) for p in tower)
     assert pg.verify(model, spec, inputs, promote_float32=True).ok
+
+
+def _pe_audio_config(ratios: list[int]) -> dict:
+    return dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, head_dim=16,
+                dac_config={"encoder_hidden_size": 8, "downsampling_ratios": ratios, "hidden_size": 32,
+                            "decoder_hidden_size": 16, "codebook_dim": 8, "n_codebooks": 2})
+
+
+def test_raw_audio_encoder_gets_whole_hops_of_its_codec():
+    """PE Audio's encoder reads raw audio through a DAC codec that downsamples by 2048: 1024 samples are too
+    few for its kernels, four hops run."""
+    from transformers import PeAudioEncoder, PeAudioEncoderConfig
+
+    model = PeAudioEncoder(PeAudioEncoderConfig(**_pe_audio_config([4, 8, 8, 8]))).eval()
+    inputs = default_example_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert inputs["input_values"].shape == (2, 1, 4 * 2048)
+
+
+def test_text_model_that_requires_raw_audio_beside_text_gets_both():
+    """PE Audio's contrastive model requires ``input_values`` beside its text's ``input_ids``."""
+    from transformers import PeAudioConfig, PeAudioModel
+
+    text = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "vocab_size": 64, "pad_token_id": 0}
+    model = PeAudioModel(PeAudioConfig(text_config=text, audio_config=_pe_audio_config([2, 4, 8]))).eval()
+    inputs = default_example_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert set(inputs) >= {"input_ids", "input_values"}
+
+
+def test_latent_decoder_gets_channels_first_latents_of_its_width():
+    """Mimi's decoder reads continuous latents ``(batch, hidden_size, frames)``."""
+    from transformers import MimiDecoderConfig, MimiDecoderModel
+
+    cfg = MimiDecoderConfig(hidden_size=32, num_filters=8, upsampling_ratios=[2, 2], upsample_groups=32,
+                            num_hidden_layers=1, intermediate_size=48, num_attention_heads=2, num_key_value_heads=2,
+                            head_dim=16, codebook_dim=16, vector_quantization_hidden_dimension=16)
+    model = MimiDecoderModel(cfg).eval()
+    inputs = default_example_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert inputs["latents"].shape == (2, 32, 8)

@@ -311,3 +311,58 @@ def test_speech_encoder_decoder_gets_its_encoders_input_as_inputs():
     spec = pg.compile(model)
     assert any(t.groups() for t in spec.axes_of("encoder.encoder.layers.0.feed_forward.intermediate_dense.weight"))
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_text_tower_with_a_vision_main_input_name_gets_token_ids():
+    """SAM 3's text tower declares ``pixel_values`` its main input but its forward takes ``input_ids``."""
+    from transformers import Sam3LiteTextTextConfig, Sam3LiteTextTextModel
+
+    cfg = Sam3LiteTextTextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=2, projection_dim=16)
+    inputs = _runs(Sam3LiteTextTextModel(cfg).eval())
+    assert inputs["input_ids"].shape == (2, 8)
+
+
+def test_trajectory_model_gets_states_actions_returns_and_timesteps():
+    """Decision Transformer reads a trajectory: states and actions of the config's widths, per-step returns,
+    timesteps inside its episode length."""
+    from transformers import DecisionTransformerConfig, DecisionTransformerModel
+
+    cfg = DecisionTransformerConfig(state_dim=5, act_dim=3, hidden_size=32, n_layer=1, n_head=2, max_ep_len=16)
+    inputs = _runs(DecisionTransformerModel(cfg).eval())
+    assert inputs["states"].shape == (2, 8, 5) and inputs["actions"].shape == (2, 8, 3)
+    assert inputs["returns_to_go"].shape == (2, 8, 1) and int(inputs["timesteps"].max()) < 16
+
+
+def test_forward_requiring_embeddings_gets_them_and_encoder_states_of_the_encoder_width():
+    """BLIP-2's Q-Former requires ``query_embeds`` and cross-attends to ``encoder_hidden_states`` of its
+    config's ``encoder_hidden_size``."""
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    cfg = Blip2QFormerConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=48, encoder_hidden_size=24)
+    inputs = _runs(Blip2QFormerModel(cfg).eval())
+    assert inputs["query_embeds"].shape == (2, 8, 32)
+    assert inputs["encoder_hidden_states"].shape[-1] == 24
+
+
+def test_image_matcher_gets_a_pair_of_images_per_sample():
+    """EfficientLoFTR matches two images: its forward refuses one image per sample and takes
+    ``(batch, 2, C, H, W)``."""
+    from transformers import EfficientLoFTRConfig, EfficientLoFTRModel
+
+    cfg = EfficientLoFTRConfig(stage_num_blocks=[1, 1, 1, 1], num_attention_layers=1)
+    inputs = _runs(EfficientLoFTRModel(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 2, 3, 32, 32)
+
+
+def test_in_context_segmenter_gets_its_prompt_image_and_mask():
+    """SegGPT requires a prompt image and its mask beside the image, each half the config's height (the
+    forward stacks the two)."""
+    from transformers import SegGptConfig, SegGptModel
+
+    cfg = SegGptConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=48, image_size=[64, 32],
+                       patch_size=16, decoder_hidden_size=16, intermediate_hidden_state_indices=[0, 1],
+                       merge_index=0)
+    inputs = _runs(SegGptModel(cfg).eval())
+    assert inputs["pixel_values"].shape == inputs["prompt_masks"].shape == (2, 3, 32, 32)

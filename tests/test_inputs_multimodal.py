@@ -199,3 +199,34 @@ def test_image_tiles_with_the_mask_of_real_tiles_the_model_requires():
     assert spec.info.get("text_only_inputs") is None
     assert _moves(spec, "model.vision_model.encoder.layers.0.mlp.fc1.weight")
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_vlm_with_a_high_resolution_tower_gets_images_at_both_resolutions():
+    """DeepSeek-VL hybrid reads ``high_res_pixel_values`` with a second tower sized by its
+    ``high_res_vision_config``; the forward refuses images without them."""
+    from transformers import DeepseekVLHybridConfig, DeepseekVLHybridForConditionalGeneration
+
+    cfg = DeepseekVLHybridConfig(
+        text_config={**TINY_TEXT, "model_type": "llama"}, image_token_id=63,
+        vision_config={"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 64, "patch_size": 16},
+        high_res_vision_config={"hidden_size": 32, "output_channels": 16, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "image_size": 256, "patch_size": 16, "window_size": 4,
+                                "global_attn_indexes": [0], "mlp_dim": 48})
+    torch.manual_seed(0)
+    model = DeepseekVLHybridForConditionalGeneration(cfg).eval()
+    inputs = default_example_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert inputs["high_res_pixel_values"].shape == (2, 3, 256, 256) and (inputs["input_ids"] == 63).any()
+
+
+def test_cross_modality_encoder_gets_region_features_of_the_configs_widths():
+    """LXMERT requires ``visual_feats`` and ``visual_pos`` beside the text, of its config's ``visual_feat_dim``
+    and ``visual_pos_dim``."""
+    from transformers import LxmertConfig, LxmertModel
+
+    cfg = LxmertConfig(vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=48, l_layers=1,
+                       x_layers=1, r_layers=1, visual_feat_dim=24, visual_pos_dim=4)
+    inputs = default_example_inputs(LxmertModel(cfg).eval())
+    assert inputs["visual_feats"].shape == (2, 4, 24) and inputs["visual_pos"].shape == (2, 4, 4)
