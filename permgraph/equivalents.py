@@ -281,15 +281,22 @@ def returned_caches_dropped(model: nn.Module) -> Iterator[None]:
 class BoolMasksAsIndices(torch.overrides.TorchFunctionMode):
     """``x[mask]`` (and ``x[mask] = v``) with a boolean tensor among the indices computed as
     ``x[nz[:, 0], ..., nz[:, k-1]]`` with ``nz = mask.nonzero()``, PyTorch's own definition of boolean
-    indexing, for the block. ``draft_export`` (torch 2.13) cannot bind the size of a boolean mask's
-    result (``PendingUnbackedSymbolNotFound``) but can that of ``nonzero``."""
+    indexing, and ``mask.nonzero(as_tuple=True)`` (``torch.where(mask)``) as those columns, for the
+    block. ``draft_export`` (torch 2.13) cannot bind the size of a boolean mask's result or of the
+    tuple's tensors (``PendingUnbackedSymbolNotFound``) but can that of ``nonzero``."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
         if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) >= 2:
             items = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim() for i in items):
-                return func(args[0], tuple(_as_integer_indices(items)), *args[2:], **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+                return func(args[0], tuple(_as_integer_indices(items)), *args[2:], **kwargs)
+        if ((func in (torch.nonzero, torch.Tensor.nonzero) and kwargs.get("as_tuple") and len(args) == 1
+             or func is torch.where and len(args) == 1 and not kwargs)
+                and isinstance(args[0], torch.Tensor) and args[0].dim()):
+            nz = torch.nonzero(args[0])
+            return tuple(nz[:, k] for k in range(args[0].dim()))
+        return func(*args, **kwargs)
 
 
 def _as_integer_indices(items: tuple) -> Iterator[Any]:

@@ -119,6 +119,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         _with_encoder_states(model, out, batch, seed)  # if they matter)
         _with_second_token_streams(model, out, batch, seq, seed)
         _with_boxes(model, out, batch, seq, seed)
+        _with_global_attention(model, out)
         _with_sized_features(model, out, batch, seed)
     return out
 
@@ -456,6 +457,18 @@ def _with_boxes(model: nn.Module, out: dict[str, Any], batch: int, seq: int, see
     end = start + torch.randint(0, 500, (batch, seq, 2), generator=gen)
     box = torch.stack([start[..., 0], start[..., 1], end[..., 0], end[..., 1]], -1)
     _add_if_read(model, out, {"bbox": box.to(model_device(model))})
+
+
+def _with_global_attention(model: nn.Module, out: dict[str, Any]) -> None:
+    """A ``global_attention_mask`` marking each sample's first token (Longformer, LED: the ``<s>``/CLS token
+    that attends to and is attended by all, as their task heads use it), kept where the forward reads it:
+    without one, the global attention's projections are not in the traced forward."""
+    ids = out.get("input_ids")
+    if "global_attention_mask" not in inspect.signature(model.forward).parameters or not isinstance(ids, torch.Tensor):
+        return
+    marks = torch.zeros_like(ids)
+    marks[:, 0] = 1
+    _add_if_read(model, out, {"global_attention_mask": marks})
 
 
 # a spectrogram model's frame mask, which its forward requires (FunASR's, Qwen3-ASR's encoders) or takes as

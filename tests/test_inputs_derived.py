@@ -366,3 +366,27 @@ def test_in_context_segmenter_gets_its_prompt_image_and_mask():
                        merge_index=0)
     inputs = _runs(SegGptModel(cfg).eval())
     assert inputs["pixel_values"].shape == inputs["prompt_masks"].shape == (2, 3, 32, 32)
+
+
+def test_longformer_gets_a_global_token_and_its_global_attention_moves():
+    """Longformer's global attention (its own query/key/value projections) runs only for tokens marked in
+    ``global_attention_mask``: derived inputs mark each sample's first token, and the data-dependent
+    gathering of the global tokens (``nonzero(as_tuple=True)``, ``x[mask]``) is traced by draft export
+    through ``nonzero``. The global projections move with their heads (were fixed as unused)."""
+    from transformers import LongformerConfig, LongformerForMaskedLM
+
+    import permgraph as pg
+
+    cfg = LongformerConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=48, attention_window=[4], max_position_embeddings=40,
+                           pad_token_id=1, bos_token_id=0, eos_token_id=2, sep_token_id=2)
+    torch.manual_seed(0)
+    model = LongformerForMaskedLM(cfg).eval().double()
+    marks = _runs(model)["global_attention_mask"]
+    assert marks.shape == (2, 8) and marks[:, 0].eq(1).all() and int(marks.sum()) == 2
+    spec = pg.compile(model)
+    assert "draft" in spec.info
+    glob = [p for p in spec.shapes if "_global.weight" in p]
+    assert len(glob) == 3 and all(any(t.groups() for t in spec.axes_of(p)) for p in glob)
+    for seed in (0, 1):
+        assert pg.verify(model, spec, seed=seed, tolerance=1e-12).ok

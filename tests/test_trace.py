@@ -59,8 +59,11 @@ def test_boolean_masks_are_traced_by_draft_export_through_nonzero():
     inputs = (x, mask, torch.tensor([3, 4]))
     with torch.no_grad():
         want = model(*inputs)
+        wheres = [torch.where(mask), mask.nonzero(as_tuple=True), torch.nonzero(mask[0], as_tuple=True)]
         with BoolMasksAsIndices():  # the same function
             assert torch.equal(model(*inputs), want)
+            got = [torch.where(mask), mask.nonzero(as_tuple=True), torch.nonzero(mask[0], as_tuple=True)]
+    assert all(len(a) == len(b) and all(map(torch.equal, a, b)) for a, b in zip(got, wheres))
     spec = pg.compile(model, inputs)
     assert "draft_export" in spec.info["draft"]
     assert [g.size for g in spec.groups.values()] == [10]
