@@ -100,7 +100,9 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         vocab = (getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "decoder", None), "vocab_size", None)
                  or _text_vocab(cfg) or 100)  # a vision encoder-decoder's: its decoder's
-        out["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq // 2), generator=gen).to(dev)
+        codebooks = getattr(getattr(cfg, "decoder", None), "num_codebooks", None)  # a decoder of audio codes
+        rows = batch * codebooks if isinstance(codebooks, int) and codebooks > 0 else batch  # (MusicGen): a row
+        out["decoder_input_ids"] = torch.randint(0, vocab, (rows, seq // 2), generator=gen).to(dev)  # per codebook
     if layout is not None:  # the spectrogram's layout, now that the other inputs are there
         layout(out)
     if not set(out) - set(_OFF_WHILE_TRACING):

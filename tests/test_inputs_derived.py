@@ -311,3 +311,17 @@ def test_speech_encoder_decoder_gets_its_encoders_input_as_inputs():
     spec = pg.compile(model)
     assert any(t.groups() for t in spec.axes_of("encoder.encoder.layers.0.feed_forward.intermediate_dense.weight"))
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_codebook_decoder_gets_a_row_of_decoder_ids_per_codebook():
+    """MusicGen's decoder reads ``(batch x num_codebooks, length)`` audio codes, one row per codebook."""
+    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
+    from transformers import MusicgenForConditionalGeneration as Musicgen
+
+    t5 = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=2)
+    codec = EncodecConfig(hidden_size=32, num_filters=4, codebook_size=16, upsampling_ratios=[2, 2])
+    dec = MusicgenDecoderConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                ffn_dim=48, num_codebooks=3, pad_token_id=16, bos_token_id=16)
+    cfg = MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=codec.to_dict(), decoder=dec.to_dict())
+    inputs = _runs(Musicgen(cfg).eval())
+    assert inputs["decoder_input_ids"].shape == (2 * 3, 4)
