@@ -341,7 +341,9 @@ def configs(model_type: str):
 
 
 _UNSET = {**SMALL, "top_k_experts": 2, "n_shared_experts": 1, "mask_token_id": 4, "pad_token_id": 1,  # ESM's tokens
-          "prediction_length": 4, "context_length": 4}  # a lagged forecaster's horizon and history (TST)
+          "prediction_length": 4, "context_length": 4,  # a lagged forecaster's horizon and history (TST)
+          "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,  # Qwen4-Exp's token indexer
+          "indexer_budget": 4, "indexer_compress_ratio": 2}  # (its attention layers need one)
 
 
 def _fill_unset(cfg) -> bool:
@@ -361,8 +363,9 @@ def _fill_unset(cfg) -> bool:
             changed = True
         kinds = getattr(c, "layer_types", None)  # a hybrid of linear attention only (Granite-4's default):
         if isinstance(kinds, list) and kinds and set(kinds) == {"linear_attention"}:  # one attention layer,
-            _set(c, "layer_types", [*kinds[:-1], "full_attention"])  # whose cache the forward reads
-            changed = True
+            indexed = getattr(c, "indexer_budget", None) is not None  # whose cache the forward reads; an indexed
+            _set(c, "layer_types", [*kinds[:-1], "indexed_attention" if indexed else "full_attention"])  # one
+            changed = True  # where the indexer was completed above: Qwen4-Exp's cache has its own layer kind
         vocab = getattr(getattr(c, "text_config", None), "vocab_size", None)  # a VLM's image placeholder the class
         if isinstance(vocab, int) and getattr(c, "vision_config", None) is not None:  # leaves None (BLIP-2's)
             free = _free_ids(c, c.text_config, vocab)
