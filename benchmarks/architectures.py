@@ -337,6 +337,12 @@ def configs(model_type: str):
         mha = copy.deepcopy(out[0][1])
         _one_kv_head_per_head(mha)
         out.append(("small, kv heads = heads", mha))
+    text = getattr(widths, "text_config", None)  # then a tower's sizes that equal the text's default width
+    if text is not None:  # (Dots3-Note's adapters into the text): the shrunk text width
+        texts = copy.deepcopy(widths)
+        pair = [(type(text)(), texts.text_config)]
+        if any([_widths_follow(c, pair) for c in _subconfigs(texts) if c is not texts.text_config]):
+            out.append(("small, widths follow the text", texts))
     return out
 
 
@@ -394,19 +400,20 @@ def _fill_unset(cfg) -> bool:
     return changed
 
 
-def _widths_follow(c) -> bool:
+def _widths_follow(c, others: list = ()) -> bool:
     """Sizes that equal a default width where it is shrunk, the config's own ``hidden_size`` or a direct
     sub-config's (a ViT's ``pooler_output_size``, read by a dual encoder's projection; Kimi-K2.5's
-    ``projection_hidden_size``, the vision tower's): the shrunk width (a default width two parts share with
-    different shrunk widths is left alone); whether any was set."""
+    ``projection_hidden_size``, the vision tower's) or that of ``others`` ((default, shrunk) config pairs):
+    the shrunk width (a default width two parts share with different shrunk widths is left alone); whether
+    any was set."""
     from transformers import PretrainedConfig
 
     try:
         default = type(c)()
     except Exception:  # noqa: BLE001 - a config that needs arguments: nothing to compare with
         return False
-    pairs = [(default, c)] + [(getattr(default, k, None), v) for k, v in vars(c).items()
-                              if isinstance(v, PretrainedConfig)]
+    pairs = [(default, c), *others] + [(getattr(default, k, None), v) for k, v in vars(c).items()
+                                       if isinstance(v, PretrainedConfig)]
     widths: dict[int, set[int]] = {}
     for d, now in pairs:
         old, new = getattr(d, "hidden_size", None), getattr(now, "hidden_size", None)
@@ -554,7 +561,8 @@ _FLOAT32_ONLY = re.compile(r"Float and Double|float != double|\(float\) and bias
 
 def _forward(model):
     """The forward on derived inputs; models whose grouped_mm has no float64 kernel on CPU take the batched
-    expert path."""
+    expert path (also where that kernel's error showed as another: the derived inputs' probes, which run the
+    forward, then fell back to fewer inputs, Dots3-Note's to images without their placeholder tokens)."""
     import torch
 
     from permgraph.inputs import default_example_inputs
@@ -562,12 +570,17 @@ def _forward(model):
     try:
         with torch.no_grad():
             return model(**default_example_inputs(model))
-    except RuntimeError as e:
-        if "Double" not in str(e) or not hasattr(model, "set_experts_implementation"):
+    except Exception as e:
+        if not hasattr(model, "set_experts_implementation"):
             raise
         model.set_experts_implementation("batched_mm")
-        with torch.no_grad():
-            return model(**default_example_inputs(model))
+        try:
+            with torch.no_grad():
+                return model(**default_example_inputs(model))
+        except Exception:  # noqa: BLE001 - not grouped_mm's: the first error says what is
+            if "Double" in str(e):
+                raise
+            raise e from None
 
 
 def _kv_heads_refused(model, cfg, cls) -> bool:
