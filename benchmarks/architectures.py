@@ -211,6 +211,10 @@ def _consistent(cfg, model_type: str) -> None:
     if vis_width == 1.0 and isinstance(getattr(cfg, "projection_dim", None), int) \
             and isinstance(getattr(vision, "out_channels", None), (list, tuple)):  # stage's (at B0's scale when shrunk)
         _set(cfg, "projection_dim", vision.out_channels[-1])
+    heads = getattr(cfg, "num_attention_heads", None)  # a decoder at the top that lacks the key/value heads its
+    if isinstance(heads, int) and not hasattr(cfg, "num_key_value_heads") \
+            and any(isinstance(getattr(c, "num_key_value_heads", None), int) for c in _subconfigs(cfg)):  # attention
+        _set(cfg, "num_key_value_heads", heads)  # reads, its encoder's config has them (Moonshine Streaming): MHA
     enc = getattr(cfg, "encoder", None)  # an encoder-decoder of two sub-configs (T5Gemma): the decoder's
     dec = getattr(cfg, "decoder", None)  # cross-attention reads the (shrunk) encoder's width
     if isinstance(getattr(dec, "cross_attention_hidden_size", None), int) \

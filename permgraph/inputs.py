@@ -195,11 +195,16 @@ def _embeddings(model: nn.Module, batch: int, seq: int, gen: torch.Generator) ->
 
 
 def _raw_audio(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
-    """``input_values``: raw audio ``(batch, 1024)`` (wav2vec 2.0, HuBERT); with its channels
+    """``input_values``: raw audio ``(batch, 1024)`` (wav2vec 2.0, HuBERT), 16 frames where the config cuts it
+    into frames of ``frame_ms``; with its channels
     ``(batch, channels, 1024)`` (codecs: EnCodec, Mimi, X-Codec; ``audio_channels`` or mono); a spectrogram
     ``(batch, max_length, num_mel_bins)`` (Audio Spectrogram Transformer)."""
     cfg = model.config
     dev, dtype = model_device(model), model_dtype(model)
+    acfg = next((c for c in (cfg, getattr(cfg, "encoder_config", None)) if getattr(c, "frame_ms", None)), None)
+    if acfg is not None and getattr(acfg, "sample_rate", None):  # audio cut into frames of frame_ms each
+        frame = round(acfg.sample_rate * acfg.frame_ms / 1000)  # (Moonshine Streaming): 16 whole frames
+        yield {"input_values": torch.randn(batch, 16 * frame, generator=gen).to(dev, dtype)}
     yield {"input_values": torch.randn(batch, 1024, generator=gen).to(dev, dtype)}
     channels = getattr(cfg, "audio_channels", None) or 1
     yield {"input_values": torch.randn(batch, channels, 1024, generator=gen).to(dev, dtype)}

@@ -325,3 +325,17 @@ def test_codebook_decoder_gets_a_row_of_decoder_ids_per_codebook():
     cfg = MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=codec.to_dict(), decoder=dec.to_dict())
     inputs = _runs(Musicgen(cfg).eval())
     assert inputs["decoder_input_ids"].shape == (2 * 3, 4)
+
+
+def test_audio_cut_into_frames_gets_whole_frames():
+    """Moonshine Streaming cuts raw audio into frames of ``frame_ms`` at ``sample_rate`` (80 samples here):
+    16 whole frames, which 1024 samples are not."""
+    from transformers import MoonshineStreamingConfig, MoonshineStreamingEncoderConfig
+    from transformers import MoonshineStreamingForConditionalGeneration as Moonshine
+
+    enc = MoonshineStreamingEncoderConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                          sliding_windows=[[16, 4], [16, 0]])
+    cfg = MoonshineStreamingConfig(encoder_config=enc.to_dict(), vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    assert _runs(Moonshine(cfg).eval())["input_values"].shape == (2, 16 * 80)
