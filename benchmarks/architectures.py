@@ -220,6 +220,16 @@ def _consistent(cfg, model_type: str) -> None:
     if isinstance(getattr(dec, "cross_attention_hidden_size", None), int) \
             and isinstance(getattr(enc, "hidden_size", None), int):
         _set(dec, "cross_attention_hidden_size", enc.hidden_size)
+    if getattr(enc, "text_config", None) is not None and isinstance(getattr(dec, "vocab_size", None), int):
+        _consistent(enc, model_type)  # an encoder that is a VLM (T5Gemma 2): its placeholders in its text's
+        for k in ("image_token_index", "image_token_id", "eoi_token_index"):  # shrunk vocabulary, the outer
+            if isinstance(getattr(cfg, k, None), int) and isinstance(getattr(enc, k, None), int):  # config's
+                _set(cfg, k, getattr(enc, k))  # copies of them the same, the decoder's vocabulary the encoder's
+        for c in (dec, cfg):
+            if isinstance(getattr(c, "vocab_size", None), int):
+                _set(c, "vocab_size", enc.text_config.vocab_size)
+    if model_type in _DROPOUT_RATE_UNSET and text is not None and not hasattr(text, "dropout_rate"):
+        _set(text, "dropout_rate", 0.0)
     if text is None and "text_config" not in vars(cfg) and "rope_parameters" in vars(cfg) \
             and getattr(cfg, "head_dim", None) is None:  # a VLM's text model on its own (Qwen2-VL's, GLM-4V's),
         _mrope(cfg, model_type)  # heads the width over the heads: its M-RoPE sections the shrunk rotary width
@@ -283,6 +293,8 @@ _VISION_PLACEHOLDERS = ("image_token_id", "video_token_id")  # BLIP-2's image_to
 # config classes that leave head_dim None while their attention reads it (their checkpoints set it):
 # the width over the heads, as elsewhere
 _HEAD_DIM_UNSET = ("hunyuan_v1_dense", "hunyuan_v1_moe", "hunyuan_vl", "hunyuan_vl_text", "ministral")
+# types whose text config lacks the dropout_rate its modules read (the outer T5Gemma 2 config sets it): 0
+_DROPOUT_RATE_UNSET = ("t5gemma2_encoder",)
 
 
 def _mrope(text, model_type: str) -> None:

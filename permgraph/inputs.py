@@ -134,12 +134,13 @@ def _patch_size(vcfg: Any, default: int | None = None) -> int | None:
 
 def _vision_config(cfg: Any) -> Any:
     """The config that sizes a model's images: ``vision_config``, FLAVA's ``image_config``, a vision
-    encoder-decoder's ``encoder`` (one with an ``image_size``); else the config itself."""
+    encoder-decoder's ``encoder`` (one with an ``image_size``) or its encoder's ``vision_config`` (T5Gemma 2's
+    encoder is a vision-language one); else the config itself."""
     for key in ("vision_config", "image_config", "encoder"):
         sub = getattr(cfg, key, None)
         if sub is not None and (key != "encoder" or getattr(sub, "image_size", None) is not None):
             return sub
-    return cfg
+    return getattr(getattr(cfg, "encoder", None), "vision_config", None) or cfg
 
 
 def _plain_images(model: nn.Module, params: Any, placed: bool, batch: int, gen: torch.Generator) -> dict[str, Any]:

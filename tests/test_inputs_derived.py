@@ -339,3 +339,19 @@ def test_audio_cut_into_frames_gets_whole_frames():
     cfg = MoonshineStreamingConfig(encoder_config=enc.to_dict(), vocab_size=64, hidden_size=32, intermediate_size=48,
                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
     assert _runs(Moonshine(cfg).eval())["input_values"].shape == (2, 16 * 80)
+
+
+def test_images_sized_by_the_vision_config_of_a_vision_language_encoder():
+    """T5Gemma 2's encoder is a vision-language config: images of its ``vision_config``'s size (64 pixels,
+    16 patches pooled to 4 image tokens)."""
+    from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
+
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+                  patch_size=16)
+    cfg = T5Gemma2Config(encoder=dict(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                      boi_token_index=125, eoi_token_index=126, image_token_index=127),
+                         decoder=text, image_token_index=127)
+    inputs = _runs(T5Gemma2ForConditionalGeneration(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 3, 64, 64) and int((inputs["input_ids"] == 127).sum()) == 2 * 4
