@@ -211,6 +211,10 @@ def _consistent(cfg, model_type: str) -> None:
     if vis_width == 1.0 and isinstance(getattr(cfg, "projection_dim", None), int) \
             and isinstance(getattr(vision, "out_channels", None), (list, tuple)):  # stage's (at B0's scale when shrunk)
         _set(cfg, "projection_dim", vision.out_channels[-1])
+    langs = getattr(cfg, "languages", None)  # per-language adapters and no default language (X-MOD's forward
+    if "default_language" in vars(cfg) and cfg.default_language is None and isinstance(langs, (list, tuple)) \
+            and langs:  # then needs lang_ids): the first language, as set_default_language would set
+        _set(cfg, "default_language", langs[0])
     heads = getattr(cfg, "num_attention_heads", None)  # a decoder at the top that lacks the key/value heads its
     if isinstance(heads, int) and not hasattr(cfg, "num_key_value_heads") \
             and any(isinstance(getattr(c, "num_key_value_heads", None), int) for c in _subconfigs(cfg)):  # attention
