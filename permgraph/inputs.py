@@ -302,7 +302,11 @@ def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.G
     out["input_features"] = torch.randn(batch, mels, frames, generator=gen).to(model_device(model), model_dtype(model))
     stacked = getattr(acfg, "num_stacked_frames", None)  # frames stacked into one vector (FunASR's LFR)
     stack = stacked if isinstance(stacked, int) and stacked > 0 else 1
-    return _spectrogram_layout(model, out["input_features"], mels * stack, gen, () if given else (128 * stack,))
+    other = () if given else (128 * stack,)
+    proj = getattr(acfg, "feature_projection_input_dim", None)  # the width a feature projection reads, stacked
+    if isinstance(proj, int) and not isinstance(proj, bool) and proj > 0 and proj != mels * stack:  # frames
+        other += (proj,)  # (Wav2Vec2-BERT's 2 x 80 mels)
+    return _spectrogram_layout(model, out["input_features"], mels * stack, gen, other)
 
 
 def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int) -> None:

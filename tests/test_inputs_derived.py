@@ -355,3 +355,13 @@ def test_images_sized_by_the_vision_config_of_a_vision_language_encoder():
                          decoder=text, image_token_index=127)
     inputs = _runs(T5Gemma2ForConditionalGeneration(cfg).eval())
     assert inputs["pixel_values"].shape == (2, 3, 64, 64) and int((inputs["input_ids"] == 127).sum()) == 2 * 4
+
+
+def test_spectrogram_of_stacked_frames_gets_the_width_its_feature_projection_reads():
+    """Wav2Vec2-BERT's feature projection reads two stacked frames of 80 mels (``feature_projection_input_dim``
+    160): frames first, 160 wide."""
+    from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
+
+    cfg = Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                             output_hidden_size=32, conv_depthwise_kernel_size=3, max_source_positions=32)
+    assert _runs(Wav2Vec2BertModel(cfg).eval())["input_features"].shape == (2, 64, 160)
