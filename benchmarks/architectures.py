@@ -211,6 +211,10 @@ def _consistent(cfg, model_type: str) -> None:
     if vis_width == 1.0 and isinstance(getattr(cfg, "projection_dim", None), int) \
             and isinstance(getattr(vision, "out_channels", None), (list, tuple)):  # stage's (at B0's scale when shrunk)
         _set(cfg, "projection_dim", vision.out_channels[-1])
+    for c in [cfg, *_subconfigs(cfg)]:  # sliding-attention heads sized and no window (Step3p7, whose forward
+        if isinstance(getattr(c, "num_sliding_attention_heads", None), int) \
+                and "sliding_window" in vars(c) and c.sliding_window is None:  # builds the sliding mask always):
+            _set(c, "sliding_window", 4)  # half the derived text
     langs = getattr(cfg, "languages", None)  # per-language adapters and no default language (X-MOD's forward
     if "default_language" in vars(cfg) and cfg.default_language is None and isinstance(langs, (list, tuple)) \
             and langs:  # then needs lang_ids): the first language, as set_default_language would set
