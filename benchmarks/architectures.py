@@ -296,6 +296,17 @@ def _consistent(cfg, model_type: str) -> None:
             _set(cfg, "mm_tokens_per_image", per * per)
 
 
+def _rope_per_kind(cfg) -> None:
+    """Rope parameters that are neither global (no ``rope_type``) nor per layer kind (no dicts), as a class
+    that reads them per kind leaves them (Cohere Compass's ``{}``; the M-RoPE sections ``_mrope`` set): the
+    default rope for each layer kind, with those sections."""
+    for c in (cfg, *_subconfigs(cfg)):
+        rope, kinds = getattr(c, "rope_parameters", None), getattr(c, "layer_types", None)
+        if isinstance(rope, dict) and "rope_type" not in rope and isinstance(kinds, list) and kinds \
+                and all(isinstance(k, str) for k in kinds) and not any(isinstance(v, dict) for v in rope.values()):
+            _set(c, "rope_parameters", {k: {"rope_type": "default", "rope_theta": 10000.0, **rope} for k in kinds})
+
+
 _VISION_PLACEHOLDERS = ("image_token_id", "video_token_id")  # BLIP-2's image_token_index: "sizes completed"
 
 # config classes that leave head_dim None while their attention reads it (their checkpoints set it):
@@ -344,6 +355,7 @@ def configs(model_type: str):
         c = copy.deepcopy(base)
         _shrink(c, layers_only)
         _consistent(c, model_type)
+        _rope_per_kind(c)
         if getattr(getattr(c, "backbone_config", None), "model_type", None) == "resnet" \
                 and getattr(timm, "model_type", None) == "timm_backbone" and not layers_only:  # its stages small
             _set(c.backbone_config, "depths", [1] * len(c.backbone_config.depths))
