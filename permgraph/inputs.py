@@ -79,6 +79,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         out.update(_tower_grid_patches(model, params, batch, gen))
     if "pixel_values" in params and "pixel_values" not in out and not (no_image and placed):
         out.update(_plain_images(model, params, placed, batch, gen))
+        if not placed and "image_attention_mask" in params and "input_ids" in out:
+            _with_images_attended(model, out)
     if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
     images = (("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed
@@ -157,6 +159,29 @@ def _plain_images(model: nn.Module, params: Any, placed: bool, batch: int, gen: 
                        or "pixel_position_ids" in params):  # patches with their positions (Gemma 4's tower)
         out.update(_patchified(vcfg, batch, gen, dev, dtype, params))
     return out
+
+
+def _with_images_attended(model: nn.Module, out: dict[str, Any]) -> None:
+    """Images per sample ``(batch, 1, C, H, W)`` with an all-ones ``image_attention_mask`` ``(batch, text, 1)``
+    (which text tokens attend to which image: Idefics's gated cross-attention), where the forward fails on
+    the plain images and runs on these."""
+    if "pixel_values" not in out:
+        return
+    try:
+        with torch.no_grad():
+            model(**out)
+        return
+    except Exception:  # noqa: BLE001 - the plain images do not fit: try images attended by the text
+        pass
+    text = out["input_ids"]
+    trial = {**out, "pixel_values": out["pixel_values"].unsqueeze(1),
+             "image_attention_mask": torch.ones(*text.shape, 1, dtype=torch.long, device=text.device)}
+    try:
+        with torch.no_grad():
+            model(**trial)
+    except Exception:  # noqa: BLE001 - neither: the plain images stay
+        return
+    out.update(trial)
 
 
 def _patchified(vcfg: Any, batch: int, gen: torch.Generator, dev: torch.device, dtype: torch.dtype,

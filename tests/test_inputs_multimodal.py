@@ -199,3 +199,22 @@ def test_image_tiles_with_the_mask_of_real_tiles_the_model_requires():
     assert spec.info.get("text_only_inputs") is None
     assert _moves(spec, "model.vision_model.encoder.layers.0.mlp.fc1.weight")
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_images_attended_by_the_text_through_gated_cross_attention():
+    """Idefics reads images per sample ``(batch, images, C, H, W)`` through gated cross-attention, with
+    ``image_attention_mask`` ``(batch, text, images)``: after the plain images fail, one image per sample that
+    every token attends to; the vision tower moves."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text
+
+    vision = {"embed_dim": 32, "image_size": 32, "patch_size": 8, "intermediate_size": 48, "num_hidden_layers": 1,
+              "num_attention_heads": 2}
+    cfg = IdeficsConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=2, vision_config=vision)
+    torch.manual_seed(0)
+    model = IdeficsForVisionText2Text(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["pixel_values"].shape == (2, 1, 3, 32, 32) and inputs["image_attention_mask"].shape == (2, 8, 1)
+    spec = pg.compile(model)
+    assert _moves(spec, "model.vision_model.encoder.layers.0.mlp.fc1.weight")
+    assert pg.verify(model, spec, promote_float32=True).ok
