@@ -568,8 +568,9 @@ def _build(model_type: str, cls, errors: list[str], prefix: str = ""):
             perturb(model)
             try:
                 out = _forward(model := model.double())
-            except (RuntimeError, ValueError) as e:  # float32 tensors of the model's own: the model in float32
-                torch.manual_seed(0)  # (also where derived inputs hid that error: no input layout they tried ran)
+            except (RuntimeError, ValueError, AttributeError) as e:  # float32 tensors of the model's own: the
+                torch.manual_seed(0)  # model in float32 (also where derived inputs hid that error: no input layout
+                # they tried ran, and the forward failed otherwise on what was left, Kosmos-2's images without a mask)
                 model = cls._from_config(cfg).eval()
                 perturb(model)
                 try:
