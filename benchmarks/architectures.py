@@ -272,6 +272,11 @@ def _consistent(cfg, model_type: str) -> None:
                 _set(c, "projection_dim", hidden)
     _mrope(text, model_type)
     depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", None)
+    for k in ("vision_feature_layers", "vision_feature_layer"):  # the tower's layers whose features the projector
+        layers = getattr(cfg, k, None)  # concatenates (VipLlava's -2, -5, -8, -11, 6): those inside the shrunk
+        if isinstance(layers, (list, tuple)) and isinstance(depth, int) \
+                and any(not -depth - 1 <= i <= depth for i in layers):  # tower's hidden states
+            _set(cfg, k, type(layers)(i for i in layers if -depth - 1 <= i <= depth) or type(layers)([-1]))
     if isinstance(getattr(vision, "deepstack_visual_indexes", None), (list, tuple)) and depth:
         _set(vision, "deepstack_visual_indexes", [i for i in vision.deepstack_visual_indexes if i < depth]
              or [depth - 1])
