@@ -573,7 +573,8 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     """Candidate image inputs of a vision-language model, most common layout first: one image per
     sample ``(batch, C, S, S)``; anyres tiles with ``image_sizes`` (LLaVA-NeXT); flattened patches with
     ``image_grid_thw`` (Qwen-VL); NaViT-packed patches with ``target_sizes`` (MiniCPM-V); Pix2Struct-layout
-    ``flattened_patches`` (Kosmos-2.5)."""
+    ``flattened_patches`` (Kosmos-2.5); images per sample; last, for a model without a vision config, 16
+    patches per image ``(batch, 16, C * P * P)`` (Fuyu embeds them with one linear layer)."""
     cfg = model.config
     vcfg = _vision_config(cfg)
     dev, dtype = model_device(model), model_dtype(model)
@@ -612,6 +613,8 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     if "pixel_attention_mask" in params:  # where it marks real tiles ``(batch, tiles)`` (Granite Docling)
         yield {"pixel_values": torch.randn(batch, 1, ch, size, size, generator=gen).to(dev, dtype),
                "pixel_attention_mask": torch.ones(batch, 1, dtype=torch.bool, device=dev)}
+    if vcfg is cfg and patch:  # no vision tower of its own, patches embedded as they are (Fuyu): patchified
+        yield {"pixel_values": torch.randn(batch, 16, ch * patch * patch, generator=gen).to(dev, dtype)}  # 4 x 4
 
 
 def _video_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:

@@ -218,3 +218,20 @@ def test_images_attended_by_the_text_through_gated_cross_attention():
     spec = pg.compile(model)
     assert _moves(spec, "model.vision_model.encoder.layers.0.mlp.fc1.weight")
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_vlm_without_a_vision_tower_gets_patchified_images():
+    """Fuyu embeds image patches with one linear layer (no vision config): ``(batch, 16, C * P * P)`` patches,
+    16 image tokens per sample; the patch embedding moves."""
+    from transformers import FuyuConfig, FuyuForCausalLM
+
+    text = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+            "num_attention_heads": 2}
+    cfg = FuyuConfig(text_config=text, image_size=32, patch_size=8, image_token_id=100, pad_token_id=0)
+    torch.manual_seed(0)
+    model = FuyuForCausalLM(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["pixel_values"].shape == (2, 16, 3 * 8 * 8) and int((inputs["input_ids"] == 100).sum()) == 32
+    spec = pg.compile(model)
+    assert _moves(spec, "model.vision_embed_tokens.weight")
+    assert pg.verify(model, spec, promote_float32=True).ok
