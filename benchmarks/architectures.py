@@ -286,12 +286,13 @@ def _consistent(cfg, model_type: str) -> None:
         _set(vision, "intermediate_size", int(width / ratio ** 2))  # MLP reads the width over ratio^2 (the tower's
         for k in ("projector_input_dim", "projector_output_dim", "vision_output_dim"):  # MLP's width too), its
             _set(vision, k, width)  # projector the shrunk width, which the VLM's projector reads
-    scale, size, patch = (getattr(cfg, "scale_factor", None) or getattr(cfg, "pixel_shuffle_factor", None),
+    scale, size, patch = (getattr(cfg, "scale_factor", None) or getattr(cfg, "pixel_shuffle_factor", None)
+                          or getattr(cfg, "downsample_factor", None),
                           getattr(vision, "image_size", None), getattr(vision, "patch_size", None))
     if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (scale, size, patch)) \
             and (size // patch) % scale and size // patch >= scale:  # a pixel shuffle by scale_factor (Idefics3,
         _set(vision, "image_size", patch * scale * (size // patch // scale))  # SmolVLM; ModernVBERT's
-        # pixel_shuffle_factor) needs whole blocks of patches
+        # pixel_shuffle_factor, Aya Vision's downsample_factor) needs whole blocks of patches
     tokens, size, patch = (getattr(cfg, "mm_tokens_per_image", None), getattr(vision, "image_size", None),
                            getattr(vision, "patch_size", None))
     if isinstance(tokens, int) and isinstance(size, int) and isinstance(patch, int):
