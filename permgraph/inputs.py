@@ -592,7 +592,9 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     if "target_sizes" in params and patch:  # NaViT packing (MiniCPM-V), its placeholders in the first sample
         yield from ({**c, _FIRST_SAMPLE_ONLY: True} for c in _navit_packed(vcfg, gen, dev, dtype))
         return
-    if size is None:
+    if size is None:  # a NaFlex tower (no image size; SigLIP 2's, behind LFM2-VL's placeholders): its patches
+        if "spatial_shapes" in params and "pixel_attention_mask" in params:  # on a grid of num_patches
+            yield _patchified(vcfg, batch, gen, dev, dtype, params)
         return
     if "image_sizes" in params:
         num_patches = getattr(inspect.getmodule(type(model)), "image_size_to_num_patches", None)

@@ -235,3 +235,18 @@ def test_vlm_without_a_vision_tower_gets_patchified_images():
     spec = pg.compile(model)
     assert _moves(spec, "model.vision_embed_tokens.weight")
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_naflex_tower_behind_placeholders_gets_patchified_images_with_their_grid():
+    """LFM2-VL's SigLIP 2 tower has no image size: patchified images on its ``num_patches`` grid with
+    ``spatial_shapes`` and ``pixel_attention_mask``, and as many placeholders as the pixel-unshuffled features."""
+    from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration
+
+    text = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "layer_types": ["conv", "full_attention"]}
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_patches": 16, "patch_size": 4}
+    cfg = Lfm2VlConfig(text_config=text, vision_config=vision, image_token_id=100, projector_hidden_size=32)
+    inputs = default_example_inputs(Lfm2VlForConditionalGeneration(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 16, 3 * 4 * 4) and inputs["spatial_shapes"].tolist() == [[4, 4]] * 2
+    assert int((inputs["input_ids"] == 100).sum()) == 2 * 4  # 4 x 4 patches, unshuffled by 2
