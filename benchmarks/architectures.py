@@ -215,6 +215,9 @@ def _consistent(cfg, model_type: str) -> None:
         if isinstance(getattr(c, "num_sliding_attention_heads", None), int) \
                 and "sliding_window" in vars(c) and c.sliding_window is None:  # builds the sliding mask always):
             _set(c, "sliding_window", 4)  # half the derived text
+    if isinstance(getattr(cfg, "channel_shrink_ratio", None), int) and isinstance(getattr(cfg, "hidden_size", None),
+                                                                              int) and cfg.hidden_size % 6:
+        _set(cfg, "hidden_size", 96)  # LiLT's six layout embeddings split the width: one that 6 divides
     langs = getattr(cfg, "languages", None)  # per-language adapters and no default language (X-MOD's forward
     if "default_language" in vars(cfg) and cfg.default_language is None and isinstance(langs, (list, tuple)) \
             and langs:  # then needs lang_ids): the first language, as set_default_language would set
