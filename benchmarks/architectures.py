@@ -215,9 +215,17 @@ def _consistent(cfg, model_type: str) -> None:
         if isinstance(getattr(c, "num_sliding_attention_heads", None), int) \
                 and "sliding_window" in vars(c) and c.sliding_window is None:  # builds the sliding mask always):
             _set(c, "sliding_window", 4)  # half the derived text
-    if isinstance(getattr(cfg, "channel_shrink_ratio", None), int) and isinstance(getattr(cfg, "hidden_size", None),
-                                                                              int) and cfg.hidden_size % 6:
-        _set(cfg, "hidden_size", 96)  # LiLT's six layout embeddings split the width: one that 6 divides
+    width, coord, shape = (getattr(cfg, k, None) for k in ("hidden_size", "coordinate_size", "shape_size"))
+    shrink = getattr(cfg, "channel_shrink_ratio", None)
+    if isinstance(width, int) and (isinstance(shrink, int) and width % 6 or isinstance(coord, int)
+                                   and isinstance(shape, int) and 4 * coord + 2 * shape != width):
+        _set(cfg, "hidden_size", 96)  # six layout embeddings (LiLT's; LayoutLMv3's four coordinates and two
+        for k in ("coordinate_size", "shape_size"):  # shapes) split the width: one that 6 divides, each a sixth
+            if isinstance(getattr(cfg, k, None), int):
+                _set(cfg, k, 16)
+    if getattr(cfg, "visual_embed", False) is True and isinstance(getattr(cfg, "input_size", None), int) \
+            and cfg.input_size > 32:  # LayoutLMv3's page image, sized by input_size: the derived images' 32 pixels
+        _set(cfg, "input_size", 32)
     langs = getattr(cfg, "languages", None)  # per-language adapters and no default language (X-MOD's forward
     if "default_language" in vars(cfg) and cfg.default_language is None and isinstance(langs, (list, tuple)) \
             and langs:  # then needs lang_ids): the first language, as set_default_language would set
