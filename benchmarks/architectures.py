@@ -596,7 +596,17 @@ def _build(model_type: str, cls, errors: list[str], prefix: str = ""):
                     if _FLOAT32_ONLY.search(str(e)):
                         raise
                     raise e from None
-            if not all(bool(torch.isfinite(x).all()) for x in _float_leaves(out)):
+            if not _finite(out) and next(model.parameters()).dtype == torch.float64:  # float64's minimum in a
+                torch.manual_seed(0)  # float32 mask, 0 x -inf (CANINE's): the model in float32 where that is finite
+                m32 = cls._from_config(cfg).eval()
+                perturb(m32)
+                try:
+                    out32 = _forward(m32)
+                except Exception:  # noqa: BLE001 - no better in float32: the NaN stands
+                    out32 = None
+                if out32 is not None and _finite(out32):
+                    model, out, label = m32, out32, f"{label} float32"
+            if not _finite(out):
                 raise ValueError("the forward gives NaN or inf outputs with this config")
             if _kv_heads_refused(model, cfg, cls):
                 return _build_mha(cls, cfg, label)
@@ -604,6 +614,12 @@ def _build(model_type: str, cls, errors: list[str], prefix: str = ""):
         except Exception as e:  # noqa: BLE001 - any failure: try the next config
             errors.append(f"{prefix}{label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     raise BuildError("; ".join(errors))
+
+
+def _finite(out) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(x).all()) for x in _float_leaves(out))
 
 
 # a float64 model's forward that fails on float32 tensors it makes itself (a constant, a mask filled with
