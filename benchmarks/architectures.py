@@ -189,6 +189,19 @@ def _consistent(cfg, model_type: str) -> None:
         if isinstance(rot, int) and width and heads and not hasattr(c, "head_dim") and rot > width // heads:
             _set(c, "rotary_dim", width // heads)
     audio = getattr(cfg, "audio_config", None)
+    depths, patch = getattr(audio, "depths", None), getattr(audio, "patch_embeds_hidden_size", None)
+    if isinstance(depths, (list, tuple)) and depths and isinstance(patch, int) \
+            and patch << len(depths) - 1 != audio.hidden_size:  # CLAP's HTSAT: stages that double the patch
+        _set(audio, "patch_embeds_hidden_size", audio.hidden_size >> len(depths) - 1)  # width end at hidden_size
+    speech, dec = getattr(cfg, "speech_config", None), getattr(cfg, "decoder_config", None)  # CLVP's speech encoder
+    if isinstance(getattr(speech, "vocab_size", None), int) and isinstance(getattr(dec, "vocab_size", None), int) \
+            and speech.vocab_size < dec.vocab_size:  # reads the codes its decoder's argmax picks: all of them
+        _set(speech, "vocab_size", dec.vocab_size)
+    for c in _subconfigs(cfg):  # CLVP's encoders rotate max(projection_dim / (2 x heads), 32) channels of a head:
+        if getattr(c, "use_rotary_embedding", False) is True and isinstance(getattr(c, "projection_dim", None), int) \
+                and isinstance(getattr(c, "hidden_size", None), int) and c.hidden_size < 128:  # heads of 32
+            _set(c, "num_attention_heads", c.hidden_size // 32)  # channels, a projection as wide as the
+            _set(c, "projection_dim", c.hidden_size)  # encoders (their embeddings' cosine)
     hidden = getattr(text, "hidden_size", None) if text is not None else None
     if isinstance(getattr(audio, "output_dim", None), int) and isinstance(hidden, int) and audio.output_dim != hidden:
         _set(audio, "output_dim", hidden)  # the audio tower's output width the text width (Qwen3-ASR)

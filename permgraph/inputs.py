@@ -92,6 +92,10 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
                               _audio_inputs(model, batch, gen), check_forward=True,
                               keep={t for k in ("image", "video") if (t := _token_id(cfg, k)) is not None})
+    if ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
+            and _token_id(cfg, "audio") is None and not getattr(cfg, "is_encoder_decoder", False)
+            and "audio" in mods):  # audio next to the text without placeholders (CLAP, CLVP)
+        _with_audio_frames(model, out, batch, seed)
     if images:  # computed from every placeholder in the text (images, videos, audio)
         _with_rope_positions(model, out)
         _with_vision_precomputed(model, out)
@@ -332,6 +336,24 @@ def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.G
     if isinstance(proj, int) and not isinstance(proj, bool) and proj > 0 and proj != mels * stack:  # frames
         other += (proj,)  # (Wav2Vec2-BERT's 2 x 80 mels)
     return _spectrogram_layout(model, out["input_features"], mels * stack, gen, other)
+
+
+def _with_audio_frames(model: nn.Module, out: dict[str, Any], batch: int, seed: int) -> None:
+    """Spectrogram frames for a forward that reads them next to the text without audio placeholders (a
+    contrastive audio-text model's audio tower: CLAP; CLVP's conditioning encoder), in the first layout the
+    forward runs with and its outputs change: ``(batch, mels, 64)``, ``(batch, 1, 64, mels)`` (CLAP's
+    HTSAT), ``(batch, 64, mels)``; ``mels`` the config's or a sub-config's (``num_mel_bins``,
+    ``feature_size``), else 80."""
+    cfg = model.config
+    subs = [cfg, *(v for v in vars(cfg).values() if callable(getattr(v, "to_dict", None)))]
+    mels = next((v for c in subs for k in ("num_mel_bins", "feature_size")
+                 if isinstance(v := getattr(c, k, None), int) and not isinstance(v, bool) and v > 0), 80)
+    gen = torch.Generator().manual_seed(seed + 4)
+    for shape in ((batch, mels, 64), (batch, 1, 64, mels), (batch, 64, mels)):
+        frames = torch.randn(*shape, generator=gen).to(model_device(model), model_dtype(model))
+        _add_if_read(model, out, {"input_features": frames})
+        if "input_features" in out:
+            return
 
 
 def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int) -> None:
