@@ -193,6 +193,12 @@ def _consistent(cfg, model_type: str) -> None:
     if isinstance(depths, (list, tuple)) and depths and isinstance(patch, int) \
             and patch << len(depths) - 1 != audio.hidden_size:  # CLAP's HTSAT: stages that double the patch
         _set(audio, "patch_embeds_hidden_size", audio.hidden_size >> len(depths) - 1)  # width end at hidden_size
+    for c in _subconfigs(cfg):  # a VQ-VAE whose attention is as wide as its last stage (Emu3's: base_channels x the
+        base, mult, width = (getattr(c, k, None) for k in ("base_channels", "channel_multiplier", "hidden_size"))
+        if isinstance(base, int) and isinstance(mult, (list, tuple)) and mult and isinstance(width, int) \
+                and base * mult[-1] != width:  # last multiplier): base channels that its group norms (32
+            _set(c, "base_channels", max(width // mult[-1], 32))  # groups) divide, the width their last stage's
+            _set(c, "hidden_size", c.base_channels * mult[-1])
     speech, dec = getattr(cfg, "speech_config", None), getattr(cfg, "decoder_config", None)  # CLVP's speech encoder
     if isinstance(getattr(speech, "vocab_size", None), int) and isinstance(getattr(dec, "vocab_size", None), int) \
             and speech.vocab_size < dec.vocab_size:  # reads the codes its decoder's argmax picks: all of them
@@ -337,6 +343,31 @@ def _rope_per_kind(cfg) -> None:
             _set(c, "rope_parameters", {k: {"rope_type": "default", "rope_theta": 10000.0, **rope} for k in kinds})
 
 
+# the names a VQ image tokenizer's codes have in a tokenizer's vocabulary, which the model reads from its config's
+# vocabulary_map (None in the class: the checkpoints' map comes from their tokenizer)
+_VQ_CODE_NAMES = {"chameleon": lambda i: "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z",
+                  "emu3": lambda i: f"<|visual token {i:06d}|>"}
+
+
+def _vocabulary_map(cfg, model_type: str) -> None:
+    """A vocabulary map for a VQ image tokenizer's model (Chameleon, Emu3) that has none: the image placeholder
+    ``<image>``, Emu3's end of row ``<|extra_200|>`` and 32 codes (the codebook shrunk to them), the top ids of
+    the text vocabulary below the special tokens."""
+    vq, text = getattr(cfg, "vq_config", None), getattr(cfg, "text_config", None) or cfg
+    names = _VQ_CODE_NAMES.get(model_type)
+    if names is None or vq is None or getattr(cfg, "vocabulary_map", 0) is not None or not isinstance(
+            getattr(text, "vocab_size", None), int):
+        return
+    for k in ("num_embeddings", "codebook_size"):
+        if isinstance(getattr(vq, k, None), int):
+            _set(vq, k, 32)
+    free = _free_ids(cfg, text, text.vocab_size)
+    image, eol = next(free), next(free)
+    vocab = {"<image>": image, "<|extra_200|>": eol, **{names(i): next(free) for i in range(32)}}
+    _set(cfg, "vocabulary_map", vocab)
+    _set(cfg, "image_token_id", image)
+
+
 _VISION_PLACEHOLDERS = ("image_token_id", "video_token_id")  # BLIP-2's image_token_index: "sizes completed"
 
 # config classes that leave head_dim None while their attention reads it (their checkpoints set it):
@@ -386,6 +417,7 @@ def configs(model_type: str):
         _shrink(c, layers_only)
         _consistent(c, model_type)
         _rope_per_kind(c)
+        _vocabulary_map(c, model_type)
         if getattr(getattr(c, "backbone_config", None), "model_type", None) == "resnet" \
                 and getattr(timm, "model_type", None) == "timm_backbone" and not layers_only:  # its stages small
             _set(c.backbone_config, "depths", [1] * len(c.backbone_config.depths))

@@ -607,6 +607,8 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     ch = getattr(vcfg, "num_channels", None) or getattr(vcfg, "in_channels", None) or 3
     size = getattr(vcfg, "image_size", None)
     size = size if isinstance(size, int) or size is None else size[0]
+    if size is None and getattr(cfg, "vq_config", None) is not None:  # images a VQ tokenizer turns into codes
+        size = 32  # (Chameleon, Emu3: no image size in the config): the plain images' 32 pixels
     patch = _patch_size(vcfg)
     if "image_grid_thw" in params and patch:
         yield from _grid_patches(model, batch, gen)

@@ -250,3 +250,18 @@ def test_naflex_tower_behind_placeholders_gets_patchified_images_with_their_grid
     inputs = default_example_inputs(Lfm2VlForConditionalGeneration(cfg).eval())
     assert inputs["pixel_values"].shape == (2, 16, 3 * 4 * 4) and inputs["spatial_shapes"].tolist() == [[4, 4]] * 2
     assert int((inputs["input_ids"] == 100).sum()) == 2 * 4  # 4 x 4 patches, unshuffled by 2
+
+
+def test_vq_image_tokenizer_gets_images_of_32_pixels_and_their_code_placeholders():
+    """Chameleon turns images into VQ codes and has no image size in its config: 32-pixel images, as many
+    ``<image>`` placeholders as codes (a 2 x 2 grid: the VQ downsamples by 16)."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    codes = {"IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z": 90 + i for i in range(16)}
+    vq = {"embed_dim": 8, "num_embeddings": 16, "latent_channels": 8, "base_channels": 32,
+          "channel_multiplier": [1, 1, 1, 1, 1]}
+    cfg = ChameleonConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, vq_config=vq,
+                          vocabulary_map={"<image>": 120, **codes})
+    inputs = default_example_inputs(ChameleonForConditionalGeneration(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 3, 32, 32) and int((inputs["input_ids"] == 120).sum()) == 2 * 4
