@@ -81,17 +81,15 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         out.update(_tower_grid_patches(model, params, batch, gen))
     if "pixel_values" in params and "pixel_values" not in out and not (no_image and placed):
         out.update(_plain_images(model, params, placed, batch, gen))
+        if not placed and "image_attention_mask" in params and "input_ids" in out:
+            _with_images_attended(model, out)
     if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
     images = (("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed
               and not no_image and _with_image_tokens(model, out, batch, gen))
     if "pixel_values_videos" in params and "input_ids" in out and "video" in mods:  # a tower of its own for videos
         images = _with_video_tokens(model, out, batch, gen) or images
-    audio = ("input_features" in params and model.main_input_name != "input_features" and "input_ids" in out
-             and _token_id(cfg, "audio") is not None and "audio" in mods  # audio-language models: tower in the forward
-             and _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
-                                       _audio_inputs(model, batch, gen), check_forward=True,
-                                       keep={t for k in ("image", "video") if (t := _token_id(cfg, k)) is not None}))
+    audio = "audio" in mods and _with_audio(model, out, params, batch, gen, seed)
     if images:  # computed from every placeholder in the text (images, videos, audio)
         _with_rope_positions(model, out)
         _with_precomputed(model, out)
@@ -104,15 +102,10 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
         layout = _spectrogram(model, out, batch, gen)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
-        vocab = (getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "decoder", None), "vocab_size", None)
-                 or _text_vocab(cfg) or 100)  # a vision encoder-decoder's: its decoder's
-        out["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq // 2), generator=gen).to(dev)
+        out["decoder_input_ids"] = _decoder_ids(cfg, batch, seq, gen).to(dev)
     if layout is not None:  # the spectrogram's layout, now that the other inputs are there
         layout(out)
-    embeds = next((k for k in _required(params) if k.endswith("_embeds") and k not in out), None)
-    if embeds is not None:  # a forward that requires embeddings (BLIP-2's Q-Former: its query_embeds)
-        found = next(_embeddings(model, batch, seq, gen), {})
-        out.update({embeds: found["inputs_embeds"]} if found else {})
+    embeds = _with_required_embeds(model, out, params, batch, seq, gen)
     if not set(out) - set(_OFF_WHILE_TRACING):
         raise TraceError(f"cannot derive example inputs for {type(model).__name__}: pass example_inputs")
     if "input_ids" in out or embeds in out:  # inputs read by parts the ones above leave out (probed: kept
@@ -122,6 +115,44 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         _with_global_attention(model, out)
         _with_sized_features(model, out, batch, seed)
     return out
+
+
+def _with_audio(model: nn.Module, out: dict[str, Any], params: Any, batch: int, gen: torch.Generator,
+                seed: int) -> bool:
+    """Audio for a forward that reads ``input_features`` beside its text: with its placeholder tokens
+    (audio-language models: the tower in the forward), else frames next to the text (CLAP, CLVP; not an
+    encoder-decoder's). Whether audio with placeholders was added."""
+    cfg = model.config
+    if "input_features" not in params or model.main_input_name == "input_features" or "input_ids" not in out:
+        return False
+    if _token_id(cfg, "audio") is not None:
+        return _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
+                                     _audio_inputs(model, batch, gen), check_forward=True,
+                                     keep={t for k in ("image", "video") if (t := _token_id(cfg, k)) is not None})
+    if not getattr(cfg, "is_encoder_decoder", False):
+        _with_audio_frames(model, out, batch, seed)
+    return False
+
+
+def _with_required_embeds(model: nn.Module, out: dict[str, Any], params: Any, batch: int, seq: int,
+                          gen: torch.Generator) -> str | None:
+    """Embeddings of the config's width for the first ``*_embeds`` input the forward requires and ``out``
+    lacks (BLIP-2's Q-Former: its ``query_embeds``); its name, or None."""
+    embeds = next((k for k in _required(params) if k.endswith("_embeds") and k not in out), None)
+    if embeds is not None:
+        found = next(_embeddings(model, batch, seq, gen), {})
+        out.update({embeds: found["inputs_embeds"]} if found else {})
+    return embeds
+
+
+def _decoder_ids(cfg: Any, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    """An encoder-decoder's ``decoder_input_ids`` ``(batch, seq // 2)`` in its decoder's vocabulary (a vision
+    encoder-decoder's: its decoder config's); a decoder of audio codes (MusicGen) a row per codebook and sample."""
+    vocab = (getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "decoder", None), "vocab_size", None)
+             or _text_vocab(cfg) or 100)
+    codebooks = getattr(getattr(cfg, "decoder", None), "num_codebooks", None)
+    rows = batch * codebooks if isinstance(codebooks, int) and codebooks > 0 else batch
+    return torch.randint(0, vocab, (rows, seq // 2), generator=gen)
 
 
 def _pixel_values(vcfg: Any, batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -144,12 +175,13 @@ def _patch_size(vcfg: Any, default: int | None = None) -> int | None:
 
 def _vision_config(cfg: Any) -> Any:
     """The config that sizes a model's images: ``vision_config``, FLAVA's ``image_config``, a vision
-    encoder-decoder's ``encoder`` (one with an ``image_size``); else the config itself."""
+    encoder-decoder's ``encoder`` (one with an ``image_size``) or its encoder's ``vision_config`` (T5Gemma 2's
+    encoder is a vision-language one); else the config itself."""
     for key in ("vision_config", "image_config", "encoder"):
         sub = getattr(cfg, key, None)
         if sub is not None and (key != "encoder" or getattr(sub, "image_size", None) is not None):
             return sub
-    return cfg
+    return getattr(getattr(cfg, "encoder", None), "vision_config", None) or cfg
 
 
 def _plain_images(model: nn.Module, params: Any, placed: bool, batch: int, gen: torch.Generator) -> dict[str, Any]:
@@ -175,6 +207,29 @@ def _plain_images(model: nn.Module, params: Any, placed: bool, batch: int, gen: 
                        or "pixel_position_ids" in params):  # patches with their positions (Gemma 4's tower)
         out.update(_patchified(vcfg, batch, gen, dev, dtype, params))
     return out
+
+
+def _with_images_attended(model: nn.Module, out: dict[str, Any]) -> None:
+    """Images per sample ``(batch, 1, C, H, W)`` with an all-ones ``image_attention_mask`` ``(batch, text, 1)``
+    (which text tokens attend to which image: Idefics's gated cross-attention), where the forward fails on
+    the plain images and runs on these."""
+    if "pixel_values" not in out:
+        return
+    try:
+        with torch.no_grad():
+            model(**out)
+        return
+    except Exception:  # noqa: BLE001 - the plain images do not fit: try images attended by the text
+        pass
+    text = out["input_ids"]
+    trial = {**out, "pixel_values": out["pixel_values"].unsqueeze(1),
+             "image_attention_mask": torch.ones(*text.shape, 1, dtype=torch.long, device=text.device)}
+    try:
+        with torch.no_grad():
+            model(**trial)
+    except Exception:  # noqa: BLE001 - neither: the plain images stay
+        return
+    out.update(trial)
 
 
 def _patchified(vcfg: Any, batch: int, gen: torch.Generator, dev: torch.device, dtype: torch.dtype,
@@ -245,12 +300,17 @@ def _latents(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> It
 
 
 def _raw_audio(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
-    """``input_values``: raw audio ``(batch, 1024)`` (wav2vec 2.0, HuBERT); with its channels
-    ``(batch, channels, 1024)`` (codecs: EnCodec, Mimi, X-Codec; ``audio_channels`` or mono); both four hops of
-    the config long (``_hops``: PE Audio's DAC, Muse Spark's 1920 samples per token); a spectrogram
+    """``input_values``: raw audio ``(batch, 1024)`` (wav2vec 2.0, HuBERT), 16 frames where the config cuts it
+    into frames of ``frame_ms``; with its channels ``(batch, channels, 1024)`` (codecs: EnCodec, Mimi, X-Codec;
+    ``audio_channels`` or mono); both four hops of the config long (``_hops``: PE Audio's DAC, Muse Spark's 1920
+    samples per token); a spectrogram
     ``(batch, max_length, num_mel_bins)`` (Audio Spectrogram Transformer)."""
     cfg = model.config
     dev, dtype = model_device(model), model_dtype(model)
+    acfg = next((c for c in (cfg, getattr(cfg, "encoder_config", None)) if getattr(c, "frame_ms", None)), None)
+    if acfg is not None and getattr(acfg, "sample_rate", None):  # audio cut into frames of frame_ms each
+        frame = round(acfg.sample_rate * acfg.frame_ms / 1000)  # (Moonshine Streaming): 16 whole frames
+        yield {"input_values": torch.randn(batch, 16 * frame, generator=gen).to(dev, dtype)}
     yield {"input_values": torch.randn(batch, 1024, generator=gen).to(dev, dtype)}
     channels = getattr(cfg, "audio_channels", None) or 1
     yield {"input_values": torch.randn(batch, channels, 1024, generator=gen).to(dev, dtype)}
@@ -368,7 +428,29 @@ def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.G
     out["input_features"] = torch.randn(batch, mels, frames, generator=gen).to(model_device(model), model_dtype(model))
     stacked = getattr(acfg, "num_stacked_frames", None)  # frames stacked into one vector (FunASR's LFR)
     stack = stacked if isinstance(stacked, int) and stacked > 0 else 1
-    return _spectrogram_layout(model, out["input_features"], mels * stack, gen, () if given else (128 * stack,))
+    other = () if given else (128 * stack,)
+    proj = getattr(acfg, "feature_projection_input_dim", None)  # the width a feature projection reads, stacked
+    if isinstance(proj, int) and not isinstance(proj, bool) and proj > 0 and proj != mels * stack:  # frames
+        other += (proj,)  # (Wav2Vec2-BERT's 2 x 80 mels)
+    return _spectrogram_layout(model, out["input_features"], mels * stack, gen, other)
+
+
+def _with_audio_frames(model: nn.Module, out: dict[str, Any], batch: int, seed: int) -> None:
+    """Spectrogram frames for a forward that reads them next to the text without audio placeholders (a
+    contrastive audio-text model's audio tower: CLAP; CLVP's conditioning encoder), in the first layout the
+    forward runs with and its outputs change: ``(batch, mels, 64)``, ``(batch, 1, 64, mels)`` (CLAP's
+    HTSAT), ``(batch, 64, mels)``; ``mels`` the config's or a sub-config's (``num_mel_bins``,
+    ``feature_size``), else 80."""
+    cfg = model.config
+    subs = [cfg, *(v for v in vars(cfg).values() if callable(getattr(v, "to_dict", None)))]
+    mels = next((v for c in subs for k in ("num_mel_bins", "feature_size")
+                 if isinstance(v := getattr(c, k, None), int) and not isinstance(v, bool) and v > 0), 80)
+    gen = torch.Generator().manual_seed(seed + 4)
+    for shape in ((batch, mels, 64), (batch, 1, 64, mels), (batch, 64, mels)):
+        frames = torch.randn(*shape, generator=gen).to(model_device(model), model_dtype(model))
+        _add_if_read(model, out, {"input_features": frames})
+        if "input_features" in out:
+            return
 
 
 def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int) -> None:
@@ -637,7 +719,8 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     """Candidate image inputs of a vision-language model, most common layout first: one image per
     sample ``(batch, C, S, S)``; anyres tiles with ``image_sizes`` (LLaVA-NeXT); flattened patches with
     ``image_grid_thw`` (Qwen-VL); NaViT-packed patches with ``target_sizes`` (MiniCPM-V); Pix2Struct-layout
-    ``flattened_patches`` (Kosmos-2.5)."""
+    ``flattened_patches`` (Kosmos-2.5); images per sample; last, for a model without a vision config, 16
+    patches per image ``(batch, 16, C * P * P)`` (Fuyu embeds them with one linear layer)."""
     cfg = model.config
     vcfg = _vision_config(cfg)
     dev, dtype = model_device(model), model_dtype(model)
@@ -648,6 +731,8 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     ch = getattr(vcfg, "num_channels", None) or getattr(vcfg, "in_channels", None) or 3
     size = getattr(vcfg, "image_size", None)
     size = size if isinstance(size, int) or size is None else size[0]
+    if size is None and getattr(cfg, "vq_config", None) is not None:  # images a VQ tokenizer turns into codes
+        size = 32  # (Chameleon, Emu3: no image size in the config): the plain images' 32 pixels
     patch = _patch_size(vcfg)
     if "image_grid_thw" in params and patch:
         yield from _grid_patches(model, batch, gen)
@@ -655,7 +740,9 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     if "target_sizes" in params and patch:  # NaViT packing (MiniCPM-V), its placeholders in the first sample
         yield from ({**c, _FIRST_SAMPLE_ONLY: True} for c in _navit_packed(vcfg, gen, dev, dtype))
         return
-    if size is None:
+    if size is None:  # a NaFlex tower (no image size; SigLIP 2's, behind LFM2-VL's placeholders): its patches
+        if "spatial_shapes" in params and "pixel_attention_mask" in params:  # on a grid of num_patches
+            yield _patchified(vcfg, batch, gen, dev, dtype, params)
         return
     if "image_sizes" in params:
         num_patches = getattr(inspect.getmodule(type(model)), "image_size_to_num_patches", None)
@@ -676,6 +763,8 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     if "pixel_attention_mask" in params:  # where it marks real tiles ``(batch, tiles)`` (Granite Docling)
         yield {"pixel_values": torch.randn(batch, 1, ch, size, size, generator=gen).to(dev, dtype),
                "pixel_attention_mask": torch.ones(batch, 1, dtype=torch.bool, device=dev)}
+    if vcfg is cfg and patch:  # no vision tower of its own, patches embedded as they are (Fuyu): patchified
+        yield {"pixel_values": torch.randn(batch, 16, ch * patch * patch, generator=gen).to(dev, dtype)}  # 4 x 4
 
 
 def _second_resolution(model: nn.Module, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:

@@ -228,3 +228,21 @@ def test_latent_decoder_gets_channels_first_latents_of_its_width():
     with torch.no_grad():
         model(**inputs)
     assert inputs["latents"].shape == (2, 32, 8)
+
+
+def test_contrastive_audio_text_model_gets_spectrogram_frames_for_its_audio_tower():
+    """CLAP reads spectrograms next to the text without audio placeholders: ``(batch, 1, frames, mels)`` frames
+    (its HTSAT's layout, after the Whisper one fails), and its audio tower moves."""
+    from transformers import ClapConfig, ClapModel
+
+    text = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "projection_dim": 16}
+    audio = {"hidden_size": 32, "patch_embeds_hidden_size": 4, "depths": [1, 1, 1, 1], "num_attention_heads": [2] * 4,
+             "projection_dim": 16}  # 64 mel bins, images of 256 x 256 (the default spec_size)
+    torch.manual_seed(0)
+    model = ClapModel(ClapConfig(text_config=text, audio_config=audio, projection_dim=16)).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["input_features"].shape == (2, 1, 64, 64)
+    spec = pg.compile(model)
+    assert _moves(spec, "audio_model.audio_encoder.layers.0.blocks.0.intermediate.dense.weight")
+    assert pg.verify(model, spec, promote_float32=True).ok

@@ -390,3 +390,57 @@ def test_longformer_gets_a_global_token_and_its_global_attention_moves():
     assert len(glob) == 3 and all(any(t.groups() for t in spec.axes_of(p)) for p in glob)
     for seed in (0, 1):
         assert pg.verify(model, spec, seed=seed, tolerance=1e-12).ok
+
+
+def test_codebook_decoder_gets_a_row_of_decoder_ids_per_codebook():
+    """MusicGen's decoder reads ``(batch x num_codebooks, length)`` audio codes, one row per codebook."""
+    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
+    from transformers import MusicgenForConditionalGeneration as Musicgen
+
+    t5 = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=2)
+    codec = EncodecConfig(hidden_size=32, num_filters=4, codebook_size=16, upsampling_ratios=[2, 2])
+    dec = MusicgenDecoderConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                ffn_dim=48, num_codebooks=3, pad_token_id=16, bos_token_id=16)
+    cfg = MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=codec.to_dict(), decoder=dec.to_dict())
+    inputs = _runs(Musicgen(cfg).eval())
+    assert inputs["decoder_input_ids"].shape == (2 * 3, 4)
+
+
+def test_audio_cut_into_frames_gets_whole_frames():
+    """Moonshine Streaming cuts raw audio into frames of ``frame_ms`` at ``sample_rate`` (80 samples here):
+    16 whole frames, which 1024 samples are not."""
+    from transformers import MoonshineStreamingConfig, MoonshineStreamingEncoderConfig
+    from transformers import MoonshineStreamingForConditionalGeneration as Moonshine
+
+    enc = MoonshineStreamingEncoderConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                          sliding_windows=[[16, 4], [16, 0]])
+    cfg = MoonshineStreamingConfig(encoder_config=enc.to_dict(), vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    assert _runs(Moonshine(cfg).eval())["input_values"].shape == (2, 16 * 80)
+
+
+def test_images_sized_by_the_vision_config_of_a_vision_language_encoder():
+    """T5Gemma 2's encoder is a vision-language config: images of its ``vision_config``'s size (64 pixels,
+    16 patches pooled to 4 image tokens)."""
+    from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
+
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+                  patch_size=16)
+    cfg = T5Gemma2Config(encoder=dict(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                      boi_token_index=125, eoi_token_index=126, image_token_index=127),
+                         decoder=text, image_token_index=127)
+    inputs = _runs(T5Gemma2ForConditionalGeneration(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 3, 64, 64) and int((inputs["input_ids"] == 127).sum()) == 2 * 4
+
+
+def test_spectrogram_of_stacked_frames_gets_the_width_its_feature_projection_reads():
+    """Wav2Vec2-BERT's feature projection reads two stacked frames of 80 mels (``feature_projection_input_dim``
+    160): frames first, 160 wide."""
+    from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
+
+    cfg = Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                             output_hidden_size=32, conv_depthwise_kernel_size=3, max_source_positions=32)
+    assert _runs(Wav2Vec2BertModel(cfg).eval())["input_features"].shape == (2, 64, 160)

@@ -230,3 +230,69 @@ def test_cross_modality_encoder_gets_region_features_of_the_configs_widths():
                        x_layers=1, r_layers=1, visual_feat_dim=24, visual_pos_dim=4)
     inputs = default_example_inputs(LxmertModel(cfg).eval())
     assert inputs["visual_feats"].shape == (2, 4, 24) and inputs["visual_pos"].shape == (2, 4, 4)
+
+
+def test_images_attended_by_the_text_through_gated_cross_attention():
+    """Idefics reads images per sample ``(batch, images, C, H, W)`` through gated cross-attention, with
+    ``image_attention_mask`` ``(batch, text, images)``: after the plain images fail, one image per sample that
+    every token attends to; the vision tower moves."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text
+
+    vision = {"embed_dim": 32, "image_size": 32, "patch_size": 8, "intermediate_size": 48, "num_hidden_layers": 1,
+              "num_attention_heads": 2}
+    cfg = IdeficsConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=2, vision_config=vision)
+    torch.manual_seed(0)
+    model = IdeficsForVisionText2Text(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["pixel_values"].shape == (2, 1, 3, 32, 32) and inputs["image_attention_mask"].shape == (2, 8, 1)
+    spec = pg.compile(model)
+    assert _moves(spec, "model.vision_model.encoder.layers.0.mlp.fc1.weight")
+    assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_vlm_without_a_vision_tower_gets_patchified_images():
+    """Fuyu embeds image patches with one linear layer (no vision config): ``(batch, 16, C * P * P)`` patches,
+    16 image tokens per sample; the patch embedding moves."""
+    from transformers import FuyuConfig, FuyuForCausalLM
+
+    text = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+            "num_attention_heads": 2}
+    cfg = FuyuConfig(text_config=text, image_size=32, patch_size=8, image_token_id=100, pad_token_id=0)
+    torch.manual_seed(0)
+    model = FuyuForCausalLM(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["pixel_values"].shape == (2, 16, 3 * 8 * 8) and int((inputs["input_ids"] == 100).sum()) == 32
+    spec = pg.compile(model)
+    assert _moves(spec, "model.vision_embed_tokens.weight")
+    assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_naflex_tower_behind_placeholders_gets_patchified_images_with_their_grid():
+    """LFM2-VL's SigLIP 2 tower has no image size: patchified images on its ``num_patches`` grid with
+    ``spatial_shapes`` and ``pixel_attention_mask``, and as many placeholders as the pixel-unshuffled features."""
+    from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration
+
+    text = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "layer_types": ["conv", "full_attention"]}
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_patches": 16, "patch_size": 4}
+    cfg = Lfm2VlConfig(text_config=text, vision_config=vision, image_token_id=100, projector_hidden_size=32)
+    inputs = default_example_inputs(Lfm2VlForConditionalGeneration(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 16, 3 * 4 * 4) and inputs["spatial_shapes"].tolist() == [[4, 4]] * 2
+    assert int((inputs["input_ids"] == 100).sum()) == 2 * 4  # 4 x 4 patches, unshuffled by 2
+
+
+def test_vq_image_tokenizer_gets_images_of_32_pixels_and_their_code_placeholders():
+    """Chameleon turns images into VQ codes and has no image size in its config: 32-pixel images, as many
+    ``<image>`` placeholders as codes (a 2 x 2 grid: the VQ downsamples by 16)."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    codes = {"IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z": 90 + i for i in range(16)}
+    vq = {"embed_dim": 8, "num_embeddings": 16, "latent_channels": 8, "base_channels": 32,
+          "channel_multiplier": [1, 1, 1, 1, 1]}
+    cfg = ChameleonConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, vq_config=vq,
+                          vocabulary_map={"<image>": 120, **codes})
+    inputs = default_example_inputs(ChameleonForConditionalGeneration(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 3, 32, 32) and int((inputs["input_ids"] == 120).sum()) == 2 * 4
