@@ -5,6 +5,7 @@ import torch.nn as nn
 
 import permgraph as pg
 from permgraph.errors import InputError
+from permgraph.verify import output_error
 
 
 class Float32Norm(nn.Module):
@@ -66,3 +67,35 @@ def test_non_finite_outputs_are_refused():
         model.down.bias[0] = float("nan")
     with pytest.raises(InputError, match="not finite"):
         pg.verify(model, spec, x)
+
+
+class Filled(nn.Module):
+    """A block whose last output column is masked with the dtype's minimum (logits of tokens a model
+    never emits, as Chameleon's image tokens)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        out = self.block(x)
+        cols = torch.arange(out.shape[-1]) == out.shape[-1] - 1
+        return out.masked_fill(cols, torch.finfo(out.dtype).min)
+
+
+def test_fill_values_neither_set_the_scale_nor_hide_an_error():
+    """Relative to the largest output magnitude, an error is invisible beside a fill of -1.8e308: the
+    fill values are left out of the scale (and must come out identical), so a wrong spec still fails and
+    a right one passes as tightly as without them."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 7),)
+    spec = pg.compile(Filled(Block()), x)
+    torch.manual_seed(0)
+    right = pg.verify(Filled(Block()), spec, x, seed=1, promote_float32=True)
+    assert right.ok and right.max_rel_error < 1e-14 and right.output_scale < 1e3
+    torch.manual_seed(0)
+    wrong = pg.verify(Filled(Block(mix=lambda h: h.cumsum(-1))), spec, x, seed=1)
+    assert not wrong.ok and wrong.max_rel_error > 1e-3
+    before = [torch.tensor([1.0, -torch.finfo(torch.float64).max])]
+    moved = [torch.tensor([-torch.finfo(torch.float64).max, 1.0])]
+    assert output_error(before, moved)[0] == float("inf")  # a fill that moved: not the same function
