@@ -439,6 +439,9 @@ def configs(model_type: str):
         mha = copy.deepcopy(out[0][1])
         _one_kv_head_per_head(mha)
         out.append(("small, kv heads = heads", mha))
+    inside = copy.deepcopy(out[0][1])  # then a backbone's stages that its shrunk layers have (ZoeDepth's BEiT)
+    if any([_stages_inside(c) for c in (inside, *_subconfigs(inside))]):
+        out.append(("small, stages inside", inside))
     text = getattr(widths, "text_config", None)  # then a tower's sizes that equal the text's default width
     if text is not None:  # (Dots3-Note's adapters into the text): the shrunk text width
         texts = copy.deepcopy(widths)
@@ -803,6 +806,18 @@ def family(model_type: str, model) -> str:
         return "encoder-decoder"
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     return "decoder" if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "encoder"
+
+
+def _stages_inside(c) -> bool:
+    """A backbone whose ``out_indices`` point past its shrunk layers (ZoeDepth's BEiT: stages 6, 12, 18, 24
+    of 2 layers; its neck then gets no feature maps): as many layers as stages, each layer's output one."""
+    idx, n = getattr(c, "out_indices", None), getattr(c, "num_hidden_layers", None)
+    if not (isinstance(idx, (list, tuple)) and idx and isinstance(n, int) and max(idx) > n):
+        return False
+    _set(c, "num_hidden_layers", len(idx))
+    _set(c, "stage_names", ["stem"] + [f"stage{i}" for i in range(1, len(idx) + 1)])
+    _set(c, "out_indices", list(range(1, len(idx) + 1)))
+    return True
 
 
 def _subconfigs(cfg):
