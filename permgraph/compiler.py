@@ -14,7 +14,7 @@ from permgraph.infer import infer
 from permgraph.inputs import MODALITIES, ExampleInputs, default_example_inputs, is_transformers_model
 from permgraph.rewrites import residual_sites
 from permgraph.spec import PermSpec, check_spec
-from permgraph.trace import quiet_export_logs, trace
+from permgraph.trace import check_traceable, quiet_export_logs, trace
 
 
 def compile(model: nn.Module, example_inputs: ExampleInputs = None, *,
@@ -68,6 +68,7 @@ def _compile(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequence[
     dropped first (audio, then videos), then to text only: the towers left out stay fixed ("unused
     in the traced forward"), ``spec.info["dropped_inputs"]`` (with ``["modalities"]``, the ones kept)
     or ``spec.info["text_only_inputs"]`` says why, and ``verify`` uses the same inputs."""
+    check_traceable(model)  # before the fallbacks below, which derive inputs
     try:
         return _compile_once(model, example_inputs, outputs, with_nodes)
     except (TraceError, InternalError) as e:

@@ -51,8 +51,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     last ``draft_export``, which runs the example inputs for real to get past data-dependent guards,
     kept on the same condition (``info["draft"]``). A failure names the construct
     (``permgraph.diagnose``). The model is left as it was (mode, cache flags, experts implementation)."""
-    if not isinstance(model, nn.Module):
-        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_traceable(model)
     args, kwargs = resolve_inputs(model, example_inputs)
     was_training = model.training
     model.eval()
@@ -133,6 +132,17 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     traced.info.update(info)
     traced.example = (args, kwargs)
     return traced
+
+
+def check_traceable(model: nn.Module) -> None:
+    """A module with a forward of its own, else a TraceError naming the fix."""
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if type(model).forward is nn.Module.forward:  # a wrapper for generation (Bark) or a codec's encode/decode
+        parts = ", ".join(n for n, _ in model.named_children()) or "none"
+        raise TraceError(f"{type(model).__name__} defines no forward() (only methods such as generate, encode "
+                         f"or decode), so it has no function to trace: compile one of its submodules that has a "
+                         f"forward ({parts}), or a model class of this architecture that has one")
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, strict: bool, converted: list[str]):

@@ -30,6 +30,20 @@ def test_missing_inputs_for_plain_module_says_how_to_pass_them():
         pg.compile(nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)))
 
 
+def test_model_without_a_forward_says_so_and_names_its_parts():
+    class Pipeline(nn.Module):  # only a generate(), as transformers' Bark
+        def __init__(self):
+            super().__init__()
+            self.semantic, self.coarse = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def generate(self, x):
+            return self.coarse(self.semantic(x))
+
+    for inputs in ((torch.randn(2, 3),), None):  # said before any inputs are derived
+        with pytest.raises(pg.TraceError, match="Pipeline defines no forward.*submodules.*semantic, coarse"):
+            pg.compile(Pipeline(), inputs)
+
+
 def test_bad_example_inputs_type():
     with pytest.raises(pg.TraceError, match="tuple of positional arguments or a dict"):
         pg.compile(nn.Linear(3, 3), 5)
