@@ -688,7 +688,9 @@ def _forward(model):
     import torch
 
     from permgraph.inputs import default_example_inputs
+    from permgraph.trace import check_traceable
 
+    check_traceable(model)  # a model without a forward (Bark): pg.compile's own error, not the inputs'
     try:
         with torch.no_grad():
             return model(**default_example_inputs(model))
