@@ -632,26 +632,18 @@ def _build(model_type: str, cls, errors: list[str], prefix: str = ""):
             if n > 40_000_000:
                 errors.append(f"{prefix}{label}: too large ({n / 1e6:.0f}M parameters)")
                 continue
-            torch.manual_seed(0)
-            model = cls._from_config(cfg).eval()
-            perturb(model)
             try:
-                out = _forward(model := model.double())
+                out = _forward(model := _fresh(cls, cfg).double())
             except (RuntimeError, ValueError, AttributeError) as e:  # float32 tensors of the model's own: the
-                torch.manual_seed(0)  # model in float32 (also where derived inputs hid that error: no input layout
-                # they tried ran, and the forward failed otherwise on what was left, Kosmos-2's images without a mask)
-                model = cls._from_config(cfg).eval()
-                perturb(model)
-                try:
+                model = _fresh(cls, cfg)  # model in float32 (also where derived inputs hid that error: no input
+                try:  # layout they tried ran, and the forward failed otherwise on what was left, Kosmos-2's images)
                     out, label = _forward(model), f"{label} float32"
                 except Exception:  # noqa: BLE001 - not a float64 problem: the float64 error says what is
                     if _FLOAT32_ONLY.search(str(e)):
                         raise
                     raise e from None
             if not _finite(out) and next(model.parameters()).dtype == torch.float64:  # float64's minimum in a
-                torch.manual_seed(0)  # float32 mask, 0 x -inf (CANINE's): the model in float32 where that is finite
-                m32 = cls._from_config(cfg).eval()
-                perturb(m32)
+                m32 = _fresh(cls, cfg)  # float32 mask, 0 x -inf (CANINE's): the model in float32 where that is finite
                 try:
                     out32 = _forward(m32)
                 except Exception:  # noqa: BLE001 - no better in float32: the NaN stands
@@ -666,6 +658,16 @@ def _build(model_type: str, cls, errors: list[str], prefix: str = ""):
         except Exception as e:  # noqa: BLE001 - any failure: try the next config
             errors.append(f"{prefix}{label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     raise BuildError("; ".join(errors))
+
+
+def _fresh(cls, cfg):
+    """The model of ``cfg``, initialised from seed 0, in eval mode, its weights perturbed."""
+    import torch
+
+    torch.manual_seed(0)
+    model = cls._from_config(cfg).eval()
+    perturb(model)
+    return model
 
 
 def _finite(out) -> bool:
@@ -762,10 +764,7 @@ def _build_mha(cls, cfg, label: str):
 
     mha = copy.deepcopy(cfg)
     _one_kv_head_per_head(mha)
-    torch.manual_seed(0)
-    model = cls._from_config(mha).eval()
-    perturb(model)
-    model = model.double()
+    model = _fresh(cls, mha).double()
     with torch.no_grad():
         model(**default_example_inputs(model))
     return model, f"{label}, kv heads = heads", sum(p.numel() for p in model.parameters())

@@ -294,16 +294,20 @@ class BoolMasksAsIndices(torch.overrides.TorchFunctionMode):
         if ((func in (torch.nonzero, torch.Tensor.nonzero) and kwargs.get("as_tuple") and len(args) == 1
              or func is torch.where and len(args) == 1 and not kwargs)
                 and isinstance(args[0], torch.Tensor) and args[0].dim()):
-            nz = torch.nonzero(args[0])
-            return tuple(nz[:, k] for k in range(args[0].dim()))
+            return _nonzero_columns(args[0])
         return func(*args, **kwargs)
+
+
+def _nonzero_columns(mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``mask.nonzero(as_tuple=True)``, computed as the columns of ``mask.nonzero()``."""
+    nz = torch.nonzero(mask)
+    return tuple(nz[:, k] for k in range(mask.dim()))
 
 
 def _as_integer_indices(items: tuple) -> Iterator[Any]:
     for i in items:
         if isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim():
-            nz = i.nonzero()
-            yield from (nz[:, k] for k in range(i.dim()))
+            yield from _nonzero_columns(i)
         else:
             yield i
 

@@ -322,15 +322,21 @@ def _raw_audio(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> 
         yield {"input_values": torch.randn(batch, frames, mels, generator=gen).to(dev, dtype)}
 
 
+def _nested_configs(cfg: Any) -> list[Any]:
+    """A config and its sub-configs at every depth, breadth first."""
+    from transformers import PretrainedConfig
+
+    out = [cfg]
+    for c in out:  # grows while it is walked
+        out += [v for v in vars(c).values() if isinstance(v, PretrainedConfig)]
+    return out
+
+
 def _hops(cfg: Any) -> list[int]:
     """Samples per audio frame that a config or its sub-configs declare: ``hop_length``, ``samples_per_token``
     or the product of ``downsampling_ratios``."""
-    from transformers import PretrainedConfig
-
-    out, todo = [], [cfg]
-    while todo:
-        c = todo.pop(0)
-        todo += [v for v in vars(c).values() if isinstance(v, PretrainedConfig)]
+    out = []
+    for c in _nested_configs(cfg):
         ratios = getattr(c, "downsampling_ratios", None)
         for v in (getattr(c, "hop_length", None), getattr(c, "samples_per_token", None),
                   math.prod(ratios) if isinstance(ratios, (list, tuple)) and ratios else None):
@@ -442,8 +448,7 @@ def _with_audio_frames(model: nn.Module, out: dict[str, Any], batch: int, seed: 
     HTSAT), ``(batch, 64, mels)``; ``mels`` the config's or a sub-config's (``num_mel_bins``,
     ``feature_size``), else 80."""
     cfg = model.config
-    subs = [cfg, *(v for v in vars(cfg).values() if callable(getattr(v, "to_dict", None)))]
-    mels = next((v for c in subs for k in ("num_mel_bins", "feature_size")
+    mels = next((v for c in _nested_configs(cfg) for k in ("num_mel_bins", "feature_size")
                  if isinstance(v := getattr(c, k, None), int) and not isinstance(v, bool) and v > 0), 80)
     gen = torch.Generator().manual_seed(seed + 4)
     for shape in ((batch, mels, 64), (batch, 1, 64, mels), (batch, 64, mels)):
