@@ -38,8 +38,18 @@ class VerifyReport:
                 f"tolerance {self.tolerance:g}) in {self.dtype}, seed {self.seed}, {self.groups} groups permuted")
 
 
+# the seed of the random number generator for both forwards that verify compares
+RNG_SEED = 0
+
+
 def _outputs(model: nn.Module, args: tuple, kwargs: dict, keep: set[str] | None) -> list[torch.Tensor]:
-    with torch.no_grad():
+    """The outputs to compare. The forward runs with torch's generators seeded alike (on a fork, so the
+    caller's random state is untouched): a model that samples (VITS's noise, ViT-MAE's masking) draws
+    the same values before and after the permutation, so ``f(perm(theta), x, omega) = f(theta, x, omega)``
+    is checked for one draw ``omega``. The compiler fixes the axes that random draws touch."""
+    cuda = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(RNG_SEED)
         out = model(*args, **kwargs)
     return [x for name, x in named_outputs(out)
             if isinstance(x, torch.Tensor) and (keep is None or name in keep)]

@@ -99,3 +99,41 @@ def test_fill_values_neither_set_the_scale_nor_hide_an_error():
     before = [torch.tensor([1.0, -torch.finfo(torch.float64).max])]
     moved = [torch.tensor([-torch.finfo(torch.float64).max, 1.0])]
     assert output_error(before, moved)[0] == float("inf")  # a fill that moved: not the same function
+
+
+
+class Noisy(nn.Module):
+    """Samples as VITS and ViT-MAE do: tokens kept in the order of random scores, and noise added to the
+    hidden units (the forward is a function of the weights, the input and one random draw)."""
+
+    def __init__(self, noise: float = 0.1) -> None:
+        super().__init__()
+        self.up, self.down, self.head = nn.Linear(6, 24), nn.Linear(24, 6), nn.Linear(6, 2)
+        self.noise = noise
+
+    def forward(self, x):
+        keep = torch.rand(x.shape[:2]).argsort(-1)[:, :5]  # ViT-MAE's random masking
+        x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        h = torch.relu(self.up(x))
+        if self.noise:  # noise on the hidden units: they must stay fixed
+            h = h + self.noise * torch.randn_like(h)
+        return self.head(torch.tanh(self.down(h)))
+
+
+def test_a_sampling_forward_is_checked_with_one_draw_for_both_calls():
+    torch.manual_seed(0)
+    model, x = Noisy().double(), (torch.randn(3, 8, 6, dtype=torch.float64),)
+    spec = pg.compile(model, x)
+    fixed = {(f.param, f.axis): f.reasons for f in spec.fixed}
+    assert any("values vary" in r for r in fixed[("up.weight", 0)]), fixed  # the noise fixes the units
+    state = torch.random.get_rng_state()
+    rep = pg.verify(model, spec, x, seed=3)
+    assert rep.ok and rep.max_rel_error < 1e-12, rep
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is left alone
+    # the same units are a symmetry without the noise, and no symmetry with it: the seeded check tells
+    clean = Noisy(noise=0.0).double()
+    clean.load_state_dict(model.state_dict())
+    units = pg.compile(clean, x)
+    assert ("up.weight", 0) not in {(f.param, f.axis) for f in units.fixed}
+    assert pg.verify(clean, units, x, seed=3).ok
+    assert not pg.verify(model, units, x, seed=3).ok
