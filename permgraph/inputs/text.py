@@ -1,0 +1,123 @@
+"""Inputs beside or instead of token ids: decoder ids, embeddings, a second token stream, encoder
+states, word boxes, a global attention mask, features sized by the config."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from permgraph.inputs.model import _add_if_read, _required, _text_vocab, model_device, model_dtype
+
+
+def _with_required_embeds(model: nn.Module, out: dict[str, Any], params: Any, batch: int, seq: int,
+                          gen: torch.Generator) -> str | None:
+    """Embeddings of the config's width for the first ``*_embeds`` input the forward requires and ``out``
+    lacks (BLIP-2's Q-Former: its ``query_embeds``); its name, or None."""
+    embeds = next((k for k in _required(params) if k.endswith("_embeds") and k not in out), None)
+    if embeds is not None:
+        found = next(_embeddings(model, batch, seq, gen), {})
+        out.update({embeds: found["inputs_embeds"]} if found else {})
+    return embeds
+
+
+def _decoder_ids(cfg: Any, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    """An encoder-decoder's ``decoder_input_ids`` ``(batch, seq // 2)`` in its decoder's vocabulary (a vision
+    encoder-decoder's: its decoder config's); a decoder of audio codes (MusicGen) a row per codebook and sample."""
+    vocab = (getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "decoder", None), "vocab_size", None)
+             or _text_vocab(cfg) or 100)
+    codebooks = getattr(getattr(cfg, "decoder", None), "num_codebooks", None)
+    rows = batch * codebooks if isinstance(codebooks, int) and codebooks > 0 else batch
+    return torch.randint(0, vocab, (rows, seq // 2), generator=gen)
+
+
+def _embeddings(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """A forward whose main input is ``inputs_embeds`` ``(batch, seq, hidden)`` (no embedding table)."""
+    width = next((v for k in ("hidden_size", "d_model") if isinstance(v := getattr(model.config, k, None), int)), None)
+    if width:
+        yield {"inputs_embeds": torch.randn(batch, seq, width, generator=gen).to(model_device(model),
+                                                                                 model_dtype(model))}
+
+
+def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int) -> None:
+    """A forward that reads a second token stream ``<name>_input_ids`` through an encoder of its own
+    (Evolla's ``protein_input_ids``, with ``protein_attention_mask``) gets random ids from the
+    vocabulary of that encoder's sub-config (``<name>..._config``) and an all-ones
+    ``<name>_attention_mask`` where the forward takes one, so the encoder is in the traced forward.
+    Kept only if the forward runs with them and its outputs change."""
+    cfg = model.config
+    params = inspect.signature(model.forward).parameters
+    for name in params:
+        prefix = name[: -len("_input_ids")] if name.endswith("_input_ids") else ""
+        if not prefix or prefix == "decoder" or name in out:
+            continue
+        vocabs = [getattr(v, "vocab_size", None) for k, v in vars(cfg).items()
+                  if k.startswith(prefix) and k.endswith("config")]
+        vocab = next((v for v in vocabs if isinstance(v, int)), None)
+        if not vocab:
+            continue
+        dev = model_device(model)
+        gen = torch.Generator().manual_seed(seed + 2)
+        extra = {name: torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)}
+        if f"{prefix}_attention_mask" in params:
+            extra[f"{prefix}_attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=dev)
+        _add_if_read(model, out, extra)
+
+
+def _with_encoder_states(model: nn.Module, out: dict[str, Any], batch: int, seed: int) -> None:
+    """A decoder that attends to an encoder's states (TrOCR's decoder, a BERT built with
+    ``add_cross_attention``) gets random ones, so its cross-attention is in the traced forward (else
+    it stays fixed as unused). Kept only if the forward takes them and its outputs change with them;
+    drawn from a generator of their own, so the other derived inputs are the same either way."""
+    cfg = model.config
+    if "encoder_hidden_states" not in inspect.signature(model.forward).parameters or getattr(
+            cfg, "is_encoder_decoder", False):
+        return
+    width = getattr(cfg, "cross_attention_hidden_size", None) or getattr(cfg, "encoder_hidden_size", None) or next(
+        (getattr(cfg, k) for k in ("hidden_size", "d_model", "n_embd") if isinstance(getattr(cfg, k, None), int)), None)
+    if not isinstance(width, int) or width < 1:
+        return
+    gen = torch.Generator().manual_seed(seed + 1)
+    states = torch.randn(batch, 4, width, generator=gen).to(model_device(model), model_dtype(model))
+    _add_if_read(model, out, {"encoder_hidden_states": states})
+
+
+def _with_sized_features(model: nn.Module, out: dict[str, Any], batch: int, seed: int) -> None:
+    """Float features ``(batch, 4, dim)`` for each input ``<name>`` the forward takes whose width the
+    config holds as ``<name>_dim`` (singular too: LXMERT's ``visual_feats`` of ``visual_feat_dim``,
+    ``visual_pos`` of ``visual_pos_dim``), kept where the forward reads or needs them."""
+    params = inspect.signature(model.forward).parameters
+    gen = torch.Generator().manual_seed(seed + 4)
+    extra = {}
+    for k in params:
+        dim = getattr(model.config, f"{k}_dim", None) or getattr(model.config, f"{k.removesuffix('s')}_dim", None)
+        if k not in out and isinstance(dim, int) and not isinstance(dim, bool) and dim > 0:
+            extra[k] = torch.randn(batch, 4, dim, generator=gen).to(model_device(model), model_dtype(model))
+    if extra:
+        _add_if_read(model, out, extra)
+
+
+def _with_boxes(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int) -> None:
+    """A layout model's word boxes ``bbox`` ``(batch, seq, 4)``: ``(x0, y0, x1, y1)`` with ``x0 <= x1`` and
+    ``y0 <= y1`` on the 0-1000 page grid (LayoutLM, BROS), kept where the forward reads or needs them."""
+    if "bbox" not in inspect.signature(model.forward).parameters:
+        return
+    gen = torch.Generator().manual_seed(seed + 3)
+    start = torch.randint(0, 500, (batch, seq, 2), generator=gen)
+    end = start + torch.randint(0, 500, (batch, seq, 2), generator=gen)
+    box = torch.stack([start[..., 0], start[..., 1], end[..., 0], end[..., 1]], -1)
+    _add_if_read(model, out, {"bbox": box.to(model_device(model))})
+
+
+def _with_global_attention(model: nn.Module, out: dict[str, Any]) -> None:
+    """A ``global_attention_mask`` marking each sample's first token (Longformer, LED: the ``<s>``/CLS token
+    that attends to and is attended by all, as their task heads use it), kept where the forward reads it:
+    without one, the global attention's projections are not in the traced forward."""
+    ids = out.get("input_ids")
+    if "global_attention_mask" not in inspect.signature(model.forward).parameters or not isinstance(ids, torch.Tensor):
+        return
+    marks = torch.zeros_like(ids)
+    marks[:, 0] = 1
+    _add_if_read(model, out, {"global_attention_mask": marks})

@@ -1,0 +1,182 @@
+"""Images and videos for vision-language models, with their placeholder tokens in the text, and the
+multimodal RoPE positions computed from them."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from permgraph.inputs.images import (
+    _flattened_patches,
+    _grid_patches,
+    _navit_packed,
+    _patch_size,
+    _patchified,
+    _pixel_values,
+    _vision_config,
+)
+from permgraph.inputs.model import _params_run, _token_id, model_device, model_dtype
+from permgraph.inputs.placeholders import _FIRST_SAMPLE_ONLY, _with_modality_tokens
+
+
+def _image_position_mask(params: Any) -> str | None:
+    """The forward's parameter that marks where image embeddings go in the text (Kosmos-2's
+    ``image_embeds_position_mask``), for models whose placeholders have no token id of their own."""
+    return next((k for k in params if k.startswith("image") and k.endswith("position_mask")), None)
+
+
+# config fields that hold how many embeddings an image becomes, for models without get_image_features
+# (Kosmos-2's resampler queries, ``image_seq_length``)
+_IMAGE_TOKEN_COUNTS = ("latent_query_num", "image_seq_length", "num_image_tokens", "mm_tokens_per_image")
+
+
+def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Candidate image inputs of a vision-language model, most common layout first: one image per
+    sample ``(batch, C, S, S)``; anyres tiles with ``image_sizes`` (LLaVA-NeXT); flattened patches with
+    ``image_grid_thw`` (Qwen-VL); NaViT-packed patches with ``target_sizes`` (MiniCPM-V); Pix2Struct-layout
+    ``flattened_patches`` (Kosmos-2.5); images per sample; last, for a model without a vision config, 16
+    patches per image ``(batch, 16, C * P * P)`` (Fuyu embeds them with one linear layer)."""
+    cfg = model.config
+    vcfg = _vision_config(cfg)
+    dev, dtype = model_device(model), model_dtype(model)
+    params = inspect.signature(model.forward).parameters
+    if "flattened_patches" in params:
+        yield from _flattened_patches(model, batch, gen)
+        return
+    ch = getattr(vcfg, "num_channels", None) or getattr(vcfg, "in_channels", None) or 3
+    size = getattr(vcfg, "image_size", None)
+    size = size if isinstance(size, int) or size is None else size[0]
+    if size is None and getattr(cfg, "vq_config", None) is not None:  # images a VQ tokenizer turns into codes
+        size = 32  # (Chameleon, Emu3: no image size in the config): the plain images' 32 pixels
+    patch = _patch_size(vcfg)
+    if "image_grid_thw" in params and patch:
+        yield from _grid_patches(model, batch, gen)
+        return
+    if "target_sizes" in params and patch:  # NaViT packing (MiniCPM-V), its placeholders in the first sample
+        yield from ({**c, _FIRST_SAMPLE_ONLY: True} for c in _navit_packed(vcfg, gen, dev, dtype))
+        return
+    if size is None:  # a NaFlex tower (no image size; SigLIP 2's, behind LFM2-VL's placeholders): its patches
+        if "spatial_shapes" in params and "pixel_attention_mask" in params:  # on a grid of num_patches
+            yield _patchified(vcfg, batch, gen, dev, dtype, params)
+        return
+    if "image_sizes" in params:
+        num_patches = getattr(inspect.getmodule(type(model)), "image_size_to_num_patches", None)
+        pinpoints = getattr(cfg, "image_grid_pinpoints", None)
+        if num_patches is not None and pinpoints:
+            n = num_patches((size, size), pinpoints, size)
+            # a list, not a tensor: the number of tiles is computed from it in Python, which export
+            # cannot do from tensor values
+            yield {"pixel_values": torch.randn(batch, n, ch, size, size, generator=gen).to(dev, dtype),
+                   "image_sizes": [[size, size]] * batch}
+    yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)}
+    if "image_sizes" in params:  # each image's size in pixels, which the forward requires (Mistral 3's patch
+        # merger): a list again, read in Python
+        yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype),
+               "image_sizes": [[size, size]] * batch}
+    # images per sample (Idefics2/3, SmolVLM: ``(batch, images, C, S, S)``), one each; with the tiles' mask
+    yield {"pixel_values": torch.randn(batch, 1, ch, size, size, generator=gen).to(dev, dtype)}
+    if "pixel_attention_mask" in params:  # where it marks real tiles ``(batch, tiles)`` (Granite Docling)
+        yield {"pixel_values": torch.randn(batch, 1, ch, size, size, generator=gen).to(dev, dtype),
+               "pixel_attention_mask": torch.ones(batch, 1, dtype=torch.bool, device=dev)}
+    if vcfg is cfg and patch:  # no vision tower of its own, patches embedded as they are (Fuyu): patchified
+        yield {"pixel_values": torch.randn(batch, 16, ch * patch * patch, generator=gen).to(dev, dtype)}  # 4 x 4
+
+
+def _second_resolution(model: nn.Module, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Images for each ``<name>_pixel_values`` the forward takes whose sub-config ``<name>_vision_config``
+    sizes them (DeepSeek-VL hybrid's ``high_res_pixel_values``: a second tower at its own resolution)."""
+    params = inspect.signature(model.forward).parameters
+    out = {}
+    for k in params:
+        sub = getattr(model.config, f"{k[: -len('_pixel_values')]}_vision_config", None)
+        if k.endswith("_pixel_values") and sub is not None:
+            out[k] = _pixel_values(sub, batch, gen).to(model_device(model), model_dtype(model))
+    return out
+
+
+def _video_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Candidate video inputs: ``frames`` images per sample ``(batch, frames, C, S, S)`` in the vision
+    config's image layout (Video-LLaVA's ``pixel_values_videos``)."""
+    vcfg = _vision_config(model.config)
+    ch = getattr(vcfg, "num_channels", None) or 3
+    size = getattr(vcfg, "image_size", None)
+    size = size if isinstance(size, int) or size is None else size[0]
+    if size is None:
+        return
+    for frames in (2, 1):
+        yield {"pixel_values_videos": torch.randn(batch, frames, ch, size, size, generator=gen)
+               .to(model_device(model), model_dtype(model))}
+
+
+def _with_video_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator) -> bool:
+    """Video inputs with as many video tokens in ``input_ids`` as ``get_video_features`` yields, kept
+    only where the forward accepts them and they bring parameters into the forward that the other
+    inputs leave out (a video tower of its own: Video-LLaVA); videos read by the image tower add
+    nothing to the spec and are left out. Whether ``out`` changed."""
+    get = next((m.get_video_features for m in model.modules() if callable(getattr(m, "get_video_features", None))),
+               None)
+    if get is None or _token_id(model.config, "video") is None:
+        return False
+    trial = dict(out)
+    keep = {t for k in ("image", "audio") if (t := _token_id(model.config, k)) is not None}
+    if not _with_modality_tokens(model, trial, batch, "video", get, _video_inputs(model, batch, gen),
+                                 check_forward=True, keep=keep):
+        return False
+    try:
+        if not _params_run(model, trial) - _params_run(model, out):
+            return False
+    except Exception:  # noqa: BLE001 - the forward does not run with the inputs as they were: keep them
+        return False
+    out.update(trial)
+    return True
+
+
+def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator) -> bool:
+    """Image inputs for a vision-language model, with as many image tokens in ``input_ids`` as the
+    vision tower yields features, so that the vision tower is in the traced forward. Without
+    ``get_image_features`` the count is the config's (``latent_query_num``...) or that of a submodule's
+    ``get_image_features`` (a task head over a VLM), and the forward must accept the result; placeholders
+    without a token id of their own are marked by the forward's image position mask (Kosmos-2). Leaves
+    ``out`` as it is when no candidate layout works; whether it changed."""
+    cfg = model.config
+    tok = _token_id(cfg, "image")
+    get = getattr(model, "get_image_features", None)
+    check = get is None
+    if get is None:
+        per = next((v for v in (getattr(cfg, k, None) for k in _IMAGE_TOKEN_COUNTS)
+                    if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+        get = (lambda **_: per * batch) if per is not None else next(  # else a task head's base model's
+            (m.get_image_features for m in model.modules() if callable(getattr(m, "get_image_features", None))),
+            None)  # (ModernVBERT's masked LM), the forward checked
+    mask = _image_position_mask(inspect.signature(model.forward).parameters)
+    extra = _second_resolution(model, batch, gen)
+    cands = ({**c, **extra} for c in _image_inputs(model, batch, gen))
+    if not _with_modality_tokens(model, out, batch, "image", get, cands,
+                                 check_forward=check, mask=mask if tok is None else None):
+        return False
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        out["mm_token_type_ids"] = (out["input_ids"] == tok).long()  # Qwen-VL's M-RoPE: 1 = image
+    return True
+
+
+def _with_rope_positions(model: nn.Module, out: dict[str, Any]) -> None:
+    """Multimodal RoPE positions (Qwen-VL's M-RoPE, GLM-4V), computed here in eager mode and passed
+    as ``position_ids``: the forward would compute them from the image grid's values with Python
+    control flow that export cannot trace. Kept only if the forward accepts them."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return
+    owner = next((m for m in model.modules() if callable(getattr(m, "get_rope_index", None))), None)
+    if owner is None:
+        return
+    accepts = inspect.signature(owner.get_rope_index).parameters
+    try:
+        with torch.no_grad():
+            res = owner.get_rope_index(**{k: v for k, v in out.items() if k in accepts})
+            trial = {**out, "position_ids": res[0] if isinstance(res, tuple) else res}
+            model(**trial)
+    except Exception:  # noqa: BLE001 - the forward computes them itself, as before
+        return
+    out.update(trial)
