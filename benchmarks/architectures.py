@@ -334,6 +334,12 @@ def _consistent(cfg, model_type: str) -> None:
         if side % math.isqrt(tokens) or math.isqrt(tokens) > side:
             per = next(d for d in range(side // 2, 0, -1) if side % d == 0)
             _set(cfg, "mm_tokens_per_image", per * per)
+    table = getattr(cfg, "projector_patch_to_query_dict", None)  # a projector's queries per patch count (Aria's:
+    if isinstance(table, dict) and isinstance(size, int) and isinstance(patch, int) and patch > 0:  # 1225, 4900
+        n = (size // patch) ** 2  # patches): the shrunk tower's patch count, with as many queries (at most 16)
+        if n not in table:
+            _set(cfg, "projector_patch_to_query_dict", {n: min(n, 16)})
+            _set(cfg, "max_value_projector_patch_to_query_dict", min(n, 16))
 
 
 def _rope_per_kind(cfg) -> None:
@@ -402,6 +408,52 @@ def _audio_tower(cfg) -> bool:
                for k, v in vars(cfg).items())
 
 
+def _derived_image_side(cfg) -> int:
+    """The side of the images the derived inputs give ``cfg``'s model (``permgraph.inputs``: the vision
+    config's ``image_size`` or ``crop_size``, else 32 pixels)."""
+    vcfg = next((getattr(cfg, k) for k in ("vision_config", "image_config") if getattr(cfg, k, None) is not None),
+                cfg)
+    size = getattr(vcfg, "image_size", None) or getattr(vcfg, "crop_size", None) or 32
+    return size if isinstance(size, int) else size[0]
+
+
+def _fit_derived_images(cfg) -> None:
+    """Sizes that follow the derived images where the class's defaults assume larger ones: a windowed ViT
+    backbone's windows (LW-DETR's ``num_windows`` a square, RF-DETR's one per side) a divisor of the
+    image's patch grid (32-pixel images: 2 patches a side, no window otherwise)."""
+    side = _derived_image_side(cfg)
+    for c in (cfg, *_subconfigs(cfg)):
+        n, patch = getattr(c, "num_windows", None), getattr(c, "patch_size", None)
+        if not (isinstance(n, int) and isinstance(patch, int) and patch > 0 and side // patch > 0):
+            continue
+        grid, squared = side // patch, isinstance(getattr(c, "num_windows_side", None), int)
+        per_side = c.num_windows_side if squared else n
+        if per_side > 0 and grid % per_side == 0:
+            continue
+        w = next(d for d in range(min(per_side, grid), 0, -1) if grid % d == 0)
+        _set(c, "num_windows", w * w if squared else w)
+        if squared:
+            _set(c, "num_windows_side", w)
+
+
+def _detr_on_small_images(cfg) -> None:
+    """A DETR whose ViT backbone's feature stages lie past its shrunk layers and whose queries outnumber
+    the derived images' tokens (LW-DETR, RF-DETR: 32 pixels, 2 patches a side): a layer per stage, as
+    many queries as a level has tokens; LW-DETR's projector as wide as the shrunk decoder."""
+    _stages_inside(cfg.backbone_config)
+    _set(cfg, "num_queries", (_derived_image_side(cfg) // cfg.backbone_config.patch_size) ** 2)
+    if isinstance(getattr(cfg, "projector_in_channels", None), list):
+        _set(cfg, "projector_in_channels", [cfg.d_model] * len(cfg.projector_scale_factors))
+        _set(cfg, "projector_out_channels", cfg.d_model)
+
+
+# config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
+# the checkpoints' one at scale 1)
+_BASE_KWARGS: dict[str, dict] = {"lw_detr": {"projector_scale_factors": [1.0]}}
+# per-type fixes of the shrunk ("small") config, where a cause is one type's own
+_TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_images}
+
+
 def configs(model_type: str):
     """Configs to try, smallest first: shrunk, layers only, defaults."""
     import copy
@@ -409,7 +461,7 @@ def configs(model_type: str):
     from transformers import CONFIG_MAPPING
     from transformers.utils import is_timm_available
 
-    base = CONFIG_MAPPING[model_type]()
+    base = CONFIG_MAPPING[model_type](**_BASE_KWARGS.get(model_type, {}))
     timm = getattr(base, "backbone_config", None)
     if getattr(timm, "model_type", None) == "timm_backbone" and not is_timm_available():  # DETR's family: the
         base = CONFIG_MAPPING[model_type](use_timm_backbone=False)  # transformers backbone, at timm's stages
@@ -422,11 +474,14 @@ def configs(model_type: str):
         _consistent(c, model_type)
         _rope_per_kind(c)
         _vocabulary_map(c, model_type)
+        _fit_derived_images(c)
         if getattr(getattr(c, "backbone_config", None), "model_type", None) == "resnet" \
                 and getattr(timm, "model_type", None) == "timm_backbone" and not layers_only:  # its stages small
             _set(c.backbone_config, "depths", [1] * len(c.backbone_config.depths))
             _set(c.backbone_config, "hidden_sizes", [32 * 2 ** i for i in range(len(c.backbone_config.depths))])
             _set(c.backbone_config, "embedding_size", 16)
+        if not layers_only and model_type in _TYPE_FIXES:
+            _TYPE_FIXES[model_type](c)
         out.append(("small" if not layers_only else "layers", c))
     out.append(("default", base))
     filled = copy.deepcopy(out[0][1])  # last: the shrunk config with the sizes its class leaves None set
