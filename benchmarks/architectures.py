@@ -447,11 +447,89 @@ def _detr_on_small_images(cfg) -> None:
         _set(cfg, "projector_out_channels", cfg.d_model)
 
 
+def _mimi_codec(cfg) -> None:
+    """A Mimi codec inside a speech model (CSM): depthwise upsampling, one group per (shrunk) channel, and
+    8 filters at its first stage (64 doubled per stage: 23M parameters); CSM's depth decoder reads the
+    shrunk backbone's width, not its default 2048."""
+    codec = cfg.codec_config
+    _set(codec, "upsample_groups", codec.hidden_size)
+    _set(codec, "num_filters", 8)
+    dec = getattr(cfg, "depth_decoder_config", None)
+    if isinstance(getattr(dec, "backbone_hidden_size", None), int):
+        _set(dec, "backbone_hidden_size", cfg.hidden_size)
+
+
+def _dac(cfg) -> None:
+    """DAC's convolution widths (the encoder's 64 doubled per stride, the decoder's 1536 halved): 8 and 64."""
+    _set(cfg, "encoder_hidden_size", 8)
+    _set(cfg, "decoder_hidden_size", 64)
+
+
+def _janus(cfg) -> None:
+    """Janus's image-generation parts at the shrunk text width: the VQ-VAE's codebook (16384 codes) and
+    channels, the generation aligner and head (2048 wide: 72M and 38M parameters)."""
+    vq, width = cfg.vq_config, cfg.text_config.hidden_size
+    for k, v in (("image_token_embed_dim", width), ("projection_dim", width), ("num_embeddings", 256),
+                 ("base_channels", 32), ("latent_channels", 32)):
+        _set(vq, k, v)
+
+
+def _florence2(cfg) -> None:
+    """Florence-2's DaViT stages (widths 128 to 1024, 9 blocks in the third: 90M parameters): a block
+    each, widths 16 to 128, a head (and group) per 16 channels."""
+    v = cfg.vision_config
+    _set(v, "embed_dim", [16, 32, 64, 128])
+    _set(v, "depths", [1, 1, 1, 1])
+    _set(v, "num_heads", [1, 2, 4, 8])
+    _set(v, "num_groups", [1, 2, 4, 8])
+
+
+def _glm5_next_vision(cfg) -> None:
+    """GLM-5 Next's vision tower on its own: its merger's output and MLP widths (1536, 10240) shrunk."""
+    _set(cfg, "out_hidden_size", cfg.hidden_size)
+    _set(cfg, "projection_intermediate_size", SMALL["intermediate_size"])
+
+
+def _depth_pro(cfg) -> None:
+    """DepthPro on the derived 32-pixel images (its patches are 384 pixels and its smallest scale a
+    quarter): 8-pixel patches of 2-pixel ViT patches, the hooks inside the shrunk ViT, fusion widths
+    shrunk (1024, 256)."""
+    _set(cfg, "patch_size", _derived_image_side(cfg) // 4)
+    _set(cfg, "intermediate_hook_ids", [1, 0])
+    _set(cfg, "scaled_images_feature_dims", [64, 64, 32])
+    _set(cfg, "intermediate_feature_dims", [32, 32])
+    _set(cfg, "fusion_hidden_size", 32)
+    for k in ("image_model_config", "patch_model_config", "fov_model_config"):
+        sub = getattr(cfg, k, None)
+        if sub is not None:
+            _set(sub, "image_size", cfg.patch_size)
+            _set(sub, "patch_size", 2)
+
+
+def _autoformer(cfg) -> None:
+    """Autoformer's auto-correlation adds its attention mask (built whenever the forward is exported) to
+    weights of shape (heads, query length, head dim) viewed as (heads, query length, key length): sequence
+    lengths equal to the head dim (32: 64 wide, 2 heads), the decoder's label and horizon half of it."""
+    dim = cfg.d_model // cfg.encoder_attention_heads
+    _set(cfg, "context_length", dim)
+    _set(cfg, "label_length", dim // 2)
+    _set(cfg, "prediction_length", dim // 2)
+
+
+def _informer(cfg) -> None:
+    """Informer's full attention (ProbSparse samples keys with torch.randint: no fixed output to verify)
+    without distilling (its convolutions halve the encoder's states but not the exported mask)."""
+    _set(cfg, "attention_type", "full")
+    _set(cfg, "distil", False)
+
+
 # config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
 # the checkpoints' one at scale 1)
 _BASE_KWARGS: dict[str, dict] = {"lw_detr": {"projector_scale_factors": [1.0]}}
 # per-type fixes of the shrunk ("small") config, where a cause is one type's own
-_TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_images}
+_TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_images, "csm": _mimi_codec,
+               "dac": _dac, "janus": _janus, "florence2": _florence2, "glm5_next_vision": _glm5_next_vision,
+               "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer}
 
 
 def configs(model_type: str):
