@@ -523,13 +523,35 @@ def _informer(cfg) -> None:
     _set(cfg, "distil", False)
 
 
+def _sam2(cfg) -> None:
+    """SAM 2 on the derived 32-pixel images: its Hiera stages' widths from the shrunk width (the class
+    keeps 96 to 768), the neck's channel list and FPN width to match (the mask decoder's), the feature
+    sizes and the prompt encoder's image size those of 32 pixels (strides 4, 8, 16)."""
+    vision, side = cfg.vision_config, _derived_image_side(cfg)
+    hiera = vision.backbone_config
+    widths = [hiera.hidden_size << i for i in range(len(hiera.embed_dim_per_stage))]
+    _set(hiera, "embed_dim_per_stage", widths)
+    _set(vision, "backbone_channel_list", widths[::-1])
+    _set(vision, "fpn_hidden_size", cfg.mask_decoder_config.hidden_size)
+    _set(vision, "backbone_feature_sizes", [[side >> i, side >> i] for i in (2, 3, 4)])
+    _set(cfg.prompt_encoder_config, "image_size", side)
+
+
+def _sam3(cfg) -> None:
+    """SAM 3's vision neck (FPN) as wide as the shrunk parts that read it (its DETR encoder, the tracker's
+    mask decoder), not the class's 256."""
+    reader = getattr(cfg, "detr_encoder_config", None) or cfg.mask_decoder_config
+    _set(cfg.vision_config, "fpn_hidden_size", reader.hidden_size)
+
+
 # config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
 # the checkpoints' one at scale 1)
 _BASE_KWARGS: dict[str, dict] = {"lw_detr": {"projector_scale_factors": [1.0]}}
 # per-type fixes of the shrunk ("small") config, where a cause is one type's own
 _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_images, "csm": _mimi_codec,
                "dac": _dac, "janus": _janus, "florence2": _florence2, "glm5_next_vision": _glm5_next_vision,
-               "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer}
+               "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer, "sam2": _sam2,
+               "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3}
 
 
 def configs(model_type: str):
