@@ -335,6 +335,12 @@ def _consistent(cfg, model_type: str) -> None:
         if side % math.isqrt(tokens) or math.isqrt(tokens) > side:
             per = next(d for d in range(side // 2, 0, -1) if side % d == 0)
             _set(cfg, "mm_tokens_per_image", per * per)
+    table = getattr(cfg, "projector_patch_to_query_dict", None)  # a projector's queries per patch count (Aria's:
+    if isinstance(table, dict) and isinstance(size, int) and isinstance(patch, int) and patch > 0:  # 1225, 4900
+        n = (size // patch) ** 2  # patches): the shrunk tower's patch count, with as many queries (at most 16)
+        if n not in table:
+            _set(cfg, "projector_patch_to_query_dict", {n: min(n, 16)})
+            _set(cfg, "max_value_projector_patch_to_query_dict", min(n, 16))
 
 
 def _rope_per_kind(cfg) -> None:
@@ -403,6 +409,152 @@ def _audio_tower(cfg) -> bool:
                for k, v in vars(cfg).items())
 
 
+def _derived_image_side(cfg) -> int:
+    """The side of the images the derived inputs give ``cfg``'s model (``permgraph.inputs``: the vision
+    config's ``image_size`` or ``crop_size``, else 32 pixels)."""
+    vcfg = next((getattr(cfg, k) for k in ("vision_config", "image_config") if getattr(cfg, k, None) is not None),
+                cfg)
+    size = getattr(vcfg, "image_size", None) or getattr(vcfg, "crop_size", None) or 32
+    return size if isinstance(size, int) else size[0]
+
+
+def _fit_derived_images(cfg) -> None:
+    """Sizes that follow the derived images where the class's defaults assume larger ones: a windowed ViT
+    backbone's windows (LW-DETR's ``num_windows`` a square, RF-DETR's one per side) a divisor of the
+    image's patch grid (32-pixel images: 2 patches a side, no window otherwise)."""
+    side = _derived_image_side(cfg)
+    for c in (cfg, *_subconfigs(cfg)):
+        n, patch = getattr(c, "num_windows", None), getattr(c, "patch_size", None)
+        if not (isinstance(n, int) and isinstance(patch, int) and patch > 0 and side // patch > 0):
+            continue
+        grid, squared = side // patch, isinstance(getattr(c, "num_windows_side", None), int)
+        per_side = c.num_windows_side if squared else n
+        if per_side > 0 and grid % per_side == 0:
+            continue
+        w = next(d for d in range(min(per_side, grid), 0, -1) if grid % d == 0)
+        _set(c, "num_windows", w * w if squared else w)
+        if squared:
+            _set(c, "num_windows_side", w)
+
+
+def _detr_on_small_images(cfg) -> None:
+    """A DETR whose ViT backbone's feature stages lie past its shrunk layers and whose queries outnumber
+    the derived images' tokens (LW-DETR, RF-DETR: 32 pixels, 2 patches a side): a layer per stage, as
+    many queries as a level has tokens; LW-DETR's projector as wide as the shrunk decoder."""
+    _stages_inside(cfg.backbone_config)
+    _set(cfg, "num_queries", (_derived_image_side(cfg) // cfg.backbone_config.patch_size) ** 2)
+    if isinstance(getattr(cfg, "projector_in_channels", None), list):
+        _set(cfg, "projector_in_channels", [cfg.d_model] * len(cfg.projector_scale_factors))
+        _set(cfg, "projector_out_channels", cfg.d_model)
+
+
+def _mimi_codec(cfg) -> None:
+    """A Mimi codec inside a speech model (CSM): depthwise upsampling, one group per (shrunk) channel, and
+    8 filters at its first stage (64 doubled per stage: 23M parameters); CSM's depth decoder reads the
+    shrunk backbone's width, not its default 2048."""
+    codec = cfg.codec_config
+    _set(codec, "upsample_groups", codec.hidden_size)
+    _set(codec, "num_filters", 8)
+    dec = getattr(cfg, "depth_decoder_config", None)
+    if isinstance(getattr(dec, "backbone_hidden_size", None), int):
+        _set(dec, "backbone_hidden_size", cfg.hidden_size)
+
+
+def _dac(cfg) -> None:
+    """DAC's convolution widths (the encoder's 64 doubled per stride, the decoder's 1536 halved): 8 and 64."""
+    _set(cfg, "encoder_hidden_size", 8)
+    _set(cfg, "decoder_hidden_size", 64)
+
+
+def _janus(cfg) -> None:
+    """Janus's image-generation parts at the shrunk text width: the VQ-VAE's codebook (16384 codes) and
+    channels, the generation aligner and head (2048 wide: 72M and 38M parameters)."""
+    vq, width = cfg.vq_config, cfg.text_config.hidden_size
+    for k, v in (("image_token_embed_dim", width), ("projection_dim", width), ("num_embeddings", 256),
+                 ("base_channels", 32), ("latent_channels", 32)):
+        _set(vq, k, v)
+
+
+def _florence2(cfg) -> None:
+    """Florence-2's DaViT stages (widths 128 to 1024, 9 blocks in the third: 90M parameters): a block
+    each, widths 16 to 128, a head (and group) per 16 channels."""
+    v = cfg.vision_config
+    _set(v, "embed_dim", [16, 32, 64, 128])
+    _set(v, "depths", [1, 1, 1, 1])
+    _set(v, "num_heads", [1, 2, 4, 8])
+    _set(v, "num_groups", [1, 2, 4, 8])
+
+
+def _glm5_next_vision(cfg) -> None:
+    """GLM-5 Next's vision tower on its own: its merger's output and MLP widths (1536, 10240) shrunk."""
+    _set(cfg, "out_hidden_size", cfg.hidden_size)
+    _set(cfg, "projection_intermediate_size", SMALL["intermediate_size"])
+
+
+def _depth_pro(cfg) -> None:
+    """DepthPro on the derived 32-pixel images (its patches are 384 pixels and its smallest scale a
+    quarter): 8-pixel patches of 2-pixel ViT patches, the hooks inside the shrunk ViT, fusion widths
+    shrunk (1024, 256)."""
+    _set(cfg, "patch_size", _derived_image_side(cfg) // 4)
+    _set(cfg, "intermediate_hook_ids", [1, 0])
+    _set(cfg, "scaled_images_feature_dims", [64, 64, 32])
+    _set(cfg, "intermediate_feature_dims", [32, 32])
+    _set(cfg, "fusion_hidden_size", 32)
+    for k in ("image_model_config", "patch_model_config", "fov_model_config"):
+        sub = getattr(cfg, k, None)
+        if sub is not None:
+            _set(sub, "image_size", cfg.patch_size)
+            _set(sub, "patch_size", 2)
+
+
+def _autoformer(cfg) -> None:
+    """Autoformer's auto-correlation adds its attention mask (built whenever the forward is exported) to
+    weights of shape (heads, query length, head dim) viewed as (heads, query length, key length): sequence
+    lengths equal to the head dim (32: 64 wide, 2 heads), the decoder's label and horizon half of it."""
+    dim = cfg.d_model // cfg.encoder_attention_heads
+    _set(cfg, "context_length", dim)
+    _set(cfg, "label_length", dim // 2)
+    _set(cfg, "prediction_length", dim // 2)
+
+
+def _informer(cfg) -> None:
+    """Informer's full attention (ProbSparse samples keys with torch.randint: no fixed output to verify)
+    without distilling (its convolutions halve the encoder's states but not the exported mask)."""
+    _set(cfg, "attention_type", "full")
+    _set(cfg, "distil", False)
+
+
+def _sam2(cfg) -> None:
+    """SAM 2 on the derived 32-pixel images: its Hiera stages' widths from the shrunk width (the class
+    keeps 96 to 768), the neck's channel list and FPN width to match (the mask decoder's), the feature
+    sizes and the prompt encoder's image size those of 32 pixels (strides 4, 8, 16)."""
+    vision, side = cfg.vision_config, _derived_image_side(cfg)
+    hiera = vision.backbone_config
+    widths = [hiera.hidden_size << i for i in range(len(hiera.embed_dim_per_stage))]
+    _set(hiera, "embed_dim_per_stage", widths)
+    _set(vision, "backbone_channel_list", widths[::-1])
+    _set(vision, "fpn_hidden_size", cfg.mask_decoder_config.hidden_size)
+    _set(vision, "backbone_feature_sizes", [[side >> i, side >> i] for i in (2, 3, 4)])
+    _set(cfg.prompt_encoder_config, "image_size", side)
+
+
+def _sam3(cfg) -> None:
+    """SAM 3's vision neck (FPN) as wide as the shrunk parts that read it (its DETR encoder, the tracker's
+    mask decoder), not the class's 256."""
+    reader = getattr(cfg, "detr_encoder_config", None) or cfg.mask_decoder_config
+    _set(cfg.vision_config, "fpn_hidden_size", reader.hidden_size)
+
+
+# config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
+# the checkpoints' one at scale 1)
+_BASE_KWARGS: dict[str, dict] = {"lw_detr": {"projector_scale_factors": [1.0]}}
+# per-type fixes of the shrunk ("small") config, where a cause is one type's own
+_TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_images, "csm": _mimi_codec,
+               "dac": _dac, "janus": _janus, "florence2": _florence2, "glm5_next_vision": _glm5_next_vision,
+               "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer, "sam2": _sam2,
+               "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3}
+
+
 def configs(model_type: str):
     """Configs to try, smallest first: shrunk, layers only, defaults."""
     import copy
@@ -410,7 +562,7 @@ def configs(model_type: str):
     from transformers import CONFIG_MAPPING
     from transformers.utils import is_timm_available
 
-    base = CONFIG_MAPPING[model_type]()
+    base = CONFIG_MAPPING[model_type](**_BASE_KWARGS.get(model_type, {}))
     timm = getattr(base, "backbone_config", None)
     if getattr(timm, "model_type", None) == "timm_backbone" and not is_timm_available():  # DETR's family: the
         base = CONFIG_MAPPING[model_type](use_timm_backbone=False)  # transformers backbone, at timm's stages
@@ -423,11 +575,14 @@ def configs(model_type: str):
         _consistent(c, model_type)
         _rope_per_kind(c)
         _vocabulary_map(c, model_type)
+        _fit_derived_images(c)
         if getattr(getattr(c, "backbone_config", None), "model_type", None) == "resnet" \
                 and getattr(timm, "model_type", None) == "timm_backbone" and not layers_only:  # its stages small
             _set(c.backbone_config, "depths", [1] * len(c.backbone_config.depths))
             _set(c.backbone_config, "hidden_sizes", [32 * 2 ** i for i in range(len(c.backbone_config.depths))])
             _set(c.backbone_config, "embedding_size", 16)
+        if not layers_only and model_type in _TYPE_FIXES:
+            _TYPE_FIXES[model_type](c)
         out.append(("small" if not layers_only else "layers", c))
     out.append(("default", base))
     filled = copy.deepcopy(out[0][1])  # last: the shrunk config with the sizes its class leaves None set
