@@ -549,7 +549,14 @@ def _sam3(cfg) -> None:
 # the checkpoints' one at scale 1)
 _BASE_KWARGS: dict[str, dict] = {"lw_detr": {"projector_scale_factors": [1.0]}}
 # per-type fixes of the shrunk ("small") config, where a cause is one type's own
-_TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_images, "csm": _mimi_codec,
+def _dots3_note(c) -> None:
+    """Dots3-Note's audio attention projects keys to the full width (its checkpoint: kv heads = heads)."""
+    audio = c.audio_config
+    _set(audio, "num_key_value_heads", audio.num_attention_heads)
+
+
+_TYPE_FIXES = {"dots3_note": _dots3_note, "lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_images,
+               "csm": _mimi_codec,
                "dac": _dac, "janus": _janus, "florence2": _florence2, "glm5_next_vision": _glm5_next_vision,
                "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer, "sam2": _sam2,
                "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3}

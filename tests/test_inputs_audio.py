@@ -246,3 +246,33 @@ def test_contrastive_audio_text_model_gets_spectrogram_frames_for_its_audio_towe
     spec = pg.compile(model)
     assert _moves(spec, "audio_model.audio_encoder.layers.0.blocks.0.intermediate.dense.weight")
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_waveform_lengths_beside_features_are_whole_hops_of_the_frames():
+    """A forward that takes waveform lengths (Dots3-Note's ``chunk_sample_lengths``: its conv stem masks
+    frames past ``lengths // hop_length``) gets, with every candidate layout, ``frames * hop_length``
+    samples per clip, so no frame is masked and the token count follows the frames."""
+    from types import SimpleNamespace
+
+    import torch.nn as nn
+
+    from permgraph.inputs.audio import _audio_inputs
+
+    class Tower(nn.Module):
+        config = SimpleNamespace(audio_config=SimpleNamespace(num_mel_bins=16, hop_length=160, input_dim=20))
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(16, 4)
+
+        def forward(self, input_ids=None, input_features=None, chunk_sample_lengths=None):
+            return self.proj(input_features)
+
+    cands = list(_audio_inputs(Tower(), 2, torch.Generator().manual_seed(0)))
+    assert cands and all(set(c) == {"input_features", "chunk_sample_lengths"} for c in cands)
+    for c in cands:
+        feats, lengths = c["input_features"], c["chunk_sample_lengths"]
+        frames = feats.shape[-1] if feats.shape[1] == 16 else feats.shape[1]
+        assert lengths.dtype == torch.long and lengths.tolist() == [frames * 160] * 2
+    Tower.config = SimpleNamespace(audio_config=SimpleNamespace(num_mel_bins=16))  # no hop: no lengths
+    assert all("chunk_sample_lengths" not in c for c in _audio_inputs(Tower(), 2, torch.Generator()))

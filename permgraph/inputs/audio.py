@@ -162,7 +162,9 @@ def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     """Candidate audio inputs of an audio-language model, most common layout first: log-mel frames
     ``(batch, mels, frames)`` (Whisper-style towers want ``2 * max_source_positions`` frames), then
     frames first ``(batch, frames, dim)`` (conformer towers: ``input_dim``, stacked frames' ``input_size``);
-    each with an all-ones frame mask where the forward takes one, then without it."""
+    each with an all-ones frame mask where the forward takes one, then without it; a forward that
+    takes waveform lengths ``*sample_lengths`` (Dots3-Note's ``chunk_sample_lengths``) gets whole
+    clips, ``frames * hop_length`` samples each."""
     cfg = model.config
     acfg = getattr(cfg, "audio_config", None) or getattr(cfg, "encoder_config", None) or cfg
     mels = getattr(acfg, "num_mel_bins", None) or getattr(acfg, "feature_size", None) or 128
@@ -171,15 +173,19 @@ def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     params = inspect.signature(model.forward).parameters
     mask = next((m for m in ("input_features_mask", "feature_attention_mask") if m in params), None)
     dev, dtype = model_device(model), model_dtype(model)
+    hop = getattr(acfg, "hop_length", None)
+    samples = next((k for k in params if k.endswith("sample_lengths")), None) if isinstance(hop, int) else None
     for frames in dict.fromkeys([2 * (getattr(acfg, "max_source_positions", 0) or 0), 64, 400, 3000]):
         if not frames:
             continue
         shapes = [(batch, mels, frames)] + [(batch, frames, d) for d in dict.fromkeys(dims)]
+        lengths = {samples: torch.full((batch,), frames * hop, dtype=torch.long, device=dev)} if samples else {}
         for shape in shapes:
             feats = torch.randn(*shape, generator=gen).to(dev, dtype)
             if mask is not None:
-                yield {"input_features": feats, mask: torch.ones(batch, frames, dtype=torch.long, device=dev)}
-            yield {"input_features": feats}
+                yield {"input_features": feats, mask: torch.ones(batch, frames, dtype=torch.long, device=dev),
+                       **lengths}
+            yield {"input_features": feats, **lengths}
 
 
 def _audio_token_count(model: nn.Module) -> Any:
