@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+import permgraph as pg
 from permgraph.inputs import default_example_inputs
 
 
@@ -444,3 +445,23 @@ def test_spectrogram_of_stacked_frames_gets_the_width_its_feature_projection_rea
     cfg = Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
                              output_hidden_size=32, conv_depthwise_kernel_size=3, max_source_positions=32)
     assert _runs(Wav2Vec2BertModel(cfg).eval())["input_features"].shape == (2, 64, 160)
+
+
+def test_entity_stream_puts_the_entity_aware_attention_in_the_forward():
+    """LUKE reads ``entity_ids`` from ``entity_vocab_size`` beside the words, and its entity-aware attention
+    has query projections used only with entities: derived inputs carry two entities per sample with
+    mention spans, so those parameters move and the spec holds."""
+    from transformers import LukeConfig, LukeForMaskedLM
+
+    cfg = LukeConfig(vocab_size=100, entity_vocab_size=50, entity_emb_size=16, hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LukeForMaskedLM(cfg).double().eval()
+    inputs = default_example_inputs(model)
+    assert inputs["entity_ids"].shape == (2, 2) and int(inputs["entity_ids"].max()) < 50
+    assert inputs["entity_position_ids"][0].tolist() == [[1, -1], [2, -1]]
+    spec = pg.compile(model)
+    for p in ("luke.entity_embeddings.entity_embeddings.weight", "luke.encoder.layer.0.attention.self.w2e_query.weight",
+              "luke.encoder.layer.0.attention.self.e2e_query.weight"):
+        assert any(t.groups() for t in spec.axes_of(p)), p
+    assert pg.verify(model, spec, promote_float32=True).ok

@@ -64,6 +64,33 @@ def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int
         if f"{prefix}_attention_mask" in params:
             extra[f"{prefix}_attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=dev)
         _add_if_read(model, out, extra)
+    _with_entity_stream(model, out, batch, seq, seed)
+
+
+def _with_entity_stream(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int,
+                        entities: int = 2) -> None:
+    """A stream of ids ``<name>_ids`` from the config's ``<name>_vocab_size`` (LUKE's ``entity_ids``, read
+    through its own embedding and the entity-aware attention's extra query projections) gets
+    ``entities`` random ids per sample, an all-ones ``<name>_attention_mask`` and, where the forward
+    takes ``<name>_position_ids``, mentions ``(batch, entities, 2)``: entity ``e`` spans token ``e + 1``,
+    the second slot ``-1`` (padding, as LUKE's tokenizer writes spans). Kept if the forward reads them."""
+    params = inspect.signature(model.forward).parameters
+    dev = model_device(model)
+    for name in params:
+        prefix = name.removesuffix("_ids")
+        vocab = getattr(model.config, f"{prefix}_vocab_size", None)
+        if not name.endswith("_ids") or name in out or not isinstance(vocab, int) or isinstance(vocab, bool) \
+                or vocab < 1 or seq <= entities:
+            continue
+        gen = torch.Generator().manual_seed(seed + 5)
+        extra = {name: torch.randint(0, vocab, (batch, entities), generator=gen).to(dev)}
+        if f"{prefix}_attention_mask" in params:
+            extra[f"{prefix}_attention_mask"] = torch.ones(batch, entities, dtype=torch.long, device=dev)
+        if f"{prefix}_position_ids" in params:
+            spans = torch.full((batch, entities, 2), -1, dtype=torch.long)
+            spans[:, :, 0] = torch.arange(1, entities + 1)
+            extra[f"{prefix}_position_ids"] = spans.to(dev)
+        _add_if_read(model, out, extra)
 
 
 def _with_encoder_states(model: nn.Module, out: dict[str, Any], batch: int, seed: int) -> None:
