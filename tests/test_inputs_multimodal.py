@@ -310,9 +310,9 @@ def test_vlm_with_a_height_width_image_grid_gets_packed_patches_and_the_grid():
     text = {"model_type": "nemotron_h", "vocab_size": 128, "hidden_size": 32, "num_attention_heads": 4,
             "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 48,
             "layers_block_type": ["full_attention", "mlp"], "max_position_embeddings": 64}
-    cfg = CONFIG_MAPPING["nemotron_h_omni"](vision_config=vision, text_config=text, audio_config=None, downsample_ratio=0.5,
-                              projector_hidden_size=32, vision_hidden_size=32, image_token_id=100,
-                              video_token_id=101)
+    cfg = CONFIG_MAPPING["nemotron_h_omni"](vision_config=vision, text_config=text, audio_config=None,
+                                            downsample_ratio=0.5, projector_hidden_size=32, vision_hidden_size=32,
+                                            image_token_id=100, video_token_id=101)
     torch.manual_seed(0)
     model = NemotronH_Omni_Reasoning_V3(cfg).eval()
     inputs = default_example_inputs(model, modalities=("image",))
@@ -343,3 +343,18 @@ def test_vlm_without_an_image_size_gets_images_of_32_pixels():
     tower = [p for p in spec.shapes if ".vision_tower." in p and p.endswith("fc1.weight")]
     assert tower and all(_moves(spec, p) for p in tower)
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_model_with_several_main_inputs_gets_each_task_prompt_ids_too():
+    """OneFormer's ``main_input_name`` is a list (images, then the task prompt): no crash, images and
+    ``task_inputs`` token ids ``(batch, task_seq_len)`` that its task MLP reads."""
+    from transformers import OneFormerConfig, OneFormerModel
+
+    cfg = OneFormerConfig(task_seq_len=8, text_encoder_context_length=8, text_encoder_vocab_size=64)
+    model = OneFormerModel(cfg).eval()
+    assert isinstance(model.main_input_name, list)
+    inputs = default_example_inputs(model)
+    assert inputs["task_inputs"].shape == (2, 8) and inputs["task_inputs"].dtype == torch.long
+    assert inputs["pixel_values"].shape[:2] == (2, 3)
+    with torch.no_grad():
+        model(**inputs)
