@@ -296,3 +296,65 @@ def test_vq_image_tokenizer_gets_images_of_32_pixels_and_their_code_placeholders
                           vocabulary_map={"<image>": 120, **codes})
     inputs = default_example_inputs(ChameleonForConditionalGeneration(cfg).eval())
     assert inputs["pixel_values"].shape == (2, 3, 32, 32) and int((inputs["input_ids"] == 120).sum()) == 2 * 4
+
+
+def test_vlm_with_a_height_width_image_grid_gets_packed_patches_and_the_grid():
+    """Nemotron-H Omni reads packed patches with each image's ``image_grid_hw`` (height, width; no temporal
+    column) and merges 2 x 2 patches by its pixel shuffle (``downsample_ratio`` 0.5): ``(batch * 16,
+    C * P * P)`` patches on 4 x 4 grids, a placeholder per merged token, the RADIO tower in the spec."""
+    from transformers import CONFIG_MAPPING, NemotronH_Omni_Reasoning_V3
+
+    vision = {"model_type": "radio", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "patch_size": 4, "image_size": 16, "max_img_size": 64, "num_cls_tokens": 1, "num_registers": 0,
+              "video_temporal_patch_size": 2}
+    text = {"model_type": "nemotron_h", "vocab_size": 128, "hidden_size": 32, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 48,
+            "layers_block_type": ["full_attention", "mlp"], "max_position_embeddings": 64}
+    cfg = CONFIG_MAPPING["nemotron_h_omni"](vision_config=vision, text_config=text, audio_config=None,
+                                            downsample_ratio=0.5, projector_hidden_size=32, vision_hidden_size=32,
+                                            image_token_id=100, video_token_id=101)
+    torch.manual_seed(0)
+    model = NemotronH_Omni_Reasoning_V3(cfg).eval()
+    inputs = default_example_inputs(model, modalities=("image",))
+    assert inputs["image_grid_hw"].tolist() == [[4, 4]] * 2 and inputs["pixel_values"].shape == (32, 3 * 4 * 4)
+    assert int((inputs["input_ids"] == 100).sum()) == 2 * 4
+    spec = pg.compile(model, inputs)
+    tower = [p for p in spec.shapes if p.startswith("vision_model.encoder.") and p.endswith("proj.weight")]
+    assert tower and all(_moves(spec, p) for p in tower)
+    assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_vlm_without_an_image_size_gets_images_of_32_pixels():
+    """Florence-2's DaViT tower has no ``image_size`` in its config: 32-pixel images (as plain images get),
+    with a placeholder per feature, the tower's stages in the spec."""
+    from transformers import Florence2Config, Florence2ForConditionalGeneration
+
+    vision = {"embed_dim": [16, 32, 64, 128], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8],
+              "num_groups": [1, 2, 4, 8], "projection_dim": 32, "window_size": 4}
+    text = {"model_type": "bart", "vocab_size": 128, "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
+            "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 48,
+            "decoder_ffn_dim": 48, "max_position_embeddings": 64}
+    cfg = Florence2Config(vision_config=vision, text_config=text, image_token_id=100)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["pixel_values"].shape == (2, 3, 32, 32) and bool((inputs["input_ids"] == 100).any())
+    spec = pg.compile(model, inputs)
+    tower = [p for p in spec.shapes if ".vision_tower." in p and p.endswith("fc1.weight")]
+    assert tower and all(_moves(spec, p) for p in tower)
+    assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_model_with_several_main_inputs_gets_each_task_prompt_ids_too():
+    """OneFormer's ``main_input_name`` is a list (images, then the task prompt): no crash, images and
+    ``task_inputs`` token ids ``(batch, task_seq_len)`` that its task MLP reads."""
+    from transformers import OneFormerConfig, OneFormerModel
+
+    cfg = OneFormerConfig(task_seq_len=8, text_encoder_context_length=8, text_encoder_vocab_size=64)
+    model = OneFormerModel(cfg).eval()
+    assert isinstance(model.main_input_name, list)
+    inputs = default_example_inputs(model)
+    assert inputs["task_inputs"].shape == (2, 8) and inputs["task_inputs"].dtype == torch.long
+    assert inputs["pixel_values"].shape[:2] == (2, 3)
+    with torch.no_grad():
+        model(**inputs)

@@ -32,6 +32,7 @@ from permgraph.inputs.series import _latents, _past_values, _trajectory
 from permgraph.inputs.text import (
     _decoder_ids,
     _embeddings,
+    _task_prompt,
     _with_boxes,
     _with_encoder_states,
     _with_global_attention,
@@ -62,11 +63,14 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     gen = torch.Generator().manual_seed(seed)
     params = inspect.signature(model.forward).parameters
     out: dict[str, torch.Tensor] = {}
+    # the main input's name, or the first of several (OneFormer's images and task prompt)
+    mains = model.main_input_name if isinstance(model.main_input_name, (list, tuple)) else [model.main_input_name]
+    main = mains[0]
 
     # token ids where the forward reads text: a vision-main model (Kosmos-2, BLIP) too when its config
     # has a text vocabulary (plain vision models' forwards take no input_ids)
     # (a text tower that inherits a vision model's main input name but takes no images: SAM 3's)
-    if "input_ids" in params and (model.main_input_name != "pixel_values" or _text_vocab(cfg) is not None
+    if "input_ids" in params and (main != "pixel_values" or _text_vocab(cfg) is not None
                                   or "pixel_values" not in params):
         vocab = _text_vocab(cfg) or getattr(cfg, "vocab_size", None) or 100
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
@@ -82,7 +86,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         out.update(_plain_images(model, params, placed, batch, gen))
         if not placed and "image_attention_mask" in params and "input_ids" in out:
             _with_images_attended(model, out)
-    if "flattened_patches" in params and model.main_input_name == "flattened_patches":  # Pix2Struct's encoder
+    if "flattened_patches" in params and main == "flattened_patches":  # Pix2Struct's encoder
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
     images = (("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed
               and not no_image and _with_image_tokens(model, out, batch, gen))
@@ -94,11 +98,11 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         _with_precomputed(model, out)
     if audio:
         _with_precomputed(model, out, "audio")
-    for name in dict.fromkeys([model.main_input_name, *_required(params)]):  # raw audio, clips, ...: the main
+    for name in dict.fromkeys([*mains, *_required(params)]):  # raw audio, clips, ...: the main
         if name in _OTHER_MAIN_INPUTS and name in params and name not in out:  # input, or one the forward
             cands = _OTHER_MAIN_INPUTS[name](model, batch, seq, gen)  # requires beside text (PE Audio's)
             out.update(_first_that_runs(model, ({**out, **c} for c in cands)))
-    if "input_features" in params and model.main_input_name == "input_features":  # spectrogram frames
+    if "input_features" in params and main == "input_features":  # spectrogram frames
         layout = _spectrogram(model, out, batch, gen)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         out["decoder_input_ids"] = _decoder_ids(cfg, batch, seq, gen).to(dev)
@@ -134,4 +138,5 @@ def _encoder_main_input(model: nn.Module, batch: int, seq: int, gen: torch.Gener
 # the first that the forward runs on kept
 _OTHER_MAIN_INPUTS = {"input_values": _raw_audio, "pixel_values_videos": _video_clips, "inputs_embeds": _embeddings,
                       "past_values": _past_values, "audio_mel": _audio_mel, "inputs": _encoder_main_input,
-                      "states": _trajectory, "latents": _latents}
+                      "states": _trajectory, "latents": _latents,
+                      "task_inputs": _task_prompt}

@@ -141,6 +141,21 @@ def _flattened_patches(model: nn.Module, batch: int, gen: torch.Generator) -> It
 
 # the forward's parameter that holds each image's grid of patches (temporal, height, width) in Qwen-VL's layout
 _GRID_PARAMS = ("image_grid_thw", "grid_thw")
+# a vision-language model's parameter that holds its images' grids: (temporal, height, width) as Qwen-VL's, or
+# (height, width) (Nemotron-H Omni's ``image_grid_hw``)
+VLM_GRID_PARAMS = ("image_grid_thw", "image_grid_hw")
+
+
+def _merge_size(cfg: Any, vcfg: Any) -> int:
+    """The side of the window of patches the tower merges into one token: the vision config's
+    ``spatial_merge_size``, ``merge_kernel_size`` or ``merge_size`` (Muse's), else the inverse of the
+    config's pixel-shuffle ``downsample_ratio`` (Nemotron-H Omni's 0.5), else 1."""
+    merge = next((m for m in (getattr(vcfg, k, None) for k in ("spatial_merge_size", "merge_kernel_size",
+                                                                  "merge_size")) if m), None)
+    if merge is None:
+        ratio = getattr(cfg, "downsample_ratio", None)
+        merge = round(1 / ratio) if isinstance(ratio, float) and 0 < ratio < 1 else 1
+    return merge if isinstance(merge, int) else merge[0]
 
 
 def _grid_patches(model: nn.Module, batch: int, gen: torch.Generator, grid: str = "image_grid_thw",
@@ -148,17 +163,19 @@ def _grid_patches(model: nn.Module, batch: int, gen: torch.Generator, grid: str 
     """Candidate flattened patches in Qwen-VL's layout: ``batch`` images of ``s x s`` patches (``s`` two
     merge windows) as rows ``(batch * s^2, C * T * P * P)``, ``T`` the config's temporal patch (then 2, 1),
     or ``(batch * s^2, C, P, P)`` where the patch embedding takes them unflattened (Kimi-K2.5); ``grid`` is
-    ``[[1, s, s]] * batch``, and ``merge_sizes`` (``image_merge_sizes``) ``[merge] * batch`` where the
-    forward takes it (VideoLLaMA 3)."""
+    ``[[1, s, s]] * batch`` (``[[s, s]] * batch`` for a ``..._hw`` grid), and ``merge_sizes``
+    (``image_merge_sizes``) ``[merge] * batch`` where the forward takes it (VideoLLaMA 3). Last, a ``thw``
+    grid counted in merged tokens ``[[1, 2, 2]] * batch`` with one row of pixels per token,
+    ``(batch * 4, M * P, M * P, C)`` channels last (Inkling 2)."""
     vcfg = _vision_config(model.config)
     dev, dtype = model_device(model), model_dtype(model)
     patch = _patch_size(vcfg, 14)
     ch = getattr(vcfg, "in_channels", None) or getattr(vcfg, "num_channels", None) or 3
-    merge = getattr(vcfg, "spatial_merge_size", None) or getattr(vcfg, "merge_kernel_size", None) or 1
-    merge = merge if isinstance(merge, int) else merge[0]
+    merge = _merge_size(model.config, vcfg)
     side = 2 * merge
     n = batch * side * side
-    extra = {grid: torch.tensor([[1, side, side]] * batch, device=dev)}
+    rows = [[side, side]] if grid.endswith("_hw") else [[1, side, side]]
+    extra = {grid: torch.tensor(rows * batch, device=dev)}
     params = inspect.signature(model.forward).parameters
     for name in ("merge_sizes", "image_merge_sizes"):  # VideoLLaMA 3's tower, its VLM
         if name in params:
@@ -167,6 +184,9 @@ def _grid_patches(model: nn.Module, batch: int, gen: torch.Generator, grid: str 
                                                                      2, 1))]
     for shape in (*shapes, (n, ch, patch, patch)):
         yield {pixels: torch.randn(*shape, generator=gen).to(dev, dtype), **extra}
+    if not grid.endswith("_hw") and merge > 1:
+        yield {pixels: torch.randn(batch * 4, merge * patch, merge * patch, ch, generator=gen).to(dev, dtype),
+               grid: torch.tensor([[1, 2, 2]] * batch, device=dev)}
 
 
 def _navit_packed(vcfg: Any, gen: torch.Generator, dev: torch.device, dtype: torch.dtype) -> Iterator[dict[str, Any]]:

@@ -41,6 +41,15 @@ def _embeddings(model: nn.Module, batch: int, seq: int, gen: torch.Generator) ->
                                                                                  model_dtype(model))}
 
 
+def _task_prompt(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """OneFormer's ``task_inputs``: the task prompt's token ids ``(batch, task_seq_len)`` (the processor pads
+    "the task is semantic" to that length), below the text encoder's vocabulary."""
+    cfg = model.config
+    length = getattr(cfg, "task_seq_len", None) or seq
+    vocab = getattr(cfg, "text_encoder_vocab_size", None) or _text_vocab(cfg) or 100
+    yield {"task_inputs": torch.randint(0, vocab, (batch, length), generator=gen).to(model_device(model))}
+
+
 def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int) -> None:
     """A forward that reads a second token stream ``<name>_input_ids`` through an encoder of its own
     (Evolla's ``protein_input_ids``, with ``protein_attention_mask``) gets random ids from the

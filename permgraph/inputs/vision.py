@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from permgraph.inputs.images import (
+    VLM_GRID_PARAMS,
     _flattened_patches,
     _grid_patches,
     _navit_packed,
@@ -35,8 +36,9 @@ _IMAGE_TOKEN_COUNTS = ("latent_query_num", "image_seq_length", "num_image_tokens
 
 def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """Candidate image inputs of a vision-language model, most common layout first: one image per
-    sample ``(batch, C, S, S)``; anyres tiles with ``image_sizes`` (LLaVA-NeXT); flattened patches with
-    ``image_grid_thw`` (Qwen-VL); NaViT-packed patches with ``target_sizes`` (MiniCPM-V); Pix2Struct-layout
+    sample ``(batch, C, S, S)`` (``S`` 32 where the vision config has no image size); anyres tiles with
+    ``image_sizes`` (LLaVA-NeXT); flattened patches with their grid (``VLM_GRID_PARAMS``: Qwen-VL's
+    ``image_grid_thw``); NaViT-packed patches with ``target_sizes`` (MiniCPM-V); Pix2Struct-layout
     ``flattened_patches`` (Kosmos-2.5); images per sample; last, for a model without a vision config, 16
     patches per image ``(batch, 16, C * P * P)`` (Fuyu embeds them with one linear layer)."""
     cfg = model.config
@@ -49,11 +51,10 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     ch = getattr(vcfg, "num_channels", None) or getattr(vcfg, "in_channels", None) or 3
     size = getattr(vcfg, "image_size", None)
     size = size if isinstance(size, int) or size is None else size[0]
-    if size is None and getattr(cfg, "vq_config", None) is not None:  # images a VQ tokenizer turns into codes
-        size = 32  # (Chameleon, Emu3: no image size in the config): the plain images' 32 pixels
     patch = _patch_size(vcfg)
-    if "image_grid_thw" in params and patch:
-        yield from _grid_patches(model, batch, gen)
+    grid = next((g for g in VLM_GRID_PARAMS if g in params), None)
+    if grid is not None and patch:
+        yield from _grid_patches(model, batch, gen, grid)
         return
     if "target_sizes" in params and patch:  # NaViT packing (MiniCPM-V), its placeholders in the first sample
         yield from ({**c, _FIRST_SAMPLE_ONLY: True} for c in _navit_packed(vcfg, gen, dev, dtype))
@@ -61,7 +62,9 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     if size is None:  # a NaFlex tower (no image size; SigLIP 2's, behind LFM2-VL's placeholders): its patches
         if "spatial_shapes" in params and "pixel_attention_mask" in params:  # on a grid of num_patches
             yield _patchified(vcfg, batch, gen, dev, dtype, params)
-        return
+            return
+        size = 32  # else the plain images' 32 pixels (no image size in the config: a VQ tokenizer's, Chameleon's
+        # and Emu3's, that turns images into codes; Florence-2's DaViT)
     if "image_sizes" in params:
         num_patches = getattr(inspect.getmodule(type(model)), "image_size_to_num_patches", None)
         pinpoints = getattr(cfg, "image_grid_pinpoints", None)
