@@ -171,7 +171,7 @@ def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     dims = [d for d in (getattr(acfg, "input_dim", None), getattr(acfg, "input_size", None), mels)
             if isinstance(d, int) and not isinstance(d, bool) and d > 0]
     params = inspect.signature(model.forward).parameters
-    mask = next((m for m in ("input_features_mask", "feature_attention_mask") if m in params), None)
+    mask = next((m for m in _FRAME_MASKS if m in params), None)
     dev, dtype = model_device(model), model_dtype(model)
     hop = getattr(acfg, "hop_length", None)
     samples = next((k for k in params if k.endswith("sample_lengths")), None) if isinstance(hop, int) else None

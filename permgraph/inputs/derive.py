@@ -35,6 +35,7 @@ from permgraph.inputs.text import (
     _task_prompt,
     _with_boxes,
     _with_encoder_states,
+    _with_entity_stream,
     _with_global_attention,
     _with_required_embeds,
     _with_second_token_streams,
@@ -114,6 +115,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     if "input_ids" in out or embeds in out:  # inputs read by parts the ones above leave out (probed: kept
         _with_encoder_states(model, out, batch, seed)  # if they matter)
         _with_second_token_streams(model, out, batch, seq, seed)
+        _with_entity_stream(model, out, batch, seq, seed)
         _with_boxes(model, out, batch, seq, seed)
         _with_global_attention(model, out)
         _with_sized_features(model, out, batch, seed)

@@ -143,7 +143,7 @@ def _flattened_patches(model: nn.Module, batch: int, gen: torch.Generator) -> It
 _GRID_PARAMS = ("image_grid_thw", "grid_thw")
 # a vision-language model's parameter that holds its images' grids: (temporal, height, width) as Qwen-VL's, or
 # (height, width) (Nemotron-H Omni's ``image_grid_hw``)
-VLM_GRID_PARAMS = ("image_grid_thw", "image_grid_hw")
+_VLM_GRID_PARAMS = ("image_grid_thw", "image_grid_hw")
 
 
 def _merge_size(cfg: Any, vcfg: Any) -> int:

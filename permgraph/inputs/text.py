@@ -73,7 +73,6 @@ def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int
         if f"{prefix}_attention_mask" in params:
             extra[f"{prefix}_attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=dev)
         _add_if_read(model, out, extra)
-    _with_entity_stream(model, out, batch, seq, seed)
 
 
 def _with_entity_stream(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int,

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from permgraph.inputs.images import (
-    VLM_GRID_PARAMS,
+    _VLM_GRID_PARAMS,
     _flattened_patches,
     _grid_patches,
     _navit_packed,
@@ -37,7 +37,7 @@ _IMAGE_TOKEN_COUNTS = ("latent_query_num", "image_seq_length", "num_image_tokens
 def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """Candidate image inputs of a vision-language model, most common layout first: one image per
     sample ``(batch, C, S, S)`` (``S`` 32 where the vision config has no image size); anyres tiles with
-    ``image_sizes`` (LLaVA-NeXT); flattened patches with their grid (``VLM_GRID_PARAMS``: Qwen-VL's
+    ``image_sizes`` (LLaVA-NeXT); flattened patches with their grid (``_VLM_GRID_PARAMS``: Qwen-VL's
     ``image_grid_thw``); NaViT-packed patches with ``target_sizes`` (MiniCPM-V); Pix2Struct-layout
     ``flattened_patches`` (Kosmos-2.5); images per sample; last, for a model without a vision config, 16
     patches per image ``(batch, 16, C * P * P)`` (Fuyu embeds them with one linear layer)."""
@@ -52,7 +52,7 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     size = getattr(vcfg, "image_size", None)
     size = size if isinstance(size, int) or size is None else size[0]
     patch = _patch_size(vcfg)
-    grid = next((g for g in VLM_GRID_PARAMS if g in params), None)
+    grid = next((g for g in _VLM_GRID_PARAMS if g in params), None)
     if grid is not None and patch:
         yield from _grid_patches(model, batch, gen, grid)
         return
