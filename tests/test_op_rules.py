@@ -143,6 +143,7 @@ BINARY = {  # op -> f(h, g, p): h and g are activations of two layers, p is a (H
     aten.copysign: lambda h, g, p: aten.copysign.Tensor(h, g),
     aten.atan2: lambda h, g, p: aten.atan2.default(h, g),
     aten.hypot: lambda h, g, p: aten.hypot.default(h, g),
+    aten.xlogy: lambda h, g, p: aten.xlogy.Tensor(h, _pos(g)),
 }
 PREDICATES = {  # op -> predicate(h, g); the result selects between h and g
     aten.eq: lambda h, g: aten.eq.Tensor(h.round(), g.round()),
@@ -180,6 +181,14 @@ UNARY = {  # op -> f(h)
     aten.square: aten.square.default, aten.sin: aten.sin.default, aten.cos: aten.cos.default,
     aten.tan: lambda h: aten.tan.default(h.tanh()), aten.acos: lambda h: aten.acos.default(h.tanh()),
     aten.tanh: aten.tanh.default, aten.sigmoid: aten.sigmoid.default,
+    aten.asin: lambda h: aten.asin.default(h.tanh()), aten.atan: aten.atan.default, aten.sinh: aten.sinh.default,
+    aten.cosh: aten.cosh.default, aten.asinh: aten.asinh.default, aten.acosh: lambda h: aten.acosh.default(_pos(h)),
+    aten.atanh: lambda h: aten.atanh.default(h.tanh() * 0.9), aten.sgn: aten.sgn.default,
+    aten.log10: lambda h: aten.log10.default(_pos(h)), aten.sinc: aten.sinc.default,
+    aten.deg2rad: aten.deg2rad.default, aten.rad2deg: aten.rad2deg.default, aten.i0: aten.i0.default,
+    aten.lgamma: lambda h: aten.lgamma.default(_pos(h)), aten.digamma: lambda h: aten.digamma.default(_pos(h)),
+    aten.resolve_conj: aten.resolve_conj.default,
+    aten.resolve_neg: aten.resolve_neg.default,
     aten.relu: aten.relu.default, aten.relu6: aten.relu6.default, aten.gelu: aten.gelu.default,
     aten.silu: aten.silu.default, aten.mish: aten.mish.default, aten.elu: aten.elu.default,
     aten.selu: aten.selu.default, aten.celu: aten.celu.default, aten.leaky_relu: aten.leaky_relu.default,
@@ -540,6 +549,25 @@ ALONG_SEQUENCE = {  # op -> an order-dependent op along the sequence axis (the h
     aten.argsort: lambda h: aten.argsort.default(h, 1).to(h.dtype),
     aten.diff: lambda h: aten.diff.default(h, 1, 1, h[:, :1]),
 }
+LOSSES = {  # op -> a pointwise loss between two activations of the hidden width (reduced to a scalar)
+    aten.mse_loss: lambda h, g: aten.mse_loss.default(h, g),
+    aten.l1_loss: lambda h, g: aten.l1_loss.default(h, g, 2),
+    aten.smooth_l1_loss: lambda h, g: aten.smooth_l1_loss.default(h, g, 1, 0.5),
+    aten.huber_loss: lambda h, g: aten.huber_loss.default(h, g, 1, 0.5),
+}
+
+
+def _autocorrelation(h: torch.Tensor) -> torch.Tensor:
+    q = aten.fft_rfft.default(h, None, 1)
+    return aten.fft_irfft.default(aten.mul.Tensor(q, aten._conj.default(q)), T, 1)
+
+
+def _fft2_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """The last two axes transformed there and back by each 2-D transform."""
+    y = aten.fft_ifft2.default(aten.fft_fft2.default(x))
+    return aten.fft_irfft2.default(aten.fft_rfft2.default(aten.real.default(y)), [T, 1])
+
+
 REDUCTION_CASES = (
     [net(f"reduce-{op.__name__}", op, lambda m, h, g, f=f: h * f(h)) for op, f in REDUCTIONS.items()]
     + [net(f"order-{op.__name__}", op, lambda m, h, g, f=f: h * f(h)) for op, f in ALONG_SEQUENCE.items()]
@@ -550,7 +578,22 @@ REDUCTION_CASES = (
            lambda m, h, g: aten.real.default(aten.fft_fftn.default(h.transpose(1, 2), [T + 2])).sum(-1, True)
            .transpose(1, 2)),
        net("fft_fftn-hidden-fixes-it", aten.fft_fftn,
-           lambda m, h, g: aten.real.default(aten.fft_fftn.default(h, None, [1, 2])), sizes=())]
+           lambda m, h, g: aten.real.default(aten.fft_fftn.default(h, None, [1, 2])), sizes=()),
+       net("fft_rfft-irfft-autocorrelation", (aten.fft_rfft, aten.fft_irfft, aten._conj, aten.mul),
+           lambda m, h, g: _autocorrelation(h)),  # Autoformer: irfft(rfft(q) * conj(rfft(k))) along the sequence
+       net("fft_1d-default-last-axis", (aten.fft_fft, aten.fft_ifft, aten.fft_hfft, aten.fft_ihfft),
+           lambda m, h, g: aten.fft_hfft.default(aten.fft_ifft.default(aten.fft_fft.default(h)), H)
+           + aten.real.default(aten.fft_ihfft.default(h, H * 2 - 2)[..., :1]), sizes=()),
+       net("fft_2d-last-two", (aten.fft_fft2, aten.fft_ifft2, aten.fft_rfft2, aten.fft_irfft2),
+           lambda m, h, g: _fft2_roundtrip(h.transpose(1, 2).reshape(B, H, T, 1)).reshape(B, H, T).transpose(1, 2)),
+       net("fft_nd-sequence", (aten.fft_ifftn, aten.fft_rfftn, aten.fft_irfftn),
+           lambda m, h, g: aten.fft_irfftn.default(aten.fft_ifftn.default(aten.fft_rfftn.default(h, None, [1]), None,
+                                                                          [1]), [T], [1])),
+       net("fft_decomposed", (aten._fft_r2c, aten._fft_c2c, aten._fft_c2r),
+           lambda m, h, g: aten._fft_c2r.default(aten._fft_c2c.default(aten._fft_r2c.default(h, [1], 0, True), [1], 0,
+                                                                        True), [1], 2, T))]
+    + [net(f"loss-{op.__name__}", op, lambda m, h, g, f=f: h * f(h, g), gate=True) for op, f in LOSSES.items()]
+    + [net("loss-unreduced", aten.mse_loss, lambda m, h, g: aten.mse_loss.default(h, g, 0), gate=True)]
 )
 
 
@@ -848,6 +891,9 @@ POOLS = {  # op -> f(h) on (B, H, 6, 6)
     aten.upsample_trilinear3d: _3d(lambda h: aten.upsample_trilinear3d.vec(h, None, False, [1.0, 2.0, 2.0])),
     aten._upsample_nearest_exact2d: lambda h: aten._upsample_nearest_exact2d.vec(h, None, [2.0, 2.0]),
     aten._upsample_bilinear2d_aa: lambda h: aten._upsample_bilinear2d_aa.vec(h, None, False, [2.0, 2.0]),
+    aten._upsample_bicubic2d_aa: lambda h: aten._upsample_bicubic2d_aa.vec(h, None, False, [2.0, 2.0]),
+    aten._upsample_nearest_exact1d: _1d(lambda h: aten._upsample_nearest_exact1d.vec(h, None, [2.0])),
+    aten._upsample_nearest_exact3d: _3d(lambda h: aten._upsample_nearest_exact3d.vec(h, None, [1.0, 2.0, 2.0])),
 }
 STATS = ("mods.n.weight", "mods.n.bias", "mods.n.running_mean", "mods.n.running_var")
 BATCH_CASES = [

@@ -54,12 +54,13 @@ def_elementwise(  # arithmetic and comparisons
     aten.bitwise_and, aten.bitwise_or, aten.bitwise_not, aten.bitwise_xor, aten.__and__, aten.__or__, aten.__xor__,
     aten.__iand__, aten.__ior__, aten.__ixor__,  # in place (``mask |= other``), packets of their own
     aten.clamp, aten.clamp_min, aten.clamp_max, aten.clip, aten.lerp, aten.addcmul, aten.addcdiv,
-    aten.copysign, aten.atan2, aten.hypot,
+    aten.copysign, aten.atan2, aten.hypot, aten.xlogy,
 )
 def_elementwise(  # unary math and activations
     aten.neg, aten.abs, aten.sign, aten.exp, aten.exp2, aten.expm1, aten.log, aten.log1p, aten.log2,
     aten.sqrt, aten.rsqrt, aten.reciprocal, aten.square, aten.sin, aten.cos, aten.tan, aten.acos, aten.tanh,
-    aten.sigmoid,
+    aten.asin, aten.atan, aten.sinh, aten.cosh, aten.asinh, aten.acosh, aten.atanh, aten.sgn, aten.log10,
+    aten.sinc, aten.deg2rad, aten.rad2deg, aten.i0, aten.lgamma, aten.digamma, aten.sigmoid,
     aten.relu, aten.relu6, aten.gelu, aten.silu, aten.mish, aten.elu, aten.selu, aten.celu, aten.leaky_relu,
     aten.hardtanh, aten.hardsigmoid, aten.hardswish, aten.softplus, aten.erf, aten.erfc, aten.erfinv,
     aten.logit, aten.isnan, aten.isinf, aten.isfinite, aten.nan_to_num,
@@ -67,7 +68,8 @@ def_elementwise(  # unary math and activations
     aten._prelu_kernel,  # PReLU with its slopes already shaped to broadcast
 )
 def_elementwise(  # complex numbers (RoPE as complex rotations: Llama 4, DeepSeek-V2)
-    aten.polar, aten.complex, aten.real, aten.imag, aten.conj, aten.conj_physical, aten.angle,
+    aten.polar, aten.complex, aten.real, aten.imag, aten.conj, aten.conj_physical, aten.angle, aten._conj,
+    aten.resolve_conj, aten.resolve_neg,
 )
 def_elementwise(  # dropout and fills
     aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.fill, aten.zero,

@@ -129,17 +129,47 @@ def_order_dependent(
 )
 
 
-@register(aten.fft_fftn)
-def fftn(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+_FFT_1D = (aten.fft_fft, aten.fft_ifft, aten.fft_rfft, aten.fft_irfft, aten.fft_hfft, aten.fft_ihfft)
+_FFT_2D = (aten.fft_fft2, aten.fft_ifft2, aten.fft_rfft2, aten.fft_irfft2)
+
+
+@register(*_FFT_1D, *_FFT_2D, aten.fft_fftn, aten.fft_ifftn, aten.fft_rfftn, aten.fft_irfftn,
+          aten._fft_r2c, aten._fft_c2r, aten._fft_c2c)
+def fourier(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """A discrete Fourier transform mixes the positions along each transformed axis by their order:
-    those axes are fixed (the result's are fresh when ``s`` resizes them); the others pass. The
-    transformed dims: ``dim``, else the last ``len(s)``, else all."""
+    those axes are fixed (the result's are fresh where ``n``/``s``/one-sidedness resizes them); the
+    others pass. The transformed dims: ``dim``; else the last one (1-D transforms), the last two
+    (``*fft2``), the last ``len(s)`` or all (``*fftn``)."""
     t = a.t("self")
-    dim, s = a.get("dim"), a.get("s")
-    dims = _order_dims(dim, len(t)) if dim is not None else list(range(len(t) - len(s) if s else 0, len(t)))
+    dim, s, packet = a.get("dim"), a.get("s"), node.target.overloadpacket
+    if dim is not None:
+        dims = _order_dims(dim, len(t))
+    elif packet in _FFT_1D:
+        dims = [len(t) - 1]
+    elif packet in _FFT_2D:
+        dims = [len(t) - 2, len(t) - 1]
+    else:
+        dims = list(range(len(t) - len(s) if s else 0, len(t)))
     for d in dims:
         cx.fix(t[d], f"Fourier transform along the axis ({node.target})")
     return _results(cx, node, t, dims, keep_dim_axis=True)
+
+
+@register(aten.mse_loss, aten.l1_loss, aten.smooth_l1_loss, aten.huber_loss)
+def pointwise_loss(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``loss(x, y) = reduce_i l(x_i - y_i)``: elementwise in ``(x, y)``, then (unless ``reduction`` is
+    none) a mean or sum over all entries, invariant under any permutation of them: the operands' axes
+    unify as under broadcasting and the result is a scalar."""
+    from permgraph.infer.rules.elementwise import elementwise
+    if a.get("reduction", 1) == 0:
+        return elementwise(cx, node, a)
+    x, y = a.t("self"), a.t("target")
+    ux, uy = cx.uniform_dims(a["self"]), cx.uniform_dims(a["target"])
+    for k in range(1, min(len(x), len(y)) + 1):  # aligned from the right, like broadcasting
+        i, j = len(x) - k, len(y) - k
+        if i not in ux and j not in uy and cx.store.size(x[i]) == cx.store.size(y[j]) != 1:
+            cx.unify(x[i], y[j])
+    return []
 
 
 def spatial(cx: RuleContext, node: fx.Node, a: Args) -> Any:
@@ -182,5 +212,6 @@ family(spatial)(
     aten.adaptive_max_pool2d, aten.adaptive_max_pool3d, aten.max_pool2d_with_indices, aten.max_pool3d_with_indices,
     aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, aten.upsample_linear1d,
     aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d, aten._upsample_nearest_exact2d,
-    aten._upsample_bilinear2d_aa,
+    aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa, aten._upsample_nearest_exact1d,
+    aten._upsample_nearest_exact3d,
 )
