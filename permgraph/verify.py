@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from permgraph.compiler import compile as compile_spec
 from permgraph.errors import InputError
-from permgraph.inputs import ExampleInputs, default_example_inputs, resolve_inputs
+from permgraph.inputs import ExampleInputs, default_example_inputs, model_dtype, resolve_inputs
 from permgraph.ir import Permutation
 from permgraph.permutation import apply_permutation
 from permgraph.spec import PermSpec
@@ -75,12 +75,35 @@ def _promoted(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -
             continue
         node.args = tuple(dtype if a is torch.float32 else a for a in node.args)
         node.kwargs = {k: dtype if v is torch.float32 else v for k, v in node.kwargs.items()}
+        if _float32_by_default(node):  # a factory without a dtype: float32 as torch's default dtype
+            node.kwargs = {**node.kwargs, "dtype": dtype}
     module.recompile()
     with torch.no_grad():  # a float32 submodule of the float64 model (converted by its own forward)
         for t in [*module.parameters(), *module.buffers()]:
             if t.dtype == torch.float32:
                 t.data = t.data.to(dtype)
+        for node in graph.nodes:  # tensor constants the graph reads (neither parameters nor buffers)
+            if node.op == "get_attr":
+                owner, _, name = node.target.rpartition(".")
+                sub = module.get_submodule(owner) if owner else module
+                t = getattr(sub, name, None)
+                if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.dtype == torch.float32:
+                    setattr(sub, name, t.to(dtype))
     return module, args, kwargs
+
+
+def _float32_by_default(node: torch.fx.Node) -> bool:
+    """Whether ``node`` makes a float32 tensor only because torch's default dtype is float32: an op
+    with a ``dtype`` argument left unset (``torch.zeros(shape)`` in a float32 model, DAB-DETR's)."""
+    schema = getattr(node.target, "_schema", None)
+    val = node.meta.get("val")
+    if schema is None or not isinstance(val, torch.Tensor) or val.dtype != torch.float32:
+        return False
+    for i, arg in enumerate(schema.arguments):
+        if arg.name == "dtype":
+            given = node.args[i] if i < len(node.args) and not arg.kwarg_only else node.kwargs.get("dtype")
+            return given is None
+    return False
 
 
 def _runnable_experts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -154,10 +177,15 @@ def verify(model: nn.Module, spec: PermSpec | None = None, example_inputs: Examp
     if any(p.is_meta for p in model.parameters()):
         raise InputError("verify needs real weights; this model is on the meta device")
     args, kwargs = resolve_inputs(model, example_inputs)
-    ref_model = _runnable_experts(copy.deepcopy(model).eval().to(dtype), dtype)
-    args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
-    if promote_float32:
-        ref_model, args, kwargs = _promoted(ref_model, args, kwargs, dtype)
+    if promote_float32 and model_dtype(model) == torch.float32:  # traced as it runs (a float32-only model's
+        ref_model = _runnable_experts(copy.deepcopy(model).eval(), dtype)  # forward may not trace in float64:
+        ref_model, args, kwargs = _promoted(ref_model, args, kwargs, dtype)  # OneFormer's), then promoted
+        args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+    else:
+        ref_model = _runnable_experts(copy.deepcopy(model).eval().to(dtype), dtype)
+        args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+        if promote_float32:
+            ref_model, args, kwargs = _promoted(ref_model, args, kwargs, dtype)
     perm = permutation if permutation is not None else spec.random_permutation(seed)
     keep = set(spec.info["fixed_outputs"]) if "fixed_outputs" in spec.info else None
     before = _outputs(ref_model, args, kwargs, keep)

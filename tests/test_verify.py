@@ -137,3 +137,40 @@ def test_a_sampling_forward_is_checked_with_one_draw_for_both_calls():
     assert ("up.weight", 0) not in {(f.param, f.axis) for f in units.fixed}
     assert pg.verify(clean, units, x, seed=3).ok
     assert not pg.verify(model, units, x, seed=3).ok
+
+
+class DefaultDtypeQueries(nn.Module):
+    """DAB-DETR's pattern: ``torch.zeros(shape)`` (torch's default dtype, float32) fed to a layer, and a
+    tensor constant made in forward: the model runs in float32 only."""
+
+    def __init__(self, mix=None) -> None:
+        super().__init__()
+        self.inp, self.up, self.down = nn.Linear(7, 16), nn.Linear(16, 24), nn.Linear(24, 16)
+        self.query, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+        self.mix = mix
+
+    def forward(self, x):
+        h = self.inp(x)
+        hidden = torch.relu(self.up(h))
+        h = h + self.down(self.mix(hidden) if self.mix is not None else hidden)
+        q = self.query(torch.zeros(h.shape)) * torch.tensor([0.5, 2.0, 1.5, 1.0, 0.25, 3.0, 1.0, 0.75] * 2)
+        return self.head(h + q)
+
+
+def test_a_float32_only_model_is_traced_as_it_runs_then_promoted():
+    """Its float64 copy does not run, so the promoted check traces it in float32 and makes every float32
+    in the graph float64: casts, dtype-less factories and tensor constants (float64 precision shows);
+    a wrong spec still fails."""
+    torch.manual_seed(0)
+    model, x = DefaultDtypeQueries(), (torch.randn(5, 7),)
+    with pytest.raises(RuntimeError, match="dtype"):
+        DefaultDtypeQueries().double()(x[0].double())
+    spec = pg.compile(model, x)
+    assert 24 in spec.sizes.values()
+    report = pg.verify(model, spec, x, seed=1, promote_float32=True)
+    assert report.ok and report.max_rel_error < 1e-13, report
+    assert next(model.parameters()).dtype == torch.float32  # the model passed in is not modified
+    torch.manual_seed(0)
+    mixed = DefaultDtypeQueries(mix=lambda h: h.cumsum(-1))
+    rep = pg.verify(mixed, spec, x, seed=1, promote_float32=True)
+    assert not rep.ok and rep.max_rel_error > 1e-3
