@@ -261,7 +261,7 @@ def _drop_dead_code(ep) -> None:
             live.add(node)
             continue
         try:
-            if node.is_impure():
+            if node.is_impure() or _functorch_level(node):
                 live.add(node)
         except Exception:  # noqa: BLE001 - purity unknown: keep it
             live.add(node)
@@ -275,6 +275,15 @@ def _drop_dead_code(ep) -> None:
         ep.graph.erase_node(node)
     if dead:
         ep.graph_module.recompile()
+
+
+def _functorch_level(node) -> bool:
+    """functorch's ``_vmap_increment_nesting`` / ``_vmap_decrement_nesting`` (``torch.vmap`` inside a
+    forward: transformers' mask functions): their results go unused, but the graph's batched calls need the
+    levels they open, so they stay (dropped, the exported graph no longer runs)."""
+    name = getattr(node.target, "__name__", "")
+    return node.op == "call_function" and name.endswith("_nesting") and "functorch" in str(
+        getattr(node.target, "__module__", ""))
 
 
 _VALUE_KEEPING = ("lift_fresh_copy", "clone", "_to_copy", "to", "alias", "detach")

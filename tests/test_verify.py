@@ -174,3 +174,28 @@ def test_a_float32_only_model_is_traced_as_it_runs_then_promoted():
     mixed = DefaultDtypeQueries(mix=lambda h: h.cumsum(-1))
     rep = pg.verify(mixed, spec, x, seed=1, promote_float32=True)
     assert not rep.ok and rep.max_rel_error > 1e-3
+
+
+class VmappedMask(nn.Module):
+    """A band mask built with nested ``torch.vmap`` (transformers' or/and mask functions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        i = torch.arange(x.shape[1])
+        band = torch.vmap(torch.vmap(lambda q, k: (q >= k) & (q - k < 3), in_dims=(None, 0)), in_dims=(0, None))
+        att = torch.where(band(i, i), 1.0, 0.0).to(x.dtype)
+        return self.down(att @ torch.relu(self.up(x)))
+
+
+def test_a_forward_with_vmap_is_checked_exactly():
+    """The traced graph keeps functorch's nesting calls (their results go unused, but the batched calls
+    need the levels they open), so its promoted copy runs."""
+    torch.manual_seed(0)
+    model, x = VmappedMask().double(), (torch.randn(2, 5, 4, dtype=torch.float64),)
+    spec = pg.compile(model, x)
+    assert 12 in spec.sizes.values()
+    report = pg.verify(model, spec, x, seed=1, promote_float32=True)
+    assert report.ok and report.max_rel_error < 1e-13, report
