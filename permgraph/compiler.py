@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -56,7 +57,7 @@ def default_outputs(names: Sequence[str]) -> list[str] | None:
     ``image_pooler_output``) may come out permuted. None (all fixed) when every output is a hidden
     state or none is."""
     hidden = [n for n in names if "hidden_state" in n or n.startswith("past_key_values")
-              or n.endswith("pooler_output")]
+              or re.search(r"pooler_output(\.\d+)*$", n)]  # one per image: ``pooler_output.0``
     task = [n for n in names if n not in hidden]
     return task if hidden and any("logits" in n for n in task) else None
 

@@ -105,6 +105,10 @@ def test_default_outputs_keep_task_outputs_and_free_hidden_and_pooled_states():
     assert default_outputs(["logits", "image_pooler_output"]) == ["logits"]
     assert default_outputs(["logits", "past_key_values.0", "hidden_states.1", "text_model_output.pooler_output",
                             "text_embeds"]) == ["logits", "text_embeds"]
+    # one pooled state per image (Inkling 2: image_outputs.pooler_output.0, .1), not the pooler's task outputs
+    assert default_outputs(["logits", "image_outputs.last_hidden_state", "image_outputs.pooler_output.0",
+                            "image_outputs.pooler_output.1"]) == ["logits"]
+    assert default_outputs(["logits", "pooler_output_scores"]) is None
     assert default_outputs(["last_hidden_state", "pooler_output"]) is None  # no task head: all fixed
     assert default_outputs(["logits"]) is None
 
