@@ -787,6 +787,13 @@ LOWERED = {  # CUDA-only kernels: traced on CPU (meta kernels), verified with th
 
 # -- writes, padding, batch statistics, pooling -------------------------------------------------
 
+def _row_mask() -> torch.Tensor:
+    """Three places of each sequence, as a boolean (batch, sequence) mask."""
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, 1:4] = True
+    return mask
+
+
 WRITE_CASES = [
     net("copy_-into-zeros", aten.copy,
         lambda m, h, g: (lambda buf: (aten.copy_.default(buf.select(1, 0), h[:, 0]), buf)[1])(torch.zeros_like(h)) * g,
@@ -794,6 +801,9 @@ WRITE_CASES = [
     net("index_put-into-zeros", aten.index_put,
         lambda m, h, g: aten.index_put.default(torch.zeros_like(h).transpose(0, 1), [torch.tensor([0, 2])],
                                               h.transpose(0, 1)[:2]).transpose(0, 1) * g, gate=True),
+    net("index_put-rows-at-a-boolean-mask", aten.index_put,  # Kosmos-2.5: image rows at the mask's places
+        lambda m, h, g: aten.index_put.default(h, [_row_mask()], m.p["q"].expand(B, 3, H).reshape(B * 3, H)),
+        params={"q": (3, H)}, moved=("p.q",)),
     net("pad-hidden", aten.pad, lambda m, h, g: aten.pad.default(h, [1, 2], "constant", 0.5), width=H + 3,
         sizes=(H, 2)),
     net("pad-sequence-reflect", aten.pad, lambda m, h, g: aten.pad.default(h.transpose(1, 2), [1, 1], "reflect")

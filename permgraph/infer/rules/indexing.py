@@ -152,14 +152,29 @@ def bincount(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 @register(aten.index_put)
 def index_put(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """``self[indices] = values``: indexed axes as in ``index``; ``values`` broadcast into the axes
-    the indexing keeps (leading adjacent indices), or everything is fixed."""
+    the indexing keeps (leading adjacent indices), or everything is fixed. A boolean mask among the
+    indices covers as many axes as it has dims (``x[mask] = v``: ``v``'s rows are written at the mask's
+    true places in order): those axes are fixed."""
     t, v = a.t("self"), a.t("values")
     idxs = a["indices"]
-    pos = [i for i, x in enumerate(idxs) if x is not None]
-    for i in pos:
-        cx.index_with(idxs[i], t[i], "written at tensor indices (index_put)")
-    for i in pos:
-        cx.fix_all(cx.t(idxs[i]), "index_put indices")
+    if any(_is_mask(x) for x in idxs):
+        if not all(_is_mask(x) and cx.t(x) is not None for x in idxs):
+            cx.fix_all(t, "index_put with mixed indices")
+            cx.fix_all(v, "index_put with mixed indices")
+            return list(t)
+        k = sum(len(cx.t(x)) for x in idxs)
+        for x in t[:k]:
+            cx.fix(x, "written at the places of a boolean mask (index_put)")
+        for x in idxs:
+            cx.fix_all(cx.t(x), "index_put mask")
+        pos = list(range(k))
+        idxs = [None] * k
+    else:
+        pos = [i for i, x in enumerate(idxs) if x is not None]
+        for i in pos:
+            cx.index_with(idxs[i], t[i], "written at tensor indices (index_put)")
+        for i in pos:
+            cx.fix_all(cx.t(idxs[i]), "index_put indices")
     k = len(idxs)
     if pos != list(range(k)) or v is None:
         cx.fix_all(t, "index_put with non-leading indices")
@@ -175,6 +190,11 @@ def index_put(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     for x in v[: len(v) - len(rest)]:  # axes of values along the indexed positions: fixed
         cx.fix(x, "index_put positions")
     return list(t)
+
+
+def _is_mask(x) -> bool:
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dtype in (torch.bool, torch.uint8)
 
 
 @register(aten.masked_scatter)
