@@ -54,10 +54,12 @@ def compile_graph(model: nn.Module, example_inputs: ExampleInputs = None, *,
 def default_outputs(names: Sequence[str]) -> list[str] | None:
     """For a model with a task head (``logits``...), the task outputs; hidden states (and pooled
     states: a sub-model's ``vision_model_output.pooler_output``, a VLM's projected
-    ``image_pooler_output``) may come out permuted. None (all fixed) when every output is a hidden
+    ``image_pooler_output``; whatever else a tower returns, ``image_outputs.deepstack_features``)
+    may come out permuted. None (all fixed) when every output is a hidden
     state or none is."""
     hidden = [n for n in names if "hidden_state" in n or n.startswith("past_key_values")
-              or re.search(r"pooler_output(\.\d+)*$", n)]  # one per image: ``pooler_output.0``
+              or re.search(r"pooler_output(\.\d+)*$", n)  # one per image: ``pooler_output.0``
+              or n.split(".")[0].endswith(("_outputs", "_output")) and "logits" not in n]  # a tower's
     task = [n for n in names if n not in hidden]
     return task if hidden and any("logits" in n for n in task) else None
 

@@ -109,6 +109,9 @@ def test_default_outputs_keep_task_outputs_and_free_hidden_and_pooled_states():
     assert default_outputs(["logits", "image_outputs.last_hidden_state", "image_outputs.pooler_output.0",
                             "image_outputs.pooler_output.1"]) == ["logits"]
     assert default_outputs(["logits", "pooler_output_scores"]) is None
+    # whatever a tower returns (Cohere Compass: deepstack features per image) is not a task output
+    assert default_outputs(["logits", "image_outputs.last_hidden_state", "image_outputs.deepstack_features.0.0",
+                            "language_model_outputs.logits"]) == ["logits", "language_model_outputs.logits"]
     assert default_outputs(["last_hidden_state", "pooler_output"]) is None  # no task head: all fixed
     assert default_outputs(["logits"]) is None
 
