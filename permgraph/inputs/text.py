@@ -56,23 +56,41 @@ def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int
     vocabulary of that encoder's sub-config (``<name>..._config``) and an all-ones
     ``<name>_attention_mask`` where the forward takes one, so the encoder is in the traced forward.
     Kept only if the forward runs with them and its outputs change."""
-    cfg = model.config
     params = inspect.signature(model.forward).parameters
     for name in params:
-        prefix = name[: -len("_input_ids")] if name.endswith("_input_ids") else ""
-        if not prefix or prefix == "decoder" or name in out:
-            continue
-        vocabs = [getattr(v, "vocab_size", None) for k, v in vars(cfg).items()
-                  if k.startswith(prefix) and k.endswith("config")]
-        vocab = next((v for v in vocabs if isinstance(v, int)), None)
-        if not vocab:
-            continue
-        dev = model_device(model)
-        gen = torch.Generator().manual_seed(seed + 2)
-        extra = {name: torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)}
-        if f"{prefix}_attention_mask" in params:
-            extra[f"{prefix}_attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=dev)
-        _add_if_read(model, out, extra)
+        if name not in out and (extra := _second_token_stream(model, name, params, batch, seq, seed)):
+            _add_if_read(model, out, extra)
+
+
+def _required_token_streams(model: nn.Module, out: dict[str, Any], params: Any, batch: int, seq: int,
+                            seed: int) -> None:
+    """The second token streams (``_with_second_token_streams``) that the forward requires, set before the
+    probes that run it (InstructBLIP's Q-Former prompt ``qformer_input_ids``, which its image and video
+    features read too), where there is text: the same ids the later rule would give, without its probe."""
+    for name in _required(params) if "input_ids" in out else ():
+        if name not in out and (extra := _second_token_stream(model, name, params, batch, seq, seed)):
+            out.update(extra)
+
+
+def _second_token_stream(model: nn.Module, name: str, params: Any, batch: int, seq: int,
+                         seed: int) -> dict[str, Any] | None:
+    """Random ids for the forward's input ``name`` if it is a second token stream ``<name>_input_ids``
+    (``_with_second_token_streams``), with its all-ones attention mask where the forward takes one; else None."""
+    cfg = model.config
+    prefix = name[: -len("_input_ids")] if name.endswith("_input_ids") else ""
+    if not prefix or prefix == "decoder":
+        return None
+    vocabs = [getattr(v, "vocab_size", None) for k, v in vars(cfg).items()
+              if k.startswith(prefix) and k.endswith("config")]
+    vocab = next((v for v in vocabs if isinstance(v, int)), None)
+    if not vocab:
+        return None
+    dev = model_device(model)
+    gen = torch.Generator().manual_seed(seed + 2)
+    extra = {name: torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)}
+    if f"{prefix}_attention_mask" in params:
+        extra[f"{prefix}_attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=dev)
+    return extra
 
 
 def _with_entity_stream(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int,
