@@ -449,7 +449,7 @@ def _detr_on_small_images(cfg) -> None:
 
 
 def _mimi_codec(cfg) -> None:
-    """A Mimi codec inside a speech model (CSM): depthwise upsampling, one group per (shrunk) channel, and
+    """A Mimi codec inside a speech model (CSM, Kyutai speech-to-text): depthwise upsampling, one group per (shrunk) channel, and
     8 filters at its first stage (64 doubled per stage: 23M parameters); CSM's depth decoder reads the
     shrunk backbone's width, not its default 2048."""
     codec = cfg.codec_config
@@ -580,15 +580,19 @@ def _semantic_codec(cfg) -> None:
 
 
 # config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
-# the checkpoints' one at scale 1)
-_BASE_KWARGS: dict[str, dict] = {"lw_detr": {"projector_scale_factors": [1.0]}}
+# the checkpoints' one at scale 1); Gemma 4 Assistant's default config fails its own validation (a transformers
+# bug: its default text config has per-layer inputs, which the assistant refuses): none, as its checkpoints have
+_BASE_KWARGS: dict[str, dict] = {
+    "lw_detr": {"projector_scale_factors": [1.0]},
+    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}}}
 # per-type fixes of the shrunk ("small") config, where a cause is one type's own
 _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_images, "csm": _mimi_codec,
                "dots3_note": _dots3_note, "dac": _dac, "janus": _janus, "florence2": _florence2,
                "glm5_next_vision": _glm5_next_vision,
                "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer, "sam2": _sam2,
                "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3, "pi0": _pi0,
-               "muse_spark_audio": _muse_spark_audio, "xcodec2": _semantic_codec, "neucodec": _semantic_codec}
+               "muse_spark_audio": _muse_spark_audio, "xcodec2": _semantic_codec, "neucodec": _semantic_codec,
+               "kyutai_speech_to_text": _mimi_codec}
 
 
 def configs(model_type: str):

@@ -35,6 +35,7 @@ from permgraph.inputs.text import (
     _required_token_streams,
     _task_prompt,
     _with_boxes,
+    _with_codebook_columns,
     _with_encoder_states,
     _with_entity_stream,
     _with_global_attention,
@@ -82,6 +83,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
                                   or "pixel_values" not in params):
         vocab = _text_vocab(cfg) or getattr(cfg, "vocab_size", None) or 100
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
+        _with_codebook_columns(model, out, gen)  # a column per audio codebook beside the text (Kyutai's)
     # caches off before the probes below run the forward (a hybrid cache fails a forward without attention)
     out.update({flag: False for flag in _OFF_WHILE_TRACING if flag in params})
     _required_token_streams(model, out, params, batch, seq, seed)  # before the probes that run the forward

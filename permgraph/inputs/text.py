@@ -23,6 +23,32 @@ def _with_required_embeds(model: nn.Module, out: dict[str, Any], params: Any, ba
     return embeds
 
 
+def _with_codebook_columns(model: nn.Module, out: dict[str, Any], gen: torch.Generator) -> None:
+    """Token ids with a column per audio codebook beside the text's ``(batch, seq, 1 + num_codebooks)`` (Kyutai
+    speech-to-text embeds each step's text token and its codes, each codebook's ``codebook_vocab_size`` codes
+    offset in one table), where the config has ``num_codebooks`` and ``codebook_vocab_size`` and the forward
+    refuses the plain ids and runs on these."""
+    cfg, ids = model.config, out.get("input_ids")
+    books, codes = getattr(cfg, "num_codebooks", None), getattr(cfg, "codebook_vocab_size", None)
+    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and isinstance(books, int) and isinstance(codes, int)
+            and books > 0 and codes > 0):
+        return
+    try:
+        with torch.no_grad():
+            model(**out)
+        return
+    except Exception:  # noqa: BLE001 - the plain ids refused: try the columns
+        pass
+    columns = torch.randint(0, codes, (*ids.shape, books), generator=gen).to(ids.device)
+    trial = {**out, "input_ids": torch.cat([ids[..., None], columns], -1)}
+    try:
+        with torch.no_grad():
+            model(**trial)
+    except Exception:  # noqa: BLE001 - not these either: the plain ids stay
+        return
+    out.update(trial)
+
+
 def _decoder_ids(cfg: Any, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
     """An encoder-decoder's ``decoder_input_ids`` ``(batch, seq // 2)`` in its decoder's vocabulary (a vision
     encoder-decoder's: its decoder config's); a decoder of audio codes (MusicGen) a row per codebook and sample."""
