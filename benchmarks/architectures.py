@@ -449,9 +449,9 @@ def _detr_on_small_images(cfg) -> None:
 
 
 def _mimi_codec(cfg) -> None:
-    """A Mimi codec inside a speech model (CSM, Kyutai speech-to-text): depthwise upsampling, one group per (shrunk) channel, and
-    8 filters at its first stage (64 doubled per stage: 23M parameters); CSM's depth decoder reads the
-    shrunk backbone's width, not its default 2048."""
+    """A Mimi codec inside a speech model (CSM, Kyutai speech-to-text): depthwise upsampling, one group per
+    (shrunk) channel, and 8 filters at its first stage (64 doubled per stage: 23M parameters); CSM's depth
+    decoder reads the shrunk backbone's width, not its default 2048."""
     codec = cfg.codec_config
     _set(codec, "upsample_groups", codec.hidden_size)
     _set(codec, "num_filters", 8)
