@@ -449,9 +449,9 @@ def _detr_on_small_images(cfg) -> None:
 
 
 def _mimi_codec(cfg) -> None:
-    """A Mimi codec inside a speech model (CSM): depthwise upsampling, one group per (shrunk) channel, and
-    8 filters at its first stage (64 doubled per stage: 23M parameters); CSM's depth decoder reads the
-    shrunk backbone's width, not its default 2048."""
+    """A Mimi codec inside a speech model (CSM, Kyutai speech-to-text): depthwise upsampling, one group per
+    (shrunk) channel, and 8 filters at its first stage (64 doubled per stage: 23M parameters); CSM's depth
+    decoder reads the shrunk backbone's width, not its default 2048."""
     codec = cfg.codec_config
     _set(codec, "upsample_groups", codec.hidden_size)
     _set(codec, "num_filters", 8)
@@ -551,15 +551,48 @@ def _dots3_note(cfg) -> None:
     _set(audio, "num_key_value_heads", audio.num_attention_heads)
 
 
+def _pi0(cfg) -> None:
+    """PI0's PaliGemma (its ``vlm_config``) made consistent as a PaliGemma of its own is (``_consistent``): its
+    projector into the text (``projection_dim``, the class's 2048) the shrunk text width, its image placeholder
+    inside the shrunk text vocabulary."""
+    _consistent(cfg.vlm_config, "paligemma")
+
+
+def _muse_spark_audio(cfg) -> None:
+    """Muse Spark's audio tower is a pyramid of stages, one per layer (``num_hidden_layers`` is the number of
+    stages, which its config validates: shrunk to 2, half the stages run and its norm reads the last stage's
+    width): every stage kept with one block each, widths 8 to 64 (the class's 256 to 2048: 95M parameters), its
+    output projection as wide as the last stage."""
+    n = len(cfg.hidden_sizes)
+    _set(cfg, "num_hidden_layers", n)
+    _set(cfg, "depths", [1] * n)
+    _set(cfg, "hidden_sizes", [min(8 << i, 64) for i in range(n)])
+    _set(cfg, "out_hidden_size", 64)
+
+
+def _semantic_codec(cfg) -> None:
+    """X-Codec 2 and NeuCodec quantise the acoustic and semantic encoders' states joined (``fc_encoder``'s
+    output, ``hidden_size`` + the semantic encoder's width: the class's ``quantization_dim`` 2048 is 1024 +
+    1024): the sum of the shrunk widths; the acoustic encoder's first width 8 (the class's 48, doubled per
+    downsampling stride: 1536 channels at the fifth, 34M parameters)."""
+    _set(cfg, "quantization_dim", cfg.hidden_size + cfg.semantic_model_config.hidden_size)
+    _set(cfg, "encoder_hidden_size", 8)
+
+
 # config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
-# the checkpoints' one at scale 1)
-_BASE_KWARGS: dict[str, dict] = {"lw_detr": {"projector_scale_factors": [1.0]}}
+# the checkpoints' one at scale 1); Gemma 4 Assistant's default config fails its own validation (a transformers
+# bug: its default text config has per-layer inputs, which the assistant refuses): none, as its checkpoints have
+_BASE_KWARGS: dict[str, dict] = {
+    "lw_detr": {"projector_scale_factors": [1.0]},
+    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}}}
 # per-type fixes of the shrunk ("small") config, where a cause is one type's own
 _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_images, "csm": _mimi_codec,
                "dots3_note": _dots3_note, "dac": _dac, "janus": _janus, "florence2": _florence2,
                "glm5_next_vision": _glm5_next_vision,
                "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer, "sam2": _sam2,
-               "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3}
+               "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3, "pi0": _pi0,
+               "muse_spark_audio": _muse_spark_audio, "xcodec2": _semantic_codec, "neucodec": _semantic_codec,
+               "kyutai_speech_to_text": _mimi_codec}
 
 
 def configs(model_type: str):
@@ -640,10 +673,11 @@ def _fill_unset(cfg) -> bool:
             indexed = getattr(c, "indexer_budget", None) is not None  # whose cache the forward reads; an indexed
             _set(c, "layer_types", [*kinds[:-1], "indexed_attention" if indexed else "full_attention"])  # one
             changed = True  # where the indexer was completed above: Qwen4-Exp's cache has its own layer kind
-        vocab = getattr(getattr(c, "text_config", None), "vocab_size", None)  # a VLM's image placeholder the class
-        if isinstance(vocab, int) and getattr(c, "vision_config", None) is not None:  # leaves None (BLIP-2's)
+        vocab = getattr(getattr(c, "text_config", None), "vocab_size", None)  # a VLM's image or video placeholder
+        if isinstance(vocab, int) and getattr(c, "vision_config", None) is not None:  # the class leaves None (BLIP-2's
+            # image, InstructBLIP Video's video)
             free = _free_ids(c, c.text_config, vocab)
-            for k in ("image_token_id", "image_token_index"):
+            for k in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
                 if k in vars(c) and getattr(c, k) is None:
                     _set(c, k, next(free))
                     changed = True

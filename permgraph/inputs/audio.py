@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from permgraph.inputs.model import _add_if_read, _nested_configs, _token_id, model_device, model_dtype
+from permgraph.inputs.model import _add_if_read, _nested_configs, _required, _token_id, model_device, model_dtype
 from permgraph.inputs.placeholders import _feature_count, _with_modality_tokens
 
 
@@ -36,9 +36,13 @@ def _raw_audio(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> 
     into frames of ``frame_ms``; with its channels ``(batch, channels, 1024)`` (codecs: EnCodec, Mimi, X-Codec;
     ``audio_channels`` or mono); both four hops of the config long (``_hops``: PE Audio's DAC, Muse Spark's 1920
     samples per token); a spectrogram
-    ``(batch, max_length, num_mel_bins)`` (Audio Spectrogram Transformer)."""
+    ``(batch, max_length, num_mel_bins)`` (Audio Spectrogram Transformer). A forward that requires spectrogram
+    frames beside the raw audio gets both (``_audio_with_frames``)."""
     cfg = model.config
     dev, dtype = model_device(model), model_dtype(model)
+    if "input_features" in _required(inspect.signature(model.forward).parameters):
+        yield from _audio_with_frames(model, batch, gen)
+        return
     acfg = next((c for c in (cfg, getattr(cfg, "encoder_config", None)) if getattr(c, "frame_ms", None)), None)
     if acfg is not None and getattr(acfg, "sample_rate", None):  # audio cut into frames of frame_ms each
         frame = round(acfg.sample_rate * acfg.frame_ms / 1000)  # (Moonshine Streaming): 16 whole frames
@@ -52,6 +56,25 @@ def _raw_audio(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> 
     frames, mels = getattr(cfg, "max_length", None), getattr(cfg, "num_mel_bins", None)
     if isinstance(frames, int) and isinstance(mels, int):
         yield {"input_values": torch.randn(batch, frames, mels, generator=gen).to(dev, dtype)}
+
+
+def _audio_with_frames(model: nn.Module, batch: int, gen: torch.Generator, frames: int = 4) -> Iterator[dict[str, Any]]:
+    """Raw audio with the spectrogram frames of the same clip, for a forward that reads both (a codec's
+    acoustic encoder on the audio and semantic encoder on the frames, their outputs joined frame by frame:
+    X-Codec 2, NeuCodec): ``frames`` hops of audio ``(batch, 1, frames * hop)`` (then without the channel) and a
+    frame per hop ``(batch, frames, dim)`` (then channels first, ``(batch, dim, frames)``), for each hop of
+    ``_hops`` and each frame width the config or a sub-config declares (``feature_projection_input_dim``,
+    ``num_mel_bins``, ``feature_size``; 80 where none does)."""
+    dev, dtype = model_device(model), model_dtype(model)
+    dims = [v for c in _nested_configs(model.config)
+            for v in (getattr(c, k, None) for k in ("feature_projection_input_dim", "num_mel_bins", "feature_size"))
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    for hop in _hops(model.config):
+        for audio in ((batch, 1, frames * hop), (batch, frames * hop)):
+            for dim in dict.fromkeys(dims or [80]):
+                for shape in ((batch, frames, dim), (batch, dim, frames)):
+                    yield {"input_values": torch.randn(*audio, generator=gen).to(dev, dtype),
+                           "input_features": torch.randn(*shape, generator=gen).to(dev, dtype)}
 
 
 def _hops(cfg: Any) -> list[int]:

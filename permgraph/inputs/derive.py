@@ -28,12 +28,14 @@ from permgraph.inputs.model import (
     model_device,
 )
 from permgraph.inputs.precomputed import _with_precomputed
-from permgraph.inputs.series import _latents, _past_values, _trajectory
+from permgraph.inputs.series import _action_chunk, _latents, _past_values, _trajectory
 from permgraph.inputs.text import (
     _decoder_ids,
     _embeddings,
+    _required_token_streams,
     _task_prompt,
     _with_boxes,
+    _with_codebook_columns,
     _with_encoder_states,
     _with_entity_stream,
     _with_global_attention,
@@ -41,7 +43,13 @@ from permgraph.inputs.text import (
     _with_second_token_streams,
     _with_sized_features,
 )
-from permgraph.inputs.vision import _image_position_mask, _with_image_tokens, _with_rope_positions, _with_video_tokens
+from permgraph.inputs.vision import (
+    _image_position_mask,
+    _with_image_tokens,
+    _with_rope_positions,
+    _with_videos,
+    _with_wrapped_vlm_images,
+)
 
 # the modalities derived inputs may add to the text, in the order they are added
 MODALITIES = ("image", "video", "audio")
@@ -75,8 +83,10 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
                                   or "pixel_values" not in params):
         vocab = _text_vocab(cfg) or getattr(cfg, "vocab_size", None) or 100
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
+        _with_codebook_columns(model, out, gen)  # a column per audio codebook beside the text (Kyutai's)
     # caches off before the probes below run the forward (a hybrid cache fails a forward without attention)
     out.update({flag: False for flag in _OFF_WHILE_TRACING if flag in params})
+    _required_token_streams(model, out, params, batch, seq, seed)  # before the probes that run the forward
     mods = set(MODALITIES if modalities is True else modalities or ())
     no_image = "image" not in mods and "input_ids" in out
     layout = None
@@ -91,8 +101,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
     images = (("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed
               and not no_image and _with_image_tokens(model, out, batch, gen))
-    if "pixel_values_videos" in params and "input_ids" in out and "video" in mods:  # a tower of its own for videos
-        images = _with_video_tokens(model, out, batch, gen) or images
+    if "input_ids" in out and "video" in mods:  # videos: a tower of their own, or the main images
+        images = _with_videos(model, out, params, placed, batch, gen) or images
     audio = "audio" in mods and _with_audio(model, out, params, batch, gen, seed)
     if images:  # computed from every placeholder in the text (images, videos, audio)
         _with_rope_positions(model, out)
@@ -103,6 +113,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         if name in _OTHER_MAIN_INPUTS and name in params and name not in out:  # input, or one the forward
             cands = _OTHER_MAIN_INPUTS[name](model, batch, seq, gen)  # requires beside text (PE Audio's)
             out.update(_first_that_runs(model, ({**out, **c} for c in cands)))
+    _with_wrapped_vlm_images(model, out, mods, batch, gen)  # images of a VLM inside (PI0's), once the main
+    # input is there
     if "input_features" in params and main == "input_features":  # spectrogram frames
         layout = _spectrogram(model, out, batch, gen)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
@@ -141,4 +153,4 @@ def _encoder_main_input(model: nn.Module, batch: int, seq: int, gen: torch.Gener
 _OTHER_MAIN_INPUTS = {"input_values": _raw_audio, "pixel_values_videos": _video_clips, "inputs_embeds": _embeddings,
                       "past_values": _past_values, "audio_mel": _audio_mel, "inputs": _encoder_main_input,
                       "states": _trajectory, "latents": _latents,
-                      "task_inputs": _task_prompt}
+                      "task_inputs": _task_prompt, "state": _action_chunk}

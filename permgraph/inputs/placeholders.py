@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from permgraph.inputs.model import _token_id
+from permgraph.inputs.model import _required, _token_id
 
 
 def _feature_count(feats: Any) -> int:
@@ -52,12 +52,15 @@ def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kin
         return False
     accepts = inspect.signature(get).parameters
     takes_all = any(p.kind == p.VAR_KEYWORD for p in accepts.values())
+    # what ``get`` requires beside the modality's own inputs, from the inputs derived so far (InstructBLIP's
+    # Q-Former prompt, which its image and video features read)
+    given = {k: out[k] for k in _required(accepts) if k in out}
     tried = 0
     for cand in candidates:
         first_only = bool(cand.pop(_FIRST_SAMPLE_ONLY, False))
         try:
             with torch.no_grad():
-                n = _feature_count(get(**{k: v for k, v in cand.items() if takes_all or k in accepts}))
+                n = _feature_count(get(**{**given, **{k: v for k, v in cand.items() if takes_all or k in accepts}}))
         except Exception:  # noqa: BLE001 - this layout does not fit the model: try the next
             continue
         if n % batch and not first_only:

@@ -1,5 +1,5 @@
 """Sequences of continuous values: a forecaster's history (plain or lagged), an offline-RL trajectory,
-a codec decoder's latents."""
+a robot policy's state and action chunk, a codec decoder's latents."""
 from __future__ import annotations
 
 import inspect
@@ -26,6 +26,25 @@ def _trajectory(model: nn.Module, batch: int, seq: int, gen: torch.Generator) ->
     if "timesteps" in params:
         steps = getattr(cfg, "max_ep_len", None) or seq
         out["timesteps"] = torch.randint(0, steps, (batch, seq), generator=gen).to(dev)
+    yield out
+
+
+def _action_chunk(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """A flow-matching robot policy (PI0): the robot's ``state`` ``(batch, max_state_dim)``, and, each where the
+    forward takes it, the ``noise`` it denoises ``(batch, chunk_size, max_action_dim)`` and the flow's
+    ``timestep`` ``(batch,)`` in (0, 1) (the forward samples both where they are not given: no fixed output to
+    verify). No ``actions``: the training targets, which add only a loss."""
+    cfg = model.config
+    state, action, chunk = (getattr(cfg, k, None) for k in ("max_state_dim", "max_action_dim", "chunk_size"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (state, action, chunk)):
+        return
+    dev, dtype = model_device(model), model_dtype(model)
+    params = inspect.signature(model.forward).parameters
+    out = {"state": torch.randn(batch, state, generator=gen).to(dev, dtype)}
+    if "noise" in params:
+        out["noise"] = torch.randn(batch, chunk, action, generator=gen).to(dev, dtype)
+    if "timestep" in params:
+        out["timestep"] = (0.1 + 0.8 * torch.rand(batch, generator=gen)).to(dev, dtype)
     yield out
 
 

@@ -23,6 +23,32 @@ def _with_required_embeds(model: nn.Module, out: dict[str, Any], params: Any, ba
     return embeds
 
 
+def _with_codebook_columns(model: nn.Module, out: dict[str, Any], gen: torch.Generator) -> None:
+    """Token ids with a column per audio codebook beside the text's ``(batch, seq, 1 + num_codebooks)`` (Kyutai
+    speech-to-text embeds each step's text token and its codes, each codebook's ``codebook_vocab_size`` codes
+    offset in one table), where the config has ``num_codebooks`` and ``codebook_vocab_size`` and the forward
+    refuses the plain ids and runs on these."""
+    cfg, ids = model.config, out.get("input_ids")
+    books, codes = getattr(cfg, "num_codebooks", None), getattr(cfg, "codebook_vocab_size", None)
+    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and isinstance(books, int) and isinstance(codes, int)
+            and books > 0 and codes > 0):
+        return
+    try:
+        with torch.no_grad():
+            model(**out)
+        return
+    except Exception:  # noqa: BLE001 - the plain ids refused: try the columns
+        pass
+    columns = torch.randint(0, codes, (*ids.shape, books), generator=gen).to(ids.device)
+    trial = {**out, "input_ids": torch.cat([ids[..., None], columns], -1)}
+    try:
+        with torch.no_grad():
+            model(**trial)
+    except Exception:  # noqa: BLE001 - not these either: the plain ids stay
+        return
+    out.update(trial)
+
+
 def _decoder_ids(cfg: Any, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
     """An encoder-decoder's ``decoder_input_ids`` ``(batch, seq // 2)`` in its decoder's vocabulary (a vision
     encoder-decoder's: its decoder config's); a decoder of audio codes (MusicGen) a row per codebook and sample."""
@@ -56,23 +82,41 @@ def _with_second_token_streams(model: nn.Module, out: dict[str, Any], batch: int
     vocabulary of that encoder's sub-config (``<name>..._config``) and an all-ones
     ``<name>_attention_mask`` where the forward takes one, so the encoder is in the traced forward.
     Kept only if the forward runs with them and its outputs change."""
-    cfg = model.config
     params = inspect.signature(model.forward).parameters
     for name in params:
-        prefix = name[: -len("_input_ids")] if name.endswith("_input_ids") else ""
-        if not prefix or prefix == "decoder" or name in out:
-            continue
-        vocabs = [getattr(v, "vocab_size", None) for k, v in vars(cfg).items()
-                  if k.startswith(prefix) and k.endswith("config")]
-        vocab = next((v for v in vocabs if isinstance(v, int)), None)
-        if not vocab:
-            continue
-        dev = model_device(model)
-        gen = torch.Generator().manual_seed(seed + 2)
-        extra = {name: torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)}
-        if f"{prefix}_attention_mask" in params:
-            extra[f"{prefix}_attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=dev)
-        _add_if_read(model, out, extra)
+        if name not in out and (extra := _second_token_stream(model, name, params, batch, seq, seed)):
+            _add_if_read(model, out, extra)
+
+
+def _required_token_streams(model: nn.Module, out: dict[str, Any], params: Any, batch: int, seq: int,
+                            seed: int) -> None:
+    """The second token streams (``_with_second_token_streams``) that the forward requires, set before the
+    probes that run it (InstructBLIP's Q-Former prompt ``qformer_input_ids``, which its image and video
+    features read too), where there is text: the same ids the later rule would give, without its probe."""
+    for name in _required(params) if "input_ids" in out else ():
+        if name not in out and (extra := _second_token_stream(model, name, params, batch, seq, seed)):
+            out.update(extra)
+
+
+def _second_token_stream(model: nn.Module, name: str, params: Any, batch: int, seq: int,
+                         seed: int) -> dict[str, Any] | None:
+    """Random ids for the forward's input ``name`` if it is a second token stream ``<name>_input_ids``
+    (``_with_second_token_streams``), with its all-ones attention mask where the forward takes one; else None."""
+    cfg = model.config
+    prefix = name[: -len("_input_ids")] if name.endswith("_input_ids") else ""
+    if not prefix or prefix == "decoder":
+        return None
+    vocabs = [getattr(v, "vocab_size", None) for k, v in vars(cfg).items()
+              if k.startswith(prefix) and k.endswith("config")]
+    vocab = next((v for v in vocabs if isinstance(v, int)), None)
+    if not vocab:
+        return None
+    dev = model_device(model)
+    gen = torch.Generator().manual_seed(seed + 2)
+    extra = {name: torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)}
+    if f"{prefix}_attention_mask" in params:
+        extra[f"{prefix}_attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=dev)
+    return extra
 
 
 def _with_entity_stream(model: nn.Module, out: dict[str, Any], batch: int, seq: int, seed: int,

@@ -3,7 +3,7 @@ multimodal RoPE positions computed from them."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from permgraph.inputs.images import (
     _vision_config,
 )
 from permgraph.inputs.model import _params_run, _token_id, model_device, model_dtype
-from permgraph.inputs.placeholders import _FIRST_SAMPLE_ONLY, _with_modality_tokens
+from permgraph.inputs.placeholders import _FIRST_SAMPLE_ONLY, _feature_count, _with_modality_tokens
 
 
 def _image_position_mask(params: Any) -> str | None:
@@ -100,9 +100,10 @@ def _second_resolution(model: nn.Module, batch: int, gen: torch.Generator) -> di
     return out
 
 
-def _video_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+def _video_inputs(model: nn.Module, batch: int, gen: torch.Generator,
+                  pixels: str = "pixel_values_videos") -> Iterator[dict[str, Any]]:
     """Candidate video inputs: ``frames`` images per sample ``(batch, frames, C, S, S)`` in the vision
-    config's image layout (Video-LLaVA's ``pixel_values_videos``)."""
+    config's image layout (Video-LLaVA's ``pixel_values_videos``), as the forward's input ``pixels``."""
     vcfg = _vision_config(model.config)
     ch = getattr(vcfg, "num_channels", None) or 3
     size = getattr(vcfg, "image_size", None)
@@ -110,29 +111,45 @@ def _video_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     if size is None:
         return
     for frames in (2, 1):
-        yield {"pixel_values_videos": torch.randn(batch, frames, ch, size, size, generator=gen)
+        yield {pixels: torch.randn(batch, frames, ch, size, size, generator=gen)
                .to(model_device(model), model_dtype(model))}
 
 
-def _with_video_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator) -> bool:
+def _with_videos(model: nn.Module, out: dict[str, Any], params: Any, placed: bool, batch: int,
+                 gen: torch.Generator) -> bool:
+    """Videos with their placeholder tokens (``_with_video_tokens``): in ``pixel_values_videos`` where the
+    forward takes them, else as the main images ``pixel_values`` of a model whose placeholders are all
+    video tokens (none for images: not ``placed``; InstructBLIP Video). Whether ``out`` changed."""
+    if "pixel_values_videos" in params:
+        return _with_video_tokens(model, out, batch, gen)
+    if "pixel_values" in out and not placed and _token_id(model.config, "video") is not None:
+        return _with_video_tokens(model, out, batch, gen, pixels="pixel_values")
+    return False
+
+
+def _with_video_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.Generator,
+                       pixels: str = "pixel_values_videos") -> bool:
     """Video inputs with as many video tokens in ``input_ids`` as ``get_video_features`` yields, kept
     only where the forward accepts them and they bring parameters into the forward that the other
     inputs leave out (a video tower of its own: Video-LLaVA); videos read by the image tower add
-    nothing to the spec and are left out. Whether ``out`` changed."""
+    nothing to the spec and are left out. Videos that are the forward's main images (``pixels``
+    ``pixel_values`` of a model with video placeholders only: InstructBLIP Video) replace the plain
+    images wherever the forward accepts them. Whether ``out`` changed."""
     get = next((m.get_video_features for m in model.modules() if callable(getattr(m, "get_video_features", None))),
                None)
     if get is None or _token_id(model.config, "video") is None:
         return False
     trial = dict(out)
     keep = {t for k in ("image", "audio") if (t := _token_id(model.config, k)) is not None}
-    if not _with_modality_tokens(model, trial, batch, "video", get, _video_inputs(model, batch, gen),
+    if not _with_modality_tokens(model, trial, batch, "video", get, _video_inputs(model, batch, gen, pixels),
                                  check_forward=True, keep=keep):
         return False
-    try:
-        if not _params_run(model, trial) - _params_run(model, out):
+    if pixels == "pixel_values_videos":
+        try:
+            if not _params_run(model, trial) - _params_run(model, out):
+                return False
+        except Exception:  # noqa: BLE001 - the forward does not run with the inputs as they were: keep them
             return False
-    except Exception:  # noqa: BLE001 - the forward does not run with the inputs as they were: keep them
-        return False
     out.update(trial)
     return True
 
@@ -162,6 +179,42 @@ def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: t
         return False
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         out["mm_token_type_ids"] = (out["input_ids"] == tok).long()  # Qwen-VL's M-RoPE: 1 = image
+    return True
+
+
+def _with_wrapped_vlm_images(model: nn.Module, out: dict[str, Any], mods: Collection[str], batch: int,
+                             gen: torch.Generator) -> bool:
+    """Images for a model around a vision-language model of its own (its config's ``vlm_config``: PI0's
+    PaliGemma) whose forward takes images per sample with a mask of the real ones (``pixel_attention_mask``):
+    one image per sample ``(batch, 1, C, S, S)`` of the VLM's vision config, the mask all True, and as many of
+    the VLM's image tokens before each sample's text as the VLM's ``get_image_features`` gives an image. Kept
+    where the forward runs with them, if ``mods`` has images; whether ``out`` changed."""
+    params = inspect.signature(model.forward).parameters
+    vlm = getattr(model.config, "vlm_config", None) if "image" in mods else None
+    tok = _token_id(vlm, "image") if vlm is not None else None
+    if tok is None or _token_id(model.config, "image") is not None or "input_ids" not in out \
+            or "pixel_attention_mask" not in params or "pixel_values" not in params:
+        return False
+    get = next((m.get_image_features for m in model.modules()
+                if m is not model and callable(getattr(m, "get_image_features", None))), None)
+    if get is None:
+        return False
+    dev, dtype = model_device(model), model_dtype(model)
+    images = _pixel_values(_vision_config(vlm), batch, gen).to(dev, dtype)
+    try:
+        with torch.no_grad():
+            per = _feature_count(get(images)) // batch
+        text = out["input_ids"]
+        text = torch.where(text == tok, 0, text)
+        trial = {**out, "input_ids": torch.cat([torch.full((batch, per), tok, dtype=text.dtype, device=text.device),
+                                                text], 1),
+                 "pixel_values": images.unsqueeze(1),
+                 "pixel_attention_mask": torch.ones(batch, 1, dtype=torch.bool, device=dev)}
+        with torch.no_grad():
+            model(**trial)
+    except Exception:  # noqa: BLE001 - not this layout: the inputs stay as they were
+        return False
+    out.update(trial)
     return True
 
 
