@@ -553,7 +553,36 @@ def _dots3_note(cfg) -> None:
 
 # config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
 # the checkpoints' one at scale 1)
-_BASE_KWARGS: dict[str, dict] = {"lw_detr": {"projector_scale_factors": [1.0]}}
+# PP-OCR's text detectors leave their neck's intra-class blocks, upsampling factors and head kernels None: those of
+# transformers' tests (the checkpoints' layout); PP-OCRv6's detectors' __post_init__ default their backbone to
+# PP-LCNetV4 (a recognition backbone: one stage out, strides that halve the height only) where the class declares
+# HGNetV2's (medium) or PP-LCNetV3's (small) four stages (a transformers bug): the declared one, PP-OCRv6 small's
+# neck reading its stages' widths (PP-LCNetV3 at scale 0.75: 48 to 384, not the class's 12 to 360)
+_PP_OCR_HGNET = {"model_type": "hgnet_v2", "arch": "L", "return_idx": [0, 1, 2, 3], "freeze_stem_only": True,
+                 "freeze_at": 0, "freeze_norm": True, "lr_mult_list": [0, 0.05, 0.05, 0.05, 0.05],
+                 "out_features": ["stage1", "stage2", "stage3", "stage4"]}
+_PP_OCR_NECK = {
+    "intraclass_block_config": {
+        "reduce_channel": [1, 1, 0], "return_channel": [1, 1, 0],
+        "vertical_long_to_small_conv_longratio": [[7, 1], [1, 1], [3, 0]],
+        "vertical_long_to_small_conv_midratio": [[5, 1], [1, 1], [2, 0]],
+        "vertical_long_to_small_conv_shortratio": [[3, 1], [1, 1], [1, 0]],
+        "horizontal_small_to_long_conv_longratio": [[1, 7], [1, 1], [0, 3]],
+        "horizontal_small_to_long_conv_midratio": [[1, 5], [1, 1], [0, 2]],
+        "horizontal_small_to_long_conv_shortratio": [[1, 3], [1, 1], [0, 1]],
+        "symmetric_conv_long_longratio": [[7, 7], [1, 1], [3, 3]],
+        "symmetric_conv_long_midratio": [[5, 5], [1, 1], [2, 2]],
+        "symmetric_conv_long_shortratio": [[3, 3], [1, 1], [1, 1]]},
+    "scale_factor_list": [1, 2, 4, 8], "kernel_list": [3, 2, 2]}
+_BASE_KWARGS: dict[str, dict] = {
+    "lw_detr": {"projector_scale_factors": [1.0]},
+    "pp_ocrv5_server_det": _PP_OCR_NECK,
+    "pp_ocrv6_medium_det": {**_PP_OCR_NECK, "backbone_config": _PP_OCR_HGNET},
+    "pp_ocrv6_small_det": {"backbone_config": {"model_type": "pp_lcnet_v3", "scale": 0.75, "divisor": 16,
+                                               "out_features": ["stage2", "stage3", "stage4", "stage5"],
+                                               "out_indices": [2, 3, 4, 5]},
+                           "layer_list_out_channels": [48, 96, 192, 384]},
+}
 # per-type fixes of the shrunk ("small") config, where a cause is one type's own
 _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_images, "csm": _mimi_codec,
                "dots3_note": _dots3_note, "dac": _dac, "janus": _janus, "florence2": _florence2,
@@ -569,7 +598,7 @@ def configs(model_type: str):
     from transformers import CONFIG_MAPPING
     from transformers.utils import is_timm_available
 
-    base = CONFIG_MAPPING[model_type](**_BASE_KWARGS.get(model_type, {}))
+    base = CONFIG_MAPPING[model_type](**copy.deepcopy(_BASE_KWARGS.get(model_type, {})))
     timm = getattr(base, "backbone_config", None)
     if getattr(timm, "model_type", None) == "timm_backbone" and not is_timm_available():  # DETR's family: the
         base = CONFIG_MAPPING[model_type](use_timm_backbone=False)  # transformers backbone, at timm's stages
