@@ -551,6 +551,12 @@ def _dots3_note(cfg) -> None:
     _set(audio, "num_key_value_heads", audio.num_attention_heads)
 
 
+def _doclayout_queries(cfg) -> None:
+    """PP-DocLayoutV2's decoder queries (300, the top-k of the encoder's tokens) fewer than the derived
+    32-pixel images' tokens: 16, as ``_fill_unset`` gives a DETR's."""
+    _set(cfg, "num_queries", 16)
+
+
 # config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
 # the checkpoints' one at scale 1)
 # PP-OCR's text detectors leave their neck's intra-class blocks, upsampling factors and head kernels None: those of
@@ -582,13 +588,19 @@ _BASE_KWARGS: dict[str, dict] = {
                                                "out_features": ["stage2", "stage3", "stage4", "stage5"],
                                                "out_indices": [2, 3, 4, 5]},
                            "layer_list_out_channels": [48, 96, 192, 384]},
+    # PP-DocLayoutV2's forward reads a score threshold and a reading-order class per label, which the class leaves
+    # None: 0.5 and the label itself for each of its 2 labels
+    "pp_doclayout_v2": {"class_thresholds": [0.5, 0.5], "class_order": [0, 1]},
+    # UVDoc's head concatenates every bridge stage's map, its backbone's default puts out the last only
+    "uvdoc": {"backbone_config": {"model_type": "uvdoc_backbone", "out_features": [f"stage{i}" for i in range(1, 7)]}},
 }
 # per-type fixes of the shrunk ("small") config, where a cause is one type's own
 _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_images, "csm": _mimi_codec,
                "dots3_note": _dots3_note, "dac": _dac, "janus": _janus, "florence2": _florence2,
                "glm5_next_vision": _glm5_next_vision,
                "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer, "sam2": _sam2,
-               "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3}
+               "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3,
+               "pp_doclayout_v2": _doclayout_queries}
 
 
 def configs(model_type: str):

@@ -357,6 +357,17 @@ def test_image_matcher_gets_a_pair_of_images_per_sample():
     assert inputs["pixel_values"].shape == (2, 2, 3, 32, 32)
 
 
+def test_images_larger_than_the_default_where_the_model_downsamples_past_it():
+    """UVDoc's config gives no image size and its backbone leaves 32-pixel images 2 x 2 maps, which its
+    reflect padding of 2 refuses: the first larger images it runs on, 64 pixels a side."""
+    from transformers import UVDocConfig, UVDocModel
+
+    cfg = UVDocConfig(backbone_config={"model_type": "uvdoc_backbone",
+                                       "out_features": [f"stage{i}" for i in range(1, 7)]})
+    inputs = _runs(UVDocModel(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 3, 64, 64)
+
+
 def test_in_context_segmenter_gets_its_prompt_image_and_mask():
     """SegGPT requires a prompt image and its mask beside the image, each half the config's height (the
     forward stacks the two)."""
