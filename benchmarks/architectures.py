@@ -557,6 +557,15 @@ def _doclayout_queries(cfg) -> None:
     _set(cfg, "num_queries", 16)
 
 
+def _dia(cfg) -> None:
+    """Dia's decoder cross-attends to the encoder with sizes of its own (1024 wide, 16 heads of 128): the
+    shrunk encoder's width, its heads and head size."""
+    enc, dec = cfg.encoder_config, cfg.decoder_config
+    for k, v in (("cross_hidden_size", enc.hidden_size), ("cross_num_attention_heads", enc.num_attention_heads),
+                 ("cross_num_key_value_heads", enc.num_key_value_heads), ("cross_head_dim", enc.head_dim)):
+        _set(dec, k, v)
+
+
 # config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
 # the checkpoints' one at scale 1)
 # PP-OCR's text detectors leave their neck's intra-class blocks, upsampling factors and head kernels None: those of
@@ -600,7 +609,7 @@ _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_image
                "glm5_next_vision": _glm5_next_vision,
                "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer, "sam2": _sam2,
                "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3,
-               "pp_doclayout_v2": _doclayout_queries}
+               "pp_doclayout_v2": _doclayout_queries, "dia": _dia}
 
 
 def configs(model_type: str):

@@ -418,6 +418,22 @@ def test_codebook_decoder_gets_a_row_of_decoder_ids_per_codebook():
     assert inputs["decoder_input_ids"].shape == (2 * 3, 4)
 
 
+def test_code_channel_decoder_gets_a_code_per_channel_at_each_step():
+    """Dia's decoder reads ``(batch, length, num_channels)`` audio codes of its decoder config's vocabulary
+    (its 2-D path reshapes them into a transposed view its embedding cannot view)."""
+    from transformers import DiaConfig, DiaForConditionalGeneration
+
+    enc = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+           "head_dim": 16, "intermediate_size": 48}
+    dec = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+           "head_dim": 16, "intermediate_size": 48, "cross_hidden_size": 32, "cross_num_attention_heads": 2,
+           "cross_num_key_value_heads": 2, "cross_head_dim": 16, "num_channels": 3, "vocab_size": 40}
+    cfg = DiaConfig(encoder_config=enc, decoder_config=dec, delay_pattern=[0, 1, 2])
+    inputs = _runs(DiaForConditionalGeneration(cfg).eval())
+    assert inputs["decoder_input_ids"].shape == (2, 4, 3)
+    assert int(inputs["decoder_input_ids"].max()) < 40
+
+
 def test_audio_cut_into_frames_gets_whole_frames():
     """Moonshine Streaming cuts raw audio into frames of ``frame_ms`` at ``sample_rate`` (80 samples here):
     16 whole frames, which 1024 samples are not."""
