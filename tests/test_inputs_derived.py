@@ -434,6 +434,22 @@ def test_code_channel_decoder_gets_a_code_per_channel_at_each_step():
     assert int(inputs["decoder_input_ids"].max()) < 40
 
 
+def test_token_ids_inside_the_vocabulary_of_a_sub_config():
+    """FastSpeech 2 Conformer with HiFi-GAN declares no vocabulary of its own: its phoneme ids lie below its
+    model config's (78), not the 100 of a config with none."""
+    from transformers import FastSpeech2ConformerHifiGanConfig as Vocoder
+    from transformers import FastSpeech2ConformerWithHifiGan, FastSpeech2ConformerWithHifiGanConfig
+
+    small = {"hidden_size": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_num_attention_heads": 2,
+             "decoder_num_attention_heads": 2, "encoder_linear_units": 48, "decoder_linear_units": 48,
+             "num_mel_bins": 16, "speech_decoder_postnet_units": 16, "speech_decoder_postnet_layers": 1}
+    vocoder = Vocoder(model_in_dim=16, upsample_initial_channel=16, upsample_rates=[2], upsample_kernel_sizes=[4],
+                      resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1]])
+    cfg = FastSpeech2ConformerWithHifiGanConfig(model_config=small, vocoder_config=vocoder.to_dict())
+    inputs = default_example_inputs(FastSpeech2ConformerWithHifiGan(cfg).eval())
+    assert int(inputs["input_ids"].max()) < cfg.model_config.vocab_size == 78
+
+
 def test_audio_cut_into_frames_gets_whole_frames():
     """Moonshine Streaming cuts raw audio into frames of ``frame_ms`` at ``sample_rate`` (80 samples here):
     16 whole frames, which 1024 samples are not."""
