@@ -566,6 +566,15 @@ def _dia(cfg) -> None:
         _set(dec, k, v)
 
 
+def _ernie_vl_sections(cfg) -> None:
+    """ERNIE 4.5 VL's rotary embedding interleaves its height and width frequencies pairwise (stacked), so
+    their M-RoPE sections are equal (its class's [22, 22, 20]): the 8 shrunk rotary frequencies as [3, 3, 2],
+    not ``_mrope``'s [4, 2, 2]."""
+    half = sum(cfg.text_config.rope_parameters["mrope_section"])
+    side = (half + 1) // 3
+    cfg.text_config.rope_parameters["mrope_section"] = [side, side, half - 2 * side]
+
+
 # config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
 # the checkpoints' one at scale 1)
 # PP-OCR's text detectors leave their neck's intra-class blocks, upsampling factors and head kernels None: those of
@@ -609,7 +618,8 @@ _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_image
                "glm5_next_vision": _glm5_next_vision,
                "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer, "sam2": _sam2,
                "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3,
-               "pp_doclayout_v2": _doclayout_queries, "dia": _dia}
+               "pp_doclayout_v2": _doclayout_queries, "dia": _dia,
+               "ernie4_5_vl_moe": _ernie_vl_sections}
 
 
 def configs(model_type: str):
