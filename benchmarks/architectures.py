@@ -575,6 +575,14 @@ def _ernie_vl_sections(cfg) -> None:
     cfg.text_config.rope_parameters["mrope_section"] = [side, side, half - 2 * side]
 
 
+def _grounding_dino(cfg) -> None:
+    """Grounding DINO's queries (900, the top-k of the encoder's image tokens) fewer than the derived 32-pixel
+    images' tokens: 16; its logits padded with -inf to ``max_text_len`` (256) only as long as the derived text
+    (8 tokens), so the outputs are finite."""
+    _set(cfg, "num_queries", 16)
+    _set(cfg, "max_text_len", 8)
+
+
 # config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
 # the checkpoints' one at scale 1)
 # PP-OCR's text detectors leave their neck's intra-class blocks, upsampling factors and head kernels None: those of
@@ -619,7 +627,8 @@ _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_image
                "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer, "sam2": _sam2,
                "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3,
                "pp_doclayout_v2": _doclayout_queries, "dia": _dia,
-               "ernie4_5_vl_moe": _ernie_vl_sections}
+               "ernie4_5_vl_moe": _ernie_vl_sections, "grounding-dino": _grounding_dino,
+               "mm-grounding-dino": _grounding_dino}
 
 
 def configs(model_type: str):
