@@ -69,19 +69,22 @@ def _plain_images(model: nn.Module, params: Any, placed: bool, batch: int, gen: 
     return out
 
 
-# the sides of the larger images tried where a config that gives no image size fails on the 32-pixel ones
-_LARGER_SIDES = (64, 96, 128)
+# the sides of the larger images tried where a config that gives no image size fails on the 32-pixel ones: at
+# most three times that side, so the traced graphs stay small
+_LARGER_SIDES = (64, 96)
 
 
 def _larger_images(vcfg: Any, x: torch.Tensor, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """Images of ``_LARGER_SIDES`` pixels a side, like ``x``, where the vision config gives no image size
     (``x`` is the 32-pixel default): a convolutional model that downsamples 32 times then pools or pads
     its last maps needs a few pixels left there (a text-line recognizer's 3 x 2 pooling: PP-OCR's; a
-    reflect padding of 2: UVDoc's). Made as they are tried (the generator moves only then)."""
+    reflect padding of 2: UVDoc's). Drawn from a generator of their own, so the inputs derived after them
+    (NaFlex patches) stay as they were."""
     if getattr(vcfg, "image_size", None) or getattr(vcfg, "crop_size", None):
         return
+    own = torch.Generator().manual_seed(gen.initial_seed() + 1)
     for side in _LARGER_SIDES:
-        yield {"pixel_values": torch.randn(*x.shape[:-2], side, side, generator=gen).to(x.device, x.dtype)}
+        yield {"pixel_values": torch.randn(*x.shape[:-2], side, side, generator=own).to(x.device, x.dtype)}
 
 
 def _with_images_attended(model: nn.Module, out: dict[str, Any]) -> None:
