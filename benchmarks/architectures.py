@@ -579,12 +579,77 @@ def _semantic_codec(cfg) -> None:
     _set(cfg, "encoder_hidden_size", 8)
 
 
+def _doclayout_queries(cfg) -> None:
+    """PP-DocLayoutV2's decoder queries (300, the top-k of the encoder's tokens) fewer than the derived
+    32-pixel images' tokens: 16, as ``_fill_unset`` gives a DETR's."""
+    _set(cfg, "num_queries", 16)
+
+
+def _dia(cfg) -> None:
+    """Dia's decoder cross-attends to the encoder with sizes of its own (1024 wide, 16 heads of 128): the
+    shrunk encoder's width, its heads and head size."""
+    enc, dec = cfg.encoder_config, cfg.decoder_config
+    for k, v in (("cross_hidden_size", enc.hidden_size), ("cross_num_attention_heads", enc.num_attention_heads),
+                 ("cross_num_key_value_heads", enc.num_key_value_heads), ("cross_head_dim", enc.head_dim)):
+        _set(dec, k, v)
+
+
+def _ernie_vl_sections(cfg) -> None:
+    """ERNIE 4.5 VL's rotary embedding interleaves its height and width frequencies pairwise (stacked), so
+    their M-RoPE sections are equal (its class's [22, 22, 20]): the 8 shrunk rotary frequencies as [3, 3, 2],
+    not ``_mrope``'s [4, 2, 2]."""
+    half = sum(cfg.text_config.rope_parameters["mrope_section"])
+    side = (half + 1) // 3
+    cfg.text_config.rope_parameters["mrope_section"] = [side, side, half - 2 * side]
+
+
+def _grounding_dino(cfg) -> None:
+    """Grounding DINO's queries (900, the top-k of the encoder's image tokens) fewer than the derived 32-pixel
+    images' tokens: 16; its logits padded with -inf to ``max_text_len`` (256) only as long as the derived text
+    (8 tokens), so the outputs are finite."""
+    _set(cfg, "num_queries", 16)
+    _set(cfg, "max_text_len", 8)
+
+
 # config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
 # the checkpoints' one at scale 1); Gemma 4 Assistant's default config fails its own validation (a transformers
 # bug: its default text config has per-layer inputs, which the assistant refuses): none, as its checkpoints have
+# PP-OCR's text detectors leave their neck's intra-class blocks, upsampling factors and head kernels None: those of
+# transformers' tests (the checkpoints' layout); PP-OCRv6's detectors' __post_init__ default their backbone to
+# PP-LCNetV4 (a recognition backbone: one stage out, strides that halve the height only) where the class declares
+# HGNetV2's (medium) or PP-LCNetV3's (small) four stages (a transformers bug): the declared one, PP-OCRv6 small's
+# neck reading its stages' widths (PP-LCNetV3 at scale 0.75: 48 to 384, not the class's 12 to 360)
+_PP_OCR_HGNET = {"model_type": "hgnet_v2", "arch": "L", "return_idx": [0, 1, 2, 3], "freeze_stem_only": True,
+                 "freeze_at": 0, "freeze_norm": True, "lr_mult_list": [0, 0.05, 0.05, 0.05, 0.05],
+                 "out_features": ["stage1", "stage2", "stage3", "stage4"]}
+_PP_OCR_NECK = {
+    "intraclass_block_config": {
+        "reduce_channel": [1, 1, 0], "return_channel": [1, 1, 0],
+        "vertical_long_to_small_conv_longratio": [[7, 1], [1, 1], [3, 0]],
+        "vertical_long_to_small_conv_midratio": [[5, 1], [1, 1], [2, 0]],
+        "vertical_long_to_small_conv_shortratio": [[3, 1], [1, 1], [1, 0]],
+        "horizontal_small_to_long_conv_longratio": [[1, 7], [1, 1], [0, 3]],
+        "horizontal_small_to_long_conv_midratio": [[1, 5], [1, 1], [0, 2]],
+        "horizontal_small_to_long_conv_shortratio": [[1, 3], [1, 1], [0, 1]],
+        "symmetric_conv_long_longratio": [[7, 7], [1, 1], [3, 3]],
+        "symmetric_conv_long_midratio": [[5, 5], [1, 1], [2, 2]],
+        "symmetric_conv_long_shortratio": [[3, 3], [1, 1], [1, 1]]},
+    "scale_factor_list": [1, 2, 4, 8], "kernel_list": [3, 2, 2]}
 _BASE_KWARGS: dict[str, dict] = {
     "lw_detr": {"projector_scale_factors": [1.0]},
-    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}}}
+    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
+    "pp_ocrv5_server_det": _PP_OCR_NECK,
+    "pp_ocrv6_medium_det": {**_PP_OCR_NECK, "backbone_config": _PP_OCR_HGNET},
+    "pp_ocrv6_small_det": {"backbone_config": {"model_type": "pp_lcnet_v3", "scale": 0.75, "divisor": 16,
+                                               "out_features": ["stage2", "stage3", "stage4", "stage5"],
+                                               "out_indices": [2, 3, 4, 5]},
+                           "layer_list_out_channels": [48, 96, 192, 384]},
+    # PP-DocLayoutV2's forward reads a score threshold and a reading-order class per label, which the class leaves
+    # None: 0.5 and the label itself for each of its 2 labels
+    "pp_doclayout_v2": {"class_thresholds": [0.5, 0.5], "class_order": [0, 1]},
+    # UVDoc's head concatenates every bridge stage's map, its backbone's default puts out the last only
+    "uvdoc": {"backbone_config": {"model_type": "uvdoc_backbone", "out_features": [f"stage{i}" for i in range(1, 7)]}},
+}
 # per-type fixes of the shrunk ("small") config, where a cause is one type's own
 _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_images, "csm": _mimi_codec,
                "dots3_note": _dots3_note, "dac": _dac, "janus": _janus, "florence2": _florence2,
@@ -592,7 +657,10 @@ _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_image
                "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer, "sam2": _sam2,
                "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3, "pi0": _pi0,
                "muse_spark_audio": _muse_spark_audio, "xcodec2": _semantic_codec, "neucodec": _semantic_codec,
-               "kyutai_speech_to_text": _mimi_codec}
+               "kyutai_speech_to_text": _mimi_codec,
+               "pp_doclayout_v2": _doclayout_queries, "dia": _dia,
+               "ernie4_5_vl_moe": _ernie_vl_sections, "grounding-dino": _grounding_dino,
+               "mm-grounding-dino": _grounding_dino}
 
 
 def configs(model_type: str):
@@ -602,7 +670,7 @@ def configs(model_type: str):
     from transformers import CONFIG_MAPPING
     from transformers.utils import is_timm_available
 
-    base = CONFIG_MAPPING[model_type](**_BASE_KWARGS.get(model_type, {}))
+    base = CONFIG_MAPPING[model_type](**copy.deepcopy(_BASE_KWARGS.get(model_type, {})))
     timm = getattr(base, "backbone_config", None)
     if getattr(timm, "model_type", None) == "timm_backbone" and not is_timm_available():  # DETR's family: the
         base = CONFIG_MAPPING[model_type](use_timm_backbone=False)  # transformers backbone, at timm's stages

@@ -357,6 +357,17 @@ def test_image_matcher_gets_a_pair_of_images_per_sample():
     assert inputs["pixel_values"].shape == (2, 2, 3, 32, 32)
 
 
+def test_images_larger_than_the_default_where_the_model_downsamples_past_it():
+    """UVDoc's config gives no image size and its backbone leaves 32-pixel images 2 x 2 maps, which its
+    reflect padding of 2 refuses: the first larger images it runs on, 64 pixels a side."""
+    from transformers import UVDocConfig, UVDocModel
+
+    cfg = UVDocConfig(backbone_config={"model_type": "uvdoc_backbone",
+                                       "out_features": [f"stage{i}" for i in range(1, 7)]})
+    inputs = _runs(UVDocModel(cfg).eval())
+    assert inputs["pixel_values"].shape == (2, 3, 64, 64)
+
+
 def test_in_context_segmenter_gets_its_prompt_image_and_mask():
     """SegGPT requires a prompt image and its mask beside the image, each half the config's height (the
     forward stacks the two)."""
@@ -405,6 +416,38 @@ def test_codebook_decoder_gets_a_row_of_decoder_ids_per_codebook():
     cfg = MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=codec.to_dict(), decoder=dec.to_dict())
     inputs = _runs(Musicgen(cfg).eval())
     assert inputs["decoder_input_ids"].shape == (2 * 3, 4)
+
+
+def test_code_channel_decoder_gets_a_code_per_channel_at_each_step():
+    """Dia's decoder reads ``(batch, length, num_channels)`` audio codes of its decoder config's vocabulary
+    (its 2-D path reshapes them into a transposed view its embedding cannot view)."""
+    from transformers import DiaConfig, DiaForConditionalGeneration
+
+    enc = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+           "head_dim": 16, "intermediate_size": 48}
+    dec = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+           "head_dim": 16, "intermediate_size": 48, "cross_hidden_size": 32, "cross_num_attention_heads": 2,
+           "cross_num_key_value_heads": 2, "cross_head_dim": 16, "num_channels": 3, "vocab_size": 40}
+    cfg = DiaConfig(encoder_config=enc, decoder_config=dec, delay_pattern=[0, 1, 2])
+    inputs = _runs(DiaForConditionalGeneration(cfg).eval())
+    assert inputs["decoder_input_ids"].shape == (2, 4, 3)
+    assert int(inputs["decoder_input_ids"].max()) < 40
+
+
+def test_token_ids_inside_the_vocabulary_of_a_sub_config():
+    """FastSpeech 2 Conformer with HiFi-GAN declares no vocabulary of its own: its phoneme ids lie below its
+    model config's (78), not the 100 of a config with none."""
+    from transformers import FastSpeech2ConformerHifiGanConfig as Vocoder
+    from transformers import FastSpeech2ConformerWithHifiGan, FastSpeech2ConformerWithHifiGanConfig
+
+    small = {"hidden_size": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_num_attention_heads": 2,
+             "decoder_num_attention_heads": 2, "encoder_linear_units": 48, "decoder_linear_units": 48,
+             "num_mel_bins": 16, "speech_decoder_postnet_units": 16, "speech_decoder_postnet_layers": 1}
+    vocoder = Vocoder(model_in_dim=16, upsample_initial_channel=16, upsample_rates=[2], upsample_kernel_sizes=[4],
+                      resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1]])
+    cfg = FastSpeech2ConformerWithHifiGanConfig(model_config=small, vocoder_config=vocoder.to_dict())
+    inputs = default_example_inputs(FastSpeech2ConformerWithHifiGan(cfg).eval())
+    assert int(inputs["input_ids"].max()) < cfg.model_config.vocab_size == 78
 
 
 def test_audio_cut_into_frames_gets_whole_frames():

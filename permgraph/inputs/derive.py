@@ -21,6 +21,7 @@ from permgraph.inputs.images import (
 from permgraph.inputs.model import (
     _OFF_WHILE_TRACING,
     _first_that_runs,
+    _nested_configs,
     _required,
     _text_vocab,
     _token_id,
@@ -81,7 +82,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
     # (a text tower that inherits a vision model's main input name but takes no images: SAM 3's)
     if "input_ids" in params and (main != "pixel_values" or _text_vocab(cfg) is not None
                                   or "pixel_values" not in params):
-        vocab = _text_vocab(cfg) or getattr(cfg, "vocab_size", None) or 100
+        vocab = _text_vocab(cfg) or getattr(cfg, "vocab_size", None) or _parts_vocab(cfg)
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
         _with_codebook_columns(model, out, gen)  # a column per audio codebook beside the text (Kyutai's)
     # caches off before the probes below run the forward (a hybrid cache fails a forward without attention)
@@ -132,6 +133,15 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         _with_global_attention(model, out)
         _with_sized_features(model, out, batch, seed)
     return out
+
+
+def _parts_vocab(cfg: Any) -> int:
+    """Token ids' range for a config that declares no vocabulary of its own (nor a text config's): 100, or
+    the smallest vocabulary below that of its sub-configs (a text-to-speech model and its vocoder:
+    FastSpeech 2 Conformer's ``model_config``, 78 phonemes)."""
+    sizes = [v for c in _nested_configs(cfg)[1:] if isinstance(v := getattr(c, "vocab_size", None), int)
+             and not isinstance(v, bool) and v > 0]
+    return min([100, *sizes])
 
 
 def _encoder_main_input(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:

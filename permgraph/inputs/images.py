@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterator
+from itertools import chain
 from typing import Any
 
 import torch
@@ -58,14 +59,32 @@ def _plain_images(model: nn.Module, params: Any, placed: bool, batch: int, gen: 
     if not placed and model.main_input_name == "pixel_values":  # candidates where the forward refuses these:
         x = out["pixel_values"]  # with the other images it requires (SegGPT's prompt image and mask) of their
         halves = x[..., : x.shape[-2] // 2, :]  # shape, or of half their height (stacked into the config's
-        out = _first_that_runs(model, iter([  # size), or a pair of images per sample (LightGlue)
-            {"pixel_values": x, **{k: torch.randn_like(x) for k in others}},
+        out = _first_that_runs(model, chain([  # size), or a pair of images per sample (LightGlue); then larger
+            {"pixel_values": x, **{k: torch.randn_like(x) for k in others}},  # images (_larger_images)
             *([{"pixel_values": halves, **{k: torch.randn_like(halves) for k in others}}] if others else []),
-            {"pixel_values": torch.stack([x, torch.randn_like(x)], 1)}]))
+            {"pixel_values": torch.stack([x, torch.randn_like(x)], 1)}], _larger_images(vcfg, x, gen)))
     if not placed and ("spatial_shapes" in params and "pixel_attention_mask" in params  # NaFlex (SigLIP 2)
                        or "pixel_position_ids" in params):  # patches with their positions (Gemma 4's tower)
         out.update(_patchified(vcfg, batch, gen, dev, dtype, params))
     return out
+
+
+# the sides of the larger images tried where a config that gives no image size fails on the 32-pixel ones: at
+# most three times that side, so the traced graphs stay small
+_LARGER_SIDES = (64, 96)
+
+
+def _larger_images(vcfg: Any, x: torch.Tensor, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Images of ``_LARGER_SIDES`` pixels a side, like ``x``, where the vision config gives no image size
+    (``x`` is the 32-pixel default): a convolutional model that downsamples 32 times then pools or pads
+    its last maps needs a few pixels left there (a text-line recognizer's 3 x 2 pooling: PP-OCR's; a
+    reflect padding of 2: UVDoc's). Drawn from a generator of their own, so the inputs derived after them
+    (NaFlex patches) stay as they were."""
+    if getattr(vcfg, "image_size", None) or getattr(vcfg, "crop_size", None):
+        return
+    own = torch.Generator().manual_seed(gen.initial_seed() + 1)
+    for side in _LARGER_SIDES:
+        yield {"pixel_values": torch.randn(*x.shape[:-2], side, side, generator=own).to(x.device, x.dtype)}
 
 
 def _with_images_attended(model: nn.Module, out: dict[str, Any]) -> None:

@@ -51,9 +51,15 @@ def _with_codebook_columns(model: nn.Module, out: dict[str, Any], gen: torch.Gen
 
 def _decoder_ids(cfg: Any, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
     """An encoder-decoder's ``decoder_input_ids`` ``(batch, seq // 2)`` in its decoder's vocabulary (a vision
-    encoder-decoder's: its decoder config's); a decoder of audio codes (MusicGen) a row per codebook and sample."""
+    encoder-decoder's: its decoder config's); a decoder of audio codes a row per codebook and sample (MusicGen's
+    ``decoder.num_codebooks``), or a code per channel at each step ``(batch, seq // 2, channels)`` (Dia's
+    ``decoder_config.num_channels``, in its vocabulary of codes)."""
     vocab = (getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "decoder", None), "vocab_size", None)
              or _text_vocab(cfg) or 100)
+    codes = getattr(cfg, "decoder_config", None)
+    channels, code_vocab = getattr(codes, "num_channels", None), getattr(codes, "vocab_size", None)
+    if isinstance(channels, int) and isinstance(code_vocab, int) and channels > 0:
+        return torch.randint(0, min(vocab, code_vocab), (batch, seq // 2, channels), generator=gen)
     codebooks = getattr(getattr(cfg, "decoder", None), "num_codebooks", None)
     rows = batch * codebooks if isinstance(codebooks, int) and codebooks > 0 else batch
     return torch.randint(0, vocab, (rows, seq // 2), generator=gen)
