@@ -579,6 +579,12 @@ def _semantic_codec(cfg) -> None:
     _set(cfg, "encoder_hidden_size", 8)
 
 
+def _wavtokenizer(cfg) -> None:
+    """WavTokenizer quantises its encoder's states with no projection around the quantizer (its config
+    validates ``codebook_dim == hidden_size``): the codebook as wide as the shrunk width."""
+    _set(cfg, "codebook_dim", cfg.hidden_size)
+
+
 def _doclayout_queries(cfg) -> None:
     """PP-DocLayoutV2's decoder queries (300, the top-k of the encoder's tokens) fewer than the derived
     32-pixel images' tokens: 16, as ``_fill_unset`` gives a DETR's."""
@@ -661,6 +667,9 @@ _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_image
                "pp_doclayout_v2": _doclayout_queries, "dia": _dia,
                "ernie4_5_vl_moe": _ernie_vl_sections, "grounding-dino": _grounding_dino,
                "mm-grounding-dino": _grounding_dino}
+# fixes the shrunk config needs before anything reads its sub-configs (WavTokenizer's encoder_config is a
+# property that builds and validates one)
+_SHRINK_FIXES = {"wavtokenizer": _wavtokenizer, "wavtokenizer_encoder": _wavtokenizer}
 
 
 def configs(model_type: str):
@@ -680,6 +689,8 @@ def configs(model_type: str):
     for layers_only in (False, True):
         c = copy.deepcopy(base)
         _shrink(c, layers_only)
+        if not layers_only and model_type in _SHRINK_FIXES:
+            _SHRINK_FIXES[model_type](c)
         _consistent(c, model_type)
         _rope_per_kind(c)
         _vocabulary_map(c, model_type)
