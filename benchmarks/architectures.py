@@ -551,6 +551,17 @@ def _dots3_note(cfg) -> None:
     _set(audio, "num_key_value_heads", audio.num_attention_heads)
 
 
+def _phi4_multimodal(cfg) -> None:
+    """Phi-4 multimodal's conformer audio tower: its convolution widths (``ext_pw_out_channel``,
+    ``depthwise_separable_out_channel``, ``nemo_conv_channels``: 1024, the default width) follow the shrunk
+    width; the GLU's output feeds a depthwise convolution with one group per hidden unit, so any other
+    width fails the audio forward. Crops of 56 pixels, not 448 (4 patches a side: 13 image tokens per
+    image, not 545, in a text whose logits span the 200k vocabulary that the special tokens keep)."""
+    _widths_follow(cfg.audio_config)
+    _set(cfg.vision_config, "image_size", 56)
+    _set(cfg.vision_config, "crop_size", 56)
+
+
 # config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
 # the checkpoints' one at scale 1)
 _BASE_KWARGS: dict[str, dict] = {"lw_detr": {"projector_scale_factors": [1.0]}}
@@ -559,7 +570,7 @@ _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_image
                "dots3_note": _dots3_note, "dac": _dac, "janus": _janus, "florence2": _florence2,
                "glm5_next_vision": _glm5_next_vision,
                "depth_pro": _depth_pro, "autoformer": _autoformer, "informer": _informer, "sam2": _sam2,
-               "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3}
+               "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3, "phi4_multimodal": _phi4_multimodal}
 
 
 def configs(model_type: str):
