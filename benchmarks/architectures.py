@@ -617,6 +617,17 @@ def _grounding_dino(cfg) -> None:
     _set(cfg, "max_text_len", 8)
 
 
+def _phi4_multimodal(cfg) -> None:
+    """Phi-4 multimodal's conformer audio tower: its convolution widths (``ext_pw_out_channel``,
+    ``depthwise_separable_out_channel``, ``nemo_conv_channels``: 1024, the default width) follow the shrunk
+    width; the GLU's output feeds a depthwise convolution with one group per hidden unit, so any other
+    width fails the audio forward. Crops of 56 pixels, not 448 (4 patches a side: 13 image tokens per
+    image, not 545, in a text whose logits span the 200k vocabulary that the special tokens keep)."""
+    _widths_follow(cfg.audio_config)
+    _set(cfg.vision_config, "image_size", 56)
+    _set(cfg.vision_config, "crop_size", 56)
+
+
 # config arguments a type's class defaults lack for any forward (LW-DETR's default has no feature level:
 # the checkpoints' one at scale 1); Gemma 4 Assistant's default config fails its own validation (a transformers
 # bug: its default text config has per-layer inputs, which the assistant refuses): none, as its checkpoints have
@@ -666,7 +677,7 @@ _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_image
                "kyutai_speech_to_text": _mimi_codec,
                "pp_doclayout_v2": _doclayout_queries, "dia": _dia,
                "ernie4_5_vl_moe": _ernie_vl_sections, "grounding-dino": _grounding_dino,
-               "mm-grounding-dino": _grounding_dino}
+               "mm-grounding-dino": _grounding_dino, "phi4_multimodal": _phi4_multimodal}
 # fixes the shrunk config needs before anything reads its sub-configs (WavTokenizer's encoder_config is a
 # property that builds and validates one)
 _SHRINK_FIXES = {"wavtokenizer": _wavtokenizer, "wavtokenizer_encoder": _wavtokenizer}

@@ -49,7 +49,8 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     experts computed densely; helpers that compute sizes from values replayed as recorded in one
     eager forward (``info["specialised"]``, kept only if the graph reproduces the model's outputs);
     last ``draft_export``, which runs the example inputs for real to get past data-dependent guards,
-    kept on the same condition (``info["draft"]``). A failure names the construct
+    kept on the same condition (``info["draft"]``), then with eager attention (first where that changes
+    the model's outputs in eager mode: ``_draft_either_attention``). A failure names the construct
     (``permgraph.diagnose``). The model is left as it was (mode, cache flags, experts implementation)."""
     check_traceable(model)
     args, kwargs = resolve_inputs(model, example_inputs)
@@ -111,7 +112,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
             break
         if ep is None:
             strict = False
-            ep, info["draft"] = _draft_export(model, args, kwargs)
+            ep = _draft_either_attention(model, args, kwargs, info)
             if ep is None:
                 hint = next((h for e in errors if (h := skippable_hint(model, kwargs, e))), None) \
                     or sdpa_only_hint(model, args, kwargs)
@@ -176,6 +177,40 @@ def _reproduces(ep, model: nn.Module, args: tuple, kwargs: dict) -> bool:
             want = [t for _, t in named_outputs(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
     except Exception:  # noqa: BLE001 - it does not run: not the model's function
         return False
+    return _close(got, want)
+
+
+def _draft_either_attention(model: nn.Module, args: tuple, kwargs: dict, info: dict[str, Any]) -> Any:
+    """``_draft_export`` with the model's attention, then with eager attention; eager first where the
+    model's outputs differ with it in eager mode (SDPA makes attention causal where a module says
+    ``is_causal`` and the mask is None, as transformers leaves an all-ones mask outside export; under
+    export it builds the mask: Phi-4 multimodal's vision tower). The program or None; ``info`` says
+    which attention and what draft export specialised."""
+    setups = [None, eager_attention]
+    try:
+        with torch.no_grad():
+            own = [t for _, t in named_outputs(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+        with eager_attention(model) as applies, torch.no_grad():
+            eager = [t for _, t in named_outputs(model(*args, **kwargs)) if isinstance(t, torch.Tensor)] \
+                if applies else own
+        if not _close(own, eager):
+            setups.reverse()
+    except Exception:  # noqa: BLE001 - no evidence either way: the usual order
+        pass
+    for setup in setups:
+        with setup(model) if setup else contextlib.nullcontext(True) as applies:
+            ep, info["draft"] = _draft_export(model, args, kwargs) if applies else (None, None)
+        if ep is not None:
+            if setup is not None:
+                info["attention"] = (f"draft-exported with eager attention: the model's {applies!r} attention "
+                                     "gives other outputs in eager mode (SDPA makes attention causal where a module "
+                                     "says is_causal and the mask is None, which under export it never is)")
+            return ep
+    return None
+
+
+def _close(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
+    """Whether two forwards' tensor outputs agree (float tolerance)."""
     return len(got) == len(want) and all(
         a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True) for a, b in zip(got, want))
 

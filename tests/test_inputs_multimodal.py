@@ -358,3 +358,41 @@ def test_model_with_several_main_inputs_gets_each_task_prompt_ids_too():
     assert inputs["pixel_values"].shape[:2] == (2, 3)
     with torch.no_grad():
         model(**inputs)
+
+
+def _tiny_phi4_multimodal():
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 28, "crop_size": 28, "patch_size": 7, "image_token_id": 100}
+    audio = {"hidden_size": 32, "intermediate_size": 48, "num_blocks": 1, "num_attention_heads": 4,
+             "ext_pw_out_channel": 32, "depthwise_separable_out_channel": 32, "nemo_conv_channels": 16,
+             "audio_token_id": 101}
+    cfg = Phi4MultimodalConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                               eos_token_id=[2], vision_config=vision, audio_config=audio)
+    torch.manual_seed(0)
+    return Phi4MultimodalForCausalLM(cfg).eval()
+
+
+def test_prefixed_image_and_audio_inputs_counted_by_the_merge_put_both_towers_in_the_forward():
+    """Phi-4 multimodal keeps its placeholder ids on the towers' sub-configs, takes ``image_pixel_values``
+    and ``audio_input_features`` and has no helper that counts features: its images come as HD crops (a
+    global view and one crop, ``image_sizes`` a tensor, each tile's patch mask), its audio with
+    ``audio_embed_sizes``, each with as many placeholders as its merge (``index_put``) reports: 2 x (2 + 1)
+    + 1 + 2 x (2 + 1) per image (2 x 2 tokens a crop, a separator a row, one between the views), 64 / 8
+    frames of audio. Its vision attention says is_causal, so SDPA in eager mode (no mask) and the exported
+    graph (a mask) differ: it is draft-exported with eager attention. Both towers move."""
+    model = _tiny_phi4_multimodal()
+    inputs = default_example_inputs(model)
+    assert inputs["image_pixel_values"].shape == (2, 2, 3, 28, 28)
+    assert inputs["image_sizes"].tolist() == [[28, 28]] * 2 and inputs["image_attention_mask"].shape == (2, 2, 4, 4)
+    assert inputs["audio_input_features"].shape == (2, 64, 80) and inputs["audio_embed_sizes"] == [8, 8]
+    assert (inputs["input_ids"] == 100).sum(1).tolist() == [13, 13]
+    assert (inputs["input_ids"] == 101).sum(1).tolist() == [8, 8]
+    spec = pg.compile(model)
+    assert "eager attention" in spec.info["attention"] and "text_only_inputs" not in spec.info
+    embed = "model.embed_tokens_extend."
+    assert _moves(spec, embed + "image_embed.img_processor.encoder.layers.0.mlp.fc1.weight")
+    assert _moves(spec, embed + "audio_embed.encoder.encoders.0.feed_forward_in.gate_up_proj.weight")
+    assert pg.verify(model, spec).ok  # (the exact check traces again: the benchmark's row runs it)

@@ -11,22 +11,32 @@ import torch
 import torch.nn as nn
 
 from permgraph.inputs.model import _add_if_read, _nested_configs, _required, _token_id, model_device, model_dtype
-from permgraph.inputs.placeholders import _feature_count, _with_modality_tokens
+from permgraph.inputs.placeholders import _feature_count, _merged_count, _named_for, _with_modality_tokens
 
 
 def _with_audio(model: nn.Module, out: dict[str, Any], params: Any, batch: int, gen: torch.Generator,
                 seed: int) -> bool:
-    """Audio for a forward that reads ``input_features`` beside its text: with its placeholder tokens
-    (audio-language models: the tower in the forward), else frames next to the text (CLAP, CLVP; not an
+    """Audio for a forward that reads ``input_features`` (or ``audio_input_features``: Phi-4 multimodal)
+    beside its text: with its placeholder tokens (audio-language models: the tower in the forward), counted
+    by the model's helpers or else by what its merge reports (``_merged_count``), each sample's count in a
+    list ``<...>embed_sizes`` where the forward takes one; else frames next to the text (CLAP, CLVP; not an
     encoder-decoder's). Whether audio with placeholders was added."""
     cfg = model.config
-    if "input_features" not in params or model.main_input_name == "input_features" or "input_ids" not in out:
+    feats = next((k for k in ("input_features", "audio_input_features") if k in params), None)
+    if feats is None or model.main_input_name == feats or "input_ids" not in out:
         return False
-    if _token_id(cfg, "audio") is not None:
-        return _with_modality_tokens(model, out, batch, "audio", _audio_token_count(model),
-                                     _audio_inputs(model, batch, gen), check_forward=True,
-                                     keep={t for k in ("image", "video") if (t := _token_id(cfg, k)) is not None})
-    if not getattr(cfg, "is_encoder_decoder", False):
+    tok = _token_id(cfg, "audio")
+    if tok is not None:
+        cands = (_named_for(params, "audio", c) for c in _audio_inputs(model, batch, gen))
+        added = _with_modality_tokens(model, out, batch, "audio",
+                                      _audio_token_count(model) or _merged_count(model, out, "audio"), cands,
+                                      check_forward=True,
+                                      keep={t for k in ("image", "video") if (t := _token_id(cfg, k)) is not None})
+        sizes = next((k for k in out if k.endswith("embed_sizes")), None)
+        if added and sizes is not None:  # each sample's count, not the frames that bound it
+            out[sizes] = [int(n) for n in (out["input_ids"] == tok).sum(1)]
+        return added
+    if feats == "input_features" and not getattr(cfg, "is_encoder_decoder", False):
         _with_audio_frames(model, out, batch, seed)
     return False
 
@@ -187,7 +197,8 @@ def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     frames first ``(batch, frames, dim)`` (conformer towers: ``input_dim``, stacked frames' ``input_size``);
     each with an all-ones frame mask where the forward takes one, then without it; a forward that
     takes waveform lengths ``*sample_lengths`` (Dots3-Note's ``chunk_sample_lengths``) gets whole
-    clips, ``frames * hop_length`` samples each."""
+    clips, ``frames * hop_length`` samples each; one that takes how many embeddings of each sample it
+    keeps (``*embed_sizes``: Phi-4 multimodal's ``audio_embed_sizes``), all of them, a list of the frames."""
     cfg = model.config
     acfg = getattr(cfg, "audio_config", None) or getattr(cfg, "encoder_config", None) or cfg
     mels = getattr(acfg, "num_mel_bins", None) or getattr(acfg, "feature_size", None) or 128
@@ -198,11 +209,14 @@ def _audio_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     dev, dtype = model_device(model), model_dtype(model)
     hop = getattr(acfg, "hop_length", None)
     samples = next((k for k in params if k.endswith("sample_lengths")), None) if isinstance(hop, int) else None
+    sizes = next((k for k in params if k.endswith("embed_sizes")), None)
     for frames in dict.fromkeys([2 * (getattr(acfg, "max_source_positions", 0) or 0), 64, 400, 3000]):
         if not frames:
             continue
         shapes = [(batch, mels, frames)] + [(batch, frames, d) for d in dict.fromkeys(dims)]
         lengths = {samples: torch.full((batch,), frames * hop, dtype=torch.long, device=dev)} if samples else {}
+        if sizes is not None:  # how many of each sample's embeddings the forward keeps (a list, read in
+            lengths[sizes] = [frames] * batch  # Python): all (the frames bound them)
         for shape in shapes:
             feats = torch.randn(*shape, generator=gen).to(dev, dtype)
             if mask is not None:

@@ -100,8 +100,10 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
             _with_images_attended(model, out)
     if "flattened_patches" in params and main == "flattened_patches":  # Pix2Struct's encoder
         out["flattened_patches"] = next(_flattened_patches(model, batch, gen))["flattened_patches"]
-    images = (("pixel_values" in out or "flattened_patches" in params) and "input_ids" in out and placed
-              and not no_image and _with_image_tokens(model, out, batch, gen))
+    # (images the forward takes only as ``image_pixel_values``: Phi-4 multimodal's, derived with their tokens)
+    pixels = "pixel_values" in out or "flattened_patches" in params or ("image_pixel_values" in params
+                                                                         and "pixel_values" not in params)
+    images = pixels and "input_ids" in out and placed and not no_image and _with_image_tokens(model, out, batch, gen)
     if "input_ids" in out and "video" in mods:  # videos: a tower of their own, or the main images
         images = _with_videos(model, out, params, placed, batch, gen) or images
     audio = "audio" in mods and _with_audio(model, out, params, batch, gen, seed)

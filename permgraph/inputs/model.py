@@ -70,12 +70,19 @@ def _add_if_read(model: nn.Module, out: dict[str, Any], extra: dict[str, Any]) -
         out.update(extra)
 
 
+# the sub-config of a modality's tower, where a config may keep the modality's placeholder id
+_MODALITY_CONFIGS = {"image": "vision_config", "video": "vision_config", "audio": "audio_config"}
+
+
 def _token_id(cfg: Any, kind: str) -> int | None:
-    """The placeholder token id of a modality (``image_token_id`` / ``image_token_index``)."""
-    for name in (f"{kind}_token_id", f"{kind}_token_index"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
+    """The placeholder token id of a modality (``image_token_id`` / ``image_token_index``), from the
+    config or else from the modality's sub-config (Phi-4 multimodal's ``vision_config.image_token_id``,
+    ``audio_config.audio_token_id``)."""
+    for c in (cfg, getattr(cfg, _MODALITY_CONFIGS.get(kind, ""), None)):
+        for name in (f"{kind}_token_id", f"{kind}_token_index"):
+            v = getattr(c, name, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
     return None
 
 

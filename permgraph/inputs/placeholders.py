@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from permgraph.inputs.model import _required, _token_id
 
@@ -33,6 +34,85 @@ _FIRST_SAMPLE_ONLY = "__first_sample_only__"
 
 
 _FORWARD_TRIALS = 4  # candidate audio inputs run through the whole forward before giving up
+_MODALITIES = ("image", "video", "audio")  # whose placeholder ids (a sub-config's too) are special tokens
+
+
+def _named_for(params: Any, kind: str, cand: dict[str, Any]) -> dict[str, Any]:
+    """Candidate inputs under the names the forward takes them by: ``<kind>_<name>`` where it takes an
+    input only with the modality's prefix (Phi-4 multimodal's ``image_pixel_values``,
+    ``audio_input_features``)."""
+    return {f"{kind}_{k}" if k not in params and f"{kind}_{k}" in params else k: v for k, v in cand.items()}
+
+
+class _Counted(Exception):  # noqa: N818 - not an error: how the merge probe stops the forward
+    def __init__(self, rows: int) -> None:
+        super().__init__(rows)
+        self.rows = rows
+
+
+# merges of features into embeddings: the names of their positions and features arguments
+_MERGES = {"index_put": ("indices", "values"), "index_put_": ("indices", "values"),
+           "masked_scatter": ("mask", "source"), "masked_scatter_": ("mask", "source"),
+           "__setitem__": ("key", "value")}
+
+
+def _merge_rows(func: Any, args: tuple, kwargs: dict) -> int | None:
+    """The feature rows of a merge into embeddings (``index_put``, ``masked_scatter``, a masked
+    assignment) whose features do not match the positions it fills, else None."""
+    names = _MERGES.get(getattr(func, "__name__", ""))
+    if names is None or not args:
+        return None
+    dest = args[0]
+    index, values = (args[i] if len(args) > i else kwargs.get(k) for i, k in enumerate(names, 1))
+    index = index[0] if isinstance(index, (list, tuple)) and index else index  # index_put's first index
+    if not (isinstance(dest, torch.Tensor) and isinstance(values, torch.Tensor) and isinstance(index, torch.Tensor)
+            and dest.is_floating_point() and dest.dim() >= 2 and values.dim() >= 2
+            and values.shape[-1] == dest.shape[-1]):
+        return None
+    width = dest.shape[-1]
+    if index.dtype == torch.bool:  # a mask of the positions (of each entry where it is as wide as ``dest``)
+        filled = int(index.sum()) // (width if index.dim() == dest.dim() and index.shape[-1] == width else 1)
+    else:  # the positions' indices
+        filled = index.numel()
+    rows = values.numel() // width
+    return rows if rows not in (filled, 1) else None
+
+
+class _MergeProbe(TorchFunctionMode):
+    """Stops the forward at the first merge whose features do not match the positions it fills
+    (``_Counted`` with their rows)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        rows = _merge_rows(func, args, kwargs)
+        if rows is not None:
+            raise _Counted(rows)
+        return func(*args, **kwargs)
+
+
+def _merged_count(model: nn.Module, out: dict[str, Any], kind: str) -> Any:
+    """How many ``kind`` features the forward merges into the text embeddings for candidate inputs,
+    where no helper counts them (Phi-4 multimodal's towers): the forward runs eagerly on ``out`` with
+    one ``kind`` placeholder per sample, and the count is the feature rows of the first merge
+    (``index_put``, ``masked_scatter``, a masked assignment) that do not match the placeholders it
+    fills, or the placeholders where every merge matches. None without a placeholder id or text."""
+    tok = _token_id(model.config, kind)
+    if tok is None or not isinstance(out.get("input_ids"), torch.Tensor):
+        return None
+
+    def count(**cand: Any) -> int:
+        text = out["input_ids"]
+        text = text.masked_fill(text == tok, 1 if tok == 0 else 0)
+        one = torch.full((text.shape[0], 1), tok, dtype=text.dtype, device=text.device)
+        ids = torch.cat([text[:, :1], one, text[:, 1:]], dim=1)
+        try:
+            with torch.no_grad(), _MergeProbe():
+                model(**{**out, **cand, "input_ids": ids})
+        except _Counted as c:
+            return c.rows
+        return int((ids == tok).sum())
+
+    return count
 
 
 def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kind: str, get: Any,
@@ -66,8 +146,9 @@ def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kin
         if n % batch and not first_only:
             continue
         text = out["input_ids"]
-        special = {v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool)
-                   and (k.endswith("token_id") or k.endswith("token_index")) and k != "pad_token_id"} - set(keep)
+        special = ({v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool)
+                    and (k.endswith("token_id") or k.endswith("token_index")) and k != "pad_token_id"}
+                   | {t for k in _MODALITIES if (t := _token_id(cfg, k)) is not None}) - set(keep)
         safe = next(i for i in range(int(text.max()) + len(special) + len(keep) + 2)
                     if i not in special and i not in keep)
         text = torch.where(torch.isin(text, torch.tensor(sorted(special), dtype=text.dtype, device=text.device)),

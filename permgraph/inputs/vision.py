@@ -20,7 +20,13 @@ from permgraph.inputs.images import (
     _vision_config,
 )
 from permgraph.inputs.model import _params_run, _token_id, model_device, model_dtype
-from permgraph.inputs.placeholders import _FIRST_SAMPLE_ONLY, _feature_count, _with_modality_tokens
+from permgraph.inputs.placeholders import (
+    _FIRST_SAMPLE_ONLY,
+    _feature_count,
+    _merged_count,
+    _named_for,
+    _with_modality_tokens,
+)
 
 
 def _image_position_mask(params: Any) -> str | None:
@@ -39,8 +45,10 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     sample ``(batch, C, S, S)`` (``S`` 32 where the vision config has no image size); anyres tiles with
     ``image_sizes`` (LLaVA-NeXT); flattened patches with their grid (``_VLM_GRID_PARAMS``: Qwen-VL's
     ``image_grid_thw``); NaViT-packed patches with ``target_sizes`` (MiniCPM-V); Pix2Struct-layout
-    ``flattened_patches`` (Kosmos-2.5); images per sample; last, for a model without a vision config, 16
-    patches per image ``(batch, 16, C * P * P)`` (Fuyu embeds them with one linear layer)."""
+    ``flattened_patches`` (Kosmos-2.5); images per sample; for a model without a vision config, 16
+    patches per image ``(batch, 16, C * P * P)`` (Fuyu embeds them with one linear layer); last, where
+    the vision config has a ``crop_size``, a global view and one crop with their patch masks (Phi-4
+    multimodal's HD crops)."""
     cfg = model.config
     vcfg = _vision_config(cfg)
     dev, dtype = model_device(model), model_dtype(model)
@@ -86,6 +94,15 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
                "pixel_attention_mask": torch.ones(batch, 1, dtype=torch.bool, device=dev)}
     if vcfg is cfg and patch:  # no vision tower of its own, patches embedded as they are (Fuyu): patchified
         yield {"pixel_values": torch.randn(batch, 16, ch * patch * patch, generator=gen).to(dev, dtype)}  # 4 x 4
+    crop = getattr(vcfg, "crop_size", None)
+    mask = next((k for k in ("pixel_attention_mask", "image_attention_mask") if k in params), None)
+    if isinstance(crop, int) and crop > 0 and patch and "image_sizes" in params and mask is not None:
+        # HD crops (Phi-4 multimodal): a global view and the one crop of an image the crop's size
+        # ``(batch, 2, C, crop, crop)``, ``image_sizes`` a tensor ``(batch, 2)`` and each tile's patch mask
+        # ``(batch, 2, crop / P, crop / P)`` (all real)
+        yield {"pixel_values": torch.randn(batch, 2, ch, crop, crop, generator=gen).to(dev, dtype),
+               "image_sizes": torch.tensor([[crop, crop]] * batch, device=dev),
+               mask: torch.ones(batch, 2, crop // patch, crop // patch, dtype=torch.long, device=dev)}
 
 
 def _second_resolution(model: nn.Module, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -170,10 +187,12 @@ def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: t
                     if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
         get = (lambda **_: per * batch) if per is not None else next(  # else a task head's base model's
             (m.get_image_features for m in model.modules() if callable(getattr(m, "get_image_features", None))),
-            None)  # (ModernVBERT's masked LM), the forward checked
-    mask = _image_position_mask(inspect.signature(model.forward).parameters)
+            None) or _merged_count(model, out, "image")  # (ModernVBERT's masked LM), else the count its
+        # merge reports (Phi-4 multimodal's), the forward checked
+    params = inspect.signature(model.forward).parameters
+    mask = _image_position_mask(params)
     extra = _second_resolution(model, batch, gen)
-    cands = ({**c, **extra} for c in _image_inputs(model, batch, gen))
+    cands = (_named_for(params, "image", {**c, **extra}) for c in _image_inputs(model, batch, gen))
     if not _with_modality_tokens(model, out, batch, "image", get, cands,
                                  check_forward=check, mask=mask if tok is None else None):
         return False
