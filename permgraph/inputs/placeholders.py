@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from permgraph.inputs.model import _required, _token_id
+from permgraph.inputs.model import _MODALITY_CONFIGS, _required, _token_id
 
 
 def _feature_count(feats: Any) -> int:
@@ -34,7 +34,6 @@ _FIRST_SAMPLE_ONLY = "__first_sample_only__"
 
 
 _FORWARD_TRIALS = 4  # candidate audio inputs run through the whole forward before giving up
-_MODALITIES = ("image", "video", "audio")  # whose placeholder ids (a sub-config's too) are special tokens
 
 
 def _named_for(params: Any, kind: str, cand: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +147,7 @@ def _with_modality_tokens(model: nn.Module, out: dict[str, Any], batch: int, kin
         text = out["input_ids"]
         special = ({v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool)
                     and (k.endswith("token_id") or k.endswith("token_index")) and k != "pad_token_id"}
-                   | {t for k in _MODALITIES if (t := _token_id(cfg, k)) is not None}) - set(keep)
+                   | {t for k in _MODALITY_CONFIGS if (t := _token_id(cfg, k)) is not None}) - set(keep)
         safe = next(i for i in range(int(text.max()) + len(special) + len(keep) + 2)
                     if i not in special and i not in keep)
         text = torch.where(torch.isin(text, torch.tensor(sorted(special), dtype=text.dtype, device=text.device)),
