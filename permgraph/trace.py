@@ -41,7 +41,12 @@ class Traced:
     example: tuple[tuple, dict] = ((), {})  # the (args, kwargs) it was traced with
 
 
-def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
+# the ways ``trace`` tries, in order (``Traced.info["traced_with"]`` names the one that worked)
+RUNGS = ("batched experts", "non-strict", "strict", "eager attention", "all-ones mask", "dense experts",
+         "dense experts, all-ones mask", "replayed helpers", "draft", "draft, eager attention")
+
+
+def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, first: str | None = None) -> Traced:
     """Export ``model`` (eval, no grad), trying in turn (``permgraph.equivalents`` for the forms that
     compute the same function): a transformers MoE with ``batched_mm`` experts (``info["experts"]``);
     non-strict; strict; eager attention (``info["attention"]``: SDPA reads per-image chunk lengths);
@@ -51,7 +56,9 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     last ``draft_export``, which runs the example inputs for real to get past data-dependent guards,
     kept on the same condition (``info["draft"]``), then with eager attention (first where that changes
     the model's outputs in eager mode: ``_draft_either_attention``). A failure names the construct
-    (``permgraph.diagnose``). The model is left as it was (mode, cache flags, experts implementation)."""
+    (``permgraph.diagnose``). The model is left as it was (mode, cache flags, experts implementation).
+    ``first``: a rung of ``RUNGS`` tried before the others (``verify`` retraces with the one ``compile``
+    found, ``spec.info["traced_with"]``, without the failed tries before it)."""
     check_traceable(model)
     args, kwargs = resolve_inputs(model, example_inputs)
     was_training = model.training
@@ -67,10 +74,16 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
         def replayed(m: nn.Module):
             return replayed_helpers(m, args, kwargs)
 
-        for strict, setup, kw in ((False, batched_experts, kwargs), (False, None, kwargs), (True, None, kwargs),
-                                  (False, eager_attention, kwargs), (False, None, masked),
-                                  (False, dense_experts, kwargs), (False, dense_experts, masked),
-                                  (False, replayed, kwargs)):
+        rungs = list(zip(RUNGS, ((False, batched_experts, kwargs), (False, None, kwargs), (True, None, kwargs),
+                                 (False, eager_attention, kwargs), (False, None, masked),
+                                 (False, dense_experts, kwargs), (False, dense_experts, masked),
+                                 (False, replayed, kwargs))))
+        rungs.sort(key=lambda r: r[0] != first)  # stable: the others keep their order
+        drafted = first in RUNGS[-2:]
+        if drafted:
+            ep = _draft_either_attention(model, args, kwargs, info, eager_first=first == RUNGS[-1])
+            rungs = [] if ep is not None else rungs
+        for rung, (strict, setup, kw) in rungs:
             if kw is None:
                 continue
             printed = io.StringIO()  # torch prints the partial graph of a failed export to stderr
@@ -89,39 +102,23 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
                 ep = None
                 continue
             sys.stderr.write(printed.getvalue())
-            if setup is eager_attention:
-                info["attention"] = ("traced with eager attention, the same function as the model's "
-                                     f"{applies!r} attention (whose per-image chunks have data-dependent sizes)")
-            elif setup is replayed:
-                info["specialised"] = (f"traced with {applies} as recorded in one eager forward on the example "
-                                       "inputs (constants of the graph: the helpers compute sizes from the inputs' "
-                                       "values with Python loops), and eager attention; kept because the graph gives "
-                                       "the model's outputs on them: the spec holds for inputs whose helpers give the "
-                                       "same results")
-            elif setup is dense_experts:
-                info["experts"] = (f"traced with dense experts ({applies}): every expert on every token, weighted by "
-                                   "its routing weight (zero where not routed), the same function as the eager loop "
-                                   "over the experts hit (data-dependent)")
-            elif setup:
-                info["experts"] = ("traced with transformers' batched_mm experts, the same function as the model's "
-                                   f"{model.config._experts_implementation!r} experts (whose grouped or looped "
-                                   "routing has no rule or data-dependent shapes)")
+            _note_rung(info, rung, applies, model)
             if kw is masked:
                 kwargs = masked
-                info["inputs"] = "traced with an all-ones attention_mask (the model builds none while exported)"
             break
-        if ep is None:
-            strict = False
+        if ep is None and not drafted:
             ep = _draft_either_attention(model, args, kwargs, info)
-            if ep is None:
-                hint = next((h for e in errors if (h := skippable_hint(model, kwargs, e))), None) \
-                    or sdpa_only_hint(model, args, kwargs)
-                raise TraceError(
-                    f"torch.export could not trace {type(model).__name__} (non-strict, strict and draft all "
-                    f"failed).\n  {failure_summary(errors[0])}\n" + (hint or
-                    "  what to try: check that example_inputs match forward()'s signature; remove "
-                    "data-dependent Python control flow or make it static; for transformers models try "
-                    "attn_implementation='sdpa' or 'eager'.")) from errors[0]
+        if info.get("traced_with", "").startswith("draft"):
+            strict = False
+        if ep is None:
+            hint = next((h for e in errors if (h := skippable_hint(model, kwargs, e))), None) \
+                or sdpa_only_hint(model, args, kwargs)
+            raise TraceError(
+                f"torch.export could not trace {type(model).__name__} (non-strict, strict and draft all "
+                f"failed).\n  {failure_summary(errors[0])}\n" + (hint or
+                "  what to try: check that example_inputs match forward()'s signature; remove "
+                "data-dependent Python control flow or make it static; for transformers models try "
+                "attn_implementation='sdpa' or 'eager'.")) from errors[0]
     finally:
         model.train(was_training)
         for cfg, old in caches:
@@ -133,6 +130,30 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None) -> Traced:
     traced.info.update(info)
     traced.example = (args, kwargs)
     return traced
+
+
+def _note_rung(info: dict[str, Any], rung: str, applies: Any, model: nn.Module) -> None:
+    """What ``info`` says of the rung that traced the model (``applies``: what its setup changed)."""
+    if rung == "eager attention":
+        info["attention"] = ("traced with eager attention, the same function as the model's "
+                             f"{applies!r} attention (whose per-image chunks have data-dependent sizes)")
+    elif rung == "replayed helpers":
+        info["specialised"] = (f"traced with {applies} as recorded in one eager forward on the example "
+                               "inputs (constants of the graph: the helpers compute sizes from the inputs' "
+                               "values with Python loops), and eager attention; kept because the graph gives "
+                               "the model's outputs on them: the spec holds for inputs whose helpers give the "
+                               "same results")
+    elif rung.startswith("dense experts"):
+        info["experts"] = (f"traced with dense experts ({applies}): every expert on every token, weighted by "
+                           "its routing weight (zero where not routed), the same function as the eager loop "
+                           "over the experts hit (data-dependent)")
+    elif rung == "batched experts":
+        info["experts"] = ("traced with transformers' batched_mm experts, the same function as the model's "
+                           f"{model.config._experts_implementation!r} experts (whose grouped or looped "
+                           "routing has no rule or data-dependent shapes)")
+    if rung.endswith("all-ones mask"):
+        info["inputs"] = "traced with an all-ones attention_mask (the model builds none while exported)"
+    info["traced_with"] = rung
 
 
 def check_traceable(model: nn.Module) -> None:
@@ -180,24 +201,16 @@ def _reproduces(ep, model: nn.Module, args: tuple, kwargs: dict) -> bool:
     return _close(got, want)
 
 
-def _draft_either_attention(model: nn.Module, args: tuple, kwargs: dict, info: dict[str, Any]) -> Any:
+def _draft_either_attention(model: nn.Module, args: tuple, kwargs: dict, info: dict[str, Any],
+                            eager_first: bool | None = None) -> Any:
     """``_draft_export`` with the model's attention, then with eager attention; eager first where the
     model's outputs differ with it in eager mode (SDPA makes attention causal where a module says
     ``is_causal`` and the mask is None, as transformers leaves an all-ones mask outside export; under
     export it builds the mask: Phi-4 multimodal's vision tower). The program or None; ``info`` says
-    which attention and what draft export specialised."""
-    setups = [None, eager_attention]
-    try:
-        with torch.no_grad():
-            own = [t for _, t in named_outputs(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
-        with eager_attention(model) as applies, torch.no_grad():
-            eager = [t for _, t in named_outputs(model(*args, **kwargs)) if isinstance(t, torch.Tensor)] \
-                if applies else own
-        if not _close(own, eager):
-            setups.reverse()
-    except Exception:  # noqa: BLE001 - no evidence either way: the usual order
-        pass
-    for setup in setups:
+    which attention and what draft export specialised; ``eager_first`` decides the order when known."""
+    if eager_first is None:
+        eager_first = _eager_attention_differs(model, args, kwargs)
+    for setup in [eager_attention, None] if eager_first else [None, eager_attention]:
         with setup(model) if setup else contextlib.nullcontext(True) as applies:
             ep, info["draft"] = _draft_export(model, args, kwargs) if applies else (None, None)
         if ep is not None:
@@ -205,8 +218,22 @@ def _draft_either_attention(model: nn.Module, args: tuple, kwargs: dict, info: d
                 info["attention"] = (f"draft-exported with eager attention: the model's {applies!r} attention "
                                      "gives other outputs in eager mode (SDPA makes attention causal where a module "
                                      "says is_causal and the mask is None, which under export it never is)")
+            info["traced_with"] = RUNGS[-1] if setup is not None else RUNGS[-2]
             return ep
     return None
+
+
+def _eager_attention_differs(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether the model's outputs change with eager attention in eager mode (False when unknown)."""
+    try:
+        with torch.no_grad():
+            own = [t for _, t in named_outputs(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+        with eager_attention(model) as applies, torch.no_grad():
+            eager = [t for _, t in named_outputs(model(*args, **kwargs)) if isinstance(t, torch.Tensor)] \
+                if applies else own
+        return not _close(own, eager)
+    except Exception:  # noqa: BLE001 - no evidence either way: the usual order
+        return False
 
 
 def _close(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:

@@ -55,15 +55,16 @@ def _outputs(model: nn.Module, args: tuple, kwargs: dict, keep: set[str] | None)
             if isinstance(x, torch.Tensor) and (keep is None or name in keep)]
 
 
-def _promoted(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[nn.Module, tuple, dict]:
+def _promoted(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
+              first: str | None = None) -> tuple[nn.Module, tuple, dict]:
     """The model's exported program as a module, every ``dtype=torch.float32`` argument in its
     graph replaced by ``dtype`` (and export's dtype assertions dropped), float32 parameters and
     buffers made ``dtype`` too; parameters keep their
-    names, so the spec's permutation applies to its state dict."""
+    names, so the spec's permutation applies to its state dict. ``first``: the way of tracing to try first."""
     if args and kwargs:  # one form for export and the calls: keywords
         kwargs = dict(inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments)
         args = ()
-    traced = trace(model, kwargs if kwargs else args)
+    traced = trace(model, kwargs if kwargs else args, first=first)
     args, kwargs = traced.example  # as traced (an all-ones attention_mask may have been added)
     module = traced.exported.module()
     graph = module.graph
@@ -177,15 +178,16 @@ def verify(model: nn.Module, spec: PermSpec | None = None, example_inputs: Examp
     if any(p.is_meta for p in model.parameters()):
         raise InputError("verify needs real weights; this model is on the meta device")
     args, kwargs = resolve_inputs(model, example_inputs)
+    traced_with = spec.info.get("traced_with")  # how compile traced it: verify's trace tries that first
     if promote_float32 and model_dtype(model) == torch.float32:  # traced as it runs (a float32-only model's
         ref_model = _runnable_experts(copy.deepcopy(model).eval(), dtype)  # forward may not trace in float64:
-        ref_model, args, kwargs = _promoted(ref_model, args, kwargs, dtype)  # OneFormer's), then promoted
+        ref_model, args, kwargs = _promoted(ref_model, args, kwargs, dtype, traced_with)  # OneFormer's), promoted
         args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
     else:
         ref_model = _runnable_experts(copy.deepcopy(model).eval().to(dtype), dtype)
         args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
         if promote_float32:
-            ref_model, args, kwargs = _promoted(ref_model, args, kwargs, dtype)
+            ref_model, args, kwargs = _promoted(ref_model, args, kwargs, dtype, traced_with)
     perm = permutation if permutation is not None else spec.random_permutation(seed)
     keep = set(spec.info["fixed_outputs"]) if "fixed_outputs" in spec.info else None
     before = _outputs(ref_model, args, kwargs, keep)

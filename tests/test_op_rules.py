@@ -169,6 +169,7 @@ PREDICATES = {  # op -> predicate(h, g); the result selects between h and g
     aten.isnan: lambda h, g: aten.isnan.default(h.log()),
     aten.isinf: lambda h, g: aten.isinf.default(1 / h.round()),
     aten.isfinite: lambda h, g: aten.isfinite.default(1 / h.round()),
+    aten.isin: lambda h, g: aten.isin.Tensor_Tensor(h.round(), g.round()),  # g's values as a set
 }
 UNARY = {  # op -> f(h)
     aten.clamp: lambda h: aten.clamp.default(h, -0.5, 0.5), aten.clamp_min: lambda h: aten.clamp_min.default(h, 0.0),
@@ -226,6 +227,10 @@ OTHER_POINTWISE_CASES = [
     net("_log_softmax", aten._log_softmax, lambda m, h, g: aten._log_softmax.default(h, -1, False)),
     net("native_dropout", (aten.native_dropout, operator.getitem),
         lambda m, h, g: aten.native_dropout.default(h, 0.5, False)[0]),
+    net("isin-scalar-in-set", aten.isin,  # one answer from a set: the gate's units are a group of their own
+        lambda m, h, g: h * aten.isin.Scalar_Tensor(0.0, g.round()).to(h.dtype), sizes=(H, H), gate=True),
+    net("isin-tensor-scalar", aten.isin, lambda m, h, g: _pick(aten.isin.Tensor_Scalar(h.round(), 0.0), h, g),
+        gate=True),
 ]
 
 
@@ -299,7 +304,32 @@ def _grid(h: torch.Tensor, m: Net, indexing: str) -> torch.Tensor:
     return h @ (w if indexing == "ij" else w.transpose(0, 1))
 
 
+_VMAP = torch._functorch.predispatch
+_VMAP_OPS = (_VMAP._add_batch_dim, _VMAP._remove_batch_dim, _VMAP._vmap_decrement_nesting)
+
+
+def _per_unit(h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``vmap`` over the hidden units, zipped with a per-unit parameter, mapped axis back in the middle."""
+    return torch.vmap(lambda col, w: col * w + col.sum(), in_dims=(2, 0), out_dims=1)(h, p).transpose(1, 2)
+
+
+def _two_vmaps(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Two vmaps one after the other reuse level 1 for axes that must stay apart (the gate is summed)."""
+    f = torch.vmap(lambda col: torch.tanh(col) * col.mean(), in_dims=2, out_dims=2)
+    return f(h) * f(g).sum(-1, keepdim=True)
+
+
+def _nested_vmap(h: torch.Tensor) -> torch.Tensor:
+    """Nested vmaps: batch then hidden units, each level's axis comes back where it was."""
+    inner = torch.vmap(lambda row: row.softmax(0) * row, in_dims=1, out_dims=1)  # over the hidden units
+    return torch.vmap(inner)(h)
+
+
 SHAPE_CASES = [
+    net("vmap-zips-a-parameter", _VMAP_OPS, lambda m, h, g: _per_unit(h, m.p["p"]), params={"p": (H,)},
+        moved=("p.p",)),
+    net("vmap-levels-reused", _VMAP_OPS, lambda m, h, g: _two_vmaps(h, g), sizes=(H, H), gate=True),
+    net("vmap-nested", _VMAP_OPS, lambda m, h, g: _nested_vmap(h)),
     net("view", aten.view, lambda m, h, g: aten.view.default(_flat(h), [B, T, H])),
     net("reshape", aten.reshape, lambda m, h, g: aten.reshape.default(aten.reshape.default(h, [B * T, H]), [B, T, H])),
     net("_unsafe_view", aten._unsafe_view, lambda m, h, g: aten._unsafe_view.default(_flat(h), [B, T, H])),
@@ -1150,7 +1180,9 @@ def test_bogus_op_names_and_non_packets_raise():
 
 
 def test_registry_is_keyed_by_packets_and_callables():
-    assert all(isinstance(k, OpOverloadPacket) or k is operator.getitem for k in RULES)
+    """Packets (one rule for all overloads), or the Python functions export records as calls
+    (``operator.getitem``, functorch's vmap bookkeeping); never overloads or names."""
+    assert all(isinstance(k, OpOverloadPacket) or k is operator.getitem or k in _VMAP_OPS for k in RULES)
     assert not any(isinstance(k, str) for k in RULES)
 
 

@@ -32,6 +32,43 @@ def test_data_dependent_branch_is_traced_by_draft_export_and_said_so():
         assert pg.verify(model, spec, (x, flag), seed=seed, tolerance=1e-12).ok
 
 
+def test_verify_retraces_the_way_compile_traced_and_a_stale_hint_falls_back(monkeypatch):
+    """``spec.info["traced_with"]`` names the rung that traced the model; verify's retrace tries it first
+    (here draft export, without the non-strict, strict and other tries that fail before it). A rung that does
+    not apply or fails is passed over: the usual order follows."""
+    import importlib
+
+    trace_mod, verify_mod = importlib.import_module("permgraph.trace"), importlib.import_module("permgraph.verify")
+
+    model = _Branchy().double()
+    x, flag = torch.randn(3, 6, dtype=torch.float64), torch.ones(2, dtype=torch.long)
+    spec = pg.compile(model, (x, flag))
+    assert spec.info["traced_with"] == "draft"
+    firsts, exports = [], []
+    real_trace, real_export = trace_mod.trace, torch.export.export
+
+    def recording_trace(*args, **kwargs):
+        firsts.append(kwargs.get("first"))
+        return real_trace(*args, **kwargs)
+
+    def counting_export(*args, **kwargs):
+        exports.append(kwargs.get("strict"))
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(verify_mod, "trace", recording_trace)
+    monkeypatch.setattr(torch.export, "export", counting_export)
+    assert pg.verify(model, spec, (x, flag), promote_float32=True).ok
+    assert firsts == ["draft"] and exports == []  # no plain export tried: draft first, and it worked
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).double()
+    xs = (torch.randn(3, 4, dtype=torch.float64),)
+    assert pg.compile(plain, xs).info["traced_with"] == "non-strict"
+    assert real_trace(plain, xs, first="strict").info["traced_with"] == "strict"
+    assert real_trace(plain, xs, first="dense experts").info["traced_with"] == "non-strict"  # does not apply
+    exports.clear()
+    assert real_trace(model, (x, flag), first="strict").info["traced_with"] == "draft"  # fails: the usual order
+    assert len(exports) >= 2
+
+
 class _MaskedCheck(torch.nn.Module):
     """Rows picked by a boolean mask, their count checked against a length read from the data (a VLM's
     placeholder check): only draft export gets past the check, and only with the mask's rows taken

@@ -127,6 +127,9 @@ class RuleContext:
         # ``index[s]``, which is how a per-expert group is followed through the batched experts
         self.carriers: list[tuple[int, int, fx.Node]] = []
         self.view_base: dict[fx.Node, fx.Node] = {}  # a view's base tensor (writes through it)
+        # ``torch.vmap`` levels open at the node being typed: level -> the atom of the axis it maps
+        # (rules see the per-sample shapes inside; the mapped axis comes back at ``_remove_batch_dim``)
+        self.vmapped: dict[int, int] = {}
 
     def args(self, node: fx.Node) -> Args:
         return Args(node, self.types)

@@ -46,6 +46,15 @@ def where(cx: RuleContext, node: fx.Node, a: Args) -> TType:
         return positions_of_true(cx, node, a)
     return elementwise(cx, node, a)
 
+
+@register(aten.isin)
+def isin(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """``isin(x, S)[i] = x[i] in set(S)``: elementwise in ``x``; a set has no order, so ``S``'s axes are
+    neither constrained nor passed on."""
+    if not isinstance(a.get("elements"), fx.Node):  # ``isin(scalar, S)``: one answer
+        return [cx.store.new(s) for s in cx.out_shape()]
+    return list(a.t("elements"))
+
 def_elementwise(  # arithmetic and comparisons
     aten.add, aten.sub, aten.rsub, aten.mul, aten.multiply, aten.div, aten.true_divide, aten.floor_divide,
     aten.remainder, aten.fmod, aten.pow, aten.maximum, aten.minimum, aten.masked_fill,

@@ -562,3 +562,43 @@ def _strided_carry(val: object, size: list, stride: list, offset: object) -> dic
         if low < s:
             carried[dim] = k
     return carried
+
+
+# ``torch.vmap`` inside a forward (transformers' mask functions), as pre-dispatch export records it:
+# ``_add_batch_dim(x, dim, level)`` ... per-sample ops ... ``_remove_batch_dim(y, level, n, out_dim)``
+_VMAP = torch._functorch.predispatch
+
+
+@passes_values
+@register(_VMAP._add_batch_dim)
+def vmap_in(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """Inside ``vmap``, ``x`` without its mapped axis ``dim``. ``vmap(f)(x, y)[i] = f(x[i], y[i])``
+    commutes with one permutation of ``i``: the mapped axes of one level are zipped, so unified."""
+    t, level = list(a.t("arg0")), a["arg2"]
+    mapped = t.pop(norm_dim(a["arg1"], len(t)))
+    if level in cx.vmapped:
+        cx.unify(cx.vmapped[level], mapped)
+    else:
+        cx.vmapped[level] = mapped
+    return t
+
+
+@passes_values
+@register(_VMAP._remove_batch_dim)
+def vmap_out(cx: RuleContext, node: fx.Node, a: Args) -> TType:
+    """The level's mapped axis comes back at ``out_dim`` of the per-sample result."""
+    t, level = list(a.t("arg0")), a["arg1"]
+    out = cx.out_shape()
+    dim = norm_dim(a["arg3"], len(out))
+    mapped = cx.vmapped.get(level)
+    if mapped is None or cx.store.size(mapped) != out[dim]:
+        mapped = cx.store.new(out[dim], Reason("vmap level without a mapped input", cx.where))
+    t.insert(dim, mapped)
+    return t
+
+
+@register(_VMAP._vmap_decrement_nesting)
+def vmap_close(cx: RuleContext, node: fx.Node, a: Args) -> None:
+    """The innermost open level closes (a later ``vmap`` may reuse its number for other axes)."""
+    if cx.vmapped:
+        del cx.vmapped[max(cx.vmapped)]
