@@ -528,6 +528,19 @@ def _searched() -> tuple[nn.Module, tuple]:
 
 
 INDEX_CASES.append(Case("searchsorted-fixes-the-sequence", _searched, (aten.searchsorted,), (H,)))
+
+
+def _positions_meet_factories_and_checks(h: torch.Tensor) -> torch.Tensor:
+    """Positions along the hidden units (argmax) gather from them, and also meet ``_like`` factories and a
+    metadata check: those read shapes, not values, so the units stay free."""
+    idx = h.argmax(-1, keepdim=True)
+    aten._assert_tensor_metadata.default(idx, dtype=torch.int64)
+    z = aten.zeros_like.default(idx).to(h.dtype) + aten.rand_like.default(idx, dtype=h.dtype) * 0
+    return h * h.gather(-1, idx) + aten.ones_like.default(idx).to(h.dtype) + z
+
+
+INDEX_CASES.append(net("index-values-meet-factories-and-checks", (aten.argmax, aten.gather, aten.zeros_like),
+                       lambda m, h, g: _positions_meet_factories_and_checks(h)))
 INDEX_CASES += [
     net(f"{name}-fixes-its-input", op, lambda m, h, g, f=f: h * f(h.round()).sum(), sizes=())
     for name, op, f in (

@@ -13,6 +13,7 @@ from permgraph.infer.registry import reads_values, register
 aten = torch.ops.aten
 
 
+@reads_values  # a check reads metadata, never values: index values it sees stay free
 @register(aten._assert_tensor_metadata, aten._assert_scalar, aten._assert_async, aten.sym_size, aten.sym_numel,
           aten.sym_stride, aten.sym_constrain_range, aten.sym_constrain_range_for_size)
 def no_op(cx: RuleContext, node: fx.Node, a: Args) -> None:

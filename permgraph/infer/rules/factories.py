@@ -5,11 +5,12 @@ import torch
 import torch.fx as fx
 
 from permgraph.infer.context import RUN_TIME, Args, RuleContext, TType
-from permgraph.infer.registry import family, register
+from permgraph.infer.registry import family, reads_values, register
 
 aten = torch.ops.aten
 
 
+@reads_values  # a ``_like`` factory reads its argument's shape, never its values (index values stay free)
 def constant_factory(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """A constant tensor is invariant under every permutation: fresh, free axes."""
     out = cx.out_shape()
@@ -17,6 +18,7 @@ def constant_factory(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     return cx.fresh(out)
 
 
+@reads_values
 def varying_factory(cx: RuleContext, node: fx.Node, a: Args) -> TType:
     """Values that vary along every axis (ranges, random draws): fixed."""
     return cx.fresh(cx.out_shape(), f"values vary along the axis ({node.target})")
