@@ -460,6 +460,18 @@ def _mimi_codec(cfg) -> None:
         _set(dec, "backbone_hidden_size", cfg.hidden_size)
 
 
+def _vibevoice_codec(cfg) -> None:
+    """VibeVoice's acoustic (and semantic) tokenizers: 32 filters doubled over 7 stages of up to 8 blocks
+    (687M parameters): 4 filters, one block a stage (1.5M)."""
+    for c in (cfg, *_subconfigs(cfg)):
+        depths = getattr(c, "depths", None)
+        ratios = getattr(c, "downsampling_ratios", getattr(c, "upsampling_ratios", None))
+        if isinstance(getattr(c, "num_filters", None), int) and isinstance(depths, (list, tuple)) \
+                and isinstance(ratios, (list, tuple)):
+            _set(c, "num_filters", 4)
+            _set(c, "depths", [1] * len(depths))
+
+
 def _dac(cfg) -> None:
     """DAC's convolution widths (the encoder's 64 doubled per stride, the decoder's 1536 halved): 8 and 64."""
     _set(cfg, "encoder_hidden_size", 8)
@@ -677,7 +689,10 @@ _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_image
                "kyutai_speech_to_text": _mimi_codec,
                "pp_doclayout_v2": _doclayout_queries, "dia": _dia,
                "ernie4_5_vl_moe": _ernie_vl_sections, "grounding-dino": _grounding_dino,
-               "mm-grounding-dino": _grounding_dino, "phi4_multimodal": _phi4_multimodal}
+               "mm-grounding-dino": _grounding_dino, "phi4_multimodal": _phi4_multimodal,
+               **dict.fromkeys(("vibevoice", "vibevoice_asr", "vibevoice_acoustic_tokenizer",
+                                "vibevoice_acoustic_tokenizer_encoder", "vibevoice_acoustic_tokenizer_decoder"),
+                               _vibevoice_codec)}
 # fixes the shrunk config needs before anything reads its sub-configs (WavTokenizer's encoder_config is a
 # property that builds and validates one)
 _SHRINK_FIXES = {"wavtokenizer": _wavtokenizer, "wavtokenizer_encoder": _wavtokenizer}

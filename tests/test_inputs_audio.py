@@ -1,6 +1,8 @@
 """Derived inputs of audio-language models: the audio tower is in the traced forward and moves."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 import permgraph as pg
@@ -276,3 +278,24 @@ def test_waveform_lengths_beside_features_are_whole_hops_of_the_frames():
         assert lengths.dtype == torch.long and lengths.tolist() == [frames * 160] * 2
     Tower.config = SimpleNamespace(audio_config=SimpleNamespace(num_mel_bins=16))  # no hop: no lengths
     assert all("chunk_sample_lengths" not in c for c in _audio_inputs(Tower(), 2, torch.Generator()))
+
+
+def test_codec_halves_whose_forward_renames_the_main_input_get_audio_and_latents():
+    """VibeVoice's acoustic encoder and decoder declare ``input_values`` but take ``hidden_states``: the encoder
+    gets raw audio under that name (four hops of its downsampling), the decoder the latents of its width."""
+    from transformers import CONFIG_MAPPING, AutoModel
+
+    for kind, shape in (("encoder", (2, 1, 4 * 3200)), ("decoder", (2, 16, 8))):
+        cfg = CONFIG_MAPPING[f"vibevoice_acoustic_tokenizer_{kind}"](num_filters=4, depths=[1] * 7, hidden_size=16)
+        torch.manual_seed(0)
+        model = AutoModel.from_config(cfg).double().eval()
+        params = inspect.signature(model.forward).parameters
+        assert model.main_input_name == "input_values" and "input_values" not in params
+        with torch.no_grad():  # layer scales of 1e-6 would hide the blocks' outputs
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        inputs = default_example_inputs(model)
+        assert set(inputs) - {"use_cache"} == {"hidden_states"} and inputs["hidden_states"].shape == shape
+        spec = pg.compile(model)
+        assert _moves(spec, "stem.stage.0.ffn.linear1.weight")
+        assert pg.verify(model, spec, promote_float32=True).ok

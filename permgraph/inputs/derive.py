@@ -116,6 +116,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         if name in _OTHER_MAIN_INPUTS and name in params and name not in out:  # input, or one the forward
             cands = _OTHER_MAIN_INPUTS[name](model, batch, seq, gen)  # requires beside text (PE Audio's)
             out.update(_first_that_runs(model, ({**out, **c} for c in cands)))
+    _main_input_renamed(model, out, params, main, batch, seq, gen)
     _with_wrapped_vlm_images(model, out, mods, batch, gen)  # images of a VLM inside (PI0's), once the main
     # input is there
     if "input_features" in params and main == "input_features":  # spectrogram frames
@@ -135,6 +136,26 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         _with_global_attention(model, out)
         _with_sized_features(model, out, batch, seed)
     return out
+
+
+def _main_input_renamed(model: nn.Module, out: dict[str, Any], params: Any, main: str, batch: int, seq: int,
+                        gen: torch.Generator) -> None:
+    """A forward whose first parameter is not the ``main_input_name`` it declares (VibeVoice's acoustic
+    encoder and decoder: ``hidden_states``, declared ``input_values``): the declared input's candidates,
+    then a decoder's latents, under the parameter's name; the first the forward runs on is kept, none else."""
+    first = next(iter(_required(params)), None)
+    if first is None or first in out or main in params:
+        return
+    for name in dict.fromkeys((main, "latents")):
+        for cand in _OTHER_MAIN_INPUTS[name](model, batch, seq, gen) if name in _OTHER_MAIN_INPUTS else ():
+            inputs = {**out, first: next(iter(cand.values()))}
+            try:
+                with torch.no_grad():
+                    model(**inputs)
+            except Exception:  # noqa: BLE001 - the next candidate
+                continue
+            out.update(inputs)
+            return
 
 
 def _parts_vocab(cfg: Any) -> int:
