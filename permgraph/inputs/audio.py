@@ -10,7 +10,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from permgraph.inputs.model import _add_if_read, _nested_configs, _required, _token_id, model_device, model_dtype
+from permgraph.inputs.model import (
+    _add_if_read,
+    _first_that_runs,
+    _nested_configs,
+    _required,
+    _token_id,
+    model_device,
+    model_dtype,
+)
 from permgraph.inputs.placeholders import _feature_count, _merged_count, _named_for, _with_modality_tokens
 
 
@@ -175,18 +183,11 @@ def _spectrogram_layout(model: nn.Module, first: torch.Tensor, mels: int, gen: t
     masks = [required] if optional is None else [None, optional]
 
     def choose(inputs: dict[str, Any]) -> None:
-        for mask, (feats, time_dim) in ((m, x) for m in masks for x in layouts):
-            trial = {**inputs, "input_features": feats}
-            if mask is not None:
-                trial[mask] = torch.ones(feats.shape[0], feats.shape[time_dim], dtype=torch.long,
-                                         device=feats.device)
-            try:
-                with torch.no_grad():
-                    model(**trial)
-            except Exception:  # noqa: BLE001 - the other layout
-                continue
-            inputs.update(trial)
-            return
+        trials = ({**inputs, "input_features": feats,
+                   **({mask: torch.ones(feats.shape[0], feats.shape[time_dim], dtype=torch.long, device=feats.device)}
+                      if mask is not None else {})}
+                  for mask, (feats, time_dim) in ((m, x) for m in masks for x in layouts))
+        inputs.update(_first_that_runs(model, trials, fallback=False))
 
     return choose
 

@@ -146,16 +146,9 @@ def _main_input_renamed(model: nn.Module, out: dict[str, Any], params: Any, main
     first = next(iter(_required(params)), None)
     if first is None or first in out or main in params:
         return
-    for name in dict.fromkeys((main, "latents")):
-        for cand in _OTHER_MAIN_INPUTS[name](model, batch, seq, gen) if name in _OTHER_MAIN_INPUTS else ():
-            inputs = {**out, first: next(iter(cand.values()))}
-            try:
-                with torch.no_grad():
-                    model(**inputs)
-            except Exception:  # noqa: BLE001 - the next candidate
-                continue
-            out.update(inputs)
-            return
+    cands = ({**out, first: next(iter(c.values()))} for name in dict.fromkeys((main, "latents"))
+             if name in _OTHER_MAIN_INPUTS for c in _OTHER_MAIN_INPUTS[name](model, batch, seq, gen))
+    out.update(_first_that_runs(model, cands, fallback=False))
 
 
 def _parts_vocab(cfg: Any) -> int:

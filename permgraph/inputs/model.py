@@ -92,9 +92,10 @@ def _text_vocab(cfg: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
-def _first_that_runs(model: nn.Module, candidates: Iterator[dict[str, Any]]) -> dict[str, Any]:
+def _first_that_runs(model: nn.Module, candidates: Iterator[dict[str, Any]], fallback: bool = True) -> dict[str, Any]:
     """The first of ``candidates`` the forward runs on by themselves; else the first (the forward may need
-    inputs derived after these, an encoder-decoder's ``decoder_input_ids``); ``{}`` when there are none."""
+    inputs derived after these, an encoder-decoder's ``decoder_input_ids``), or ``{}`` without ``fallback``;
+    ``{}`` when there are none."""
     first = None
     for inputs in candidates:
         first = inputs if first is None else first
@@ -104,7 +105,7 @@ def _first_that_runs(model: nn.Module, candidates: Iterator[dict[str, Any]]) -> 
         except Exception:  # noqa: BLE001 - the next layout
             continue
         return inputs
-    return first or {}
+    return (first or {}) if fallback else {}
 
 
 def _params_run(model: nn.Module, inputs: dict[str, Any]) -> set[str]:
