@@ -1141,7 +1141,7 @@ def _top_reasons(spec, k: int = 3) -> list[str]:
 # how a graph was traced where not by the plain export (spec.info keys, docs/design.md)
 TRACED = (("text_only_inputs", "text-only inputs"), ("dropped_inputs", "fewer modalities"),
           ("experts", "batched experts"), ("attention", "eager attention"),
-          ("specialised", "recorded helpers"), ("draft", "draft export"))
+          ("constants", "literal buffers"), ("specialised", "recorded helpers"), ("draft", "draft export"))
 
 
 def _traced_label(info: dict, key: str, label: str) -> str:
@@ -1362,8 +1362,8 @@ def report(recs: dict[str, dict]) -> str:
         "float32 even in a float64 model and that rounding (up to ~1e-5) could hide a wrong spec.",
         "A type is sound when the exact check passes (or, where the exported graph does not run",
         "as a module, the plain one). Configs whose forward gives NaN or inf are skipped. A row",
-        "starting with (draft export), (batched experts), (dense experts), (eager attention), (fewer modalities)",
-        "or (text-only inputs) was traced that way",
+        "starting with (draft export), (batched experts), (dense experts), (eager attention), (literal buffers),",
+        "(recorded helpers), (fewer modalities) or (text-only inputs) was traced that way",
         "(docs/design.md, \"Tracing past data-dependent guards\").",
         "",
         "## Summary",

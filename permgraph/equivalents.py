@@ -194,6 +194,43 @@ def dense_experts(model: nn.Module):
             del m.forward
 
 
+def _scalar_constants(m: nn.Module) -> dict[str, torch.Tensor]:
+    """``m``'s own integer or boolean buffers of one element that its state dict does not hold
+    (non-persistent): constants of the architecture set at construction (a conv's stride and padding)."""
+    return {k: b for k, b in m._buffers.items()
+            if b is not None and k in m._non_persistent_buffers_set and b.numel() == 1
+            and not (b.is_floating_point() or b.is_complex())}
+
+
+@contextlib.contextmanager
+def scalar_buffers_as_literals(model: nn.Module):
+    """``_scalar_constants`` read as literal tensors (``torch.tensor(value)``) for the block: export
+    knows a literal's value, so padding computed from a stride buffer (EnCodec, Mimi, WavTokenizer:
+    ``ceil((length - kernel + total) / stride)``) stays a static size; a lifted buffer's value is a
+    data-dependent unknown. The same function while the forward does not write them (the caller keeps
+    the graph only if it gives the model's outputs, ``trace._reproduces``). Each module holding some
+    gets, for the block, a subclass of its class whose properties of those names make the literals;
+    yields how many buffers, or False where there are none."""
+    swapped: list[tuple[nn.Module, type]] = []
+    try:
+        for m in model.modules():
+            found = _scalar_constants(m)
+            if not found:
+                continue
+            cls = type(m)
+            literals: dict[str, Any] = {
+                k: property(lambda _self, v=b.tolist(), d=b.dtype, dev=b.device: torch.tensor(v, dtype=d, device=dev))
+                for k, b in found.items()}
+            m.__class__ = type(cls.__name__, (cls,), {**literals, "__module__": cls.__module__,
+                                                        "__qualname__": cls.__qualname__})
+            swapped.append((m, cls))
+        n = sum(len(_scalar_constants(m)) for m, _ in swapped)
+        yield f"{n} integer buffer{'s' * (n > 1)} of one element" if n else False
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
+
+
 # transformers' helpers that compute sizes from an input's values with Python loops (``cu_seqlens`` of
 # Qwen3-ASR's attention windows from the frame mask; ``transformers.vision_utils``' windows, positions and
 # merged shapes from the image grid, MiniCPM-V's) and that the forward calls with no way to pass their

@@ -21,6 +21,7 @@ from permgraph.equivalents import (
     eager_attention,
     replayed_helpers,
     returned_caches_dropped,
+    scalar_buffers_as_literals,
     unchanged_to,
     with_all_ones_mask,
 )
@@ -43,7 +44,7 @@ class Traced:
 
 # the ways ``trace`` tries, in order (``Traced.info["traced_with"]`` names the one that worked)
 RUNGS = ("batched experts", "non-strict", "strict", "eager attention", "all-ones mask", "dense experts",
-         "dense experts, all-ones mask", "replayed helpers", "draft", "draft, eager attention")
+         "dense experts, all-ones mask", "literal buffers", "replayed helpers", "draft", "draft, eager attention")
 
 
 def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, first: str | None = None) -> Traced:
@@ -51,7 +52,9 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, first: str 
     compute the same function): a transformers MoE with ``batched_mm`` experts (``info["experts"]``);
     non-strict; strict; eager attention (``info["attention"]``: SDPA reads per-image chunk lengths);
     an all-ones ``attention_mask`` where none was given (``info["inputs"]``); transformers' looped
-    experts computed densely; helpers that compute sizes from values replayed as recorded in one
+    experts computed densely; integer buffers of one element that the state dict does not hold read as
+    literals (``info["constants"]``: sizes computed from a stride buffer); helpers that compute sizes
+    from values replayed as recorded in one
     eager forward (``info["specialised"]``, kept only if the graph reproduces the model's outputs);
     last ``draft_export``, which runs the example inputs for real to get past data-dependent guards,
     kept on the same condition (``info["draft"]``), then with eager attention (first where that changes
@@ -77,7 +80,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, first: str 
         rungs = list(zip(RUNGS, ((False, batched_experts, kwargs), (False, None, kwargs), (True, None, kwargs),
                                  (False, eager_attention, kwargs), (False, None, masked),
                                  (False, dense_experts, kwargs), (False, dense_experts, masked),
-                                 (False, replayed, kwargs))))
+                                 (False, scalar_buffers_as_literals, kwargs), (False, replayed, kwargs))))
         rungs.sort(key=lambda r: r[0] != first)  # stable: the others keep their order
         drafted = first in RUNGS[-2:]
         if drafted:
@@ -96,8 +99,8 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, first: str 
                 except Exception as e:  # noqa: BLE001 - any tracing failure is reported below
                     errors.append(e)
                     continue
-            if setup is replayed and not _reproduces(ep, model, args, kw):  # the model's own helpers again
-                errors.append(TraceError(f"the graph with {applies} as recorded does not give the model's outputs "
+            if setup in (replayed, scalar_buffers_as_literals) and not _reproduces(ep, model, args, kw):
+                errors.append(TraceError(f"the graph traced with {applies} does not give the model's outputs "
                                          "on the example inputs"))
                 ep = None
                 continue
@@ -143,6 +146,10 @@ def _note_rung(info: dict[str, Any], rung: str, applies: Any, model: nn.Module) 
                                "values with Python loops), and eager attention; kept because the graph gives "
                                "the model's outputs on them: the spec holds for inputs whose helpers give the "
                                "same results")
+    elif rung == "literal buffers":
+        info["constants"] = (f"traced with {applies} (not in the state dict: constants of the architecture "
+                             "such as a conv's stride) read as literal tensors, so the sizes computed from them "
+                             "are static; kept because the graph gives the model's outputs")
     elif rung.startswith("dense experts"):
         info["experts"] = (f"traced with dense experts ({applies}): every expert on every token, weighted by "
                            "its routing weight (zero where not routed), the same function as the eager loop "

@@ -437,3 +437,52 @@ def test_a_kv_cache_the_forward_returns_whatever_use_cache_says_is_left_out():
     assert any(t.groups() for t in spec.axes_of("up.weight"))
     assert pg.verify(model, spec, (x,)).ok
     assert "forward" not in vars(model)  # the forward as it was
+
+
+class _PaddedConv(torch.nn.Module):
+    """A conv whose right padding is computed from integer buffers that the state dict does not hold
+    (EnCodec's, Mimi's: ``ceil((length - kernel) / stride + 1) - 1`` frames): lifted by export, the
+    buffers' values are unknown, so the padding is a data-dependent size. ``overwrite``: the forward
+    writes one of them first (the literals would not see the write)."""
+
+    def __init__(self, overwrite: bool = False) -> None:
+        super().__init__()
+        self.conv, self.out = torch.nn.Conv1d(3, 8, 4, stride=2), torch.nn.Conv1d(8, 2, 1)
+        self.register_buffer("stride", torch.tensor(2), persistent=False)
+        self.register_buffer("kernel", torch.tensor(4), persistent=False)
+        self.overwrite = overwrite
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.overwrite:
+            self.kernel.fill_(5)
+        frames = torch.ceil((x.shape[-1] - self.kernel) / self.stride + 1).to(torch.int64) - 1
+        extra = frames * self.stride + self.kernel - x.shape[-1]
+        if extra > 0:  # a branch on the value: strict export cannot take it either
+            x = torch.nn.functional.pad(x, (0, int(extra)))
+        return self.out(torch.relu(self.conv(x)))
+
+
+def test_padding_computed_from_integer_buffers_is_traced_with_the_buffers_as_literals():
+    model, x = _PaddedConv().double(), torch.randn(2, 3, 9, dtype=torch.float64)
+    try:
+        torch.export.export(model, (x,), strict=False)
+        raise AssertionError("plain export traced the padding: the test no longer covers literal buffers")
+    except Exception as e:  # noqa: BLE001 - the guard error torch raises
+        assert "data-dependent" in str(e) or "DataDependent" in type(e).__name__, e
+    spec = pg.compile(model, (x,))
+    assert spec.info["traced_with"] == "literal buffers"
+    assert "2 integer buffers" in spec.info["constants"] and "draft" not in spec.info
+    assert type(model) is _PaddedConv and set(model._buffers) == {"stride", "kernel"}  # handed back as it was
+    assert [g.size for g in spec.groups.values()] == [8]  # the conv's channels
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-12).ok
+    assert pg.verify(model, spec, (x,), promote_float32=True).ok  # the retrace takes the same rung
+
+
+def test_a_forward_that_writes_its_integer_buffer_is_not_traced_with_literals():
+    """The literal graph reads the value the buffer had (padding 1); the forward writes 5 first (padding 0):
+    the graph does not give the model's outputs, so the literals are dropped and draft export traces it."""
+    model, x = _PaddedConv(overwrite=True).double(), torch.randn(2, 3, 9, dtype=torch.float64)
+    spec = pg.compile(model, (x,))
+    assert spec.info["traced_with"] == "draft" and "constants" not in spec.info
+    assert pg.verify(model, spec, (x,), seed=0, tolerance=1e-12).ok
