@@ -194,6 +194,22 @@ def dense_experts(model: nn.Module):
             del m.forward
 
 
+@contextlib.contextmanager
+def distribution_checks_off() -> Iterator[None]:
+    """``torch.distributions``' argument checks off for the block (``Distribution._validate_args``,
+    torch's default on): a check tests values (``if not constraint.check(logits).all(): raise``), a
+    data-dependent branch export cannot take, and it raises or not without changing any value (BLT's
+    ``Categorical(logits=...).entropy()``). A distribution built with ``validate_args=True`` keeps its own."""
+    from torch.distributions import Distribution
+
+    old = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(old)
+
+
 def _scalar_constants(m: nn.Module) -> dict[str, torch.Tensor]:
     """``m``'s own integer or boolean buffers of one element that its state dict does not hold
     (non-persistent): constants of the architecture set at construction (a conv's stride and padding)."""

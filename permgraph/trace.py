@@ -18,6 +18,7 @@ from permgraph.equivalents import (
     batched_experts,
     cache_off,
     dense_experts,
+    distribution_checks_off,
     eager_attention,
     replayed_helpers,
     returned_caches_dropped,
@@ -48,20 +49,21 @@ RUNGS = ("batched experts", "non-strict", "strict", "eager attention", "all-ones
 
 
 def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, first: str | None = None) -> Traced:
-    """Export ``model`` (eval, no grad), trying in turn (``permgraph.equivalents`` for the forms that
-    compute the same function): a transformers MoE with ``batched_mm`` experts (``info["experts"]``);
-    non-strict; strict; eager attention (``info["attention"]``: SDPA reads per-image chunk lengths);
-    an all-ones ``attention_mask`` where none was given (``info["inputs"]``); transformers' looped
-    experts computed densely; integer buffers of one element that the state dict does not hold read as
-    literals (``info["constants"]``: sizes computed from a stride buffer); helpers that compute sizes
-    from values replayed as recorded in one
-    eager forward (``info["specialised"]``, kept only if the graph reproduces the model's outputs);
-    last ``draft_export``, which runs the example inputs for real to get past data-dependent guards,
-    kept on the same condition (``info["draft"]``), then with eager attention (first where that changes
-    the model's outputs in eager mode: ``_draft_either_attention``). A failure names the construct
-    (``permgraph.diagnose``). The model is left as it was (mode, cache flags, experts implementation).
-    ``first``: a rung of ``RUNGS`` tried before the others (``verify`` retraces with the one ``compile``
-    found, ``spec.info["traced_with"]``, without the failed tries before it)."""
+    """Export ``model`` (eval, no grad, ``torch.distributions``' value checks off), trying in turn
+    (``permgraph.equivalents`` for the forms that compute the same function): a transformers MoE with
+    ``batched_mm`` experts (``info["experts"]``); non-strict; strict; eager attention
+    (``info["attention"]``: SDPA reads per-image chunk lengths); an all-ones ``attention_mask`` where
+    none was given (``info["inputs"]``); transformers' looped experts computed densely; integer buffers
+    of one element that the state dict does not hold read as literals (``info["constants"]``: sizes
+    computed from a stride buffer); helpers that compute sizes from values replayed as recorded in one
+    eager forward (``info["specialised"]``); each of the last two kept only if the graph reproduces the
+    model's outputs; last ``draft_export``, which runs the example inputs for real to get past
+    data-dependent guards, kept on the same condition (``info["draft"]``), then with eager attention
+    (first where that changes the model's outputs in eager mode: ``_draft_either_attention``). A failure
+    names the construct (``permgraph.diagnose``). The model is left as it was (mode, cache flags,
+    experts implementation). ``first``: a rung of ``RUNGS`` tried before the others (``verify``
+    retraces with the one ``compile`` found, ``spec.info["traced_with"]``, without the failed tries
+    before it)."""
     check_traceable(model)
     args, kwargs = resolve_inputs(model, example_inputs)
     was_training = model.training
@@ -94,7 +96,8 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, first: str 
                 if not applies:
                     continue
                 try:
-                    with torch.no_grad(), contextlib.redirect_stderr(printed), quiet_export_logs():
+                    with torch.no_grad(), contextlib.redirect_stderr(printed), quiet_export_logs(), \
+                            distribution_checks_off():
                         ep = _export(model, args, kw, strict, converted)
                 except Exception as e:  # noqa: BLE001 - any tracing failure is reported below
                     errors.append(e)
@@ -255,7 +258,7 @@ def _draft_export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str
     graph gives the model's outputs on the example inputs; ``(program, what it specialised)`` or
     ``(None, None)``."""
     try:
-        with torch.no_grad(), quiet_export_logs(), BoolMasksAsIndices():
+        with torch.no_grad(), quiet_export_logs(), BoolMasksAsIndices(), distribution_checks_off():
             ep = torch.export.draft_export(model, args, kwargs, strict=False)
     except Exception:  # noqa: BLE001 - the first error is the one to report
         return None, None

@@ -486,3 +486,34 @@ def test_a_forward_that_writes_its_integer_buffer_is_not_traced_with_literals():
     spec = pg.compile(model, (x,))
     assert spec.info["traced_with"] == "draft" and "constants" not in spec.info
     assert pg.verify(model, spec, (x,), seed=0, tolerance=1e-12).ok
+
+
+class _EntropyGate(torch.nn.Module):
+    """Outputs scaled by the entropy of a categorical over the logits (BLT's patching entropy):
+    ``torch.distributions`` checks the logits' values first, a data-dependent branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 10), torch.nn.Linear(10, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.b(torch.relu(self.a(x)))
+        return logits * torch.distributions.Categorical(logits=logits).entropy().unsqueeze(-1)
+
+
+def test_distribution_value_checks_are_off_while_tracing_and_restored():
+    from torch.distributions import Distribution
+
+    model, x = _EntropyGate().double(), torch.randn(3, 6, dtype=torch.float64)
+    assert Distribution._validate_args  # torch's default: the check runs
+    try:
+        torch.export.export(model, (x,), strict=False)
+        raise AssertionError("plain export traced the value check: the test no longer covers it")
+    except Exception as e:  # noqa: BLE001 - the guard error torch raises
+        assert "data-dependent" in str(e) or "DataDependent" in type(e).__name__, e
+    spec = pg.compile(model, (x,))
+    assert spec.info["traced_with"] == "non-strict" and "draft" not in spec.info
+    assert Distribution._validate_args  # handed back
+    assert [g.size for g in spec.groups.values()] == [10]  # a's units (the logits are the output)
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-12).ok
