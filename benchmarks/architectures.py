@@ -57,6 +57,7 @@ SMALL = {
     "entity_vocab_size": 256, "encoder_hash_byte_group_vocab": 256,  # LUKE's entities, BLT's hashed n-grams
     "d_latents": 64, "num_self_attends_per_block": 2,  # Perceiver's latent width and self-attention layers
     "output_embedding_size": 64,  # RemBERT's decoupled output embedding
+    "downsample_hidden_size": 32,  # Qwen3-ASR/Omni audio towers' 3x3 conv stem (480 channels: minutes a forward in float64)
     "pred_hidden_size": 64, "pred_num_hidden_layers": 2, "pred_num_attention_heads": 4,  # V-JEPA 2's predictor
 }
 
