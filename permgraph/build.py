@@ -19,11 +19,13 @@ from permgraph.spec import FixedAxis, Group, PermSpec
 
 
 def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Mapping[str, str],
-               info: Mapping[str, Any], with_nodes: bool = False):
+               info: Mapping[str, Any], with_nodes: bool = False, outputs: Mapping[str, str] | None = None):
     """Turn atoms into groups: every free leaf that moves a parameter is a group.
 
     With ``with_nodes``, also return the axis trees of every single-tensor graph
-    node (``node name -> one tree per dim``), for data-based solvers.
+    node (``node name -> one tree per dim``), for data-based solvers. ``outputs``: output name ->
+    its node, for the outputs left free; their trees go to ``spec.outputs`` (a free leaf that moves
+    no parameter is not permuted: ``Fixed`` there).
     """
     store = result.store
     _propagate_fixed(store)
@@ -77,8 +79,6 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
     fixed = _fixed_axes(store, result.param_axes, axes, layouts, is_free)
     unknown = {k: len(v) for k, v in result.unknown_ops.items()}
     spec = PermSpec(groups, axes, dict(param_shapes), fixed, dict(aliases), unknown, dict(info), layouts=layouts)
-    if not with_nodes:
-        return spec
 
     def named(t: AxisTree) -> AxisTree:
         match t:
@@ -91,8 +91,14 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
                 return type(t)(subs)
         return t
 
-    node_trees = {n: [named(tree(a)) for a in ty] for n, ty in result.node_types.items()
-                  if isinstance(ty, list) and all(isinstance(a, int) for a in ty)}
+    def trees_of(node: str) -> list[AxisTree] | None:
+        ty = result.node_types.get(node)
+        return [named(tree(a)) for a in ty] if isinstance(ty, list) and all(isinstance(a, int) for a in ty) else None
+
+    spec.outputs = {o: trees for o, node in (outputs or {}).items() if (trees := trees_of(node)) is not None}
+    if not with_nodes:
+        return spec
+    node_trees = {n: trees for n in result.node_types if (trees := trees_of(n)) is not None}
     return spec, node_trees
 
 

@@ -14,7 +14,7 @@ from permgraph.errors import FormatError, InputError, InternalError, PermgraphEr
 from permgraph.infer import infer
 from permgraph.inputs import MODALITIES, ExampleInputs, default_example_inputs, is_transformers_model
 from permgraph.rewrites import residual_sites
-from permgraph.spec import PermSpec, check_spec
+from permgraph.spec import PermSpec, check_spec, check_tree
 from permgraph.trace import check_traceable, quiet_export_logs, trace
 
 
@@ -131,14 +131,30 @@ def _compile_once(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequ
     traced.info["outputs"] = traced.output_names
     traced.info["fixed_outputs"] = list(outputs) if outputs is not None else traced.output_names
     _fix_untraced(result, traced.param_shapes)
-    built = build_spec(result, traced.param_shapes, traced.aliases, traced.info, with_nodes=with_nodes)
+    free = {name: node for i, (name, node) in enumerate(zip(traced.output_names, result.outputs))
+            if fixed is not None and i not in fixed and node is not None}
+    built = build_spec(result, traced.param_shapes, traced.aliases, traced.info, with_nodes=with_nodes,
+                       outputs=free)
     spec = built[0] if with_nodes else built
+    spec.outputs = {o: trees for o, trees in spec.outputs.items() if _gatherable(spec, o, trees)}
     _record_residual_sites(spec, traced, fixed)
     try:  # the spec as a reader of its JSON checks it: contexts outer, trees cover the (view) shapes
         check_spec(spec)
     except FormatError as e:
         raise InternalError(f"the spec built for {type(model).__name__} is inconsistent: {e}") from e
     return (spec, traced, built[1]) if with_nodes else (spec, traced, None)
+
+
+def _gatherable(spec: PermSpec, name: str, trees: list) -> bool:
+    """Whether a free output's trees can permute it on their own: a within-head group on one dim whose
+    heads are on another (a ``(batch, heads, seq, head_dim)`` output) cannot, so that output is not
+    compared by ``verify``."""
+    try:
+        for d, t in enumerate(trees):
+            check_tree(t, spec, f"output '{name}' dim {d}")
+    except FormatError:
+        return False
+    return True
 
 
 def _fix_untraced(result, param_shapes) -> None:

@@ -83,6 +83,10 @@ class PermSpec:
     # parameters viewed with dims merged (``permgraph.ir``, layouts): their axis trees, members and
     # fixed axes are over the view's axes; every other parameter's are over its own dims
     layouts: dict[str, Layout] = field(default_factory=dict)
+    # the outputs left free (``compile(outputs=...)``) whose axes the compiler typed: output name -> one
+    # tree per dim. A permutation from the spec permutes them along these, ``f(perm(theta)) = perm(f(theta))``
+    # (``verify`` checks it); a free leaf that moves no parameter is ``Fixed`` here
+    outputs: dict[str, list[AxisTree]] = field(default_factory=dict)
 
     # -- lookups -----------------------------------------------------------------
     @property
@@ -174,6 +178,8 @@ class PermSpec:
             "info": self.info,
             **({"layouts": {p: [list(part) for part in lay] for p, lay in self.layouts.items()}}
                if self.layouts else {}),
+            **({"outputs": {o: [t.to_json() for t in trees] for o, trees in self.outputs.items()}}
+               if self.outputs else {}),
             **({} if self.residual_sites is None else
                {"residual_sites": {p: [t.to_json() for t in trees] for p, trees in self.residual_sites.items()}}),
         }, indent=1)
@@ -213,6 +219,7 @@ class PermSpec:
                                         tuple(_str(r) for r in f["reasons"])) for f in d.get("fixed", [])],
                        aliases={_str(k): _str(v) for k, v in d.get("aliases", {}).items()},
                        unknown_ops=dict(d.get("unknown_ops", {})), info=dict(d.get("info", {})))
+            spec.outputs = {_str(k): [tree_from_json(t) for t in v] for k, v in dict(d.get("outputs", {})).items()}
             if d.get("residual_sites") is not None:
                 spec.residual_sites = {_str(k): [tree_from_json(t) for t in v] for k, v in d["residual_sites"].items()}
         except FormatError:
@@ -240,7 +247,8 @@ class PermSpec:
         return graph
 
     def with_trees(self, axes: dict[str, list[AxisTree]], groups: dict[str, Group], **info: Any) -> "PermSpec":
-        """A spec over the same parameters with other groups and axis trees (see ``permgraph.rewrites``)."""
+        """A spec over the same parameters with other groups and axis trees (see ``permgraph.rewrites``);
+        the free outputs' trees (over the old groups) are left out."""
         return PermSpec(groups, axes, dict(self.shapes), list(self.fixed), dict(self.aliases),
                         dict(self.unknown_ops), {**self.info, **info}, layouts=dict(self.layouts))
 
@@ -296,6 +304,9 @@ def check_spec(spec: PermSpec) -> None:
             size = _check_tree(t, spec, where, set())
             if size != shape[d]:
                 raise FormatError(f"{where}: the axis tree covers {size} entries, the shape says {shape[d]}")
+    for o, trees in spec.outputs.items():
+        for d, t in enumerate(trees):
+            check_tree(t, spec, f"output '{o}' dim {d}")
     for alias, target in spec.aliases.items():
         if target not in spec.shapes:
             raise FormatError(f"alias '{alias}' points to unknown parameter '{target}'")
@@ -324,6 +335,12 @@ def site_groups(spec: PermSpec) -> dict[str, str]:
                     case _:
                         raise FormatError(f"{where}: the residual site tree does not match the parameter's axis tree")
     return out
+
+
+def check_tree(t: AxisTree, spec: PermSpec, where: str) -> int:
+    """The size of ``t`` over ``spec``'s groups; ``FormatError`` where a group is unknown or used
+    without its context groups as outer factors of the same product."""
+    return _check_tree(t, spec, where, set())
 
 
 def _check_tree(t: AxisTree, spec: PermSpec, where: str, outer: set[str]) -> int:

@@ -13,7 +13,7 @@ from permgraph.compiler import compile as compile_spec
 from permgraph.errors import InputError
 from permgraph.inputs import ExampleInputs, default_example_inputs, model_dtype, resolve_inputs
 from permgraph.ir import Permutation
-from permgraph.permutation import apply_permutation
+from permgraph.permutation import apply_permutation, axis_index, gather_axes
 from permgraph.spec import PermSpec
 from permgraph.trace import named_outputs, trace
 
@@ -42,8 +42,8 @@ class VerifyReport:
 RNG_SEED = 0
 
 
-def _outputs(model: nn.Module, args: tuple, kwargs: dict, keep: set[str] | None) -> list[torch.Tensor]:
-    """The outputs to compare. The forward runs with torch's generators seeded alike (on a fork, so the
+def _outputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
+    """The tensor outputs by name. The forward runs with torch's generators seeded alike (on a fork, so the
     caller's random state is untouched): a model that samples (VITS's noise, ViT-MAE's masking) draws
     the same values before and after the permutation, so ``f(perm(theta), x, omega) = f(theta, x, omega)``
     is checked for one draw ``omega``. The compiler fixes the axes that random draws touch."""
@@ -51,8 +51,23 @@ def _outputs(model: nn.Module, args: tuple, kwargs: dict, keep: set[str] | None)
     with torch.no_grad(), torch.random.fork_rng(devices=cuda):
         torch.manual_seed(RNG_SEED)
         out = model(*args, **kwargs)
-    return [x for name, x in named_outputs(out)
-            if isinstance(x, torch.Tensor) and (keep is None or name in keep)]
+    return [(name, x) for name, x in named_outputs(out) if isinstance(x, torch.Tensor)]
+
+
+def _compared(spec: PermSpec, perm: Permutation | None, outs: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """The outputs ``verify`` compares: those the spec keeps fixed as they are, and the free ones it typed
+    (``spec.outputs``) gathered along their trees by ``perm`` (given for the outputs before the
+    permutation: ``f(perm(theta))`` must equal ``perm(f(theta))``). Other free outputs are not compared."""
+    keep = set(spec.info["fixed_outputs"]) if "fixed_outputs" in spec.info else None
+    out = []
+    for name, x in outs:
+        trees = spec.outputs.get(name) if keep is not None and name not in keep else None
+        if keep is None or name in keep:
+            out.append(x)
+        elif trees is not None and tuple(x.shape) == tuple(t.size(spec.sizes) for t in trees):
+            out.append(x if perm is None else gather_axes(x, [
+                axis_index(t, perm, spec.ctx, spec.sizes) if t.groups() else None for t in trees]))
+    return out
 
 
 def _promoted(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype,
@@ -157,8 +172,9 @@ def verify(model: nn.Module, spec: PermSpec | None = None, example_inputs: Examp
            permutation: Permutation | None = None, promote_float32: bool = False) -> VerifyReport:
     """Compare ``f(perm(theta))`` with ``f(theta)`` on the example inputs.
 
-    Only the outputs the spec keeps fixed are compared (all, unless it was
-    compiled with ``outputs=``).
+    The outputs the spec keeps fixed are compared as they are (all, unless it was compiled with
+    ``outputs=``); the free ones it typed (``spec.outputs``) are compared permuted:
+    ``f(perm(theta)) = perm(f(theta))``.
     Runs on a copy of the model cast to ``dtype`` (float64 by default); the model
     passed in is not modified. ``tolerance`` defaults to 1e-6 in float64 (transformers
     computes RMSNorm in float32 even in a float64 model) and 1e-4
@@ -189,15 +205,14 @@ def verify(model: nn.Module, spec: PermSpec | None = None, example_inputs: Examp
         if promote_float32:
             ref_model, args, kwargs = _promoted(ref_model, args, kwargs, dtype, traced_with)
     perm = permutation if permutation is not None else spec.random_permutation(seed)
-    keep = set(spec.info["fixed_outputs"]) if "fixed_outputs" in spec.info else None
-    before = _outputs(ref_model, args, kwargs, keep)
+    before = _compared(spec, perm, _outputs(ref_model, args, kwargs))
     sd = ref_model.state_dict(keep_vars=False)
     permuted = apply_permutation(spec, perm, sd)
     ref_model.load_state_dict(permuted)
     if not all(bool(torch.isfinite(a).all()) for a in before if a.is_floating_point()):
         raise InputError("the model's outputs are not finite (NaN or inf) before any permutation, so a "
                          "permutation cannot be checked: check its weights and inputs")
-    after = _outputs(ref_model, args, kwargs, keep)
+    after = _compared(spec, None, _outputs(ref_model, args, kwargs))
     abs_err, scale = output_error(before, after)
     rel = abs_err / max(scale, 1e-30)
     tol = tolerance if tolerance is not None else (

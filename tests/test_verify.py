@@ -199,3 +199,79 @@ def test_a_forward_with_vmap_is_checked_exactly():
     assert 12 in spec.sizes.values()
     report = pg.verify(model, spec, x, seed=1, promote_float32=True)
     assert report.ok and report.max_rel_error < 1e-13, report
+
+
+class _TwoOutputs(nn.Module):
+    """An MLP that returns its hidden units' activations beside the result: freed, that output comes
+    out permuted along the hidden group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(5, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.up(x))
+        return {"out": self.down(hidden), "hidden": hidden}
+
+
+def test_free_outputs_are_checked_permuted_and_a_wrong_output_tree_fails():
+    """``compile(outputs=["out"])`` leaves ``hidden`` free: the spec records its trees (batch fixed, the
+    units' group) and verify checks ``f(perm(theta))["hidden"] == perm(f(theta)["hidden"])``. An output
+    tree that claims no movement, or the wrong group, makes verify fail; the trees survive JSON."""
+    from permgraph.ir import Fixed, G
+
+    torch.manual_seed(0)
+    model, x = _TwoOutputs().double(), torch.randn(4, 5, dtype=torch.float64)
+    spec = pg.compile(model, (x,), outputs=["out"])
+    (units,) = spec.groups
+    assert spec.outputs == {"hidden": [Fixed(4), G(units)]}
+    assert pg.verify(model, spec, (x,), seed=1).max_rel_error < 1e-14
+    assert pg.PermSpec.from_json(spec.to_json()).outputs == spec.outputs
+    wrong = pg.PermSpec.from_json(spec.to_json())
+    wrong.outputs["hidden"] = [Fixed(4), Fixed(12)]  # claims the units stay in place
+    assert pg.verify(model, wrong, (x,), seed=1).max_rel_error > 1e-3
+    free = pg.compile(model, (x,), outputs=[])  # everything free: both outputs compared permuted
+    assert set(free.outputs) == {"out", "hidden"} and free.outputs["out"][0] == Fixed(4)
+    assert [free.groups[g].size for g in free.outputs["out"][1].groups()] == [3]  # the outputs move too
+    assert pg.verify(model, free, (x,), seed=1).max_rel_error < 1e-14
+    nothing = pg.PermSpec.from_json(free.to_json())
+    nothing.outputs = {}  # a free output the spec did not type is not compared: nothing left to compare
+    assert pg.verify(model, nothing, (x,), seed=1).max_rel_error == 0
+
+
+def test_a_spec_whose_output_tree_names_an_unknown_group_is_refused():
+    from permgraph.errors import FormatError
+
+    model, x = _TwoOutputs().double(), torch.randn(4, 5, dtype=torch.float64)
+    text = pg.compile(model, (x,), outputs=["out"]).to_json()
+    text = text.replace('"outputs": {', '"outputs": {"x": [["g", "nope"]], ', 1)
+    with pytest.raises(FormatError, match="output 'x' dim 0: unknown group 'nope'"):
+        pg.PermSpec.from_json(text)
+
+
+class _NoneBeforeHidden(nn.Module):
+    """Returns None ahead of the tensors (a tower's ``hidden_states[0]`` in some forwards)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(5, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.up(x))
+        return {"first": None, "hidden": hidden, "out": self.down(hidden)}
+
+
+def test_outputs_after_a_none_output_are_fixed_and_typed_by_their_own_position():
+    """The exported graph returns a None entry too: the outputs named after it are fixed (and freed)
+    by their own position, not their neighbour's (fixing ``hidden`` fixed ``out`` before)."""
+    from permgraph.ir import Fixed
+
+    torch.manual_seed(0)
+    model, x = _NoneBeforeHidden().double(), torch.randn(4, 5, dtype=torch.float64)
+    spec = pg.compile(model, (x,), outputs=["hidden"])
+    assert "hidden" in spec.info["outputs"] and spec.info["outputs"].index("hidden") > 0
+    assert all(isinstance(t, Fixed) for t in spec.axes["up.weight"])  # the units are an output: fixed
+    assert pg.verify(model, spec, (x,), seed=1).max_rel_error < 1e-14
+    free = pg.compile(model, (x,), outputs=["out"])
+    assert set(free.outputs) == {"hidden"} and len(free.groups) == 1
+    assert pg.verify(model, free, (x,), seed=1).max_rel_error < 1e-14

@@ -40,6 +40,9 @@ class InferenceResult:
     unknown_ops: dict[str, list[str]] = field(default_factory=dict)
     # ``(axis, value atom, index node)``: rows selected by index values (``RuleContext.carriers``)
     carriers: list[tuple[int, int, Any]] = field(default_factory=list)
+    # per flattened output (the positions of ``fixed_outputs``), the name of its node; None where it is
+    # not a node (an output that is None in one forward: a tower's ``hidden_states[0]``)
+    outputs: list[str | None] = field(default_factory=list)
 
 
 def _tensor_types(x: Any) -> Iterator[TType]:
@@ -84,7 +87,9 @@ def run_inference(
         elif node.op == "call_function":
             types[node] = _call_type(cx, node, rule_for(rules, node.target), unknown)
         elif node.op == "output":
-            for i, out in enumerate(_flat_nodes(node.args)):
+            for i, out in enumerate(_output_entries(node)):
+                if not isinstance(out, fx.Node):  # None or a constant: nothing to type
+                    continue
                 _consume_values(cx, out, "index values returned as a model output")
                 if fixed_outputs is None or i in fixed_outputs:
                     cx.fix_all(cx.types.get(out), "model output")
@@ -96,8 +101,9 @@ def run_inference(
         if name not in used:
             cx.fix_all(ty, "unused in the traced forward")
     tensor_types = [t for ty in types.values() for t in _tensor_types(ty)]
+    outs = next((_output_entries(n) for n in graph.nodes if n.op == "output"), [])
     return InferenceResult(store, param_axes, tensor_types, {n.name: t for n, t in types.items()}, unknown,
-                           cx.carriers)
+                           cx.carriers, [o.name if isinstance(o, fx.Node) else None for o in outs])
 
 
 def _call_type(cx: RuleContext, node: fx.Node, rule: Rule | None, unknown: dict[str, list[str]]) -> Any:
@@ -160,6 +166,13 @@ def _consume_values(cx: RuleContext, x: Any, reason: str) -> None:
     v = cx.value_atom(x)
     if v is not None:
         cx.fix(v, reason)
+
+
+def _output_entries(node: fx.Node) -> list[Any]:
+    """The output node's entries, one per flattened output (an exported graph returns a flat tuple,
+    entries that are not nodes included), so positions match the output names."""
+    arg = node.args[0] if len(node.args) == 1 else node.args
+    return list(arg) if isinstance(arg, (list, tuple)) else [arg]
 
 
 def _flat_nodes(x: Any) -> Iterator[fx.Node]:
