@@ -128,8 +128,9 @@ def _compile_once(model: nn.Module, example_inputs: ExampleInputs, outputs: Sequ
     except Exception as e:  # a rule crashed: permgraph's bug, not the user's
         raise InternalError(f"inference failed on {type(model).__name__}: {type(e).__name__}: {e}",
                             getattr(e, "node", None)) from e
-    traced.info["outputs"] = traced.output_names
-    traced.info["fixed_outputs"] = list(outputs) if outputs is not None else traced.output_names
+    named = [n for n, node in zip(traced.output_names, result.outputs) if node is not None]  # not the None ones
+    traced.info["outputs"] = named
+    traced.info["fixed_outputs"] = list(outputs) if outputs is not None else named
     _fix_untraced(result, traced.param_shapes)
     free = {name: node for i, (name, node) in enumerate(zip(traced.output_names, result.outputs))
             if fixed is not None and i not in fixed and node is not None}

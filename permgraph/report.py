@@ -112,11 +112,29 @@ def explain_spec(spec: "PermSpec", max_rows: int = 40) -> str:
                      "one per residual addend; for task vectors, not function-preserving for pi(A)")
     elif "residual_sites_missing" in spec.info:
         lines.append(f"untied residual: not available ({spec.info['residual_sites_missing']})")
+    if "fixed_outputs" in spec.info:
+        lines.append(_outputs_line(spec))
     # how it was traced, where not plainly
-    for key in ("text_only_inputs", "dropped_inputs", "inputs", "experts", "attention", "specialised", "draft"):
+    for key in ("text_only_inputs", "dropped_inputs", "inputs", "experts", "attention", "constants", "specialised",
+                "draft"):
         if spec.info.get(key):
             lines.append(spec.info[key])
     return "\n".join(lines)
+
+
+def _outputs_line(spec: "PermSpec", most: int = 4) -> str:
+    """Which outputs stay unchanged and which may come out permuted (checked permuted where typed)."""
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "") or "none"
+
+    kept = list(spec.info["fixed_outputs"])
+    free = [o for o in spec.info.get("outputs", []) if o not in kept]
+    line = f"outputs kept unchanged: {listed(kept)}"
+    if free:
+        unchecked = [o for o in free if o not in spec.outputs]
+        line += (f"; free (may come out permuted; verify compares them permuted): {listed(free)}"
+                 + (f"; not compared (not typed as one tensor): {listed(unchecked)}" if unchecked else ""))
+    return line
 
 
 def _shorten(member: str, group_pat: str) -> str:
