@@ -228,11 +228,13 @@ def scalar_buffers_as_literals(model: nn.Module):
     gets, for the block, a subclass of its class whose properties of those names make the literals;
     yields how many buffers, or False where there are none."""
     swapped: list[tuple[nn.Module, type]] = []
+    n = 0
     try:
         for m in model.modules():
             found = _scalar_constants(m)
             if not found:
                 continue
+            n += len(found)
             cls = type(m)
             literals: dict[str, Any] = {
                 k: property(lambda _self, v=b.tolist(), d=b.dtype, dev=b.device: torch.tensor(v, dtype=d, device=dev))
@@ -240,7 +242,6 @@ def scalar_buffers_as_literals(model: nn.Module):
             m.__class__ = type(cls.__name__, (cls,), {**literals, "__module__": cls.__module__,
                                                         "__qualname__": cls.__qualname__})
             swapped.append((m, cls))
-        n = sum(len(_scalar_constants(m)) for m, _ in swapped)
         yield f"{n} integer buffer{'s' * (n > 1)} of one element" if n else False
     finally:
         for m, cls in swapped:

@@ -96,8 +96,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, first: str 
                 if not applies:
                     continue
                 try:
-                    with torch.no_grad(), contextlib.redirect_stderr(printed), quiet_export_logs(), \
-                            distribution_checks_off():
+                    with torch.no_grad(), contextlib.redirect_stderr(printed), quiet_export_logs():
                         ep = _export(model, args, kw, strict, converted)
                 except Exception as e:  # noqa: BLE001 - any tracing failure is reported below
                     errors.append(e)
@@ -178,15 +177,17 @@ def check_traceable(model: nn.Module) -> None:
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, strict: bool, converted: list[str]):
-    """``torch.export.export`` under ``unchanged_to``. A forward that converts a submodule of its own
-    (Switch Transformers' router: ``self.classifier = self.classifier.to(float32)`` on every call)
-    has the conversion done first, as the model's first call would (``converted`` says which); under
-    export it would swap fake parameters and fail. Once converted, the call is a no-op."""
+    """``torch.export.export`` under ``unchanged_to`` and ``distribution_checks_off``. A forward that
+    converts a submodule of its own (Switch Transformers' router: ``self.classifier =
+    self.classifier.to(float32)`` on every call) has the conversion done first, as the model's first
+    call would (``converted`` says which); under export it would swap fake parameters and fail. Once
+    converted, the call is a no-op."""
     names = {id(m): n for n, m in model.named_modules()}
     drop_caches = False
     for _ in range(64):
         try:
-            with unchanged_to(), returned_caches_dropped(model) if drop_caches else contextlib.nullcontext():
+            with unchanged_to(), distribution_checks_off(), \
+                    returned_caches_dropped(model) if drop_caches else contextlib.nullcontext():
                 return torch.export.export(model, args, kwargs, strict=strict)
         except RuntimeError as e:  # a KV cache among the outputs (which export cannot flatten): left out
             if drop_caches or not ("Cache" in str(e) and "not a known type" in str(e) and is_transformers_model(model)):

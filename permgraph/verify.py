@@ -61,7 +61,7 @@ def _compared(spec: PermSpec, perm: Permutation | None, outs: list[tuple[str, to
     keep = set(spec.info["fixed_outputs"]) if "fixed_outputs" in spec.info else None
     out = []
     for name, x in outs:
-        trees = spec.outputs.get(name) if keep is not None and name not in keep else None
+        trees = spec.outputs.get(name)
         if keep is None or name in keep:
             out.append(x)
         elif trees is not None and tuple(x.shape) == tuple(t.size(spec.sizes) for t in trees):

@@ -4,6 +4,15 @@ import torch
 import permgraph as pg
 
 
+def _plain_export_fails(model: torch.nn.Module, args: tuple, covers: str) -> None:
+    """Plain (non-strict) export stops at a data-dependent guard; else the test ``covers`` nothing."""
+    try:
+        torch.export.export(model, args, strict=False)
+        raise AssertionError(f"plain export traced it: the test no longer covers {covers}")
+    except Exception as e:  # noqa: BLE001 - the guard error torch raises
+        assert "data-dependent" in str(e) or "DataDependent" in type(e).__name__, e
+
+
 class _Branchy(torch.nn.Module):
     """The forward picks a layer from a tensor's value: export cannot decide the branch."""
 
@@ -19,11 +28,7 @@ class _Branchy(torch.nn.Module):
 def test_data_dependent_branch_is_traced_by_draft_export_and_said_so():
     model = _Branchy().double()
     x, flag = torch.randn(3, 6, dtype=torch.float64), torch.ones(2, dtype=torch.long)
-    try:
-        torch.export.export(model, (x, flag), strict=False)
-        raise AssertionError("plain export traced a data-dependent branch: the test no longer covers draft export")
-    except Exception as e:  # noqa: BLE001 - the guard error torch raises
-        assert "data-dependent" in str(e) or "DataDependent" in type(e).__name__, e
+    _plain_export_fails(model, (x, flag), "draft export")
     spec = pg.compile(model, (x, flag))
     assert "draft_export" in spec.info["draft"] and "draft_export" in pg.explain(model, (x, flag))
     assert [g.size for g in spec.groups.values()] == [10]  # a's units, with b (the branch taken)
@@ -464,11 +469,7 @@ class _PaddedConv(torch.nn.Module):
 
 def test_padding_computed_from_integer_buffers_is_traced_with_the_buffers_as_literals():
     model, x = _PaddedConv().double(), torch.randn(2, 3, 9, dtype=torch.float64)
-    try:
-        torch.export.export(model, (x,), strict=False)
-        raise AssertionError("plain export traced the padding: the test no longer covers literal buffers")
-    except Exception as e:  # noqa: BLE001 - the guard error torch raises
-        assert "data-dependent" in str(e) or "DataDependent" in type(e).__name__, e
+    _plain_export_fails(model, (x,), "literal buffers")
     spec = pg.compile(model, (x,))
     assert spec.info["traced_with"] == "literal buffers"
     assert "2 integer buffers" in spec.info["constants"] and "draft" not in spec.info
@@ -506,11 +507,7 @@ def test_distribution_value_checks_are_off_while_tracing_and_restored():
 
     model, x = _EntropyGate().double(), torch.randn(3, 6, dtype=torch.float64)
     assert Distribution._validate_args  # torch's default: the check runs
-    try:
-        torch.export.export(model, (x,), strict=False)
-        raise AssertionError("plain export traced the value check: the test no longer covers it")
-    except Exception as e:  # noqa: BLE001 - the guard error torch raises
-        assert "data-dependent" in str(e) or "DataDependent" in type(e).__name__, e
+    _plain_export_fails(model, (x,), "distribution checks off")
     spec = pg.compile(model, (x,))
     assert spec.info["traced_with"] == "non-strict" and "draft" not in spec.info
     assert Distribution._validate_args  # handed back
