@@ -299,3 +299,55 @@ def test_codec_halves_whose_forward_renames_the_main_input_get_audio_and_latents
         spec = pg.compile(model)
         assert _moves(spec, "stem.stage.0.ffn.linear1.weight")
         assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def _tiny_omniasr() -> torch.nn.Module:
+    from transformers import OmniASRConfig, OmniASRForConditionalGeneration
+
+    audio = {"hidden_size": 32, "conv_dim": [16, 16], "conv_kernel": [10, 3], "conv_stride": [5, 2],
+             "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 48,
+             "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4}
+    cfg = OmniASRConfig(audio_config=audio, text_config={**TINY_TEXT, "model_type": "llama"}, audio_token_id=100)
+    torch.manual_seed(0)
+    return OmniASRForConditionalGeneration(cfg).eval()
+
+
+def test_raw_audio_beside_text_gets_its_placeholders_and_the_tower_moves():
+    """OmniASR reads raw audio (``input_values``) beside the text and splices the tower's frames into the
+    audio placeholders: the derived inputs hold as many placeholders as frames, and the tower moves."""
+    model = _tiny_omniasr()
+    inputs = default_example_inputs(model)
+    assert inputs["input_values"].shape[-1] == 1024 and inputs["padding_mask"].shape == (2, 1024)
+    with torch.no_grad():
+        frames = model.get_audio_features(inputs["input_values"], inputs["padding_mask"]).pooler_output
+    assert (inputs["input_ids"] == 100).sum() == frames.shape[0] > 0
+    spec = pg.compile(model)
+    tower = [p for p in spec.shapes if ".audio_tower." in p and p.endswith("feed_forward.output_dense.weight")]
+    assert tower and all(_moves(spec, p) for p in tower)
+    assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_noise_drawing_sample_flag_is_off_while_tracing():
+    """VibeVoice-ASR draws noise into its audio latents unless ``sample=False`` (two forwards differ): derived
+    inputs trace with it off, and the spec is checked; a forward's ``sample`` that is not a flag is left."""
+    from transformers import VibeVoiceAsrConfig, VibeVoiceAsrForConditionalGeneration
+
+    from permgraph.inputs.model import tracing_flags
+    from permgraph.inputs.resolve import resolve_inputs
+
+    enc = {"hidden_size": 16, "num_filters": 4, "downsampling_ratios": [2, 4], "depths": [1, 1, 1], "kernel_size": 3}
+    cfg = VibeVoiceAsrConfig(acoustic_tokenizer_encoder_config=enc, semantic_tokenizer_encoder_config=enc,
+                             text_config={**TINY_TEXT, "model_type": "qwen2"}, audio_token_id=100)
+    torch.manual_seed(0)
+    model = VibeVoiceAsrForConditionalGeneration(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["sample"] is False and (inputs["input_ids"] == 100).any()
+    with torch.no_grad():
+        noisy = [model(**{**inputs, "sample": True}).logits for _ in range(2)]
+    assert not torch.equal(*noisy)
+    spec = pg.compile(model)
+    assert any(_moves(spec, p) for p in spec.shapes if "tokenizer_encoder" in p)
+    assert pg.verify(model, spec, promote_float32=True).ok
+    assert "sample" not in tracing_flags(inspect.signature(lambda sample=None: None).parameters)
+    _, given = resolve_inputs(model, {"input_ids": inputs["input_ids"]})  # the user's inputs: off too
+    assert given["sample"] is False

@@ -24,18 +24,21 @@ from permgraph.inputs.placeholders import _feature_count, _merged_count, _named_
 
 def _with_audio(model: nn.Module, out: dict[str, Any], params: Any, batch: int, gen: torch.Generator,
                 seed: int) -> bool:
-    """Audio for a forward that reads ``input_features`` (or ``audio_input_features``: Phi-4 multimodal)
-    beside its text: with its placeholder tokens (audio-language models: the tower in the forward), counted
-    by the model's helpers or else by what its merge reports (``_merged_count``), each sample's count in a
-    list ``<...>embed_sizes`` where the forward takes one; else frames next to the text (CLAP, CLVP; not an
-    encoder-decoder's). Whether audio with placeholders was added."""
+    """Audio for a forward that reads ``input_features`` (or ``audio_input_features``: Phi-4 multimodal; or
+    raw audio, ``input_values``: OmniASR, VibeVoice) beside its text: with its placeholder tokens
+    (audio-language models: the tower in the forward), counted by the model's helpers or else by what its
+    merge reports (``_merged_count``), each sample's count in a list ``<...>embed_sizes`` where the forward
+    takes one; else frames next to the text (CLAP, CLVP; not an encoder-decoder's). Whether audio with
+    placeholders was added."""
     cfg = model.config
-    feats = next((k for k in ("input_features", "audio_input_features") if k in params), None)
+    feats = next((k for k in ("input_features", "audio_input_features", "input_values") if k in params), None)
     if feats is None or model.main_input_name == feats or "input_ids" not in out:
         return False
     tok = _token_id(cfg, "audio")
     if tok is not None:
-        cands = (_named_for(params, "audio", c) for c in _audio_inputs(model, batch, gen))
+        found = _audio_inputs(model, batch, gen) if feats != "input_values" else _raw_audio_masked(model, params,
+                                                                                                     batch, gen)
+        cands = (_named_for(params, "audio", c) for c in found)
         added = _with_modality_tokens(model, out, batch, "audio",
                                       _audio_token_count(model) or _merged_count(model, out, "audio"), cands,
                                       check_forward=True,
@@ -74,6 +77,18 @@ def _raw_audio(model: nn.Module, batch: int, seq: int, gen: torch.Generator) -> 
     frames, mels = getattr(cfg, "max_length", None), getattr(cfg, "num_mel_bins", None)
     if isinstance(frames, int) and isinstance(mels, int):
         yield {"input_values": torch.randn(batch, frames, mels, generator=gen).to(dev, dtype)}
+
+
+def _raw_audio_masked(model: nn.Module, params: Any, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Raw audio beside the text of an audio-language model (OmniASR, VibeVoice): ``_raw_audio``'s candidates,
+    each first with an all-ones ``padding_mask`` over its samples where the forward takes one (VibeVoice's
+    audio helper requires it), then without."""
+    for cand in _raw_audio(model, batch, 0, gen):
+        audio = cand["input_values"]
+        if "padding_mask" in params:
+            yield {**cand, "padding_mask": torch.ones(audio.shape[0], audio.shape[-1], dtype=torch.long,
+                                                      device=audio.device)}
+        yield cand
 
 
 def _audio_with_frames(model: nn.Module, batch: int, gen: torch.Generator, frames: int = 4) -> Iterator[dict[str, Any]]:

@@ -27,6 +27,7 @@ from permgraph.inputs.model import (
     _token_id,
     is_transformers_model,
     model_device,
+    tracing_flags,
 )
 from permgraph.inputs.precomputed import _with_precomputed
 from permgraph.inputs.series import _action_chunk, _latents, _past_values, _trajectory
@@ -86,7 +87,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, seed:
         out["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
         _with_codebook_columns(model, out, gen)  # a column per audio codebook beside the text (Kyutai's)
     # caches off before the probes below run the forward (a hybrid cache fails a forward without attention)
-    out.update({flag: False for flag in _OFF_WHILE_TRACING if flag in params})
+    out.update(tracing_flags(params))
     _required_token_streams(model, out, params, batch, seq, seed)  # before the probes that run the forward
     mods = set(MODALITIES if modalities is True else modalities or ())
     no_image = "image" not in mods and "input_ids" in out

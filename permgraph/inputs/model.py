@@ -33,8 +33,17 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 # keyword flags of transformers models set False while tracing: a returned KV cache (``use_cache``)
-# or XLNet's memory (``use_mems``) is state for generation, not an output of the function
-_OFF_WHILE_TRACING = ("use_cache", "use_mems")
+# or XLNet's memory (``use_mems``) is state for generation, not an output of the function; ``sample``
+# (a flag that defaults to True) draws noise in the forward (VibeVoice's sigma-VAE latents): a random
+# function has no symmetry to check
+_OFF_WHILE_TRACING = ("use_cache", "use_mems", "sample")
+
+
+def tracing_flags(params: Any) -> dict[str, bool]:
+    """The ``_OFF_WHILE_TRACING`` flags a forward with these parameters takes, each False (``sample``
+    only where it is a flag: its default is a bool)."""
+    return {k: False for k in _OFF_WHILE_TRACING
+            if k in params and (k != "sample" or isinstance(params[k].default, bool))}
 
 
 def _required(params: Any) -> list[str]:

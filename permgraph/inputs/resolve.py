@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from permgraph.errors import TraceError
 from permgraph.inputs.derive import default_example_inputs
-from permgraph.inputs.model import _OFF_WHILE_TRACING, is_transformers_model
+from permgraph.inputs.model import is_transformers_model, tracing_flags
 
 ExampleInputs = tuple | dict | torch.Tensor | None
 
@@ -30,7 +30,6 @@ def resolve_inputs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tup
     args, kwargs = split_inputs(example_inputs)
     if is_transformers_model(model):
         params = inspect.signature(model.forward).parameters
-        for flag in _OFF_WHILE_TRACING:
-            if flag in params:
-                kwargs.setdefault(flag, False)
+        for flag, value in tracing_flags(params).items():
+            kwargs.setdefault(flag, value)
     return args, kwargs
