@@ -286,6 +286,10 @@ def _consistent(cfg, model_type: str) -> None:
             and getattr(text, "model_type", None) == f"{model_type}_text" \
             and "full_attention" in (getattr(type(text)(), "layer_types", None) or ()):  # ones first; the VLM's
         _set(text, "layer_types", [*kinds[:-1], "full_attention"])  # forward reads an attention layer's cache)
+    for c in (vision, cfg):  # deepstack layers inside a VLM's tower, or a tower on its own (Qwen3-VL's)
+        n = getattr(c, "depth", None) or getattr(c, "num_hidden_layers", None)
+        if isinstance(getattr(c, "deepstack_visual_indexes", None), (list, tuple)) and isinstance(n, int):
+            _set(c, "deepstack_visual_indexes", [i for i in c.deepstack_visual_indexes if i < n] or [n - 1])
     if text is None or vision is None:
         return
     size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
@@ -309,9 +313,6 @@ def _consistent(cfg, model_type: str) -> None:
         if isinstance(layers, (list, tuple)) and isinstance(depth, int) \
                 and any(not -depth - 1 <= i <= depth for i in layers):  # tower's hidden states
             _set(cfg, k, type(layers)(i for i in layers if -depth - 1 <= i <= depth) or type(layers)([-1]))
-    if isinstance(getattr(vision, "deepstack_visual_indexes", None), (list, tuple)) and depth:
-        _set(vision, "deepstack_visual_indexes", [i for i in vision.deepstack_visual_indexes if i < depth]
-             or [depth - 1])
     high = getattr(cfg, "high_res_vision_config", None)  # a second, high-resolution tower (DeepSeek-VL hybrid):
     n = getattr(high, "num_hidden_layers", None)  # the VLM reads its first global-attention layer's states
     if isinstance(getattr(high, "global_attn_indexes", None), (list, tuple)) and isinstance(n, int):

@@ -1382,6 +1382,41 @@ def test_reshape_with_sizes_known_at_run_time_keeps_the_known_tail():
         assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-12).ok
 
 
+class _ChunkedAttention(nn.Module):
+    """Attention over chunks of the rows whose lengths are read from a tensor (Qwen3-VL's vision tower
+    attends within each image): the heads are merged back by ``reshape(n, -1)``, whose width the exporter
+    leaves as ``2*u0 + 2*u1`` beside its run-time assertion ``u0 + u1 = 8``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).reshape(n, 3, 2, 8).permute(1, 2, 0, 3).unbind(0)
+        lengths = (bounds[1:] - bounds[:-1]).tolist()
+        outs = [torch.softmax(a @ b.transpose(-1, -2), -1) @ c
+                for a, b, c in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))]
+        return self.proj(torch.cat(outs, 1).transpose(0, 1).reshape(n, -1))
+
+
+def test_size_pinned_by_a_run_time_assertion_is_known():
+    """A width the exporter leaves symbolic but the graph asserts equal to a number (``2*u0 + 2*u1`` with
+    ``u0 + u1 = 8`` is 16) is that number: the heads and within-head units move (they were fixed as sizes
+    known only at run time)."""
+    from permgraph.infer.context import asserted_size
+
+    model = _ChunkedAttention().double()
+    inputs = (torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+              torch.tensor([0, 3, 8]))
+    spec = pg.compile(model, inputs)
+    assert sorted(g.size for g in spec.groups.values()) == [2, 8], spec.groups
+    assert len(spec.axes_of("proj.weight")[1].groups()) == 2
+    for seed in (0, 1, 2):
+        assert pg.verify(model, spec, inputs, seed=seed, tolerance=1e-12).ok
+    assert asserted_size(7) is None  # a plain int has no assertions to read
+
+
 class GroupedMoE(nn.Module):
     """A MoE of one's own on ``torch._grouped_mm``: top-1 routing, tokens sorted by expert, the two
     expert banks applied over offsets, the rows put back in token order (``index_copy``)."""

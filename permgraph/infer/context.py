@@ -55,13 +55,46 @@ RUN_TIME = 10 ** 9  # sentinel sizes (data-dependent sizes) are above this
 
 
 def concrete(s: Any) -> int:
-    """A size as an int; a data-dependent size (unbacked symbol) gets a sentinel size above
-    ``RUN_TIME``, a hash of its symbolic expression (equal expressions, equal sentinels; no state
-    kept between runs), so the axis never unifies with a known size (callers fix it)."""
+    """A size as an int: a data-dependent size (unbacked symbol) that the graph's own run-time
+    assertions pin to one value (``asserted_size``) is that value; any other gets a sentinel size
+    above ``RUN_TIME``, a hash of its symbolic expression (equal expressions, equal sentinels; no
+    state kept between runs), so the axis never unifies with a known size (callers fix it)."""
     try:
         return int(s)
     except Exception:  # noqa: BLE001 - GuardOnDataDependentSymNode and friends
+        pinned = asserted_size(s)
+        if pinned is not None:
+            return pinned
         return RUN_TIME + 1 + int.from_bytes(hashlib.blake2b(str(s).encode(), digest_size=6).digest(), "big")
+
+
+def asserted_size(s: Any) -> int | None:
+    """The value of a data-dependent size that an equality the exported graph asserts at run time
+    pins (``Eq(u8 + u9, 32)`` from splitting 32 rows by lengths read from a tensor): for each asserted
+    ``lhs = rhs`` linear in one of the size's symbols ``u`` (``a*u + b = 0``, ``a`` and ``b`` free of
+    ``u``), the size with ``u = -b/a`` substituted, where that is a number (``2*u8 + 2*u9`` is 64). Sound:
+    an input for which the equality fails stops the program at the assertion. None otherwise."""
+    import sympy
+
+    node = getattr(s, "node", None)
+    env, expr = getattr(node, "shape_env", None), getattr(node, "expr", None)
+    if env is None or not isinstance(expr, sympy.Expr):
+        return None
+    for asserts in getattr(env, "deferred_runtime_asserts", {}).values():
+        for ra in asserts:
+            eq = ra.expr
+            if not isinstance(eq, sympy.Eq):
+                continue
+            diff = sympy.expand(eq.lhs - eq.rhs)
+            for u in sorted(eq.free_symbols & expr.free_symbols, key=str):
+                a = diff.coeff(u, 1)
+                b = sympy.expand(diff - a * u)
+                if a == 0 or u in a.free_symbols or u in b.free_symbols:
+                    continue
+                value = sympy.expand(expr.subs(u, -b / a))
+                if value.is_number and value.is_integer:
+                    return int(value)
+    return None
 
 
 def norm_dim(d: int, ndim: int) -> int:
