@@ -5,6 +5,7 @@ import contextlib
 import io
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,19 @@ RUNGS = ("batched experts", "non-strict", "strict", "eager attention", "all-ones
          "dense experts, all-ones mask", "literal buffers", "replayed helpers", "draft", "draft, eager attention")
 
 
+@dataclass(frozen=True)
+class _Rung:
+    """One export of the ladder before the draft ones: its name in ``RUNGS``; strict or not; the equivalent
+    form set up around it (a context manager factory on the model that yields what it changed, falsy where
+    it does not apply); the keyword inputs (None: the rung has none to try); and whether the graph is kept
+    only if it gives the model's outputs on the example inputs (forms equal on those inputs only)."""
+    name: str
+    kwargs: dict | None
+    setup: Callable[[nn.Module], Any] | None = None
+    strict: bool = False
+    checked: bool = False
+
+
 def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, first: str | None = None) -> Traced:
     """Export ``model`` (eval, no grad, ``torch.distributions``' value checks off), trying in turn
     (``permgraph.equivalents`` for the forms that compute the same function): a transformers MoE with
@@ -79,42 +93,43 @@ def trace(model: nn.Module, example_inputs: ExampleInputs = None, *, first: str 
         def replayed(m: nn.Module):
             return replayed_helpers(m, args, kwargs)
 
-        rungs = list(zip(RUNGS, ((False, batched_experts, kwargs), (False, None, kwargs), (True, None, kwargs),
-                                 (False, eager_attention, kwargs), (False, None, masked),
-                                 (False, dense_experts, kwargs), (False, dense_experts, masked),
-                                 (False, scalar_buffers_as_literals, kwargs), (False, replayed, kwargs))))
-        rungs.sort(key=lambda r: r[0] != first)  # stable: the others keep their order
+        rungs = [_Rung("batched experts", kwargs, batched_experts), _Rung("non-strict", kwargs),
+                 _Rung("strict", kwargs, strict=True), _Rung("eager attention", kwargs, eager_attention),
+                 _Rung("all-ones mask", masked), _Rung("dense experts", kwargs, dense_experts),
+                 _Rung("dense experts, all-ones mask", masked, dense_experts),
+                 _Rung("literal buffers", kwargs, scalar_buffers_as_literals, checked=True),
+                 _Rung("replayed helpers", kwargs, replayed, checked=True)]
+        rungs.sort(key=lambda r: r.name != first)  # stable: the others keep their order
+        strict = False  # what the graph was exported with (the draft exports: non-strict)
         drafted = first in RUNGS[-2:]
         if drafted:
             ep = _draft_either_attention(model, args, kwargs, info, eager_first=first == RUNGS[-1])
             rungs = [] if ep is not None else rungs
-        for rung, (strict, setup, kw) in rungs:
-            if kw is None:
+        for rung in rungs:
+            if rung.kwargs is None:
                 continue
             printed = io.StringIO()  # torch prints the partial graph of a failed export to stderr
-            with setup(model) if setup else contextlib.nullcontext(True) as applies:
+            with rung.setup(model) if rung.setup else contextlib.nullcontext(True) as applies:
                 if not applies:
                     continue
                 try:
                     with torch.no_grad(), contextlib.redirect_stderr(printed), quiet_export_logs():
-                        ep = _export(model, args, kw, strict, converted)
+                        ep = _export(model, args, rung.kwargs, rung.strict, converted)
                 except Exception as e:  # noqa: BLE001 - any tracing failure is reported below
                     errors.append(e)
                     continue
-            if setup in (replayed, scalar_buffers_as_literals) and not _reproduces(ep, model, args, kw):
+            if rung.checked and not _reproduces(ep, model, args, rung.kwargs):
                 errors.append(TraceError(f"the graph traced with {applies} does not give the model's outputs "
                                          "on the example inputs"))
                 ep = None
                 continue
             sys.stderr.write(printed.getvalue())
-            _note_rung(info, rung, applies, model)
-            if kw is masked:
-                kwargs = masked
+            _note_rung(info, rung.name, applies, model)
+            kwargs = rung.kwargs
+            strict = rung.strict
             break
         if ep is None and not drafted:
             ep = _draft_either_attention(model, args, kwargs, info)
-        if info.get("traced_with", "").startswith("draft"):
-            strict = False
         if ep is None:
             hint = next((h for e in errors if (h := skippable_hint(model, kwargs, e))), None) \
                 or sdpa_only_hint(model, args, kwargs)
