@@ -599,6 +599,22 @@ def _wavtokenizer(cfg) -> None:
     _set(cfg, "codebook_dim", cfg.hidden_size)
 
 
+def _apertus1p5(cfg) -> None:
+    """Apertus 1.5 embeds its image and audio tokenizers' codes as text tokens, offset by
+    ``image_token_offset`` and ``audio_token_offset`` (131272 and 262344: the class's 266752-token
+    vocabulary): codebooks of 32 codes each, offset to just above the shrunk vocabulary's middle (below the
+    special tokens at its top); the VQ image tokenizer's convolutions (256 to 1024 channels, 4 blocks a
+    stage: 185M parameters) 32 to 128 channels (its group norms' 32 groups), one block a stage; the
+    WavTokenizer audio encoder's codebook as wide as its shrunk width (which its config validates)."""
+    vq, audio, vocab = cfg.vision_config, cfg.audio_config, cfg.text_config.vocab_size
+    for k, v in (("base_channels", 32), ("num_res_blocks", 1), ("latent_channels", 32), ("codebook_size", 32)):
+        _set(vq, k, v)
+    _set(audio, "codebook_size", 32)
+    _wavtokenizer(audio)
+    _set(cfg, "image_token_offset", vocab // 2)
+    _set(cfg, "audio_token_offset", vocab // 2 + vq.codebook_size)
+
+
 def _doclayout_queries(cfg) -> None:
     """PP-DocLayoutV2's decoder queries (300, the top-k of the encoder's tokens) fewer than the derived
     32-pixel images' tokens: 16, as ``_fill_unset`` gives a DETR's."""
@@ -689,7 +705,7 @@ _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_image
                "sam3": _sam3, "sam3_lite_text": _sam3, "sam3_tracker": _sam3, "pi0": _pi0,
                "muse_spark_audio": _muse_spark_audio, "xcodec2": _semantic_codec, "neucodec": _semantic_codec,
                "kyutai_speech_to_text": _mimi_codec,
-               "pp_doclayout_v2": _doclayout_queries, "dia": _dia,
+               "pp_doclayout_v2": _doclayout_queries, "dia": _dia, "apertus1p5": _apertus1p5,
                "ernie4_5_vl_moe": _ernie_vl_sections, "grounding-dino": _grounding_dino,
                "mm-grounding-dino": _grounding_dino, "phi4_multimodal": _phi4_multimodal,
                **dict.fromkeys(("vibevoice", "vibevoice_asr", "vibevoice_acoustic_tokenizer",
