@@ -584,6 +584,55 @@ def _muse_spark_audio(cfg) -> None:
     _set(cfg, "out_hidden_size", 64)
 
 
+def _small_text_vocab(cfg) -> None:
+    """A VLM's text vocabulary shrunk where ``_shrink`` kept it for the text config's own bos/eos ids (which
+    the forward does not read): ``SMALL``'s, those ids and the outer config's placeholders among its free
+    top ids."""
+    text = cfg.text_config
+    _set(text, "vocab_size", SMALL["vocab_size"])
+    free = _free_ids(cfg, text, text.vocab_size)
+    for c in (cfg, text):
+        for k, v in list(vars(c).items()):
+            if (k.endswith("token_id") or k.endswith("token_index")) and type(v) is int and v >= text.vocab_size:
+                _set(c, k, next(free))
+
+
+def _minimax_m3_vl(cfg) -> None:
+    """MiniMax-M3-VL: the projector merges spatial_merge_size^2 projected patches (``merged_hidden_size``: the
+    text width x 4, the class's 24576) through ``projector_hidden_size`` (6144: 151M parameters), now the
+    text width; the text's dense and shared-expert MLPs (12288, 3072), its partial rotary (64, past the
+    shrunk 16-wide heads) and its block indexer's heads (128 wide) shrunk; the text vocabulary as
+    ``_small_text_vocab``."""
+    text = cfg.text_config
+    _set(cfg, "projector_hidden_size", text.hidden_size)
+    _set(cfg, "merged_hidden_size", text.hidden_size * cfg.vision_config.spatial_merge_size ** 2)
+    for k, v in (("dense_intermediate_size", SMALL["intermediate_size"]),
+                 ("shared_intermediate_size", SMALL["shared_expert_intermediate_size"]),
+                 ("rotary_dim", text.head_dim), ("index_head_dim", text.head_dim)):
+        _set(text, k, v)
+    _small_text_vocab(cfg)
+
+
+def _muse(cfg) -> None:
+    """Muse Glimmer and Muse Spark: the vision adapter reads the tower's pixel-shuffled states
+    (``out_hidden_size``: the tower's width x merge_size^2, the class's 6144 = 1536 x 4) and is
+    ``projector_hidden_size`` wide (4096: 42M parameters), now the text width; Muse Spark's MoE pools to
+    ``moe_hidden_size`` (4096) before its experts, now the text width; its audio tower as
+    ``_muse_spark_audio`` shrinks it on its own, writing text embeddings (the text width). The text
+    vocabulary (202048, kept for its bos/eos ids 200000 and 200001, which the forward does not read) shrunk
+    as others are, those ids and the placeholders among its free top ids."""
+    text, vision = cfg.text_config, cfg.vision_config
+    _small_text_vocab(cfg)
+    _set(cfg, "out_hidden_size", vision.hidden_size * vision.merge_size ** 2)
+    _set(cfg, "projector_hidden_size", text.hidden_size)
+    if isinstance(getattr(text, "moe_hidden_size", None), int):
+        _set(text, "moe_hidden_size", text.hidden_size)
+    audio = getattr(cfg, "audio_config", None)
+    if audio is not None:
+        _muse_spark_audio(audio)
+        _set(audio, "out_hidden_size", text.hidden_size)
+
+
 def _semantic_codec(cfg) -> None:
     """X-Codec 2 and NeuCodec quantise the acoustic and semantic encoders' states joined (``fc_encoder``'s
     output, ``hidden_size`` + the semantic encoder's width: the class's ``quantization_dim`` 2048 is 1024 +
@@ -595,8 +644,14 @@ def _semantic_codec(cfg) -> None:
 
 def _wavtokenizer(cfg) -> None:
     """WavTokenizer quantises its encoder's states with no projection around the quantizer (its config
-    validates ``codebook_dim == hidden_size``): the codebook as wide as the shrunk width."""
+    validates ``codebook_dim == hidden_size``): the codebook as wide as the shrunk width. Its Vocos decoder
+    (``decoder_*``: 12 ConvNeXt blocks 768 wide, 60M parameters; keys the generic table does not know) 2 blocks
+    at the shrunk sizes."""
     _set(cfg, "codebook_dim", cfg.hidden_size)
+    for k, v in (("decoder_hidden_size", SMALL["hidden_size"]), ("decoder_intermediate_size", SMALL["intermediate_size"]),
+                 ("decoder_num_layers", SMALL["num_hidden_layers"])):
+        if isinstance(getattr(cfg, k, None), int):
+            _set(cfg, k, v)
 
 
 def _apertus1p5(cfg) -> None:
@@ -613,6 +668,20 @@ def _apertus1p5(cfg) -> None:
     _wavtokenizer(audio)
     _set(cfg, "image_token_offset", vocab // 2)
     _set(cfg, "audio_token_offset", vocab // 2 + vq.codebook_size)
+
+
+def _tvp(cfg) -> None:
+    """TVP: its ResNet-50 backbone (23M parameters; a transformers ResNet the generic table leaves alone) a
+    block a stage, 32 to 128 channels, its last three stages (stride 16: the derived 32-pixel frames' 2 x 2
+    grid, which TVP's 2 x 2 max-pool takes to one cell; stride 32 leaves it nothing to pool); its frame-pad
+    visual prompt (learned pads 96 pixels deep around 448-pixel frames, for 48 frames: 19M parameters) 4
+    pixels deep around the derived 32-pixel frames, for 2 frames."""
+    bb = cfg.backbone_config
+    cfg.backbone_config = type(bb)(depths=[1, 1, 1], hidden_sizes=[32, 64, 128], embedding_size=16,
+                                   layer_type=bb.layer_type, hidden_act=bb.hidden_act, out_features=["stage3"])
+    _set(cfg, "max_img_size", 32)
+    _set(cfg, "visual_prompt_size", 4)
+    _set(cfg, "num_frames", 2)
 
 
 def _doclayout_queries(cfg) -> None:
@@ -706,6 +775,8 @@ _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_image
                "muse_spark_audio": _muse_spark_audio, "xcodec2": _semantic_codec, "neucodec": _semantic_codec,
                "kyutai_speech_to_text": _mimi_codec,
                "pp_doclayout_v2": _doclayout_queries, "dia": _dia, "apertus1p5": _apertus1p5,
+               "muse_glimmer": _muse, "muse_spark": _muse, "minimax_m3_vl": _minimax_m3_vl,
+               "tvp": _tvp,
                "ernie4_5_vl_moe": _ernie_vl_sections, "grounding-dino": _grounding_dino,
                "mm-grounding-dino": _grounding_dino, "phi4_multimodal": _phi4_multimodal,
                **dict.fromkeys(("vibevoice", "vibevoice_asr", "vibevoice_acoustic_tokenizer",
