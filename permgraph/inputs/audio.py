@@ -153,7 +153,19 @@ def _spectrogram(model: nn.Module, out: dict[str, Any], batch: int, gen: torch.G
     proj = getattr(acfg, "feature_projection_input_dim", None)  # the width a feature projection reads, stacked
     if isinstance(proj, int) and not isinstance(proj, bool) and proj > 0 and proj != mels * stack:  # frames
         other += (proj,)  # (Wav2Vec2-BERT's 2 x 80 mels)
+    stacked = _stacked_mels(model, mels * stack)
+    if stacked is not None and stacked not in other:
+        other += (stacked,)
     return _spectrogram_layout(model, out["input_features"], mels * stack, gen, other)
+
+
+def _stacked_mels(model: nn.Module, mels: int) -> int | None:
+    """The width of frames that the model's first linear layer reads where it is 2 to 4 times the mel bins
+    and no config key says so (Granite Speech 5's ``input_linear``: delta-expanded mels stacked in pairs,
+    4 x 80), else None."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    n = getattr(first, "in_features", None)
+    return n if isinstance(n, int) and mels > 0 and n != mels and n % mels == 0 and 2 <= n // mels <= 4 else None
 
 
 def _with_audio_frames(model: nn.Module, out: dict[str, Any], batch: int, seed: int) -> None:
