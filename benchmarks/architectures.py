@@ -219,6 +219,12 @@ def _consistent(cfg, model_type: str) -> None:
         # Q-Former; BLIP's text decoder)
         if isinstance(width, int) and sub is not tower and isinstance(getattr(sub, "encoder_hidden_size", None), int):
             _set(sub, "encoder_hidden_size", width)
+    for c in _nested(cfg):  # a head that reads its audio tower's states (Nemotron 3 diarization's head_config,
+        a = getattr(c, "audio_config", None)  # whose audio_hidden_size its config validates: the tower's width)
+        for sub in _subconfigs(c):
+            if isinstance(getattr(sub, "audio_hidden_size", None), int) and isinstance(getattr(a, "hidden_size", None),
+                                                                                       int):
+                _set(sub, "audio_hidden_size", a.hidden_size)
     glob, local = getattr(cfg, "global_config", None), getattr(cfg, "encoder_config", None)  # BLT: the global
     if isinstance(getattr(local, "hidden_size_global", None), int) and isinstance(getattr(glob, "hidden_size", None),
                                                                                    int):  # transformer reads the
@@ -1215,6 +1221,11 @@ def _stages_inside(c) -> bool:
 def _subconfigs(cfg):
     from transformers import PretrainedConfig
     return [v for v in vars(cfg).values() if isinstance(v, PretrainedConfig)]
+
+
+def _nested(cfg) -> list:
+    """``cfg`` and its sub-configs at any depth."""
+    return [cfg, *(c for sub in _subconfigs(cfg) for c in _nested(sub))]
 
 
 def _top_reasons(spec, k: int = 3) -> list[str]:
