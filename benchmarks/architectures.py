@@ -225,6 +225,12 @@ def _consistent(cfg, model_type: str) -> None:
             if isinstance(getattr(sub, "audio_hidden_size", None), int) and isinstance(getattr(a, "hidden_size", None),
                                                                                        int):
                 _set(sub, "audio_hidden_size", a.hidden_size)
+    for c in _nested(cfg):  # a SAM tower whose downsampling convolutions feed the encoder beside it (DeepSeek-OCR 2's,
+        sam, enc = getattr(c, "sam_config", None), getattr(c, "encoder_config", None)  # Unlimited-OCR's: 512 and
+        if isinstance(getattr(sam, "downsample_channels", None), (list, tuple)) \
+                and isinstance(getattr(enc, "hidden_size", None), int):  # 1024, the encoder's default width)
+            n = len(sam.downsample_channels)
+            _set(sam, "downsample_channels", [enc.hidden_size >> (n - 1 - i) for i in range(n)])  # end at its width
     glob, local = getattr(cfg, "global_config", None), getattr(cfg, "encoder_config", None)  # BLT: the global
     if isinstance(getattr(local, "hidden_size_global", None), int) and isinstance(getattr(glob, "hidden_size", None),
                                                                                    int):  # transformer reads the
@@ -868,6 +874,9 @@ def _fill_unset(cfg) -> bool:
         if "layer_types" in vars(c) and c.layer_types is None and isinstance(n, int):
             _set(c, "layer_types", ["conv"] + ["full_attention"] * (n - 1))
             changed = True
+        if "mlp_layer_types" in vars(c) and c.mlp_layer_types is None and isinstance(n, int):  # MLP kinds the
+            _set(c, "mlp_layer_types", ["dense"] + ["sparse"] * (n - 1))  # class leaves None (DeepSeek-OCR 2's
+            changed = True  # text): a dense layer then MoE ones, as first_k_dense_replace = 1 gives
         kinds = getattr(c, "layer_types", None)  # a hybrid of linear attention only (Granite-4's default):
         if isinstance(kinds, list) and kinds and set(kinds) == {"linear_attention"}:  # one attention layer,
             indexed = getattr(c, "indexer_budget", None) is not None  # whose cache the forward reads; an indexed
