@@ -577,6 +577,25 @@ def _dots3_note(cfg) -> None:
     _set(audio, "num_key_value_heads", audio.num_attention_heads)
 
 
+def _mha_audio(cfg) -> None:
+    """Nemotron 3.5 Transcribe's audio towers (its ASR encoder, its diarization model's) size ``v_proj`` by the
+    query heads and ``k_proj`` by the key/value heads (the checkpoints have as many of each): a key/value
+    head per query head, as ``_kv_heads_refused`` finds for the towers on their own (its eager check does not
+    reach the nested towers here, whose export then fails in SDPA's broadcast)."""
+    for c in _nested(cfg):
+        _one_kv_head_per_head(c)
+
+
+def _neomme(cfg) -> None:
+    """NeoMME's value embeddings go into its first and last full-attention layers, which the shrunk layer
+    kinds (the class's first two: sliding ones) lack: a sliding layer then a full one."""
+    for c in _nested(cfg):
+        kinds, n = getattr(c, "layer_types", None), getattr(c, "num_hidden_layers", None)
+        if isinstance(kinds, list) and isinstance(n, int) and "full_attention" not in kinds \
+                and "full_attention" in (getattr(type(c)(), "layer_types", None) or ()):
+            _set(c, "layer_types", [*kinds[:n - 1], "full_attention"])
+
+
 def _pi0(cfg) -> None:
     """PI0's PaliGemma (its ``vlm_config``) made consistent as a PaliGemma of its own is (``_consistent``): its
     projector into the text (``projection_dim``, the class's 2048) the shrunk text width, its image placeholder
@@ -788,7 +807,8 @@ _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_image
                "kyutai_speech_to_text": _mimi_codec,
                "pp_doclayout_v2": _doclayout_queries, "dia": _dia, "apertus1p5": _apertus1p5,
                "muse_glimmer": _muse, "muse_spark": _muse, "minimax_m3_vl": _minimax_m3_vl,
-               "tvp": _tvp,
+               "tvp": _tvp, "nemotron3_5_transcribe_audio": _mha_audio,
+               "neomme": _neomme,
                "ernie4_5_vl_moe": _ernie_vl_sections, "grounding-dino": _grounding_dino,
                "mm-grounding-dino": _grounding_dino, "phi4_multimodal": _phi4_multimodal,
                **dict.fromkeys(("vibevoice", "vibevoice_asr", "vibevoice_acoustic_tokenizer",
