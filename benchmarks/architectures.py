@@ -596,6 +596,14 @@ def _neomme(cfg) -> None:
             _set(c, "layer_types", [*kinds[:n - 1], "full_attention"])
 
 
+def _qwen2_5_omni(cfg) -> None:
+    """Qwen2.5-Omni's talker embeds tokens at the thinker's width (``embedding_size``: the class's 3584) and
+    its BigVGAN vocoder starts at 1536 channels (115M parameters): the shrunk thinker's width and 128
+    channels. (Its model class defines generate only, no forward: this gets it to that error.)"""
+    _set(cfg.talker_config, "embedding_size", cfg.thinker_config.text_config.hidden_size)
+    _set(cfg.token2wav_config.bigvgan_config, "upsample_initial_channel", 128)
+
+
 def _pi0(cfg) -> None:
     """PI0's PaliGemma (its ``vlm_config``) made consistent as a PaliGemma of its own is (``_consistent``): its
     projector into the text (``projection_dim``, the class's 2048) the shrunk text width, its image placeholder
@@ -808,7 +816,7 @@ _TYPE_FIXES = {"lw_detr": _detr_on_small_images, "rf_detr": _detr_on_small_image
                "pp_doclayout_v2": _doclayout_queries, "dia": _dia, "apertus1p5": _apertus1p5,
                "muse_glimmer": _muse, "muse_spark": _muse, "minimax_m3_vl": _minimax_m3_vl,
                "tvp": _tvp, "nemotron3_5_transcribe_audio": _mha_audio,
-               "neomme": _neomme,
+               "neomme": _neomme, "qwen2_5_omni": _qwen2_5_omni,
                "ernie4_5_vl_moe": _ernie_vl_sections, "grounding-dino": _grounding_dino,
                "mm-grounding-dino": _grounding_dino, "phi4_multimodal": _phi4_multimodal,
                **dict.fromkeys(("vibevoice", "vibevoice_asr", "vibevoice_acoustic_tokenizer",
