@@ -508,3 +508,14 @@ def test_entity_stream_puts_the_entity_aware_attention_in_the_forward():
               "luke.encoder.layer.0.attention.self.e2e_query.weight"):
         assert any(t.groups() for t in spec.axes_of(p)), p
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_spectrogram_whose_input_layer_reads_stacked_mels_gets_that_width():
+    """Granite Speech 5's encoder reads delta-expanded mels stacked in pairs, 4 x ``num_mel_bins`` wide, which no
+    config key says: frames first, as wide as its first linear layer reads."""
+    from transformers import GraniteSpeech5Encoder, GraniteSpeech5EncoderConfig
+
+    cfg = GraniteSpeech5EncoderConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, num_mel_bins=24, vocab_size=32,
+                                      context_size=32, max_position_embeddings=32)
+    assert _runs(GraniteSpeech5Encoder(cfg).eval())["input_features"].shape == (2, 64, 96)

@@ -396,3 +396,45 @@ def test_prefixed_image_and_audio_inputs_counted_by_the_merge_put_both_towers_in
     assert _moves(spec, embed + "image_embed.img_processor.encoder.layers.0.mlp.fc1.weight")
     assert _moves(spec, embed + "audio_embed.encoder.encoders.0.feed_forward_in.gate_up_proj.weight")
     assert pg.verify(model, spec).ok  # (the exact check traces again: the benchmark's row runs it)
+
+
+def test_vlm_that_reads_image_sizes_as_a_tensor_gets_a_tensor():
+    """Apertus 1.5 tokenizes each image at its own size, read with ``image_sizes.tolist()`` (the list that
+    Mistral 3 takes fails there): ``image_sizes`` a tensor, with as many image tokens as its VQ tokenizer
+    gives (a 32-pixel image, 16 pixels a code: 4)."""
+    from transformers import Apertus1p5Config, Apertus1p5ForConditionalGeneration
+
+    cfg = Apertus1p5Config(
+        text_config={"vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "num_key_value_heads": 4, "bos_token_id": 1, "eos_token_id": 2,
+                     "pad_token_id": 3},
+        vision_config={"base_channels": 32, "channel_multiplier": [1, 1, 1, 1, 1], "num_res_blocks": 1,
+                       "latent_channels": 32, "embed_dim": 16, "codebook_size": 16},
+        audio_config={"hidden_size": 32, "codebook_dim": 32, "codebook_size": 16, "num_filters": 4},
+        image_token_id=120, audio_token_id=121, image_token_offset=64, audio_token_offset=80)
+    torch.manual_seed(0)
+    model = Apertus1p5ForConditionalGeneration(cfg).eval()
+    inputs = default_example_inputs(model, modalities=("image",))
+    assert isinstance(inputs["image_sizes"], torch.Tensor) and inputs["image_sizes"].tolist() == [[32, 32]] * 2
+    assert int((inputs["input_ids"] == 120).sum()) == 2 * 4
+    with torch.no_grad():
+        model(**inputs)
+
+
+def test_vlm_without_a_vision_tower_that_reads_packed_patches_gets_them():
+    """NeoMME embeds the batch's image patches as one list ``(patches, C * P * P)`` (no vision config; Fuyu's
+    ``(batch, 16, C * P * P)`` fails its placeholder check): 32 packed patches, 16 image tokens per sample;
+    the patch embedding moves."""
+    from transformers import NeoMMEConfig, NeoMMEForMaskedLM
+
+    cfg = NeoMMEConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=8,
+                       layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = NeoMMEForMaskedLM(cfg).eval()
+    inputs = default_example_inputs(model)
+    assert inputs["pixel_values"].shape == (32, 3 * 8 * 8)
+    assert int((inputs["input_ids"] == cfg.image_token_id).sum()) == 32
+    spec = pg.compile(model)
+    assert any(_moves(spec, p) for p in spec.shapes if "patch_embeddings" in p and p.endswith("weight"))
+    assert pg.verify(model, spec, promote_float32=True).ok
