@@ -86,12 +86,11 @@ def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterato
     yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)}
     if "image_sizes" in params:  # each image's size in pixels, which the forward requires (Mistral 3's patch
         # merger): a list again, read in Python
-        yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype),
-               "image_sizes": [[size, size]] * batch}
+        pixels = torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype)
+        yield {"pixel_values": pixels, "image_sizes": [[size, size]] * batch}
         # a tensor where the forward reads it as one (Apertus 1.5's ``image_sizes.tolist()``: each image
-        # tokenized at its own size)
-        yield {"pixel_values": torch.randn(batch, ch, size, size, generator=gen).to(dev, dtype),
-               "image_sizes": torch.tensor([[size, size]] * batch, device=dev)}
+        # tokenized at its own size), the same images (no draw of its own: later candidates' values unchanged)
+        yield {"pixel_values": pixels, "image_sizes": torch.tensor([[size, size]] * batch, device=dev)}
     # images per sample (Idefics2/3, SmolVLM: ``(batch, images, C, S, S)``), one each; with the tiles' mask
     yield {"pixel_values": torch.randn(batch, 1, ch, size, size, generator=gen).to(dev, dtype)}
     if "pixel_attention_mask" in params:  # where it marks real tiles ``(batch, tiles)`` (Granite Docling)
