@@ -225,12 +225,13 @@ def _consistent(cfg, model_type: str) -> None:
             if isinstance(getattr(sub, "audio_hidden_size", None), int) and isinstance(getattr(a, "hidden_size", None),
                                                                                        int):
                 _set(sub, "audio_hidden_size", a.hidden_size)
-    for c in _nested(cfg):  # a SAM tower whose downsampling convolutions feed the encoder beside it (DeepSeek-OCR 2's,
-        sam, enc = getattr(c, "sam_config", None), getattr(c, "encoder_config", None)  # Unlimited-OCR's: 512 and
+    for c in _nested(cfg):  # a SAM tower whose downsampling convolutions (DeepSeek-OCR 2's, Unlimited-OCR's: 512
+        sam = getattr(c, "sam_config", None)  # and 1024, the default encoder width) feed the encoder beside it:
+        enc = getattr(c, "encoder_config", None) if sam is not None else None  # ending at its shrunk width (read
         if isinstance(getattr(sam, "downsample_channels", None), (list, tuple)) \
-                and isinstance(getattr(enc, "hidden_size", None), int):  # 1024, the encoder's default width)
-            n = len(sam.downsample_channels)
-            _set(sam, "downsample_channels", [enc.hidden_size >> (n - 1 - i) for i in range(n)])  # end at its width
+                and isinstance(getattr(enc, "hidden_size", None), int):  # only beside a SAM: WavTokenizer's
+            n = len(sam.downsample_channels)  # encoder_config is a property that builds and validates one)
+            _set(sam, "downsample_channels", [enc.hidden_size >> (n - 1 - i) for i in range(n)])
     glob, local = getattr(cfg, "global_config", None), getattr(cfg, "encoder_config", None)  # BLT: the global
     if isinstance(getattr(local, "hidden_size_global", None), int) and isinstance(getattr(glob, "hidden_size", None),
                                                                                    int):  # transformer reads the
@@ -687,7 +688,8 @@ def _wavtokenizer(cfg) -> None:
     (``decoder_*``: 12 ConvNeXt blocks 768 wide, 60M parameters; keys the generic table does not know) 2 blocks
     at the shrunk sizes."""
     _set(cfg, "codebook_dim", cfg.hidden_size)
-    for k, v in (("decoder_hidden_size", SMALL["hidden_size"]), ("decoder_intermediate_size", SMALL["intermediate_size"]),
+    for k, v in (("decoder_hidden_size", SMALL["hidden_size"]),
+                 ("decoder_intermediate_size", SMALL["intermediate_size"]),
                  ("decoder_num_layers", SMALL["num_hidden_layers"])):
         if isinstance(getattr(cfg, k, None), int):
             _set(cfg, k, v)

@@ -43,13 +43,12 @@ _IMAGE_TOKEN_COUNTS = ("latent_query_num", "image_seq_length", "num_image_tokens
 def _image_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> Iterator[dict[str, Any]]:
     """Candidate image inputs of a vision-language model, most common layout first: one image per
     sample ``(batch, C, S, S)`` (``S`` 32 where the vision config has no image size); anyres tiles with
-    ``image_sizes`` (LLaVA-NeXT), as a list, then a tensor; flattened patches with their grid (``_VLM_GRID_PARAMS``: Qwen-VL's
-    ``image_grid_thw``); NaViT-packed patches with ``target_sizes`` (MiniCPM-V); Pix2Struct-layout
-    ``flattened_patches`` (Kosmos-2.5); images per sample; for a model without a vision config, 16
-    patches per image ``(batch, 16, C * P * P)`` (Fuyu embeds them with one linear layer), then packed
-    ``(batch * 16, C * P * P)`` (NeoMME); last, where
-    the vision config has a ``crop_size``, a global view and one crop with their patch masks (Phi-4
-    multimodal's HD crops)."""
+    ``image_sizes`` (LLaVA-NeXT), as a list, then a tensor; flattened patches with their grid
+    (``_VLM_GRID_PARAMS``: Qwen-VL's ``image_grid_thw``); NaViT-packed patches with ``target_sizes``
+    (MiniCPM-V); Pix2Struct-layout ``flattened_patches`` (Kosmos-2.5); images per sample; for a model
+    without a vision config, 16 patches per image ``(batch, 16, C * P * P)`` (Fuyu embeds them with one
+    linear layer), then packed ``(batch * 16, C * P * P)`` (NeoMME); last, where the vision config has a
+    ``crop_size``, a global view and one crop with their patch masks (Phi-4 multimodal's HD crops)."""
     cfg = model.config
     vcfg = _vision_config(cfg)
     dev, dtype = model_device(model), model_dtype(model)
