@@ -1263,8 +1263,10 @@ def _subconfigs(cfg):
 
 
 def _nested(cfg) -> list:
-    """``cfg`` and its sub-configs at any depth."""
-    return [cfg, *(c for sub in _subconfigs(cfg) for c in _nested(sub))]
+    """``cfg`` and its sub-configs at any depth: the walk derived inputs use (``permgraph.inputs``)."""
+    from permgraph.inputs.model import nested_configs
+
+    return nested_configs(cfg)
 
 
 def _top_reasons(spec, k: int = 3) -> list[str]:

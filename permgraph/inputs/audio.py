@@ -13,11 +13,11 @@ import torch.nn as nn
 from permgraph.inputs.model import (
     _add_if_read,
     _first_that_runs,
-    _nested_configs,
     _required,
     _token_id,
     model_device,
     model_dtype,
+    nested_configs,
 )
 from permgraph.inputs.placeholders import _feature_count, _merged_count, _named_for, _with_modality_tokens
 
@@ -99,7 +99,7 @@ def _audio_with_frames(model: nn.Module, batch: int, gen: torch.Generator, frame
     ``_hops`` and each frame width the config or a sub-config declares (``feature_projection_input_dim``,
     ``num_mel_bins``, ``feature_size``; 80 where none does)."""
     dev, dtype = model_device(model), model_dtype(model)
-    dims = [v for c in _nested_configs(model.config)
+    dims = [v for c in nested_configs(model.config)
             for v in (getattr(c, k, None) for k in ("feature_projection_input_dim", "num_mel_bins", "feature_size"))
             if isinstance(v, int) and not isinstance(v, bool) and v > 0]
     for hop in _hops(model.config):
@@ -114,7 +114,7 @@ def _hops(cfg: Any) -> list[int]:
     """Samples per audio frame that a config or its sub-configs declare: ``hop_length``, ``samples_per_token``
     or the product of ``downsampling_ratios``."""
     out = []
-    for c in _nested_configs(cfg):
+    for c in nested_configs(cfg):
         ratios = getattr(c, "downsampling_ratios", None)
         for v in (getattr(c, "hop_length", None), getattr(c, "samples_per_token", None),
                   math.prod(ratios) if isinstance(ratios, (list, tuple)) and ratios else None):
@@ -175,7 +175,7 @@ def _with_audio_frames(model: nn.Module, out: dict[str, Any], batch: int, seed: 
     HTSAT), ``(batch, 64, mels)``; ``mels`` the config's or a sub-config's (``num_mel_bins``,
     ``feature_size``), else 80."""
     cfg = model.config
-    mels = next((v for c in _nested_configs(cfg) for k in ("num_mel_bins", "feature_size")
+    mels = next((v for c in nested_configs(cfg) for k in ("num_mel_bins", "feature_size")
                  if isinstance(v := getattr(c, k, None), int) and not isinstance(v, bool) and v > 0), 80)
     gen = torch.Generator().manual_seed(seed + 4)
     for shape in ((batch, mels, 64), (batch, 1, 64, mels), (batch, 64, mels)):

@@ -21,12 +21,12 @@ from permgraph.inputs.images import (
 from permgraph.inputs.model import (
     _OFF_WHILE_TRACING,
     _first_that_runs,
-    _nested_configs,
     _required,
     _text_vocab,
     _token_id,
     is_transformers_model,
     model_device,
+    nested_configs,
     tracing_flags,
 )
 from permgraph.inputs.precomputed import _with_precomputed
@@ -156,7 +156,7 @@ def _parts_vocab(cfg: Any) -> int:
     """Token ids' range for a config that declares no vocabulary of its own (nor a text config's): 100, or
     the smallest vocabulary below that of its sub-configs (a text-to-speech model and its vocoder:
     FastSpeech 2 Conformer's ``model_config``, 78 phonemes)."""
-    sizes = [v for c in _nested_configs(cfg)[1:] if isinstance(v := getattr(c, "vocab_size", None), int)
+    sizes = [v for c in nested_configs(cfg)[1:] if isinstance(v := getattr(c, "vocab_size", None), int)
              and not isinstance(v, bool) and v > 0]
     return min([100, *sizes])
 

@@ -51,7 +51,7 @@ def _required(params: Any) -> list[str]:
     return [k for k, p in params.items() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def _nested_configs(cfg: Any) -> list[Any]:
+def nested_configs(cfg: Any) -> list[Any]:
     """A config and its sub-configs at every depth, breadth first."""
     from transformers import PretrainedConfig
 
