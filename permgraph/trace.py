@@ -28,6 +28,7 @@ from permgraph.equivalents import (
     with_all_ones_mask,
 )
 from permgraph.errors import TraceError
+from permgraph.graph_forms import constant_ranges_as_slices, drop_dead_code, fused_segments_as_splits
 from permgraph.infer.engine import GraphInput
 from permgraph.inputs import ExampleInputs, is_transformers_model, resolve_inputs
 
@@ -330,96 +331,10 @@ def _collect(model: nn.Module, ep, strict: bool) -> Traced:
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     shapes.update({i.name: state[i.name] for i in inputs.values() if i.kind == "state"})
     info = {"model": type(model).__name__, "torch": torch.__version__, "strict": strict}
-    _drop_dead_code(ep)
-    _constant_ranges_as_slices(ep)
+    drop_dead_code(ep)
+    constant_ranges_as_slices(ep)
+    fused_segments_as_splits(ep)
     return Traced(ep.graph, inputs, shapes, aliases, _output_names(ep), info, ep)
-
-
-def _drop_dead_code(ep) -> None:
-    """Remove calls whose results nothing uses (BART's ``inputs_embeds[:, :, -1]``, read only for its
-    shape): they constrain nothing, and left in they would fix what they index. Calls with side
-    effects (in-place writes, asserts) stay (``torch.fx.Node.is_impure``), and so does dead work that
-    reads weights (a pooler whose output a task head drops): it keeps those weights moving with
-    their layer instead of leaving them fixed as unused."""
-    sig = ep.graph_signature
-    weights = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers)
-    live: set = set()
-    for node in reversed(ep.graph.nodes):
-        if node.op in ("placeholder", "output") or any(u in live for u in node.users):
-            live.add(node)
-            continue
-        try:
-            if node.is_impure() or _functorch_level(node):
-                live.add(node)
-        except Exception:  # noqa: BLE001 - purity unknown: keep it
-            live.add(node)
-    reads_weights: set = set()
-    for node in reversed(ep.graph.nodes):
-        if node not in live and (any(a.name in weights for a in node.all_input_nodes if a.op == "placeholder")
-                                 or any(u in reads_weights for u in node.users)):
-            reads_weights.add(node)
-    dead = [n for n in reversed(ep.graph.nodes) if n not in live and n not in reads_weights]
-    for node in dead:
-        ep.graph.erase_node(node)
-    if dead:
-        ep.graph_module.recompile()
-
-
-def _functorch_level(node) -> bool:
-    """functorch's ``_vmap_increment_nesting`` / ``_vmap_decrement_nesting`` (``torch.vmap`` inside a
-    forward: transformers' mask functions): their results go unused, but the graph's batched calls need the
-    levels they open, so they stay (dropped, the exported graph no longer runs)."""
-    name = getattr(node.target, "__name__", "")
-    return node.op == "call_function" and name.endswith("_nesting") and "functorch" in str(
-        getattr(node.target, "__module__", ""))
-
-
-_VALUE_KEEPING = ("lift_fresh_copy", "clone", "_to_copy", "to", "alias", "detach")
-
-
-def _constant_ranges_as_slices(ep) -> None:
-    """``x[..., [k, k+1, ...], ...]`` with a constant index of consecutive positions is the slice
-    ``x[..., k:k+m, ...]`` (Falcon's multi-query ``fused_qkv[..., [-2], :]``): rewritten so that the
-    slice rule keeps the other positions free instead of the index rule fixing the whole axis."""
-    from torch.export.graph_signature import InputKind
-
-    consts = {}
-    names = {s.arg.name: s.target for s in ep.graph_signature.input_specs
-             if s.kind == InputKind.CONSTANT_TENSOR and getattr(s.arg, "name", None)}
-    for node in ep.graph.nodes:
-        if node.op == "placeholder" and node.name in names and names[node.name] in ep.constants:
-            consts[node] = ep.constants[names[node.name]]
-        elif (node.op == "call_function" and node.args and node.args[0] in consts
-              and getattr(getattr(node.target, "overloadpacket", None), "__name__", "") in _VALUE_KEEPING):
-            consts[node] = consts[node.args[0]]
-    changed = False
-    for node in list(ep.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.aten.index.Tensor:
-            continue
-        x, idxs = node.args[0], node.args[1]
-        pos = [i for i, v in enumerate(idxs) if v is not None]
-        val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-        if len(pos) != 1 or idxs[pos[0]] not in consts or not isinstance(val, torch.Tensor):
-            continue
-        dim, idx = pos[0], consts[idxs[pos[0]]]
-        try:
-            n = int(val.shape[dim])
-        except Exception:  # noqa: BLE001 - a size known only at run time
-            continue
-        if idx.dim() != 1 or idx.numel() == 0 or idx.is_floating_point() or idx.dtype == torch.bool:
-            continue
-        v = [int(i) % n for i in idx.tolist()]
-        if v != list(range(v[0], v[0] + len(v))):
-            continue
-        with ep.graph.inserting_before(node):
-            new = ep.graph.call_function(torch.ops.aten.slice.Tensor, (x, dim, v[0], v[0] + len(v), 1))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        ep.graph.erase_node(node)
-        changed = True
-    if changed:
-        ep.graph.eliminate_dead_code()
-        ep.graph_module.recompile()
 
 
 def _path_name(path) -> str:

@@ -82,11 +82,16 @@ def test_t5_shared_position_bias_ties_heads_across_layers():
     assert len(cross) == 2
 
 
-def test_torch_mha_fused_in_proj_shares_within_head():
+def test_torch_mha_fused_in_proj_has_separate_qk_and_vo():
+    """``nn.MultiheadAttention``'s packed ``in_proj`` (unflattened to ``(3, E)`` and selected) is its q | k | v
+    segments, as GPT-2's split ``c_attn`` is: queries/keys and values get their own within-head groups."""
     zm = build("torch_encoder_post")
     spec = pg.compile(zm.model, zm.inputs)
     roles = groups_by_role(spec)
-    assert len(roles["heads"]) == 2 and len(roles["qkvo"]) == 2
+    assert len(roles["heads"]) == 2 and len(roles["qk"]) == 2 and len(roles["vo"]) == 2
+    assert "qkvo" not in roles
+    tree = spec.axes["encoder.layers.0.self_attn.in_proj_weight"][0]
+    assert isinstance(tree, Cat) and len(tree.parts) == 3
 
 
 def test_clip_projection_outputs_fixed_residuals_free():

@@ -1403,14 +1403,15 @@ class _ChunkedAttention(nn.Module):
 def test_size_pinned_by_a_run_time_assertion_is_known():
     """A width the exporter leaves symbolic but the graph asserts equal to a number (``2*u0 + 2*u1`` with
     ``u0 + u1 = 8`` is 16) is that number: the heads and within-head units move (they were fixed as sizes
-    known only at run time)."""
+    known only at run time): queries/keys and values each their own within-head group."""
     from permgraph.infer.context import asserted_size
 
     model = _ChunkedAttention().double()
     inputs = (torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
               torch.tensor([0, 3, 8]))
     spec = pg.compile(model, inputs)
-    assert sorted(g.size for g in spec.groups.values()) == [2, 8], spec.groups
+    roles = {g.role: g.size for g in spec.groups.values()}
+    assert roles == {"heads": 2, "qk": 8, "vo": 8}, spec.groups
     assert len(spec.axes_of("proj.weight")[1].groups()) == 2
     for seed in (0, 1, 2):
         assert pg.verify(model, spec, inputs, seed=seed, tolerance=1e-12).ok
