@@ -94,6 +94,7 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
     for v in list(vars(cfg).values()):  # ``text_config``'s vocabulary shrinks: _consistent moves the ids into it
         if isinstance(v, PretrainedConfig):
             _shrink(v, layers_only, () if v is text else images)
+    moved = False
     for k, small in SMALL.items():
         v = getattr(cfg, k, None)
         if not isinstance(v, int) or isinstance(v, bool) or v <= small:
@@ -101,9 +102,13 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
         if layers_only and k not in LAYERS and k not in EXPERTS:
             continue
         if k.startswith("vocab_size") and any(t >= small for t in ids):
-            if v >= 200_000 and max(ids) < v // 2:  # a multilingual vocabulary (RemBERT's 250k) down to its
-                _set(cfg, k, max(ids) + 1)  # special tokens (which the forward may read)
-            continue
+            if any(t >= small for t in outer_ids):  # another config's placeholders: the vocabulary kept
+                if v >= 200_000 and max(ids) < v // 2:  # a multilingual one (RemBERT's 250k) down to its
+                    _set(cfg, k, max(ids) + 1)  # special tokens (which the forward may read)
+                continue
+            if not moved:  # the config's own special tokens (bos, eos, pad...) moved into the small vocabulary
+                _own_ids_below(cfg, small)
+                moved = True
         try:
             setattr(cfg, k, small)
         except Exception:  # noqa: BLE001 - read-only properties
@@ -155,6 +160,23 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
                 setattr(cfg, k, v[:n])
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _own_ids_below(cfg, vocab: int) -> None:
+    """``cfg``'s special token ids at or above ``vocab`` moved to its free top ids (equal ids stay equal):
+    a 150k text vocabulary kept for its bos/eos ids was most of a small model's parameters."""
+    free, new = _free_ids(cfg, cfg, vocab), {}
+    for k, v in list(vars(cfg).items()):
+        if not (k.endswith("token_id") or k.endswith("token_index") or k.endswith("_token_ids")):
+            continue
+        vs = v if isinstance(v, (list, tuple)) else [v]
+        if not any(type(x) is int and x >= vocab for x in vs):
+            continue
+        for x in vs:
+            if type(x) is int and x >= vocab and x not in new:
+                new[x] = next(free)
+        out = [new.get(x, x) if type(x) is int else x for x in vs]
+        _set(cfg, k, type(v)(out) if isinstance(v, (list, tuple)) else out[0])
 
 
 def _set(cfg, k: str, v) -> None:
@@ -624,25 +646,11 @@ def _muse_spark_audio(cfg) -> None:
     _set(cfg, "out_hidden_size", 64)
 
 
-def _small_text_vocab(cfg) -> None:
-    """A VLM's text vocabulary shrunk where ``_shrink`` kept it for the text config's own bos/eos ids (which
-    the forward does not read): ``SMALL``'s, those ids and the outer config's placeholders among its free
-    top ids."""
-    text = cfg.text_config
-    _set(text, "vocab_size", SMALL["vocab_size"])
-    free = _free_ids(cfg, text, text.vocab_size)
-    for c in (cfg, text):
-        for k, v in list(vars(c).items()):
-            if (k.endswith("token_id") or k.endswith("token_index")) and type(v) is int and v >= text.vocab_size:
-                _set(c, k, next(free))
-
-
 def _minimax_m3_vl(cfg) -> None:
     """MiniMax-M3-VL: the projector merges spatial_merge_size^2 projected patches (``merged_hidden_size``: the
     text width x 4, the class's 24576) through ``projector_hidden_size`` (6144: 151M parameters), now the
     text width; the text's dense and shared-expert MLPs (12288, 3072), its partial rotary (64, past the
-    shrunk 16-wide heads) and its block indexer's heads (128 wide) shrunk; the text vocabulary as
-    ``_small_text_vocab``."""
+    shrunk 16-wide heads) and its block indexer's heads (128 wide) shrunk."""
     text = cfg.text_config
     _set(cfg, "projector_hidden_size", text.hidden_size)
     _set(cfg, "merged_hidden_size", text.hidden_size * cfg.vision_config.spatial_merge_size ** 2)
@@ -650,7 +658,6 @@ def _minimax_m3_vl(cfg) -> None:
                  ("shared_intermediate_size", SMALL["shared_expert_intermediate_size"]),
                  ("rotary_dim", text.head_dim), ("index_head_dim", text.head_dim)):
         _set(text, k, v)
-    _small_text_vocab(cfg)
 
 
 def _muse(cfg) -> None:
@@ -658,11 +665,8 @@ def _muse(cfg) -> None:
     (``out_hidden_size``: the tower's width x merge_size^2, the class's 6144 = 1536 x 4) and is
     ``projector_hidden_size`` wide (4096: 42M parameters), now the text width; Muse Spark's MoE pools to
     ``moe_hidden_size`` (4096) before its experts, now the text width; its audio tower as
-    ``_muse_spark_audio`` shrinks it on its own, writing text embeddings (the text width). The text
-    vocabulary (202048, kept for its bos/eos ids 200000 and 200001, which the forward does not read) shrunk
-    as others are, those ids and the placeholders among its free top ids."""
+    ``_muse_spark_audio`` shrinks it on its own, writing text embeddings (the text width)."""
     text, vision = cfg.text_config, cfg.vision_config
-    _small_text_vocab(cfg)
     _set(cfg, "out_hidden_size", vision.hidden_size * vision.merge_size ** 2)
     _set(cfg, "projector_hidden_size", text.hidden_size)
     if isinstance(getattr(text, "moe_hidden_size", None), int):
