@@ -205,8 +205,10 @@ def _follow(u: fx.Node, x: fx.Node, pos: int) -> int | None:
     xs, ys = _shape(x), _shape(u)
     r = len(xs) if xs is not None else 0
     t, a = u.target, u.args
-    if t is aten.unbind.int:
-        return -1 if _dim(a[1] if len(a) > 1 else u.kwargs.get("dim", 0), r) == pos else None
+    if t is aten.unbind.int:  # read only by picking its parts: ``q, k, v = x.unbind(0)``
+        ok = all(g.op == "call_function" and g.target is operator.getitem and isinstance(g.args[1], int)
+                 for g in u.users)
+        return -1 if ok and _dim(a[1] if len(a) > 1 else u.kwargs.get("dim", 0), r) == pos else None
     if t is aten.select.int:
         return -1 if _dim(a[1], r) == pos and isinstance(a[2], int) else None
     if ys is None or xs is None:

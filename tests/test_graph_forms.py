@@ -152,3 +152,4 @@ def test_activation_matching_reads_the_rewritten_program():
     names = {n.name for n in cg.exported.graph.nodes}
     assert set(cg.node_trees) <= names
     torch.testing.assert_close(cg.exported.module()(x), model(x), rtol=0, atol=1e-14)
+
