@@ -79,10 +79,11 @@ def _token_ids(cfg) -> list[int]:
 
 
 def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
-    """Shrink ``cfg`` and its sub-configs; a vocabulary keeps its config's token ids and the image
-    token ids of the configs around it (a VLM's ``image_token_id`` lives on the outer config, the
-    vocabulary on a sub-config; derived inputs put image tokens in ``input_ids``), except
-    ``text_config``'s, whose outer ids ``_consistent`` moves into the shrunk vocabulary."""
+    """Shrink ``cfg`` and its sub-configs. A vocabulary shrinks with its config's own special token ids
+    moved into it (``_own_ids_below``); one that the image token ids of the configs around it index is
+    kept (a VLM's ``image_token_id`` lives on the outer config, the vocabulary on a sub-config; derived
+    inputs put image tokens in ``input_ids``), except ``text_config``'s, whose outer ids ``_consistent``
+    moves into the shrunk vocabulary."""
     from transformers import PretrainedConfig
 
     if "allow_global_per_layer_attribute_access" in dir(cfg):  # heterogeneous configs (Gemma 4): per-layer
