@@ -596,9 +596,12 @@ def _sam3(cfg) -> None:
 
 
 def _dots3_note(cfg) -> None:
-    """Dots3-Note's audio attention projects keys to the full width (its checkpoint: kv heads = heads)."""
+    """Dots3-Note's audio attention projects keys to the full width (its checkpoint: kv heads = heads); its
+    stem's output width, which the class derives once (``downsample_hidden_size`` x ceil(mels / 8)), follows
+    the shrunk ``downsample_hidden_size`` (stale, the tower failed on every derived audio input)."""
     audio = cfg.audio_config
     _set(audio, "num_key_value_heads", audio.num_attention_heads)
+    _set(audio, "conv_output_size", audio.downsample_hidden_size * ((audio.feature_size + 7) // 8))
 
 
 def _mha_audio(cfg) -> None:
