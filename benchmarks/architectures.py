@@ -164,20 +164,31 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
 
 
 def _own_ids_below(cfg, vocab: int) -> None:
-    """``cfg``'s special token ids at or above ``vocab`` moved to its free top ids (equal ids stay equal):
-    a 150k text vocabulary kept for its bos/eos ids was most of a small model's parameters."""
-    free, new = _free_ids(cfg, cfg, vocab), {}
-    for k, v in list(vars(cfg).items()):
-        if not (k.endswith("token_id") or k.endswith("token_index") or k.endswith("_token_ids")):
-            continue
-        vs = v if isinstance(v, (list, tuple)) else [v]
-        if not any(type(x) is int and x >= vocab for x in vs):
-            continue
-        for x in vs:
-            if type(x) is int and x >= vocab and x not in new:
-                new[x] = next(free)
-        out = [new.get(x, x) if type(x) is int else x for x in vs]
-        _set(cfg, k, type(v)(out) if isinstance(v, (list, tuple)) else out[0])
+    """The special token ids at or above ``vocab`` of ``cfg`` and of its sub-configs that have no vocabulary
+    of their own (Phi-4 multimodal's image and audio placeholders live on its vision and audio configs)
+    moved to free top ids (equal ids stay equal): a 150k text vocabulary kept for its bos/eos ids was most
+    of a small model's parameters."""
+    from transformers import PretrainedConfig
+
+    configs, todo = [], [cfg]
+    while todo:
+        c = todo.pop()
+        configs.append(c)
+        todo += [v for v in vars(c).values() if isinstance(v, PretrainedConfig) and not hasattr(v, "vocab_size")]
+    taken = {x for c in configs for x in _token_ids(c)}
+    free, new = (i for i in range(vocab - 1, -1, -1) if i not in taken), {}
+    for c in configs:
+        for k, v in list(vars(c).items()):
+            if not (k.endswith("token_id") or k.endswith("token_index") or k.endswith("_token_ids")):
+                continue
+            vs = v if isinstance(v, (list, tuple)) else [v]
+            if not any(type(x) is int and x >= vocab for x in vs):
+                continue
+            for x in vs:
+                if type(x) is int and x >= vocab and x not in new:
+                    new[x] = next(free)
+            out = [new.get(x, x) if type(x) is int else x for x in vs]
+            _set(c, k, type(v)(out) if isinstance(v, (list, tuple)) else out[0])
 
 
 def _set(cfg, k: str, v) -> None:
