@@ -62,16 +62,19 @@ SMALL = {
 }
 
 
-def _free_ids(cfg, text, vocab: int):
-    """Ids of ``vocab`` that neither ``cfg`` nor its text config uses as a special token, the top ones first."""
-    taken = {v for v in _token_ids(cfg) + _token_ids(text) if isinstance(v, int)}
+def _free_ids(vocab: int, *configs):
+    """Ids of ``vocab`` that none of ``configs`` uses as a special token, the top ones first."""
+    taken = {v for c in configs for v in _token_ids(c) if isinstance(v, int)}
     return (i for i in range(vocab - 1, -1, -1) if i not in taken)
+
+
+_TOKEN_KEYS = ("token_id", "token_index", "_token_ids")  # config keys of special token ids
 
 
 def _token_ids(cfg) -> list[int]:
     out = []
     for k, v in vars(cfg).items():
-        if k.endswith("token_id") or k.endswith("token_index") or k.endswith("_token_ids"):
+        if k.endswith(_TOKEN_KEYS):
             for x in (v if isinstance(v, (list, tuple)) else [v]):
                 if isinstance(x, int):
                     out.append(x)
@@ -104,8 +107,6 @@ def _shrink(cfg, layers_only: bool, outer_ids: tuple[int, ...] = ()) -> None:
             continue
         if k.startswith("vocab_size") and any(t >= small for t in ids):
             if any(t >= small for t in outer_ids):  # another config's placeholders: the vocabulary kept
-                if v >= 200_000 and max(ids) < v // 2:  # a multilingual one (RemBERT's 250k) down to its
-                    _set(cfg, k, max(ids) + 1)  # special tokens (which the forward may read)
                 continue
             if not moved:  # the config's own special tokens (bos, eos, pad...) moved into the small vocabulary
                 _own_ids_below(cfg, small)
@@ -168,18 +169,15 @@ def _own_ids_below(cfg, vocab: int) -> None:
     of their own (Phi-4 multimodal's image and audio placeholders live on its vision and audio configs)
     moved to free top ids (equal ids stay equal): a 150k text vocabulary kept for its bos/eos ids was most
     of a small model's parameters."""
-    from transformers import PretrainedConfig
-
     configs, todo = [], [cfg]
     while todo:
         c = todo.pop()
         configs.append(c)
-        todo += [v for v in vars(c).values() if isinstance(v, PretrainedConfig) and not hasattr(v, "vocab_size")]
-    taken = {x for c in configs for x in _token_ids(c)}
-    free, new = (i for i in range(vocab - 1, -1, -1) if i not in taken), {}
+        todo += [v for v in _subconfigs(c) if not hasattr(v, "vocab_size")]
+    free, new = _free_ids(vocab, *configs), {}
     for c in configs:
         for k, v in list(vars(c).items()):
-            if not (k.endswith("token_id") or k.endswith("token_index") or k.endswith("_token_ids")):
+            if not k.endswith(_TOKEN_KEYS):
                 continue
             vs = v if isinstance(v, (list, tuple)) else [v]
             if not any(type(x) is int and x >= vocab for x in vs):
@@ -214,7 +212,7 @@ def _consistent(cfg, model_type: str) -> None:
                and (v is None and k in ("audio_token_id", "audio_token_index") and _audio_tower(cfg)
                     or v is None and k in _VISION_PLACEHOLDERS and vision is not None
                     or isinstance(v, int) and not isinstance(v, bool) and v >= vocab)}
-        free = _free_ids(cfg, text, vocab)
+        free = _free_ids(vocab, cfg, text)
         for k in ids:
             _set(cfg, k, next(free))
     for c in [cfg, *_subconfigs(cfg)]:  # a partial rotary's width inside the (shrunk) head (CodeGen, GPT-J);
@@ -421,7 +419,7 @@ def _vocabulary_map(cfg, model_type: str) -> None:
     for k in ("num_embeddings", "codebook_size"):
         if isinstance(getattr(vq, k, None), int):
             _set(vq, k, 32)
-    free = _free_ids(cfg, text, text.vocab_size)
+    free = _free_ids(text.vocab_size, cfg, text)
     image, eol = next(free), next(free)
     vocab = {"<image>": image, "<|extra_200|>": eol, **{names(i): next(free) for i in range(32)}}
     _set(cfg, "vocabulary_map", vocab)
@@ -934,7 +932,7 @@ def _fill_unset(cfg) -> bool:
         vocab = getattr(getattr(c, "text_config", None), "vocab_size", None)  # a VLM's image or video placeholder
         if isinstance(vocab, int) and getattr(c, "vision_config", None) is not None:  # the class leaves None (BLIP-2's
             # image, InstructBLIP Video's video)
-            free = _free_ids(c, c.text_config, vocab)
+            free = _free_ids(vocab, c, c.text_config)
             for k in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
                 if k in vars(c) and getattr(c, k) is None:
                     _set(c, k, next(free))

@@ -119,8 +119,8 @@ _META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
 
 @dataclass(frozen=True)
 class _Step:
-    """A call on the way from the reshape to the unbind: the segment axis is at ``pos`` in its input and
-    at ``out`` in its output (None: it ends there, indexed by an unbind or a select)."""
+    """A call on the way from the reshape to the unbind: the segment axis is at ``pos`` in its input (-1: the
+    reshape that cuts it) and at ``out`` in its output (None: it ends there, indexed by an unbind or a select)."""
     node: fx.Node
     pos: int
     out: int | None
@@ -247,10 +247,10 @@ def _without(seq: Any, i: int) -> list:
     return [s for j, s in enumerate(seq) if j != i]
 
 
-def _slice_args(step: _Step, x: fx.Node, first: bool) -> tuple[Any, tuple, dict]:
+def _slice_args(step: _Step, x: fx.Node) -> tuple[Any, tuple, dict]:
     """The call ``step`` makes, for one segment (the segment axis gone): target, args, kwargs."""
     u, t, a, pos = step.node, step.node.target, step.node.args, step.pos
-    if first:  # the reshape that cut the axis: its sizes without the segment count
+    if pos < 0:  # the reshape that cut the axis: its sizes without the segment count
         if t is aten.unflatten.int:
             d = a[1] % len(_shape(a[0]))
             return t, (x, d, _without(a[2], step.out - d)), {}
@@ -301,7 +301,7 @@ def _rewrite(graph: fx.Graph, view: fx.Node, c: int, p: int, steps: list[_Step])
                 ends.append((step.node, src))
                 continue
             with graph.inserting_before(step.node):
-                made[step.node] = [call(*_slice_args(step, s, step.node is view), step.node) for s in src]
+                made[step.node] = [call(*_slice_args(step, s), step.node) for s in src]
     except Exception:  # noqa: BLE001 - a form the fake values reject: leave the graph as it was
         for n in reversed(new_nodes):
             graph.erase_node(n)
