@@ -119,21 +119,37 @@ _META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
 
 @dataclass(frozen=True)
 class _Step:
-    """A call on the way from the reshape to the unbind: the segment axis is at ``pos`` in its input (-1: the
-    reshape that cuts it) and at ``out`` in its output (None: it ends there, indexed by an unbind or a select)."""
+    """A call on the way from the reshape to the reads of the segments: the segment axis is at ``pos`` in its input
+    (-1: the reshape that cuts it) and at ``out`` in its output (None: it ends there, read by an unbind, a
+    select or a slice of it)."""
     node: fx.Node
     pos: int
     out: int | None
 
 
+@dataclass(frozen=True)
+class _Cut:
+    """Axis ``c`` of the reshape's input cut at output dim ``p`` into ``(P, k, R)``: ``k`` positions, each a
+    block of ``R`` elements, repeated ``P`` times (``P > 1``: the segments interleave, Bloom's
+    ``(heads, 3, head_dim)``); ``segments`` the ``(start, length)`` ranges of ``[0, k)`` the reads pick."""
+    c: int
+    p: int
+    outer: int
+    inner: int
+    segments: tuple[tuple[int, int], ...]
+
+
 def fused_segments_as_splits(ep) -> int:
-    """``y = x.reshape(..., k, *rest)`` that cuts one axis of ``x`` into ``k`` equal segments, followed (through
-    permutes, transposes, (un)squeezes, copies and reshapes that keep the segment axis whole) by ``unbind`` or
-    ``select`` of the segment axis, is the split of that axis into its ``k`` segments, each reshaped alike:
-    rewritten so. Fused ``q|k|v`` projections (timm's ViT, ``nn.MultiheadAttention``, Qwen-VL's and SAM's
-    vision towers) then give their segments separate axes, as a split does (GPT-2's ``c_attn``): queries and
-    keys get their own within-head permutation and values theirs, where before the three shared one (the
-    segment factor of the reshaped axis indexed). Returns how many reshapes were rewritten."""
+    """``y = x.reshape(..., P, k, R, ...)`` that cuts one axis of ``x`` into ``k`` positions of ``R`` elements
+    (repeated ``P`` times), followed (through permutes, transposes, (un)squeezes, copies and reshapes that keep
+    the position axis whole) by reads that pick ranges of it (``unbind``, ``select``, a slice of step 1), is
+    the split of that axis into those segments, each reshaped alike: rewritten so (where ``P > 1``, the axis
+    viewed as ``(P, k * R)`` and split along the second). Fused ``q|k|v`` projections (timm's ViT,
+    ``nn.MultiheadAttention``, Qwen-VL's and SAM's vision towers, Bloom's and Persimmon's per-head
+    ``(heads, 3, head_dim)``, Falcon's multi-query ``(heads + 2, head_dim)``) then give their segments separate
+    axes, as a split does (GPT-2's ``c_attn``): queries and keys get their own within-head permutation and
+    values theirs, where before the three shared one (the segment factor of the reshaped axis indexed).
+    Returns how many reshapes were rewritten."""
     count = 0
     for node in list(ep.graph.nodes):
         if node.op != "call_function" or node.target not in (*_VIEWS, aten.unflatten.int) or node.graph is None:
@@ -158,9 +174,9 @@ def _shape(node: Any) -> tuple[int, ...] | None:
         return None
 
 
-def _segment_view(node: fx.Node) -> tuple[int, int, list[_Step]] | None:
-    """For a reshape that cuts an axis ``c`` of its input into ``(k, rest)`` at output dim ``p`` and whose
-    every use ends in an unbind/select of that dim: ``(c, p, steps)``."""
+def _segment_view(node: fx.Node) -> tuple[_Cut, list[_Step]] | None:
+    """For a reshape that cuts an axis ``c`` of its input into ``(P, k, R)`` at output dim ``p`` and whose every
+    use ends in reads of ranges of that dim: the cut and the steps."""
     x = node.args[0]
     xs, ys = _shape(x), _shape(node)
     if xs is None or ys is None:
@@ -168,19 +184,24 @@ def _segment_view(node: fx.Node) -> tuple[int, int, list[_Step]] | None:
     for p, k in enumerate(ys):
         if k < 2:
             continue
-        before = math.prod(ys[:p])
         for c, n in enumerate(xs):
             if node.target is aten.unflatten.int and c != node.args[1] % len(xs):
                 continue
-            if math.prod(xs[:c]) == before and n > k and n % k == 0:
-                steps = _uses(node, p)
-                if steps is not None:
-                    return c, p, [_Step(node, -1, p), *steps]
+            first = next((q for q in range(p + 1) if math.prod(ys[:q]) == math.prod(xs[:c])), None)
+            if first is None or n <= k or math.prod(xs[:c + 1]) % math.prod(ys[:p + 1]):
+                continue
+            outer = math.prod(ys[first:p])
+            if n % (outer * k):
+                continue
+            steps = _uses(node, p)
+            segments = _segments(steps, k) if steps is not None else None
+            if segments is not None:
+                return _Cut(c, p, outer, n // (outer * k), segments), [_Step(node, -1, p), *steps]
     return None
 
 
 def _uses(node: fx.Node, pos: int) -> list[_Step] | None:
-    """The calls from ``node`` (segment axis at ``pos``) to the unbinds/selects that end every path."""
+    """The calls from ``node`` (segment axis at ``pos``) to the reads that end every path."""
     out: list[_Step] = []
     if not node.users:
         return None
@@ -199,18 +220,15 @@ def _uses(node: fx.Node, pos: int) -> list[_Step] | None:
 
 def _follow(u: fx.Node, x: fx.Node, pos: int) -> int | None:
     """Where call ``u`` (reading ``x`` with the segment axis at ``pos``) puts that axis: its output dim, -1 where
-    ``u`` indexes it (the end), None where ``u`` does anything else with it (no rewrite)."""
+    ``u`` reads a range of it (the end), None where ``u`` does anything else with it (no rewrite)."""
     if u.op != "call_function" or not u.args or u.args[0] is not x or any(a is x for a in u.args[1:]):
         return None
     xs, ys = _shape(x), _shape(u)
     r = len(xs) if xs is not None else 0
     t, a = u.target, u.args
-    if t is aten.unbind.int:  # read only by picking its parts: ``q, k, v = x.unbind(0)``
-        ok = all(g.op == "call_function" and g.target is operator.getitem and isinstance(g.args[1], int)
-                 for g in u.users)
-        return -1 if ok and _dim(a[1] if len(a) > 1 else u.kwargs.get("dim", 0), r) == pos else None
-    if t is aten.select.int:
-        return -1 if _dim(a[1], r) == pos and isinstance(a[2], int) else None
+    if t in (aten.unbind.int, aten.select.int, aten.slice.Tensor):
+        return -1 if _read(u, r, xs[pos] if xs is not None else 0) is not None and _dim(
+            a[1] if len(a) > 1 else u.kwargs.get("dim", 0), r) == pos else None
     if ys is None or xs is None:
         return None
     if t in _SAME_DIMS:
@@ -227,6 +245,41 @@ def _follow(u: fx.Node, x: fx.Node, pos: int) -> int | None:
         before, k = math.prod(xs[:pos]), xs[pos]
         return next((q for q in range(len(ys)) if ys[q] == k and math.prod(ys[:q]) == before), None)
     return None
+
+
+def _read(u: fx.Node, rank: int, k: int) -> list[tuple[int, int, fx.Node]] | None:
+    """The ranges ``(start, stop, node)`` of the segment axis (size ``k``) that read ``u`` picks: an unbind's
+    getitems (its only users), a select's position, a slice of step 1; None for any other read."""
+    t, a = u.target, u.args
+    if not rank or not k:
+        return None
+    if t is aten.unbind.int:
+        if not all(g.op == "call_function" and g.target is operator.getitem and isinstance(g.args[1], int)
+                   for g in u.users):
+            return None
+        return [(g.args[1] % k, g.args[1] % k + 1, g) for g in u.users]
+    if t is aten.select.int:
+        return [(a[2] % k, a[2] % k + 1, u)] if isinstance(a[2], int) and -k <= a[2] < k else None
+    start, stop, step = (a[i] if len(a) > i else u.kwargs.get(n, v)
+                         for i, n, v in ((2, "start", None), (3, "end", None), (4, "step", 1)))
+    if step != 1 or not all(v is None or isinstance(v, int) for v in (start, stop)):
+        return None
+    lo, hi, _ = slice(start, stop).indices(k)
+    return [(lo, hi, u)] if lo < hi else None
+
+
+def _segments(steps: list[_Step], k: int) -> tuple[tuple[int, int], ...] | None:
+    """The ranges the reads pick, with the gaps between them (unread), as ``(start, length)`` tiling ``[0, k)``;
+    None where two reads overlap without being equal, or one read takes the whole axis."""
+    ranges: set[tuple[int, int]] = set()
+    for step in steps:
+        if step.out is None:
+            ranges.update((lo, hi) for lo, hi, _ in _read(step.node, len(_shape(step.node.args[0])), k))
+    cuts = sorted({0, k} | {b for r in ranges for b in r})
+    tiles = list(zip(cuts, cuts[1:]))
+    if len(tiles) < 2 or not ranges <= set(tiles):
+        return None
+    return tuple((lo, hi - lo) for lo, hi in tiles)
 
 
 def _dim(d: Any, rank: int) -> int | None:
@@ -247,16 +300,25 @@ def _without(seq: Any, i: int) -> list:
     return [s for j, s in enumerate(seq) if j != i]
 
 
-def _slice_args(step: _Step, x: fx.Node) -> tuple[Any, tuple, dict]:
-    """The call ``step`` makes, for one segment (the segment axis gone): target, args, kwargs."""
+def _sized(seq: Any, i: int, n: int) -> list:
+    return [n if j == i else s for j, s in enumerate(seq)]
+
+
+def _slice_args(step: _Step, x: fx.Node, cut: _Cut, length: int | None) -> tuple[Any, tuple, dict]:
+    """The call ``step`` makes for one segment: target, args, kwargs. ``length`` None: the segment is one
+    position, read by select/unbind, and its axis is dropped; else the segment axis is kept with that size."""
     u, t, a, pos = step.node, step.node.target, step.node.args, step.pos
-    if pos < 0:  # the reshape that cut the axis: its sizes without the segment count
-        if t is aten.unflatten.int:
-            d = a[1] % len(_shape(a[0]))
-            return t, (x, d, _without(a[2], step.out - d)), {}
-        return t, (x, _without(a[1], step.out)), {}
+    if pos < 0:  # the reshape that cut the axis: its sizes without the segment count, or with the segment's
+        sizes = _without(_shape(u), step.out) if length is None else _sized(_shape(u), step.out, length)
+        if t is aten.unflatten.int or cut.outer > 1:
+            return aten.reshape.default, (x, sizes), {}
+        return t, (x, _without(a[1], step.out) if length is None else _sized(a[1], step.out, length)), {}
     r = len(_shape(a[0]))
     if t in _SAME_DIMS:
+        return t, (x, *a[1:]), dict(u.kwargs)
+    if length is not None:
+        if t in _VIEWS:
+            return t, (x, _sized(a[1], step.out, length) if a[1][step.out] != -1 else a[1]), {}
         return t, (x, *a[1:]), dict(u.kwargs)
     if t in (aten.permute.default, aten.transpose.int):
         return aten.permute.default, (x, [d - (d > pos) for d in _perm(u, r) if d != pos]), {}
@@ -276,11 +338,16 @@ def _fake_value(target: Any, args: tuple, kwargs: dict, like: torch.Tensor) -> A
         return target(*vals[0], **vals[1])
 
 
-def _rewrite(graph: fx.Graph, view: fx.Node, c: int, p: int, steps: list[_Step]) -> bool:
+def _rewrite(graph: fx.Graph, view: fx.Node, cut: _Cut, steps: list[_Step]) -> bool:
     x = view.args[0]
-    xs, k = _shape(x), _shape(view)[p]
+    xs, k = _shape(x), _shape(view)[cut.p]
     like = x.meta["val"]
     new_nodes: list[fx.Node] = []
+    # a segment keeps its axis (sized) where it is longer than one position or a slice reads it; one position
+    # read only by select/unbind drops it
+    sliced = {lo for s in steps if s.out is None and s.node.target is aten.slice.Tensor
+              for lo, _, _ in _read(s.node, len(_shape(s.node.args[0])), k)}
+    kept = [n if n > 1 or lo in sliced else None for lo, n in cut.segments]
 
     def call(target, args, kwargs, meta_from: fx.Node, val=None) -> fx.Node:
         n = graph.call_function(target, args, kwargs)
@@ -291,32 +358,48 @@ def _rewrite(graph: fx.Graph, view: fx.Node, c: int, p: int, steps: list[_Step])
 
     try:
         with graph.inserting_before(view):
-            split = call(aten.split.Tensor, (x, xs[c] // k, c), {}, view)
-            parts = [call(operator.getitem, (split, i), {}, view, split.meta["val"][i]) for i in range(k)]
+            src, dim = x, cut.c
+            if cut.outer > 1:
+                src = call(aten.reshape.default, (x, [*xs[:cut.c], cut.outer, xs[cut.c] // cut.outer,
+                                                      *xs[cut.c + 1:]]), {}, view)
+                dim += 1
+            sizes = [n * cut.inner for _, n in cut.segments]
+            if len(set(sizes)) == 1:
+                split = call(aten.split.Tensor, (src, sizes[0], dim), {}, view)
+            else:
+                split = call(aten.split_with_sizes.default, (src, sizes, dim), {}, view)
+            parts = [call(operator.getitem, (split, i), {}, view, split.meta["val"][i]) for i in range(len(sizes))]
         made: dict[fx.Node, list[fx.Node]] = {x: parts}
         ends: list[tuple[fx.Node, list[fx.Node]]] = []
         for step in steps:  # in order: each step's input is made before it
-            src = made[step.node.args[0]]
+            src_parts = made[step.node.args[0]]
             if step.out is None:
-                ends.append((step.node, src))
+                ends.append((step.node, src_parts))
                 continue
             with graph.inserting_before(step.node):
-                made[step.node] = [call(*_slice_args(step, s), step.node) for s in src]
+                made[step.node] = [call(*_slice_args(step, s, cut, n), step.node)
+                                   for s, n in zip(src_parts, kept)]
+        index = {lo: i for i, (lo, _) in enumerate(cut.segments)}
+        swaps: list[tuple[fx.Node, fx.Node]] = []
+        for end, segs in ends:
+            for lo, _, node in _read(end, len(_shape(end.args[0])), k):
+                seg, pos = segs[index[lo]], _dim(end.args[1] if len(end.args) > 1 else end.kwargs.get("dim", 0),
+                                                   len(_shape(end.args[0])))
+                if kept[index[lo]] is not None and node.target is not aten.slice.Tensor:
+                    with graph.inserting_before(node):
+                        seg = call(aten.squeeze.dims, (seg, [pos]), {}, node)
+                swaps.append((node, seg))
     except Exception:  # noqa: BLE001 - a form the fake values reject: leave the graph as it was
         for n in reversed(new_nodes):
             graph.erase_node(n)
         return False
     old: list[fx.Node] = [s.node for s in steps]
-    for end, segs in ends:
-        if end.target is aten.select.int:
-            end.replace_all_uses_with(segs[end.args[2] % k])
-            continue
-        for g in list(end.users):  # unbind: its getitems
-            old.append(g)
-            g.replace_all_uses_with(segs[g.args[1]])
+    for node, seg in swaps:
+        old.append(node)
+        node.replace_all_uses_with(seg)
     for n in sorted(set(old), key=_order(graph), reverse=True):
         graph.erase_node(n)
-    for n in reversed(new_nodes):  # segments nothing reads (a select of one of them)
+    for n in reversed(new_nodes):  # segments nothing reads (a select of one of them, a gap)
         if not n.users:
             graph.erase_node(n)
     return True

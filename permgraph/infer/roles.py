@@ -49,7 +49,8 @@ def assign_roles(graph: fx.Graph, store: AxisStore, node_types: Mapping[str, Any
         fn = _ROLE_RULES.get(key)
         if fn is None:
             continue
-        if fn in (_matmul_roles, _einsum_roles) and any(_is_weight(x, weights) for x in node.all_input_nodes):
+        products = (_matmul_roles, _baddbmm_roles, _einsum_roles)
+        if fn in products and any(_is_weight(x, weights) for x in node.all_input_nodes):
             continue
         fn(store, Args(node, types), types.get(node))
 
@@ -86,6 +87,13 @@ def _matmul_roles(store: AxisStore, a: Args, out: Any) -> None:
     store.add_role(out[-1], "vo")  # attn @ v carries v's within-head axis out
     if len(x) >= 4:
         _tag_heads(store, x[-3])
+
+
+def _baddbmm_roles(store: AxisStore, a: Args, out: Any) -> None:
+    """``bias + q @ k^T`` as one batched product (Bloom's ALiBi scores): ``batch1``'s last axis is ``qk``."""
+    x = a.t("batch1")
+    if x is not None and len(x) >= 3:
+        store.add_role(x[-1], "qk")
 
 
 def _einsum_roles(store: AxisStore, a: Args, out: Any) -> None:
@@ -152,5 +160,6 @@ _ROLE_RULES: dict[Any, RoleRule] = {
     aten.mm: _matmul_roles,
     aten.bmm: _matmul_roles,
     aten.matmul: _matmul_roles,
+    aten.baddbmm: _baddbmm_roles,
     aten.einsum: _einsum_roles,
 }
