@@ -1367,6 +1367,7 @@ def run_one(model_type: str, limit: int) -> dict:
             heads=roles.get("heads", 0),
             experts=roles.get("experts", 0),
             expert_units=roles.get("units", 0),
+            within_head={r: roles[r] for r in ("qk", "vo", "qkvo") if roles.get(r)},
             unknown_ops=dict(spec.unknown_ops),
             why_fixed=_top_reasons(spec),
             traced=[_traced_label(spec.info, key, label) for key, label in TRACED if spec.info.get(key)],
@@ -1561,6 +1562,9 @@ def report(recs: dict[str, dict]) -> str:
         f"plain check only: {sum('exact_error' in r for r in built)}",
         f"- experts as groups: {sum(bool(r.get('experts')) for r in built)} types; each expert's hidden units "
         f"with their own permutation (per expert): {sum(bool(r.get('expert_units')) for r in built)}",
+        f"- within-head groups (column \"within-head\": how many groups permute q/k units, v/o units, or both with "
+        f"one permutation): q/k apart from v/o in {sum(_within_split(r) for r in built)} types; one shared by "
+        f"q, k and v somewhere in {sum(bool(r.get('within_head', {}).get('qkvo')) for r in built)}",
         "",
         "| family | types | sound | unsound | failed | median coverage |",
         "|---|---|---|---|---|---|",
@@ -1575,9 +1579,9 @@ def report(recs: dict[str, dict]) -> str:
                      f"{sum(r['status'] not in ('sound', 'unsound') for r in rs)} | "
                      f"{statistics.median(c):.2f} |" if c else f"| {fam} | {len(rs)} | 0 | 0 | {len(rs)} | - |")
     lines += ["", "## Per type", "",
-              "| type | family | status | coverage | outputs free | groups | heads | experts | compile s "
+              "| type | family | status | coverage | outputs free | groups | heads | within-head | experts | compile s "
               "| why fixed / error |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in sorted(recs):
         r = recs[t]
         why = "; ".join(r.get("why_fixed", [])) if r.get("status") in ("sound", "unsound") else r.get("error", "")
@@ -1593,9 +1597,17 @@ def report(recs: dict[str, dict]) -> str:
         why = why.replace("|", "/").replace("\n", " ")[:300]
         cov = f"{r['coverage']:.2f}" if "coverage" in r else ""
         freed = (f"{r['free_coverage']:.2f}" if r["free_sound"] else "-") if "free_coverage" in r else ""
+        within = ", ".join(f"{n} {k}" for k, n in r.get("within_head", {}).items())
         lines.append(f"| {t} | {r.get('family', '')} | {r.get('status')} | {cov} | {freed} | {r.get('groups', '')} | "
-                     f"{r.get('heads', '')} | {r.get('experts', '')}{per_expert} | {r.get('compile_s', '')} | {why} |")
+                     f"{r.get('heads', '')} | {within} | {r.get('experts', '')}{per_expert} | {r.get('compile_s', '')} "
+                     f"| {why} |")
     return "\n".join(lines) + "\n"
+
+
+def _within_split(r: dict) -> bool:
+    """Whether a row has q/k units apart from v/o units (groups of both roles)."""
+    w = r.get("within_head", {})
+    return bool(w.get("qk") and w.get("vo"))
 
 
 def main() -> None:
