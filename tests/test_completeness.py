@@ -302,6 +302,29 @@ def test_alibi_heads_are_fixed_but_each_keeps_its_own_within_head_permutations()
     assert not pg.verify(model, wrong, (x,), seed=0, promote_float32=True).ok
 
 
+@pytest.mark.parametrize("layout, roles", [
+    ({"new_decoder_architecture": True, "num_kv_heads": 2}, {"heads": 2, "q_per_kv": 2, "vo": 2}),  # (kv, g+2, d)
+    ({"multi_query": False}, {"heads": 2, "vo": 2}),  # (heads, 3, d), selects
+    ({"multi_query": False, "alibi": True}, {"qk": 8, "vo": 8}),  # the same, heads fixed by ALiBi
+])
+def test_falcon_fused_layouts_give_values_their_own_within_head_groups(layout, roles):
+    """Falcon's fused ``query_key_value`` in its three layouts: the value rows are segments of their own, so the
+    values' within-head units move with the dense projection even where RoPE fixes the queries' and keys'."""
+    from collections import Counter
+
+    from transformers import FalconConfig, FalconForCausalLM
+
+    cfg = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **layout)
+    torch.manual_seed(0)
+    model = FalconForCausalLM(cfg).eval().double()
+    x = torch.randint(0, 64, (2, 7))
+    spec = pg.compile(model, (x,))
+    got = Counter(g.role for g in spec.groups.values() if g.role)
+    assert dict(got) == roles, (dict(got), spec.explain())
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x,), seed=seed, promote_float32=True).ok
+
+
 @pytest.mark.parametrize("solver", ["weight_matching", "transfusion", "activation_matching"])
 def test_alibi_per_head_groups_planted_permutation_is_recovered(solver):
     import copy
