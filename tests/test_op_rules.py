@@ -362,8 +362,10 @@ SHAPE_CASES = [
         lambda m, h, g: aten.expand_as.default(h.unsqueeze(2), aten.zeros.default([B, T, 4, H])).sum(2)),
     net("broadcast_to", aten.broadcast_to,
         lambda m, h, g: aten.broadcast_to.default(h.unsqueeze(2), [B, T, 4, H]).sum(2)),
-    net("repeat", aten.repeat, lambda m, h, g: aten.repeat.default(h, [1, 1, 2]), width=2 * H),
-    net("tile-pads-dims-on-the-left", aten.tile, lambda m, h, g: aten.tile.default(h, [2]), width=2 * H),
+    # the copies' order is free too: the layer reading them may swap its two column blocks
+    net("repeat", aten.repeat, lambda m, h, g: aten.repeat.default(h, [1, 1, 2]), width=2 * H, sizes=(2, H)),
+    net("tile-pads-dims-on-the-left", aten.tile, lambda m, h, g: aten.tile.default(h, [2]), width=2 * H,
+        sizes=(2, H)),
     net("tile-new-leading-axis", aten.tile, lambda m, h, g: aten.tile.default(h, [3, 1, 2, 1]).sum(0)),
     net("meshgrid-ij", aten.meshgrid, lambda m, h, g: _grid(h, m, "ij"), width=K, params={"a": (H,), "c": (K,)},
         sizes=(H, K), moved=("p.a", "p.c")),

@@ -276,8 +276,10 @@ def tile(cx: RuleContext, node: fx.Node, a: Args) -> TType:
 
 
 def repeat_type(cx: RuleContext, t: TType, reps: list) -> TType:
-    """``t`` repeated ``reps[i]`` times along axis ``i`` (new leading axes where ``reps`` is longer):
-    a repeated axis is a concatenation of copies of itself."""
+    """``t`` repeated ``reps[i]`` times along axis ``i`` (new leading axes where ``reps`` is longer): a
+    repeated axis is ``(copies, axis)`` with a fresh atom for the copies. Any order of the copies gives the
+    same tensor, so the copies may move with whatever they meet (Llama 4's ``x.repeat(E, 1)`` viewed as
+    ``(experts, tokens, hidden)``: the experts' order), as ``repeat_interleave``'s do."""
     off = len(reps) - len(t)
     res = []
     for i, r in enumerate(reps):
@@ -294,7 +296,7 @@ def repeat_type(cx: RuleContext, t: TType, reps: list) -> TType:
         elif cx.store.size(t[j]) == 1:
             res.append(cx.store.new(r))
         else:
-            res.append(cx.store.make("cat", [t[j]] * r))
+            res.append(cx.store.make("prod", [cx.store.new(r), t[j]]))
     return res
 
 
