@@ -171,3 +171,30 @@ def test_default_solver_recovers_a_planted_permutation_of_a_deeper_moe():
         al = pg.align(sa, sb, spec, seed=seed)
         out = pg.apply_permutation(spec, al.permutation, sa)
         assert all(torch.equal(out[k], sb[k]) for k in sb), (seed, al.summary())
+
+
+def test_llama4_experts_fed_by_repeat_move_as_a_group_each_with_its_own_units():
+    """Llama 4 feeds every expert every token: ``x.repeat(E, 1)`` scaled by the router's scores, viewed as
+    ``(E, tokens, hidden)`` for the banks' ``bmm``. The copies' order is free (any order gives the same
+    tensor), so the experts move with the router's rows, and each expert permutes its own units."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    cfg = Llama4TextConfig(vocab_size=128, hidden_size=32, intermediate_size=48, intermediate_size_mlp=48,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1)
+    model = Llama4ForCausalLM(cfg).eval().double()
+    x = torch.randint(0, 128, (2, 7))
+    spec = pg.compile(model, (x,))
+    experts = [g for g in spec.groups.values() if g.role == "experts"]
+    units = [g for g in spec.groups.values() if g.role == "units"]
+    assert len(experts) == 2 and all(g.size == 4 for g in experts), spec.explain()
+    assert len(units) == 2 and all(len(g.ctx) == 1 and g.ctx[0] in {e.name for e in experts} for g in units)
+    router = next(p for p in spec.shapes if p.endswith("layers.0.feed_forward.router.weight"))
+    assert len(spec.axes[router][0].groups()) == 1 and spec.axes[router][0].groups()[0] in {e.name for e in experts}
+    for seed in (0, 1):
+        assert pg.verify(model, spec, (x,), seed=seed, promote_float32=True).ok
+    sa = model.state_dict()
+    sb = pg.apply_permutation(spec, spec.random_permutation(3), sa)
+    out = pg.apply_permutation(spec, pg.align(sa, sb, spec).permutation, sa)
+    assert all(torch.equal(out[k], sb[k]) for k in sb)
