@@ -65,10 +65,11 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
     leaves = list(dict.fromkeys(g for trees in raw_axes.values() for t in trees for g in t.groups()))
     groups = set(leaves)  # a head's copy (x, h) of a split group has no context (its heads are fixed)
     ctx = {x: [c for c in atom_ctx.get(x, []) if c in groups] if isinstance(x, int) else [] for x in leaves}
-    names = _name_groups(store, leaves, raw_axes, ctx)
+    banks = _banks(raw_axes, ctx)
+    names = _name_groups(store, leaves, raw_axes, ctx, banks)
     order = _outer_first(leaves, ctx)
-    groups = {names[x]: Group(names[x], store.size(_atom(x)), tuple(names[c] for c in ctx[x]), _role(store, x, ctx))
-              for x in order}
+    groups = {names[x]: Group(names[x], store.size(_atom(x)), tuple(names[c] for c in ctx[x]),
+                              _role(store, x, ctx, banks)) for x in order}
     axes = {p: [t.rename(lambda x: G(names[x])) for t in trees] for p, trees in raw_axes.items()}
     layouts = {}
     for p, trees in list(axes.items()):
@@ -359,15 +360,26 @@ def _outer_first(leaves: list[int], ctx: dict[int, list[int]]) -> list[int]:
     return out
 
 
-def _role(store, x: int, ctx: dict[int, list[int]]) -> str:
+def _banks(raw_axes, ctx: dict[int, list[int]]) -> set[int]:
+    """Context groups on the leading dim of a parameter that index a group on a later dim: the experts of
+    banks ``(E, I, H)``, whatever routes them (a top-k names them too; PhiMoE's sparse mixer does not)."""
+    out: set[int] = set()
+    for trees in raw_axes.values():
+        dims = [set(t.groups()) for t in trees]
+        for gs in dims[1:]:
+            out.update(c for g in gs for c in ctx.get(g, []) if c in dims[0] and c not in gs)
+    return out
+
+
+def _role(store, x: int, ctx: dict[int, list[int]], banks: set[int]) -> str:
     roles = store.roles(_atom(x))
     if "qk" in roles and "vo" in roles:
         return "qkvo"
     if roles:
         return roles[0]
-    expert_ctx = [cs for cs in ctx.values() if any("experts" in store.roles(_atom(c)) for c in cs)]
-    if any(x in cs for cs in expert_ctx):
-        return "experts"  # experts per group of experts (grouped routing)
+    expert_ctx = [cs for cs in ctx.values() if any("experts" in store.roles(_atom(c)) or c in banks for c in cs)]
+    if x in banks or any(x in cs for cs in expert_ctx):
+        return "experts"  # a bank's experts; experts per group of experts (grouped routing)
     if any(x in cs for cs in ctx.values()):
         return "heads"
     if ctx[x] in expert_ctx:
@@ -378,7 +390,7 @@ def _role(store, x: int, ctx: dict[int, list[int]]) -> str:
 _LAYER = re.compile(r"\.\d+(?=\.|$)")
 
 
-def _name_groups(store, leaves: list[int], raw_axes, ctx) -> dict[int, str]:
+def _name_groups(store, leaves: list[int], raw_axes, ctx, banks: set[int]) -> dict[int, str]:
     """Names from module paths: the members' common module prefix plus a role."""
     members: dict[int, list[str]] = {x: [] for x in leaves}
     for p, trees in raw_axes.items():
@@ -391,7 +403,7 @@ def _name_groups(store, leaves: list[int], raw_axes, ctx) -> dict[int, str]:
     for x in leaves:
         mods = [m.rsplit(".", 1)[0] if "." in m else "" for m in members[x]]
         prefix = _common_prefix(mods)
-        role = _role(store, x, ctx)
+        role = _role(store, x, ctx, banks)
         layers = {tuple(_LAYER.findall(m)) for m in members[x]}
         if not role and len(layers) > 1 and not ctx[x]:
             prefix = "residual"  # a flat group spanning several layers: the residual stream

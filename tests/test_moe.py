@@ -198,3 +198,22 @@ def test_llama4_experts_fed_by_repeat_move_as_a_group_each_with_its_own_units():
     sb = pg.apply_permutation(spec, spec.random_permutation(3), sa)
     out = pg.apply_permutation(spec, pg.align(sa, sb, spec).permutation, sa)
     assert all(torch.equal(out[k], sb[k]) for k in sb)
+
+
+def test_experts_routed_without_top_k_are_named_experts():
+    """PhiMoE routes with a sparse mixer (no ``topk``): its experts are still the banks' leading dim, indexing
+    each expert's units on a later dim, and are named and typed as experts, not heads."""
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    torch.manual_seed(0)
+    model = PhimoeForCausalLM(PhimoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval().double()
+    x = torch.randint(0, 128, (2, 7))
+    spec = pg.compile(model, (x,))
+    experts = [g for g in spec.groups.values() if g.role == "experts"]
+    units = [g for g in spec.groups.values() if g.role == "units"]
+    assert [g.size for g in experts] == [4] and experts[0].name.endswith("mlp.experts"), spec.explain()
+    assert [g.ctx for g in units] == [(experts[0].name,)]
+    assert all(g.role != "heads" or "self_attn" in g.name for g in spec.groups.values())
+    assert pg.verify(model, spec, (x,), promote_float32=True).ok
