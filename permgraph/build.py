@@ -65,7 +65,7 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
     leaves = list(dict.fromkeys(g for trees in raw_axes.values() for t in trees for g in t.groups()))
     groups = set(leaves)  # a head's copy (x, h) of a split group has no context (its heads are fixed)
     ctx = {x: [c for c in atom_ctx.get(x, []) if c in groups] if isinstance(x, int) else [] for x in leaves}
-    banks = _banks(raw_axes, ctx)
+    banks = _banks(store, raw_axes, ctx)
     names = _name_groups(store, leaves, raw_axes, ctx, banks)
     order = _outer_first(leaves, ctx)
     groups = {names[x]: Group(names[x], store.size(_atom(x)), tuple(names[c] for c in ctx[x]),
@@ -360,14 +360,16 @@ def _outer_first(leaves: list[int], ctx: dict[int, list[int]]) -> list[int]:
     return out
 
 
-def _banks(raw_axes, ctx: dict[int, list[int]]) -> set[int]:
-    """Context groups on the leading dim of a parameter that index a group on a later dim: the experts of
-    banks ``(E, I, H)``, whatever routes them (a top-k names them too; PhiMoE's sparse mixer does not)."""
+def _banks(store, raw_axes, ctx: dict[int, list[int]]) -> set[int]:
+    """Context groups on the leading dim of a parameter that index a group without an attention role on a
+    later dim: the experts of banks ``(E, I, H)``, whatever routes them (a top-k names them too; PhiMoE's
+    sparse mixer does not)."""
     out: set[int] = set()
     for trees in raw_axes.values():
         dims = [set(t.groups()) for t in trees]
         for gs in dims[1:]:
-            out.update(c for g in gs for c in ctx.get(g, []) if c in dims[0] and c not in gs)
+            out.update(c for g in gs if not store.roles(_atom(g))
+                       for c in ctx.get(g, []) if c in dims[0] and c not in gs)
     return out
 
 
