@@ -125,6 +125,7 @@ class _Step:
     node: fx.Node
     pos: int
     out: int | None
+    reads: tuple[tuple[int, int, fx.Node], ...] = ()  # at an end: the ranges it picks (``_read``)
 
 
 @dataclass(frozen=True)
@@ -209,12 +210,13 @@ def _uses(node: fx.Node, pos: int) -> list[_Step] | None:
         q = _follow(u, node, pos)
         if q is None:
             return None
-        out.append(_Step(u, pos, q if q >= 0 else None))
-        if q >= 0:
-            rest = _uses(u, q)
-            if rest is None:
-                return None
-            out.extend(rest)
+        if q < 0:
+            out.append(_Step(u, pos, None, tuple(_read(u, len(_shape(node)), _shape(node)[pos]))))
+            continue
+        rest = _uses(u, q)
+        if rest is None:
+            return None
+        out += [_Step(u, pos, q), *rest]
     return out
 
 
@@ -271,10 +273,7 @@ def _read(u: fx.Node, rank: int, k: int) -> list[tuple[int, int, fx.Node]] | Non
 def _segments(steps: list[_Step], k: int) -> tuple[tuple[int, int], ...] | None:
     """The ranges the reads pick, with the gaps between them (unread), as ``(start, length)`` tiling ``[0, k)``;
     None where two reads overlap without being equal, or one read takes the whole axis."""
-    ranges: set[tuple[int, int]] = set()
-    for step in steps:
-        if step.out is None:
-            ranges.update((lo, hi) for lo, hi, _ in _read(step.node, len(_shape(step.node.args[0])), k))
+    ranges = {(lo, hi) for step in steps for lo, hi, _ in step.reads}
     cuts = sorted({0, k} | {b for r in ranges for b in r})
     tiles = list(zip(cuts, cuts[1:]))
     if len(tiles) < 2 or not ranges <= set(tiles):
@@ -318,7 +317,7 @@ def _slice_args(step: _Step, x: fx.Node, cut: _Cut, length: int | None) -> tuple
         return t, (x, *a[1:]), dict(u.kwargs)
     if length is not None:
         if t in _VIEWS:
-            return t, (x, _sized(a[1], step.out, length) if a[1][step.out] != -1 else a[1]), {}
+            return t, (x, _sized(a[1], step.out, length)), {}
         return t, (x, *a[1:]), dict(u.kwargs)
     if t in (aten.permute.default, aten.transpose.int):
         return aten.permute.default, (x, [d - (d > pos) for d in _perm(u, r) if d != pos]), {}
@@ -340,13 +339,12 @@ def _fake_value(target: Any, args: tuple, kwargs: dict, like: torch.Tensor) -> A
 
 def _rewrite(graph: fx.Graph, view: fx.Node, cut: _Cut, steps: list[_Step]) -> bool:
     x = view.args[0]
-    xs, k = _shape(x), _shape(view)[cut.p]
+    xs = _shape(x)
     like = x.meta["val"]
     new_nodes: list[fx.Node] = []
     # a segment keeps its axis (sized) where it is longer than one position or a slice reads it; one position
     # read only by select/unbind drops it
-    sliced = {lo for s in steps if s.out is None and s.node.target is aten.slice.Tensor
-              for lo, _, _ in _read(s.node, len(_shape(s.node.args[0])), k)}
+    sliced = {lo for s in steps if s.node.target is aten.slice.Tensor for lo, _, _ in s.reads}
     kept = [n if n > 1 or lo in sliced else None for lo, n in cut.segments]
 
     def call(target, args, kwargs, meta_from: fx.Node, val=None) -> fx.Node:
@@ -370,11 +368,11 @@ def _rewrite(graph: fx.Graph, view: fx.Node, cut: _Cut, steps: list[_Step]) -> b
                 split = call(aten.split_with_sizes.default, (src, sizes, dim), {}, view)
             parts = [call(operator.getitem, (split, i), {}, view, split.meta["val"][i]) for i in range(len(sizes))]
         made: dict[fx.Node, list[fx.Node]] = {x: parts}
-        ends: list[tuple[fx.Node, list[fx.Node]]] = []
+        ends: list[tuple[_Step, list[fx.Node]]] = []
         for step in steps:  # in order: each step's input is made before it
             src_parts = made[step.node.args[0]]
             if step.out is None:
-                ends.append((step.node, src_parts))
+                ends.append((step, src_parts))
                 continue
             with graph.inserting_before(step.node):
                 made[step.node] = [call(*_slice_args(step, s, cut, n), step.node)
@@ -382,12 +380,11 @@ def _rewrite(graph: fx.Graph, view: fx.Node, cut: _Cut, steps: list[_Step]) -> b
         index = {lo: i for i, (lo, _) in enumerate(cut.segments)}
         swaps: list[tuple[fx.Node, fx.Node]] = []
         for end, segs in ends:
-            for lo, _, node in _read(end, len(_shape(end.args[0])), k):
-                seg, pos = segs[index[lo]], _dim(end.args[1] if len(end.args) > 1 else end.kwargs.get("dim", 0),
-                                                   len(_shape(end.args[0])))
+            for lo, _, node in end.reads:
+                seg = segs[index[lo]]
                 if kept[index[lo]] is not None and node.target is not aten.slice.Tensor:
                     with graph.inserting_before(node):
-                        seg = call(aten.squeeze.dims, (seg, [pos]), {}, node)
+                        seg = call(aten.squeeze.dims, (seg, [end.pos]), {}, node)
                 swaps.append((node, seg))
     except Exception:  # noqa: BLE001 - a form the fake values reject: leave the graph as it was
         for n in reversed(new_nodes):

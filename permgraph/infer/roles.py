@@ -49,8 +49,7 @@ def assign_roles(graph: fx.Graph, store: AxisStore, node_types: Mapping[str, Any
         fn = _ROLE_RULES.get(key)
         if fn is None:
             continue
-        products = (_matmul_roles, _baddbmm_roles, _einsum_roles)
-        if fn in products and any(_is_weight(x, weights) for x in node.all_input_nodes):
+        if fn in _PRODUCTS and any(_is_weight(x, weights) for x in node.all_input_nodes):
             continue
         fn(store, Args(node, types), types.get(node))
 
@@ -163,3 +162,5 @@ _ROLE_RULES: dict[Any, RoleRule] = {
     aten.baddbmm: _baddbmm_roles,
     aten.einsum: _einsum_roles,
 }
+
+_PRODUCTS = (_matmul_roles, _baddbmm_roles, _einsum_roles)  # skipped where an operand is a weight (a layer)
