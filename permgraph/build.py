@@ -361,15 +361,14 @@ def _outer_first(leaves: list[int], ctx: dict[int, list[int]]) -> list[int]:
 
 
 def _banks(store, raw_axes, ctx: dict[int, list[int]]) -> set[int]:
-    """Context groups on the leading dim of a parameter that index a group without an attention role on a
-    later dim: the experts of banks ``(E, I, H)``, whatever routes them (a top-k names them too; PhiMoE's
-    sparse mixer does not)."""
+    """Context groups that are the whole leading dim of a parameter and index a group without an attention role
+    on a later dim: the experts of banks ``(E, I, H)``, whatever routes them (a top-k names them too; PhiMoE's
+    sparse mixer does not). A grouped convolution's groups are a factor of its leading dim, not experts."""
     out: set[int] = set()
     for trees in raw_axes.values():
-        dims = [set(t.groups()) for t in trees]
-        for gs in dims[1:]:
-            out.update(c for g in gs if not store.roles(_atom(g))
-                       for c in ctx.get(g, []) if c in dims[0] and c not in gs)
+        lead = trees[0].groups() if trees and isinstance(trees[0], G) else []
+        out.update(c for t in trees[1:] for g in t.groups() if not store.roles(_atom(g))
+                   for c in ctx.get(g, []) if c in lead)
     return out
 
 
