@@ -103,6 +103,10 @@ def build_spec(result, param_shapes: Mapping[str, tuple[int, ...]], aliases: Map
     return spec, node_trees
 
 
+_SINGLE_POSITIONS = ("cut into single positions (read or built one position at a time: size-1 slices, selects or "
+                     "pieces of a cat; a Python loop over a ModuleList of experts reads its router's outputs so)")
+
+
 def _fixed_axes(store, param_axes, axes, layouts, is_free) -> list[FixedAxis]:
     """The (view) axes that are fixed in whole or part, with the reasons of their fixed atoms."""
     fixed = []
@@ -112,6 +116,8 @@ def _fixed_axes(store, param_axes, axes, layouts, is_free) -> list[FixedAxis]:
             if parts:
                 fl = [x for i in part for x in store.leaves(ty[i]) if not is_free(x) and store.size(x) > 1]
                 reasons = tuple(dict.fromkeys(str(r) for x in fl for r in store.reasons(x)))
+                if not reasons and not fl:  # every leaf has size 1: nothing is left to move
+                    reasons = (_SINGLE_POSITIONS,)
                 fixed.append(FixedAxis(p, d, parts, reasons))
     return fixed
 
@@ -406,8 +412,8 @@ def _name_groups(store, leaves: list[int], raw_axes, ctx, banks: set[int]) -> di
         prefix = _common_prefix(mods)
         role = _role(store, x, ctx, banks)
         layers = {tuple(_LAYER.findall(m)) for m in members[x]}
-        if not role and len(layers) > 1 and not ctx[x]:
-            prefix = "residual"  # a flat group spanning several layers: the residual stream
+        if not role and len(layers) > 1 and not ctx[x] and not _LAYER.search(prefix):
+            prefix = "residual"  # a flat group spanning several layers (not inside one): the residual stream
         elif not prefix:
             prefix = "+".join(sorted({m.split(".")[0] for m in members[x]})) or "root"
         base = f"{prefix}.{role}" if role else prefix

@@ -217,3 +217,42 @@ def test_experts_routed_without_top_k_are_named_experts():
     assert [g.ctx for g in units] == [(experts[0].name,)]
     assert all(g.role != "heads" or "self_attn" in g.name for g in spec.groups.values())
     assert pg.verify(model, spec, (x,), promote_float32=True).ok
+
+
+class LoopedMoE(torch.nn.Module):
+    """Experts as a ``ModuleList`` of MLPs run in a Python loop, each weighted by its slice of the
+    router's top-2 gates (the common hand-written form). The order of experts is a symmetry the
+    compiler does not yet infer: the loop reads the gates one position at a time."""
+
+    def __init__(self, d: int = 8, hidden: int = 6, experts: int = 4) -> None:
+        super().__init__()
+        self.router = torch.nn.Linear(d, experts, bias=False)
+        self.experts = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, d))
+            for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.router(x).softmax(-1)
+        top, idx = gates.topk(2, dim=-1)
+        gates = torch.zeros_like(gates).scatter(-1, idx, top)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            out = out + gates[..., i:i + 1] * expert(x)
+        return x + out
+
+
+def test_looped_experts_keep_their_order_with_a_reason_and_permute_their_own_units():
+    torch.manual_seed(0)
+    model, x = LoopedMoE().double().eval(), torch.randn(5, 8, dtype=torch.float64)
+    spec = pg.compile(model, (x,))
+    (router,) = [f for f in spec.fixed if f.param == "router.weight" and f.axis == 0]
+    assert router.reasons and "single positions" in router.reasons[0]
+    units = [g for g in spec.groups.values() if g.size == 6]
+    # one group per expert, each moving its own hidden units, named after its module
+    assert sorted(g.name for g in units) == [f"experts.{i}" for i in range(4)]
+    assert {m.param for g in units for m in spec.members(g.name)} == {
+        f"experts.{i}.{j}.{k}" for i in range(4) for j in (0, 2) for k in ("weight", "bias")} - {
+        f"experts.{i}.2.bias" for i in range(4)}
+    for seed in range(3):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-12).ok
+    assert "single positions" in pg.explain(spec)
