@@ -41,6 +41,7 @@ class _Atom:
     children: list[int] = field(default_factory=list)
     fixed: list[Reason] = field(default_factory=list)
     roles: list[str] = field(default_factory=list)
+    copies: bool = False  # counts identical copies of a tensor (``repeat``'s outer factor)
 
 
 class AxisStore:
@@ -50,9 +51,10 @@ class AxisStore:
         self._atoms: list[_Atom] = []
 
     # -- basics ---------------------------------------------------------------
-    def new(self, size: int, fixed: Reason | None = None) -> int:
+    def new(self, size: int, fixed: Reason | None = None, *, copies: bool = False) -> int:
+        """A fresh atom; ``copies``: it counts identical copies (``is_copies``)."""
         a = len(self._atoms)
-        self._atoms.append(_Atom(size=int(size), parent=a))
+        self._atoms.append(_Atom(size=int(size), parent=a, copies=copies))
         if fixed is not None:
             self._atoms[a].fixed.append(fixed)
         return a
@@ -81,6 +83,10 @@ class AxisStore:
 
     def reasons(self, a: int) -> list[Reason]:
         return self._atoms[self.find(a)].fixed
+
+    def is_copies(self, a: int) -> bool:
+        """Whether ``a`` (or an atom unified with it) counts identical copies of a tensor."""
+        return self._atoms[self.find(a)].copies
 
     def roles(self, a: int) -> list[str]:
         return self._atoms[self.find(a)].roles
@@ -155,6 +161,7 @@ class AxisStore:
         if A.size != B.size:
             raise ValueError(f"internal: unify sizes {A.size} != {B.size} at {where}")
         B.parent = ra
+        A.copies = A.copies or B.copies
         for r in B.fixed:
             self.fix(ra, r)
         for role in B.roles:

@@ -393,3 +393,36 @@ def test_a_second_token_stream_gets_ids_and_its_encoder_moves():
     enc = [p for p in spec.shapes if ".protein_encoder." in p and p.endswith("intermediate.dense.weight")]
     assert enc and all(any(t.groups() for t in spec.axes_of(p)) for p in enc)
     assert pg.verify(model, spec, promote_float32=True, tolerance=1e-10).ok
+
+
+class RepeatedKV(torch.nn.Module):
+    """Keys and values repeated whole, ``k.repeat(1, g, 1, 1)`` (JetMoE's attention experts), not
+    interleaved: the query heads are laid out ``(g, kv)``, the kv heads inner."""
+
+    def __init__(self, d: int = 16, kv: int = 2, g: int = 3, hd: int = 4) -> None:
+        super().__init__()
+        self.g, self.hd = g, hd
+        self.q = torch.nn.Linear(d, g * kv * hd)
+        self.kv = torch.nn.Linear(d, 2 * kv * hd)
+        self.o = torch.nn.Linear(g * kv * hd, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, -1, self.hd).transpose(1, 2)
+        k, v = (y.view(b, t, -1, self.hd).transpose(1, 2).repeat(1, self.g, 1, 1) for y in self.kv(x).chunk(2, -1))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.o(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_heads_repeated_whole_are_the_inner_factor():
+    torch.manual_seed(0)
+    model, x = RepeatedKV().double(), torch.randn(2, 5, 16, dtype=torch.float64)
+    spec = pg.compile(model, (x,), outputs=[])
+    roles = groups_by_role(spec)
+    (heads,), (per,) = roles["heads"], roles["q_per_kv"]
+    # the copies are outer, so one permutation of them is shared by the kv heads (a context must be outer)
+    assert (heads.size, per.size) == (2, 3) and per.ctx == ()
+    assert "kv.weight" in {m.param for m in spec.members(heads.name)}  # the kv heads move k and v
+    assert "kv.weight" not in {m.param for m in spec.members(per.name)}
+    for seed in range(3):
+        assert pg.verify(model, spec, (x,), seed=seed, tolerance=1e-12).ok

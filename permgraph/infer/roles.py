@@ -133,11 +133,16 @@ def _query_per_kv(store: AxisStore, hq: int, hk: int) -> int | None:
 
 
 def _tag_heads(store: AxisStore, heads: int) -> None:
-    """Name the head axis; query heads nested in kv heads (GQA) get their own role."""
+    """Name the head axis; query heads nested in kv heads (GQA) get their own role. The kv heads are
+    outer (``repeat_interleave``, ``expand``) unless the outer factor counts copies and the inner does
+    not: ``k.repeat(1, g, 1, 1)`` makes the head axis ``(g, kv)`` (JetMoE's attention experts)."""
     nested = store.flat(heads, "prod")
     if len(nested) == 2:
-        store.add_role(nested[0], "heads")
-        store.add_role(nested[1], "q_per_kv")
+        kv, per = nested
+        if store.is_copies(kv) and not store.is_copies(per):
+            kv, per = per, kv
+        store.add_role(kv, "heads")
+        store.add_role(per, "q_per_kv")
     else:
         store.add_role(heads, "heads")
 

@@ -296,7 +296,7 @@ def repeat_type(cx: RuleContext, t: TType, reps: list) -> TType:
         elif cx.store.size(t[j]) == 1:
             res.append(cx.store.new(r))
         else:
-            res.append(cx.store.make("prod", [cx.store.new(r), t[j]]))
+            res.append(cx.store.make("prod", [cx.store.new(r, copies=True), t[j]]))
     return res
 
 
