@@ -438,3 +438,29 @@ def test_vlm_without_a_vision_tower_that_reads_packed_patches_gets_them():
     spec = pg.compile(model)
     assert any(_moves(spec, p) for p in spec.shapes if "patch_embeddings" in p and p.endswith("weight"))
     assert pg.verify(model, spec, promote_float32=True).ok
+
+
+def test_moe_vlm_routing_image_tokens_to_vision_experts_gets_them_marked():
+    """ERNIE 4.5 VL routes the tokens that ``moe_mm_token_type_ids`` marks to its vision experts: derived
+    inputs mark the image tokens there, and the vision experts then change the outputs (unused before)."""
+    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
+
+    text = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "moe_intermediate_size": [96, 64], "moe_k": 2,
+            "moe_num_experts": 4, "moe_num_shared_experts": 1, "max_position_embeddings": 128,
+            "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default", "mrope_section": [3, 3, 2]}}
+    vision = {"depth": 1, "hidden_size": 64, "num_heads": 4, "intermediate_size": 96, "patch_size": 14}
+    cfg = Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, image_token_id=253, image_start_token_id=255,
+                               image_end_token_id=254, video_token_id=250, video_start_token_id=252,
+                               video_end_token_id=251)
+    torch.manual_seed(0)
+    model = Ernie4_5_VLMoeForConditionalGeneration(cfg).eval()
+    inputs = default_example_inputs(model)
+    marks = inputs["moe_mm_token_type_ids"]
+    assert marks.sum() > 0 and torch.equal(marks, (inputs["input_ids"] == 253).long())
+    with torch.no_grad():
+        before = model(**inputs).logits
+        for name, p in model.named_parameters():
+            if ".vision_moe.experts." in name:
+                p.copy_(torch.randn_like(p))
+        assert not torch.allclose(model(**inputs).logits, before)

@@ -201,8 +201,9 @@ def _with_image_tokens(model: nn.Module, out: dict[str, Any], batch: int, gen: t
     if not _with_modality_tokens(model, out, batch, "image", get, cands,
                                  check_forward=check, mask=mask if tok is None else None):
         return False
-    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-        out["mm_token_type_ids"] = (out["input_ids"] == tok).long()  # Qwen-VL's M-RoPE: 1 = image
+    for key in ("mm_token_type_ids", "moe_mm_token_type_ids"):  # Qwen-VL's M-RoPE; ERNIE 4.5 VL's routing of
+        if key in params:  # image tokens to its vision experts (unused without it): 1 = image
+            out[key] = (out["input_ids"] == tok).long()
     return True
 
 
