@@ -116,7 +116,7 @@ def _fixed_axes(store, param_axes, axes, layouts, is_free) -> list[FixedAxis]:
             if parts:
                 fl = [x for i in part for x in store.leaves(ty[i]) if not is_free(x) and store.size(x) > 1]
                 reasons = tuple(dict.fromkeys(str(r) for x in fl for r in store.reasons(x)))
-                if not reasons and not fl:  # every leaf has size 1: nothing is left to move
+                if not fl:  # every leaf has size 1: nothing is left to move
                     reasons = (_SINGLE_POSITIONS,)
                 fixed.append(FixedAxis(p, d, parts, reasons))
     return fixed
